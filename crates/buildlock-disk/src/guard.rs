@@ -1,0 +1,183 @@
+//! [`Guard`]: a held lock, its keeper thread (heartbeat and watch), and its release.
+
+use std::fs::File;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use buildlock_sys::{FileId, LockFile};
+
+use crate::{meta, Error, LockTarget, Metadata};
+
+/// A held lock. Dropping it releases the lock; [`Guard::release`] does the same and reports
+/// problems.
+#[derive(Debug)]
+pub struct Guard {
+    target: LockTarget,
+    meta: Metadata,
+    held: Option<Held>,
+    id: FileId,
+    lost: Arc<AtomicBool>,
+    keeper: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
+}
+
+#[derive(Debug)]
+pub(crate) enum Held {
+    /// An OS lock; releasing is unlocking (closing the file).
+    Os(#[allow(dead_code)] LockFile), // kept for its Drop: closing the file releases the lock
+    /// A soft lock: our own file at the lock path; releasing is removing it.
+    Soft(File),
+}
+
+impl Guard {
+    /// Wraps a freshly taken lock. `heartbeat` (soft locks) is how often to refresh the file's
+    /// modification time; `watch` starts the keeper even without a heartbeat.
+    pub(crate) fn new(
+        target: &LockTarget,
+        meta: Metadata,
+        held: Held,
+        id: FileId,
+        heartbeat: Option<Duration>,
+        watch: bool,
+    ) -> Guard {
+        let lost = Arc::new(AtomicBool::new(false));
+        let keeper = if heartbeat.is_some() || watch {
+            let touch = match &held {
+                Held::Soft(f) => f.try_clone().ok(),
+                Held::Os(_) => None,
+            };
+            let interval = heartbeat.unwrap_or(Duration::from_secs(1));
+            let (tx, rx) = mpsc::channel::<()>();
+            let (t, l) = (target.clone(), lost.clone());
+            let handle = std::thread::Builder::new()
+                .name("buildlock-keeper".into())
+                .spawn(move || keep(t, id, touch, interval, rx, l))
+                .ok();
+            handle.map(|h| (tx, h))
+        } else {
+            None
+        };
+        Guard { target: target.clone(), meta, held: Some(held), id, lost, keeper }
+    }
+
+    /// The metadata written for this holder.
+    pub fn metadata(&self) -> &Metadata {
+        &self.meta
+    }
+
+    /// The lock this guard holds.
+    pub fn target(&self) -> &LockTarget {
+        &self.target
+    }
+
+    /// `"os"` or `"soft"`.
+    pub fn kind(&self) -> &'static str {
+        match self.held {
+            Some(Held::Soft(_)) => "soft",
+            _ => "os",
+        }
+    }
+
+    /// Checks now that the lock file is still the one locked; `Err(Error::Lost)` if another
+    /// process deleted or replaced it (from then on, others may hold the "same" lock).
+    pub fn check(&self) -> Result<(), Error> {
+        if self.lost.load(Ordering::SeqCst) || !still_ours(&self.target, self.id) {
+            self.lost.store(true, Ordering::SeqCst);
+            return Err(self.lost_error());
+        }
+        Ok(())
+    }
+
+    /// Whether the lock file was found deleted or replaced while held.
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+
+    fn lost_error(&self) -> Error {
+        Error::Lost {
+            name: self.target.name.clone(),
+            path: self.target.path.clone(),
+            reason: "another process deleted or replaced the lock file, so another holder may have run \
+                     at the same time; find the tool that removes lock files it does not hold"
+                .into(),
+        }
+    }
+
+    /// Releases the lock: removes our metadata, then unlocks (OS) or removes our file (soft).
+    /// Reports [`Error::Lost`] if the lock file was replaced while held.
+    pub fn release(mut self) -> Result<(), Error> {
+        self.release_inner()
+    }
+
+    fn release_inner(&mut self) -> Result<(), Error> {
+        let Some(held) = self.held.take() else { return Ok(()) };
+        if let Some((stop, handle)) = self.keeper.take() {
+            drop(stop);
+            let _ = handle.join();
+        }
+        let result = self.check();
+        if result.is_ok() {
+            // Metadata goes first, while we still hold the lock, so nobody sees ours on a lock
+            // they hold; then the lock itself.
+            if let Some(id) = &self.meta.id {
+                meta::remove_if_ours(&self.target.meta_path, id)
+                    .map_err(|e| Error::io("remove the metadata file", &self.target.meta_path, e))?;
+            }
+            if let Held::Soft(_) = held {
+                match std::fs::remove_file(&self.target.path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io("remove the soft lock", &self.target.path, e)),
+                }
+            }
+        }
+        // Dropping the LockFile closes it, which releases the OS lock.
+        drop(held);
+        result
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Err(e) = self.release_inner() {
+            tracing::error!("{e}");
+        }
+    }
+}
+
+fn still_ours(target: &LockTarget, id: FileId) -> bool {
+    buildlock_sys::path_id(&target.path).is_ok_and(|now| now == id)
+}
+
+/// The keeper thread: every `interval`, refresh the heartbeat (soft) and check the lock file is
+/// still ours. Stops when the guard drops its sender.
+fn keep(
+    target: LockTarget,
+    id: FileId,
+    touch: Option<File>,
+    interval: Duration,
+    stop: mpsc::Receiver<()>,
+    lost: Arc<AtomicBool>,
+) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
+        if !still_ours(&target, id) {
+            if !lost.swap(true, Ordering::SeqCst) {
+                tracing::error!(
+                    "lock {} ({}) was deleted or replaced by another process while held; \
+                     another holder may now run at the same time",
+                    target.name,
+                    target.path.display()
+                );
+            }
+            return;
+        }
+        if let Some(f) = &touch {
+            if let Err(e) = f.set_modified(SystemTime::now()) {
+                tracing::warn!("cannot refresh the heartbeat of {}: {e}", target.path.display());
+            }
+        }
+    }
+}

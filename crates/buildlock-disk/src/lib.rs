@@ -1,0 +1,352 @@
+//! buildlock's on-disk lock protocol: `.lock` files, `.lock.pid` metadata, stale-lock recovery.
+//!
+//! This is the protocol every buildlock process speaks on disk, and the one it shares with tools
+//! that know nothing of buildlock: Python `fasteners` (an OS lock on `X.lock`) and the original
+//! build tool (`X.lock.pid` JSON naming the holder). The daemon and the client library's fallback
+//! both stand on it.
+//!
+//! - [`LockTarget`] turns a name (`libfastled_build`) or path (`.build/x.lock`) into the lock file
+//!   and its metadata file; [`lock_dir`] finds the default directory.
+//! - [`acquire`] takes a lock ([`LockOptions`]: mode, backend, operation; [`Wait`]: how long) and
+//!   returns a [`Guard`] that releases it on drop.
+//! - Two backends. **OS locks** (the default): an OS lock on the file (see `buildlock-sys`); the
+//!   kernel is the truth, so a free lock is taken at once whatever files remain, and a held lock
+//!   is never broken. **Soft locks** (`Backend::Soft`, or automatically where the file system
+//!   refuses OS locks): the lock is the file's existence, created atomically with its metadata;
+//!   stale ones are judged by [`stale::judge`] and broken race-safely.
+//! - [`status`] and [`list`] say who holds what; [`break_lock`] removes a stale lock and refuses
+//!   a live one.
+//!
+//! ```no_run
+//! use buildlock_disk::{acquire, lock_dir, LockOptions, LockTarget, Wait};
+//! let target = LockTarget::resolve("libfastled_build", &lock_dir(None)?)?;
+//! let guard = acquire(&target, &LockOptions::default(), Wait::Forever, &mut |holder, waited| {
+//!     eprintln!("waiting {waited:?} for {}: held by {holder}", target.name);
+//! })?;
+//! // ... build ...
+//! guard.release()?;
+//! # Ok::<(), buildlock_disk::Error>(())
+//! ```
+//!
+//! **Invariant:** no code path deletes or rewrites a `.lock` file that a live process may hold an
+//! OS lock on; the OS-lock backend never writes into or deletes `.lock` files at all.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use buildlock_sys::LockMode;
+use jiff::{tz::TimeZone, Timestamp};
+
+mod guard;
+pub mod meta;
+mod os;
+mod soft;
+pub mod stale;
+mod target;
+
+pub use guard::Guard;
+pub use meta::{MetaRead, Metadata};
+pub use stale::{Verdict, DEFAULT_STALE_AFTER};
+pub use target::{lock_dir, LockTarget, MAX_NAME_BYTES};
+
+/// Which kind of lock to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// An OS lock; soft locks only where the file system cannot do OS locks.
+    Auto,
+    /// Soft locks always (existence of the file is the lock).
+    Soft,
+}
+
+/// How to take a lock.
+#[derive(Clone, Debug)]
+pub struct LockOptions {
+    pub mode: LockMode,
+    pub backend: Backend,
+    /// How long a lock nobody can vouch for stays active (soft locks; default 120 s).
+    pub stale_after: Duration,
+    /// What the holder is doing, written into metadata (`operation`).
+    pub operation: String,
+    /// The holder's command line, written into metadata; defaults to this process's.
+    pub command: Option<String>,
+    /// Watch the lock file while holding it and report at once if it is deleted or replaced.
+    /// (Soft locks always do, to refresh their heartbeat; release checks in any case.)
+    pub watch: bool,
+}
+
+impl Default for LockOptions {
+    fn default() -> Self {
+        LockOptions {
+            mode: LockMode::Exclusive,
+            backend: Backend::Auto,
+            stale_after: DEFAULT_STALE_AFTER,
+            operation: String::new(),
+            command: None,
+            watch: false,
+        }
+    }
+}
+
+/// How long [`acquire`] may wait for a held lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// Fail at once with [`Error::WouldBlock`].
+    NoWait,
+    /// Fail with [`Error::Timeout`] after this long.
+    Timeout(Duration),
+    Forever,
+}
+
+/// Everything known about who holds a lock, for messages and `status`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Holder {
+    /// The mode the lock is held in, when the OS says.
+    pub mode: Option<LockMode>,
+    /// The holder's metadata, when it wrote any that is readable.
+    pub meta: Option<Metadata>,
+    /// The holder's pid as the OS reports it (process-bound POSIX locks only, e.g. `fasteners`).
+    pub os_pid: Option<u32>,
+    /// The holder's command line: live from the OS when it is on this host, else from metadata.
+    pub command: Option<String>,
+    /// Anything else worth saying (metadata that contradicts the OS, a stale verdict).
+    pub note: Option<String>,
+}
+
+impl Holder {
+    /// The holder's pid, from metadata or the OS.
+    pub fn pid(&self) -> Option<u32> {
+        self.meta.as_ref().map(|m| m.pid).or(self.os_pid)
+    }
+
+    /// When the lock was taken, if known.
+    pub fn since(&self) -> Option<Timestamp> {
+        self.meta.as_ref().and_then(|m| m.timestamp)
+    }
+}
+
+impl fmt::Display for Holder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.meta, self.os_pid) {
+            (Some(m), _) => {
+                write!(f, "pid {}", m.pid)?;
+                if let Some(cmd) = &self.command {
+                    write!(f, " ({})", shorten(cmd, 80))?;
+                }
+                if !m.hostname.is_empty() {
+                    write!(f, " on {}", m.hostname)?;
+                }
+                if let Some(mode) = self.mode.or(m.mode) {
+                    write!(f, ", {}", mode.as_str())?;
+                }
+                if let Some(ts) = m.timestamp {
+                    write!(f, ", since {}", describe_time(ts))?;
+                }
+                if !m.operation.is_empty() {
+                    write!(f, ", operation '{}'", shorten(&m.operation, 80))?;
+                }
+            }
+            (None, Some(pid)) => {
+                write!(f, "pid {pid}")?;
+                if let Some(cmd) = &self.command {
+                    write!(f, " ({})", shorten(cmd, 80))?;
+                }
+                write!(f, ", which wrote no metadata")?;
+                if let Some(mode) = self.mode {
+                    write!(f, ", {}", mode.as_str())?;
+                }
+            }
+            (None, None) => {
+                write!(f, "a process that wrote no metadata")?;
+                if let Some(mode) = self.mode {
+                    write!(f, " ({})", mode.as_str())?;
+                }
+            }
+        }
+        if let Some(note) = &self.note {
+            write!(f, "; {note}")?;
+        }
+        Ok(())
+    }
+}
+
+fn shorten(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_owned()
+    } else {
+        format!("{}...", s.chars().take(max).collect::<String>())
+    }
+}
+
+/// "2026-02-14 06:50:11 (3m12s ago)" in local time.
+pub fn describe_time(ts: Timestamp) -> String {
+    let local = ts.to_zoned_datetime(TimeZone::system()).datetime().strftime("%Y-%m-%d %H:%M:%S").to_string();
+    match Timestamp::now().duration_since(ts).unsigned_abs() {
+        age if Timestamp::now() >= ts => format!("{local} ({} ago)", stale::secs(age)),
+        _ => format!("{local} (in the future: check the clocks)"),
+    }
+}
+
+/// What went wrong, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid lock name {name:?}: {reason}")]
+    InvalidName { name: String, reason: String },
+    #[error("no lock directory: no home directory was found; pass --dir DIR or set BUILDLOCK_DIR")]
+    NoLockDir,
+    #[error("cannot {action} {}: {source}{}", path.display(), io_hint(source))]
+    Io { action: &'static str, path: PathBuf, source: io::Error },
+    #[error("lock {name} ({}) is held by {holder}", path.display())]
+    WouldBlock { name: String, path: PathBuf, holder: Box<Holder> },
+    #[error("timed out after {} waiting for lock {name} ({}), held by {holder}", stale::secs(*waited), path.display())]
+    Timeout { name: String, path: PathBuf, waited: Duration, holder: Box<Holder> },
+    #[error("refusing to break lock {name} ({}): {reason}", path.display())]
+    Refused { name: String, path: PathBuf, reason: String, holder: Option<Box<Holder>> },
+    #[error("lock {name} ({}) was lost while held: {reason}", path.display())]
+    Lost { name: String, path: PathBuf, reason: String },
+}
+
+fn io_hint(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::PermissionDenied => {
+            " (check the permissions of the lock directory, or choose another with --dir or BUILDLOCK_DIR)"
+        }
+        io::ErrorKind::IsADirectory => " (a lock must be a file: name a file inside the directory instead)",
+        io::ErrorKind::NotADirectory => " (a component of the path is a file, not a directory)",
+        io::ErrorKind::ReadOnlyFilesystem => " (the file system is read-only: choose a writable lock directory)",
+        _ => "",
+    }
+}
+
+impl Error {
+    pub(crate) fn io(action: &'static str, path: &Path, source: io::Error) -> Error {
+        Error::Io { action, path: path.to_owned(), source }
+    }
+
+    /// Whether the lock was simply busy (`-n`) or the wait timed out: the caller's "conflict" exit.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::WouldBlock { .. } | Error::Timeout { .. })
+    }
+}
+
+/// Takes the lock `target`, waiting as `wait` says. While waiting, `on_wait` is called about once
+/// a second with the current holder and the time waited so far.
+pub fn acquire(
+    target: &LockTarget,
+    opts: &LockOptions,
+    wait: Wait,
+    on_wait: &mut dyn FnMut(&Holder, Duration),
+) -> Result<Guard, Error> {
+    std::fs::create_dir_all(target.dir()).map_err(|e| Error::io("create the lock directory", target.dir(), e))?;
+    if opts.backend == Backend::Soft {
+        return soft::acquire(target, opts, wait, on_wait);
+    }
+    match os::acquire(target, opts, wait, on_wait)? {
+        os::Outcome::Locked(guard) => Ok(guard),
+        os::Outcome::Unsupported(e) => {
+            tracing::warn!(
+                "the file system at {} does not support OS locks ({e}); using a soft lock instead",
+                target.dir().display()
+            );
+            soft::acquire(target, opts, wait, on_wait)
+        }
+    }
+}
+
+/// The state of one lock, as `status` shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LockStatus {
+    pub target: LockTarget,
+    pub state: LockState,
+    /// `"os"` or `"soft"`.
+    pub kind: &'static str,
+    pub holder: Option<Holder>,
+    /// A sentence explaining the state (why stale, what leftover metadata means).
+    pub detail: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockState {
+    /// Nobody holds it; taking it would succeed at once.
+    Free,
+    Held,
+    /// A soft lock whose holder is gone; the next acquirer breaks it.
+    Stale,
+}
+
+impl LockState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockState::Free => "free",
+            LockState::Held => "held",
+            LockState::Stale => "stale",
+        }
+    }
+}
+
+/// Who holds `target`, without taking it or creating any file.
+pub fn status(target: &LockTarget, opts: &LockOptions) -> Result<LockStatus, Error> {
+    let free = |detail: String| LockStatus { target: target.clone(), state: LockState::Free, kind: "os", holder: None, detail };
+    if !target.path.exists() {
+        return Ok(free("no lock file".into()));
+    }
+    if opts.backend == Backend::Soft || soft::is_soft_lock_file(&target.path) {
+        return soft::status(target, opts);
+    }
+    match os::probe(target)? {
+        os::ProbeOutcome::Free => Ok(free(os::leftover_metadata_note(target))),
+        os::ProbeOutcome::Held(holder) => Ok(LockStatus {
+            target: target.clone(),
+            state: LockState::Held,
+            kind: "os",
+            detail: "an OS lock is held on the lock file".into(),
+            holder: Some(holder),
+        }),
+        os::ProbeOutcome::Unsupported => soft::status(target, opts),
+    }
+}
+
+/// Every lock file (`*.lock`) in `dir`, sorted by name. A missing directory has none.
+pub fn list(dir: &Path) -> Result<Vec<LockTarget>, Error> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("list the lock directory", dir, e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(file) = file.to_str() else { continue };
+        if let Some(name) = file.strip_suffix(".lock").filter(|n| !n.starts_with('.') && !n.is_empty()) {
+            if let Ok(t) = LockTarget::resolve(name, dir) {
+                out.push(t);
+            }
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// What [`break_lock`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Broken {
+    /// The lock was not held; `cleaned` says what leftover file was removed, if any.
+    NotHeld { cleaned: Option<String> },
+    /// A stale soft lock was removed, for the reason given.
+    Broken { reason: String },
+}
+
+/// Removes a stale lock. Refuses ([`Error::Refused`]) when a live holder has it: an OS lock is
+/// never broken, and a soft lock only when stale, or with `force` (the caller vouches that its
+/// holder is gone, e.g. on a dead remote host).
+pub fn break_lock(target: &LockTarget, opts: &LockOptions, force: bool) -> Result<Broken, Error> {
+    if !target.path.exists() {
+        let cleaned = os::remove_leftover_metadata(target)?;
+        return Ok(Broken::NotHeld { cleaned });
+    }
+    if opts.backend == Backend::Soft || soft::is_soft_lock_file(&target.path) {
+        return soft::break_lock(target, opts, force);
+    }
+    os::break_lock(target, opts, force)
+}

@@ -1,0 +1,333 @@
+//! `.lock.pid` metadata: who holds a lock, written after acquiring and removed before releasing.
+//!
+//! The format is the JSON object the original Python tool writes, so old readers keep working:
+//!
+//! ```json
+//! {"pid": 12345, "timestamp": "2026-02-14T06:50:11.123456", "operation": "build:libfastled_build",
+//!  "hostname": "myhost"}
+//! ```
+//!
+//! buildlock adds keys old readers ignore: `start_time` and `boot_id` (so a recycled pid is not
+//! taken for the holder), `mode`, `command`, `lock` (`"os"` or `"soft"`), `id` (one per
+//! acquisition) and `version`. Readers accept the timestamp as naive local ISO 8601 or as a float
+//! of seconds since the epoch, and treat anything unreadable (empty, truncated, binary, huge,
+//! wrong types) as "no metadata".
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use buildlock_sys::{LockMode, ProcessIdentity};
+use jiff::{civil::DateTime, tz::TimeZone, Timestamp};
+use serde_json::{json, Map, Value};
+
+/// Metadata files larger than this are not metadata; they are read as corrupt.
+pub const MAX_METADATA_BYTES: u64 = 64 * 1024;
+
+/// The value of the `version` key buildlock writes.
+pub const FORMAT_VERSION: &str = "buildlock/1";
+
+/// Who holds (or held) a lock, as read from or written to metadata.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Metadata {
+    pub pid: u32,
+    /// When the lock was taken; `None` when the writer gave no readable time.
+    pub timestamp: Option<Timestamp>,
+    pub operation: String,
+    pub hostname: String,
+    pub start_time: Option<u64>,
+    pub boot_id: Option<String>,
+    pub mode: Option<LockMode>,
+    pub command: Option<String>,
+    /// `"os"` or `"soft"`; absent in files written by other tools.
+    pub lock: Option<String>,
+    /// Unique per acquisition, so a holder removes only its own metadata.
+    pub id: Option<String>,
+    pub version: Option<String>,
+}
+
+/// What reading a metadata file found.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MetaRead {
+    /// No file.
+    Missing,
+    /// A file that is not usable metadata; the text says why.
+    Corrupt(String),
+    Valid(Metadata),
+}
+
+impl MetaRead {
+    pub fn valid(&self) -> Option<&Metadata> {
+        match self {
+            MetaRead::Valid(m) => Some(m),
+            _ => None,
+        }
+    }
+}
+
+impl Metadata {
+    /// Metadata naming this process as the holder, taken now.
+    pub fn for_current_process(mode: LockMode, lock: &str, operation: &str, command: Option<String>) -> Metadata {
+        let me = buildlock_sys::current_process();
+        Metadata {
+            pid: me.pid,
+            timestamp: Some(Timestamp::now()),
+            operation: operation.to_owned(),
+            hostname: buildlock_sys::hostname(),
+            start_time: me.start_time,
+            boot_id: me.boot_id,
+            mode: Some(mode),
+            command,
+            lock: Some(lock.to_owned()),
+            id: Some(unique_id()),
+            version: Some(FORMAT_VERSION.to_owned()),
+        }
+    }
+
+    /// The process this metadata names.
+    pub fn process(&self) -> ProcessIdentity {
+        ProcessIdentity { pid: self.pid, start_time: self.start_time, boot_id: self.boot_id.clone() }
+    }
+
+    /// Whether this metadata describes a soft lock (whose existence is the lock).
+    pub fn is_soft(&self) -> bool {
+        self.lock.as_deref() == Some("soft")
+    }
+
+    /// The JSON text written to disk.
+    pub fn to_json(&self) -> String {
+        let mut obj = Map::new();
+        obj.insert("pid".into(), json!(self.pid));
+        let ts = self.timestamp.map(|t| t.to_zoned_datetime(TimeZone::system()).datetime().strftime("%Y-%m-%dT%H:%M:%S%.6f").to_string());
+        obj.insert("timestamp".into(), json!(ts));
+        obj.insert("operation".into(), json!(self.operation));
+        obj.insert("hostname".into(), json!(self.hostname));
+        let mut opt = |k: &str, v: Option<Value>| {
+            if let Some(v) = v {
+                obj.insert(k.into(), v);
+            }
+        };
+        opt("start_time", self.start_time.map(|v| json!(v)));
+        opt("boot_id", self.boot_id.as_ref().map(|v| json!(v)));
+        opt("mode", self.mode.map(|m| json!(m.as_str())));
+        opt("command", self.command.as_ref().map(|v| json!(v)));
+        opt("lock", self.lock.as_ref().map(|v| json!(v)));
+        opt("id", self.id.as_ref().map(|v| json!(v)));
+        opt("version", self.version.as_ref().map(|v| json!(v)));
+        Value::Object(obj).to_string()
+    }
+
+    /// Parses metadata text; `Err` says why it is not usable.
+    pub fn parse(bytes: &[u8]) -> Result<Metadata, String> {
+        if bytes.len() as u64 > MAX_METADATA_BYTES {
+            return Err(format!("metadata is {} bytes, more than the {MAX_METADATA_BYTES} allowed", bytes.len()));
+        }
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err("metadata file is empty".into());
+        }
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| format!("metadata is not valid JSON ({e})"))?;
+        let obj = value.as_object().ok_or("metadata is not a JSON object")?;
+        let pid = obj
+            .get("pid")
+            .and_then(Value::as_u64)
+            .and_then(|p| u32::try_from(p).ok())
+            .filter(|&p| p > 0)
+            .ok_or("metadata has no valid \"pid\"")?;
+        let text = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_owned);
+        Ok(Metadata {
+            pid,
+            timestamp: obj.get("timestamp").and_then(parse_timestamp),
+            operation: text("operation").unwrap_or_default(),
+            hostname: text("hostname").unwrap_or_default(),
+            start_time: obj.get("start_time").and_then(Value::as_u64),
+            boot_id: text("boot_id"),
+            mode: match obj.get("mode").and_then(Value::as_str) {
+                Some("shared") => Some(LockMode::Shared),
+                Some("exclusive") => Some(LockMode::Exclusive),
+                _ => None,
+            },
+            command: text("command"),
+            lock: text("lock"),
+            id: text("id"),
+            version: text("version"),
+        })
+    }
+}
+
+/// Reads timestamps as the seed's tool and others write them: naive local ISO 8601, ISO 8601
+/// with an offset, or a number of seconds since the epoch.
+fn parse_timestamp(v: &Value) -> Option<Timestamp> {
+    match v {
+        Value::Number(n) => {
+            let secs = n.as_f64()?;
+            if !secs.is_finite() {
+                return None;
+            }
+            let whole = secs.floor();
+            let nanos = ((secs - whole) * 1e9) as i32;
+            Timestamp::new(whole as i64, nanos).ok()
+        }
+        Value::String(s) => s
+            .parse::<Timestamp>()
+            .ok()
+            .or_else(|| s.parse::<DateTime>().ok().and_then(|dt| dt.to_zoned_datetime(TimeZone::system()).ok()).map(|z| z.timestamp())),
+        _ => None,
+    }
+}
+
+/// A string unique to this acquisition: pid, time and a process-wide counter.
+pub fn unique_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let now = Timestamp::now();
+    format!("{}-{}{:09}-{n}", std::process::id(), now.as_second(), now.subsec_nanosecond())
+}
+
+/// Reads the metadata at `path`, never failing: problems become [`MetaRead::Corrupt`].
+pub fn read(path: &Path) -> MetaRead {
+    let file = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return MetaRead::Missing,
+        Err(e) => return MetaRead::Corrupt(format!("cannot read {}: {e}", path.display())),
+    };
+    read_from(file)
+}
+
+/// Reads metadata from an open file (used for soft locks, whose lock file holds it).
+pub fn read_from(file: impl Read) -> MetaRead {
+    let mut buf = Vec::new();
+    // Read one byte more than allowed, to tell "too big" from "exactly at the limit".
+    if let Err(e) = file.take(MAX_METADATA_BYTES + 1).read_to_end(&mut buf) {
+        return MetaRead::Corrupt(format!("cannot read metadata: {e}"));
+    }
+    match Metadata::parse(&buf) {
+        Ok(m) => MetaRead::Valid(m),
+        Err(why) => MetaRead::Corrupt(why),
+    }
+}
+
+/// A temporary file next to `path`, unique to this call, for writing then renaming or linking.
+pub(crate) fn temp_path(path: &Path) -> std::path::PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.tmp", unique_id()))
+}
+
+/// Writes `meta` to `path` so that readers see the old file or the whole new one, never a part:
+/// write a temporary file in the same directory, then rename it over `path`.
+pub fn write_atomic(path: &Path, meta: &Metadata) -> io::Result<()> {
+    let tmp = temp_path(path);
+    let result = (|| {
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        f.write_all(meta.to_json().as_bytes())?;
+        drop(f);
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Removes the metadata at `path` if it names the acquisition `id`; leaves anyone else's alone.
+pub fn remove_if_ours(path: &Path, id: &str) -> io::Result<bool> {
+    match read(path) {
+        MetaRead::Valid(m) if m.id.as_deref() == Some(id) => match fs::remove_file(path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        },
+        _ => Ok(false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_seed_tools_format() {
+        let m = Metadata::parse(
+            br#"{"pid": 12345, "timestamp": "2026-02-14T06:50:11.123456", "operation": "build:libfastled_build", "hostname": "myhost"}"#,
+        )
+        .unwrap();
+        assert_eq!(m.pid, 12345);
+        assert_eq!(m.operation, "build:libfastled_build");
+        assert_eq!(m.hostname, "myhost");
+        let local = m.timestamp.unwrap().to_zoned_datetime(TimeZone::system()).datetime();
+        assert_eq!(local.to_string(), "2026-02-14T06:50:11.123456");
+        assert_eq!(m.start_time, None);
+        assert!(!m.is_soft());
+    }
+
+    #[test]
+    fn reads_float_and_offset_timestamps() {
+        let m = Metadata::parse(br#"{"pid": 7, "timestamp": 1771051811.5}"#).unwrap();
+        assert_eq!(m.timestamp.unwrap(), Timestamp::new(1771051811, 500_000_000).unwrap());
+        let m = Metadata::parse(br#"{"pid": 7, "timestamp": "2026-02-14T06:50:11Z"}"#).unwrap();
+        assert_eq!(m.timestamp.unwrap().as_second(), 1771051811);
+        // An unreadable timestamp loses the time, not the holder.
+        let m = Metadata::parse(br#"{"pid": 7, "timestamp": "yesterday"}"#).unwrap();
+        assert_eq!((m.pid, m.timestamp), (7, None));
+    }
+
+    #[test]
+    fn garbage_is_corrupt_not_a_crash() {
+        let huge = vec![b' '; MAX_METADATA_BYTES as usize + 10];
+        let cases: &[&[u8]] = &[
+            b"",
+            b"   \n",
+            b"{\"pid\": 12",
+            b"\x00\xff\xfe binary",
+            b"[1,2,3]",
+            b"{\"pid\": -4}",
+            b"{\"pid\": 0}",
+            b"{\"pid\": 1.5}",
+            b"{\"pid\": \"12\"}",
+            b"{\"pid\": 99999999999}",
+            b"{\"timestamp\": 1}",
+            b"null",
+            &huge,
+        ];
+        for case in cases {
+            assert!(Metadata::parse(case).is_err(), "accepted {:?}", String::from_utf8_lossy(&case[..case.len().min(40)]));
+            assert!(matches!(read_from(*case), MetaRead::Corrupt(_)));
+        }
+    }
+
+    #[test]
+    fn round_trips_and_keeps_the_old_keys() {
+        let m = Metadata::for_current_process(LockMode::Shared, "os", "build:x", Some("make -j8".into()));
+        let text = m.to_json();
+        let v: Value = serde_json::from_str(&text).unwrap();
+        for key in ["pid", "timestamp", "operation", "hostname"] {
+            assert!(v.get(key).is_some(), "missing {key} in {text}");
+        }
+        // The seed's naive local format, microseconds, no offset.
+        let ts = v["timestamp"].as_str().unwrap();
+        assert_eq!(ts.len(), "2026-02-14T06:50:11.123456".len(), "{ts}");
+        let back = Metadata::parse(text.as_bytes()).unwrap();
+        assert_eq!(back.pid, m.pid);
+        assert_eq!(back.id, m.id);
+        assert_eq!(back.mode, Some(LockMode::Shared));
+        assert_eq!(back.command.as_deref(), Some("make -j8"));
+        let delta = back.timestamp.unwrap().duration_since(m.timestamp.unwrap());
+        assert!(delta.as_secs_f64().abs() < 1e-5);
+    }
+
+    #[test]
+    fn write_is_atomic_and_remove_only_takes_ours() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.lock.pid");
+        let a = Metadata::for_current_process(LockMode::Exclusive, "os", "a", None);
+        write_atomic(&path, &a).unwrap();
+        assert_eq!(read(&path).valid().unwrap().id, a.id);
+        // No temporary files are left behind.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        let b = Metadata::for_current_process(LockMode::Exclusive, "os", "b", None);
+        assert!(!remove_if_ours(&path, b.id.as_deref().unwrap()).unwrap());
+        assert!(path.exists());
+        assert!(remove_if_ours(&path, a.id.as_deref().unwrap()).unwrap());
+        assert_eq!(read(&path), MetaRead::Missing);
+    }
+}

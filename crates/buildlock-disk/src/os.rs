@@ -1,0 +1,318 @@
+//! The OS-lock backend: the kernel decides who holds a lock; files only explain.
+//!
+//! Acquiring: open `X.lock` (never writing into it), take the OS lock, then check that the
+//! locked file is still the one at the path (a tool may have deleted it; the next locker would
+//! create a new file and a second holder would appear) and retry if not. Then write `X.lock.pid`.
+//!
+//! Waiting: a helper thread blocks in the kernel (`F_OFD_SETLKW`), so a waiter is woken the
+//! moment the holder releases or dies, without polling. The calling thread keeps the clock: it
+//! reports the holder about once a second and gives up at the deadline. A helper abandoned at a
+//! timeout stays blocked in the kernel until the lock is next free, then lets go at once.
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use buildlock_sys::{LockFile, LockMode, Probe, ProcessState};
+
+use crate::guard::{Guard, Held};
+use crate::meta::{self, MetaRead, Metadata};
+use crate::{soft, Error, Holder, LockOptions, LockTarget, Wait};
+
+/// How often a waiter re-reads who holds the lock and reports it.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// How often to look again at a lock held by a soft-lock holder (no kernel wake-up exists).
+const SOFT_HOLDER_POLL: Duration = Duration::from_millis(20);
+
+pub(crate) enum Outcome {
+    Locked(Guard),
+    /// The file system refuses OS locks; the caller falls back to soft locks.
+    Unsupported(std::io::Error),
+}
+
+enum Attempt {
+    Locked(LockFile),
+    Busy,
+    Unsupported(std::io::Error),
+}
+
+pub(crate) fn acquire(
+    target: &LockTarget,
+    opts: &LockOptions,
+    wait: Wait,
+    on_wait: &mut dyn FnMut(&Holder, Duration),
+) -> Result<Outcome, Error> {
+    let file = match try_lock(target, opts)? {
+        Attempt::Locked(file) => file,
+        Attempt::Unsupported(e) => return Ok(Outcome::Unsupported(e)),
+        Attempt::Busy => {
+            let deadline = match wait {
+                Wait::NoWait => return Err(busy(target, opts, None)),
+                Wait::Timeout(t) => Some(Instant::now() + t),
+                Wait::Forever => None,
+            };
+            wait_for(target, opts, deadline, on_wait)?
+        }
+    };
+    Ok(Outcome::Locked(take_over(target, opts, file)?))
+}
+
+/// One non-blocking attempt, retried only while the lock file keeps being replaced under us.
+fn try_lock(target: &LockTarget, opts: &LockOptions) -> Result<Attempt, Error> {
+    loop {
+        let file = LockFile::open(&target.path).map_err(|e| Error::io("open the lock file", &target.path, e))?;
+        match file.try_lock(opts.mode) {
+            Ok(true) => {}
+            Ok(false) => return Ok(Attempt::Busy),
+            Err(e) if buildlock_sys::lock_unsupported(&e) => return Ok(Attempt::Unsupported(e)),
+            Err(e) => return Err(Error::io("lock", &target.path, e)),
+        }
+        match check_locked(target, opts, &file) {
+            Checked::Ok => return Ok(Attempt::Locked(file)),
+            Checked::Replaced => continue,
+            Checked::SoftHolder => return Ok(Attempt::Busy),
+        }
+    }
+}
+
+enum Checked {
+    Ok,
+    /// The path now names another file; lock that one instead.
+    Replaced,
+    /// The file is a live soft lock of a process using `--soft`; treat as held.
+    SoftHolder,
+}
+
+/// After the OS lock is taken: is it on the file at the path, and is that file not somebody's
+/// live soft lock?
+fn check_locked(target: &LockTarget, opts: &LockOptions, file: &LockFile) -> Checked {
+    match (file.id(), buildlock_sys::path_id(&target.path)) {
+        (Ok(a), Ok(b)) if a == b => {}
+        _ => {
+            tracing::debug!("{} was replaced while we locked it; retrying", target.path.display());
+            return Checked::Replaced;
+        }
+    }
+    // OS-lock files are always empty; content means a soft lock (ours or another tool's).
+    if file.file().metadata().is_ok_and(|m| m.len() > 0) && soft::verdict_of_file(target, opts, file.file()).is_some_and(|v| !v.is_stale()) {
+        return Checked::SoftHolder;
+    }
+    Checked::Ok
+}
+
+/// Blocks until the lock is ours or the deadline passes.
+fn wait_for(
+    target: &LockTarget,
+    opts: &LockOptions,
+    deadline: Option<Instant>,
+    on_wait: &mut dyn FnMut(&Holder, Duration),
+) -> Result<LockFile, Error> {
+    let start = Instant::now();
+    let (tx, rx) = mpsc::sync_channel(1);
+    let (t, o) = (target.clone(), opts.clone());
+    std::thread::Builder::new()
+        .name("buildlock-wait".into())
+        .spawn(move || {
+            // If the receiver has gone (timeout), the send fails, the file drops and the lock
+            // is released at once.
+            let _ = tx.send(block_until_locked(&t, &o));
+        })
+        .map_err(|e| Error::io("start a waiting thread for", &target.path, e))?;
+    loop {
+        let now = Instant::now();
+        let step = match deadline {
+            Some(d) if d <= now => return Err(busy(target, opts, Some(now - start))),
+            Some(d) => (d - now).min(REPORT_EVERY),
+            None => REPORT_EVERY,
+        };
+        match rx.recv_timeout(step) {
+            Ok(result) => return result,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if deadline.is_none_or(|d| Instant::now() < d) {
+                    on_wait(&describe_holder(target, opts), start.elapsed());
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(Error::io("wait for", &target.path, std::io::Error::other("the waiting thread died")));
+            }
+        }
+    }
+}
+
+fn block_until_locked(target: &LockTarget, opts: &LockOptions) -> Result<LockFile, Error> {
+    loop {
+        let file = LockFile::open(&target.path).map_err(|e| Error::io("open the lock file", &target.path, e))?;
+        file.lock(opts.mode).map_err(|e| Error::io("lock", &target.path, e))?;
+        match check_locked(target, opts, &file) {
+            Checked::Ok => return Ok(file),
+            Checked::Replaced => continue,
+            Checked::SoftHolder => {
+                drop(file);
+                std::thread::sleep(SOFT_HOLDER_POLL);
+            }
+        }
+    }
+}
+
+/// The lock is ours: account for leftover metadata, write ours, and wrap it in a guard.
+fn take_over(target: &LockTarget, opts: &LockOptions, file: LockFile) -> Result<Guard, Error> {
+    let id = file.id().map_err(|e| Error::io("stat", &target.path, e))?;
+    let previous = meta::read(&target.meta_path);
+    let mut ours = Metadata::for_current_process(opts.mode, "os", &opts.operation, opts.command.clone());
+    let keep_previous = opts.mode == LockMode::Shared
+        && previous.valid().is_some_and(|m| {
+            m.mode == Some(LockMode::Shared) && buildlock_sys::process_state(&m.process()) == ProcessState::Alive
+        });
+    if keep_previous {
+        // Another live reader's metadata stays; ours would replace it and vanish with us.
+        ours.id = None;
+    } else {
+        if opts.mode == LockMode::Exclusive {
+            report_leftover(target, &previous);
+        }
+        meta::write_atomic(&target.meta_path, &ours).map_err(|e| Error::io("write the metadata file", &target.meta_path, e))?;
+    }
+    Ok(Guard::new(target, ours, Held::Os(file), id, None, opts.watch))
+}
+
+/// With the lock taken exclusively, any metadata present was left by a holder that is gone.
+fn report_leftover(target: &LockTarget, previous: &MetaRead) {
+    match previous {
+        MetaRead::Missing => {}
+        MetaRead::Corrupt(why) => {
+            tracing::warn!("Replaced unreadable metadata of lock {} ({why})", target.path.display())
+        }
+        MetaRead::Valid(m) => match buildlock_sys::process_state(&m.process()) {
+            ProcessState::Dead => tracing::warn!(
+                "Recovered stale lock {} (holder pid {} is dead; it was killed before releasing)",
+                target.path.display(),
+                m.pid
+            ),
+            _ => tracing::info!(
+                "Replaced metadata of lock {}: pid {} no longer holds the lock",
+                target.path.display(),
+                m.pid
+            ),
+        },
+    }
+}
+
+/// The error for a busy lock: `WouldBlock`, or `Timeout` after `waited`.
+fn busy(target: &LockTarget, opts: &LockOptions, waited: Option<Duration>) -> Error {
+    let holder = Box::new(describe_holder(target, opts));
+    let (name, path) = (target.name.clone(), target.path.clone());
+    match waited {
+        None => Error::WouldBlock { name, path, holder },
+        Some(waited) => Error::Timeout { name, path, waited, holder },
+    }
+}
+
+pub(crate) enum ProbeOutcome {
+    Free,
+    Held(Holder),
+    Unsupported,
+}
+
+/// Looks at the OS lock without taking it.
+pub(crate) fn probe(target: &LockTarget) -> Result<ProbeOutcome, Error> {
+    let file = match LockFile::open_existing(&target.path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ProbeOutcome::Free),
+        Err(e) => return Err(Error::io("open the lock file", &target.path, e)),
+    };
+    match file.probe() {
+        Ok(Probe::Free) => Ok(ProbeOutcome::Free),
+        Ok(Probe::Held { mode, pid }) => Ok(ProbeOutcome::Held(holder_from(target, Some(mode), pid))),
+        Err(e) if buildlock_sys::lock_unsupported(&e) => Ok(ProbeOutcome::Unsupported),
+        Err(e) => Err(Error::io("query the lock on", &target.path, e)),
+    }
+}
+
+/// Who holds a busy lock, as well as can be told.
+pub(crate) fn describe_holder(target: &LockTarget, opts: &LockOptions) -> Holder {
+    match probe(target) {
+        Ok(ProbeOutcome::Held(h)) => h,
+        // Held by a soft-lock user, or released since we looked.
+        _ => soft::describe_holder(target, opts),
+    }
+}
+
+/// Builds a [`Holder`] from what the OS said and what the metadata says, noting contradictions.
+fn holder_from(target: &LockTarget, mode: Option<LockMode>, os_pid: Option<u32>) -> Holder {
+    let mut holder = Holder { mode, os_pid, ..Holder::default() };
+    match meta::read(&target.meta_path) {
+        MetaRead::Valid(m) => match buildlock_sys::process_state(&m.process()) {
+            ProcessState::Dead if m.hostname == buildlock_sys::hostname() => {
+                holder.note = Some(format!(
+                    "the metadata names pid {}, which is dead: it is left over, and the holder wrote none",
+                    m.pid
+                ));
+                holder.command = os_pid.and_then(buildlock_sys::command_line);
+            }
+            _ => {
+                let live = (m.hostname == buildlock_sys::hostname()).then(|| buildlock_sys::command_line(m.pid)).flatten();
+                holder.command = live.or_else(|| m.command.clone());
+                holder.meta = Some(m);
+            }
+        },
+        MetaRead::Corrupt(why) => {
+            holder.note = Some(format!("its metadata is unreadable ({why})"));
+            holder.command = os_pid.and_then(buildlock_sys::command_line);
+        }
+        MetaRead::Missing => holder.command = os_pid.and_then(buildlock_sys::command_line),
+    }
+    holder
+}
+
+/// For `status` of a free lock: what leftover metadata, if any, means.
+pub(crate) fn leftover_metadata_note(target: &LockTarget) -> String {
+    match meta::read(&target.meta_path) {
+        MetaRead::Missing => "not held".into(),
+        MetaRead::Corrupt(why) => format!("not held; leftover metadata is unreadable ({why})"),
+        MetaRead::Valid(m) => {
+            format!("not held; leftover metadata names pid {} since {}", m.pid, m.timestamp.map_or("?".into(), crate::describe_time))
+        }
+    }
+}
+
+/// Removes `X.lock.pid` when no lock file exists (nothing can hold it).
+pub(crate) fn remove_leftover_metadata(target: &LockTarget) -> Result<Option<String>, Error> {
+    match std::fs::remove_file(&target.meta_path) {
+        Ok(()) => Ok(Some(format!("removed leftover metadata {}", target.meta_path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io("remove", &target.meta_path, e)),
+    }
+}
+
+pub(crate) fn break_lock(target: &LockTarget, opts: &LockOptions, force: bool) -> Result<crate::Broken, Error> {
+    let exclusive = LockOptions { mode: LockMode::Exclusive, ..opts.clone() };
+    match try_lock(target, &exclusive)? {
+        Attempt::Locked(file) => {
+            // Free: the only thing to clean is leftover metadata, removed while we hold the lock.
+            let cleaned = match meta::read(&target.meta_path) {
+                MetaRead::Missing => None,
+                previous => {
+                    report_leftover(target, &previous);
+                    std::fs::remove_file(&target.meta_path).map_err(|e| Error::io("remove", &target.meta_path, e))?;
+                    Some(format!("removed leftover metadata {}", target.meta_path.display()))
+                }
+            };
+            drop(file);
+            Ok(crate::Broken::NotHeld { cleaned })
+        }
+        Attempt::Unsupported(_) => soft::break_lock(target, opts, force),
+        Attempt::Busy => {
+            let holder = describe_holder(target, opts);
+            let stop = match holder.pid() {
+                Some(pid) => format!("stop pid {pid} and the kernel releases its lock"),
+                None => "stop the process holding it (see `fuser` or `lsof` on the lock file)".into(),
+            };
+            let forced = if force { "; --force cannot break an OS lock" } else { "" };
+            Err(Error::Refused {
+                name: target.name.clone(),
+                path: target.path.clone(),
+                reason: format!("a live process holds its OS lock ({holder}); {stop}{forced}"),
+                holder: Some(Box::new(holder)),
+            })
+        }
+    }
+}

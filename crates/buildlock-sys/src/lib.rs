@@ -1,0 +1,243 @@
+//! The system calls buildlock needs that `std` lacks, in one place per platform.
+//!
+//! Nothing else in the workspace calls `fcntl`, `prctl`, `kill` or reads `/proc`: every such call
+//! lives here, behind the same signatures on every platform (a `clippy.toml` entry forbids the raw
+//! calls elsewhere). The main types:
+//!
+//! - [`LockFile`]: an open lock file and the OS lock on it. The lock conflicts with the Python
+//!   `fasteners` library and with `fcntl.lockf` users in general:
+//!   - Linux: an open-file-description lock (`F_OFD_SETLK`) over the whole file. It belongs to the
+//!     open file, not the process, so two threads (or two [`LockFile`]s) exclude each other.
+//!   - other Unix (macOS, BSD): a POSIX record lock (`F_SETLK`) over the whole file. Those locks
+//!     belong to the process and vanish when *any* descriptor of the file is closed, so this crate
+//!     keeps one descriptor per file per process and serialises the process's threads itself.
+//!   - Windows: `LockFileEx` through `std::fs::File::lock`, whose range covers byte 0, the byte
+//!     `fasteners` locks.
+//! - [`FileId`]: (device, inode) of a file, used to notice a lock file that was deleted or replaced.
+//! - [`ProcessIdentity`] and [`process_state`]: a process named by pid *and* start time, so that a
+//!   recycled pid is never taken for the process that wrote a lock's metadata.
+//! - [`kill_on_parent_death`]: stop a child when the process that holds its lock dies.
+//!
+//! ```no_run
+//! use buildlock_sys::{LockFile, LockMode};
+//! let file = LockFile::open("/tmp/example.lock".as_ref())?;
+//! if file.try_lock(LockMode::Exclusive)? {
+//!     // ... critical section ...
+//!     file.unlock()?;
+//! }
+//! # Ok::<(), std::io::Error>(())
+//! ```
+//!
+//! macOS and Windows code is written against their documented APIs but only Linux is tested.
+#![allow(clippy::disallowed_methods)]
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+
+mod process;
+
+#[cfg(target_os = "linux")]
+#[path = "lock_linux.rs"]
+mod lock_imp;
+#[cfg(all(unix, not(target_os = "linux")))]
+#[path = "lock_posix.rs"]
+mod lock_imp;
+#[cfg(windows)]
+#[path = "lock_windows.rs"]
+mod lock_imp;
+
+pub use process::{
+    command_line, current_process, hostname, kill_on_parent_death, process_state, send_signal,
+    ProcessIdentity, ProcessState,
+};
+
+/// How a lock is held: many shared holders at once, or one exclusive holder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LockMode {
+    /// Any number of shared holders, no exclusive one (a reader lock).
+    Shared,
+    /// A single holder (a writer lock).
+    Exclusive,
+}
+
+impl LockMode {
+    /// `"shared"` or `"exclusive"`, as written into metadata and status output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockMode::Shared => "shared",
+            LockMode::Exclusive => "exclusive",
+        }
+    }
+}
+
+/// What a look at a lock file found, without taking the lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// Nobody holds an OS lock on the file.
+    Free,
+    /// Somebody holds it. `pid` is known only when the holder uses process-bound POSIX locks
+    /// (`fasteners`, `lockf`); open-file-description locks have no owning process.
+    Held { mode: LockMode, pid: Option<u32> },
+}
+
+/// Identity of a file on its file system: (device, inode). Two paths with the same id are the
+/// same file; a path whose id changed was deleted or replaced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// An open lock file and the OS lock this handle holds on it, if any.
+///
+/// Dropping the handle releases its lock. The file is opened close-on-exec, so the lock is
+/// never inherited by a child process.
+#[derive(Debug)]
+pub struct LockFile {
+    inner: lock_imp::LockFile,
+}
+
+impl LockFile {
+    /// Opens (creating if needed) the lock file at `path` for locking. Never truncates or writes it.
+    pub fn open(path: &Path) -> io::Result<LockFile> {
+        Ok(LockFile { inner: lock_imp::LockFile::open(path, true)? })
+    }
+
+    /// Opens the lock file at `path` only if it exists (`NotFound` otherwise), for looking
+    /// at a lock without leaving a file behind.
+    pub fn open_existing(path: &Path) -> io::Result<LockFile> {
+        Ok(LockFile { inner: lock_imp::LockFile::open(path, false)? })
+    }
+
+    /// Takes the lock without waiting. `Ok(false)` means somebody else holds a conflicting lock.
+    pub fn try_lock(&self, mode: LockMode) -> io::Result<bool> {
+        self.inner.try_lock(mode)
+    }
+
+    /// Takes the lock, blocking in the kernel until it is free (woken the moment it is released).
+    pub fn lock(&self, mode: LockMode) -> io::Result<()> {
+        self.inner.lock(mode)
+    }
+
+    /// Releases the lock this handle holds; a no-op when it holds none.
+    pub fn unlock(&self) -> io::Result<()> {
+        self.inner.unlock()
+    }
+
+    /// Tells whether another holder has a lock on the file, without taking it.
+    pub fn probe(&self) -> io::Result<Probe> {
+        self.inner.probe()
+    }
+
+    /// The (device, inode) of the open file.
+    pub fn id(&self) -> io::Result<FileId> {
+        self.inner.id()
+    }
+
+    /// The open file, for reading its size, contents or times.
+    pub fn file(&self) -> &File {
+        self.inner.file()
+    }
+}
+
+/// The (device, inode) of the file at `path` now.
+pub fn path_id(path: &Path) -> io::Result<FileId> {
+    lock_imp::path_id(path)
+}
+
+/// Whether a locking error means "this file system cannot do OS locks" (some network mounts),
+/// in which case callers fall back to soft locks.
+pub fn lock_unsupported(err: &io::Error) -> bool {
+    if err.kind() == io::ErrorKind::Unsupported {
+        return true;
+    }
+    #[cfg(unix)]
+    {
+        use nix::errno::Errno;
+        if let Some(code) = err.raw_os_error() {
+            let e = Errno::from_raw(code);
+            return matches!(e, Errno::ENOLCK | Errno::ENOSYS | Errno::EOPNOTSUPP)
+                || e == Errno::ENOTSUP;
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_handles_exclude_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.lock");
+        let a = LockFile::open(&path).unwrap();
+        let b = LockFile::open(&path).unwrap();
+        assert!(a.try_lock(LockMode::Exclusive).unwrap());
+        assert!(!b.try_lock(LockMode::Exclusive).unwrap());
+        assert!(!b.try_lock(LockMode::Shared).unwrap());
+        assert!(matches!(b.probe().unwrap(), Probe::Held { mode: LockMode::Exclusive, .. }));
+        a.unlock().unwrap();
+        assert_eq!(b.probe().unwrap(), Probe::Free);
+        assert!(b.try_lock(LockMode::Shared).unwrap());
+        assert!(a.try_lock(LockMode::Shared).unwrap());
+        assert!(matches!(LockFile::open(&path).unwrap().probe().unwrap(), Probe::Held { mode: LockMode::Shared, .. }));
+        drop(a);
+        drop(b);
+        assert!(LockFile::open(&path).unwrap().try_lock(LockMode::Exclusive).unwrap());
+    }
+
+    #[test]
+    fn blocking_lock_wakes_on_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.lock");
+        let a = LockFile::open(&path).unwrap();
+        a.lock(LockMode::Exclusive).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        let t = std::thread::spawn(move || {
+            let b = LockFile::open(&p).unwrap();
+            tx.send("waiting").unwrap();
+            b.lock(LockMode::Exclusive).unwrap();
+            tx.send("locked").unwrap();
+        });
+        assert_eq!(rx.recv().unwrap(), "waiting");
+        // The waiter cannot have the lock while we hold it.
+        assert!(rx.try_recv().is_err());
+        a.unlock().unwrap();
+        assert_eq!(rx.recv().unwrap(), "locked");
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn file_ids_tell_replaced_files_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.lock");
+        let a = LockFile::open(&path).unwrap();
+        assert_eq!(a.id().unwrap(), path_id(&path).unwrap());
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"").unwrap();
+        assert_ne!(a.id().unwrap(), path_id(&path).unwrap());
+    }
+
+    #[test]
+    fn current_process_is_alive_and_a_wrong_start_time_is_not() {
+        let me = current_process();
+        assert_eq!(me.pid, std::process::id());
+        assert_eq!(process_state(&me), ProcessState::Alive);
+        if let Some(start) = me.start_time {
+            let recycled = ProcessIdentity { start_time: Some(start + 1), ..me.clone() };
+            assert_eq!(process_state(&recycled), ProcessState::Dead);
+        }
+    }
+
+    #[test]
+    fn exited_child_is_dead() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        let id = ProcessIdentity { pid, start_time: None, boot_id: None };
+        assert_eq!(process_state(&id), ProcessState::Dead);
+    }
+}

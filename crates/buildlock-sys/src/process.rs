@@ -1,0 +1,307 @@
+//! Processes: who we are, whether another process is still the one that wrote a lock, and
+//! how a child is stopped when its parent dies.
+//!
+//! A pid alone does not name a process: pids are recycled. A process is named here by
+//! (pid, start time, boot id): on Linux the start time is `/proc/PID/stat` field 22 (clock ticks
+//! since boot) and the boot id is `/proc/sys/kernel/random/boot_id`; elsewhere the start time is
+//! seconds since the epoch as reported by `sysinfo`, and there is no boot id.
+
+use std::io;
+use std::process::Command;
+
+/// A process as recorded in lock metadata.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessIdentity {
+    pub pid: u32,
+    /// Platform-specific start time (see the module docs); `None` when it could not be read,
+    /// in which case the pid alone is checked.
+    pub start_time: Option<u64>,
+    /// Linux boot id; a different boot means the process is gone whatever its pid.
+    pub boot_id: Option<String>,
+}
+
+/// What the OS says about a recorded process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProcessState {
+    /// Running, and (where a start time was recorded) the very same process.
+    Alive,
+    /// Exited, a zombie, or its pid now belongs to another process.
+    Dead,
+    /// The OS would not say (permission denied, unreadable process table); callers must assume
+    /// the process is alive. The text says why.
+    Unknown(String),
+}
+
+/// This process's identity.
+pub fn current_process() -> ProcessIdentity {
+    let pid = std::process::id();
+    ProcessIdentity { pid, start_time: imp::start_time(pid).ok().flatten(), boot_id: imp::boot_id() }
+}
+
+/// Whether the process that `id` names is still running.
+pub fn process_state(id: &ProcessIdentity) -> ProcessState {
+    if id.pid == 0 || i32::try_from(id.pid).is_err() {
+        return ProcessState::Unknown(format!("{} is not a valid process id", id.pid));
+    }
+    if let (Some(recorded), Some(now)) = (&id.boot_id, imp::boot_id()) {
+        if *recorded != now {
+            return ProcessState::Dead;
+        }
+    }
+    imp::state(id.pid, id.start_time)
+}
+
+/// The command line of a running process, for telling users who holds a lock.
+pub fn command_line(pid: u32) -> Option<String> {
+    imp::command_line(pid)
+}
+
+/// This machine's host name, as written into lock metadata.
+pub fn hostname() -> String {
+    imp::hostname()
+}
+
+/// Arranges for the child that `cmd` spawns to be killed (SIGKILL) if this process dies first,
+/// so that a command never runs on after the lock it was started under is gone.
+///
+/// Linux: `PR_SET_PDEATHSIG`. Elsewhere this does nothing yet, and returns `false` so callers
+/// can say so; macOS has no equivalent system call.
+pub fn kill_on_parent_death(cmd: &mut Command) -> bool {
+    imp::kill_on_parent_death(cmd)
+}
+
+/// Sends signal `signal` (a Unix signal number) to process `pid`. Windows: unsupported.
+pub fn send_signal(pid: u32, signal: i32) -> io::Result<()> {
+    imp::send_signal(pid, signal)
+}
+
+/// Process facts through `sysinfo`, for platforms without `/proc`. Compiled everywhere so that
+/// Linux CI type-checks it and compares it against `/proc`.
+#[cfg_attr(target_os = "linux", allow(dead_code))]
+mod portable {
+    use sysinfo::{Pid, ProcessRefreshKind, ProcessStatus, ProcessesToUpdate, System};
+
+    /// (start time in seconds since the epoch, is a zombie), or `None` if no such process.
+    pub(crate) fn lookup(pid: u32) -> Option<(u64, bool)> {
+        let mut sys = System::new().ok()?;
+        let p = Pid::from_u32(pid);
+        sys.refresh_processes_specifics(ProcessesToUpdate::Some(&[p]), true, ProcessRefreshKind::nothing());
+        sys.process(p).map(|pr| (pr.start_time(), pr.status() == ProcessStatus::Zombie))
+    }
+
+    pub(crate) fn command_line(pid: u32) -> Option<String> {
+        let mut sys = System::new().ok()?;
+        let p = Pid::from_u32(pid);
+        let kind = ProcessRefreshKind::nothing().with_cmd(sysinfo::UpdateKind::Always);
+        sys.refresh_processes_specifics(ProcessesToUpdate::Some(&[p]), true, kind);
+        let cmd = sys.process(p)?.cmd().iter().map(|s| s.to_string_lossy().into_owned()).collect::<Vec<_>>();
+        (!cmd.is_empty()).then(|| cmd.join(" "))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn sysinfo_sees_this_process() {
+            let (start, zombie) = super::lookup(std::process::id()).expect("own process visible");
+            assert!(start > 0);
+            assert!(!zombie);
+            assert!(super::command_line(std::process::id()).is_some());
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+mod imp {
+    use super::ProcessState;
+    use std::io;
+    use std::os::unix::process::CommandExt;
+    use std::process::Command;
+
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+
+    /// (state letter, start time) from `/proc/PID/stat`. The command name (field 2) may contain
+    /// spaces and parentheses, so fields are counted from the last `)`.
+    fn stat(pid: u32) -> io::Result<(char, u64)> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("unexpected /proc/{pid}/stat"));
+        let rest = &text[text.rfind(')').ok_or_else(bad)? + 1..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // `rest` starts at field 3 (state); field 22 (starttime) is index 19.
+        let state = fields.first().and_then(|s| s.chars().next()).ok_or_else(bad)?;
+        let start = fields.get(19).and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+        Ok((state, start))
+    }
+
+    pub(super) fn start_time(pid: u32) -> io::Result<Option<u64>> {
+        Ok(Some(stat(pid)?.1))
+    }
+
+    pub(super) fn boot_id() -> Option<String> {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_owned())
+    }
+
+    pub(super) fn state(pid: u32, start: Option<u64>) -> ProcessState {
+        match stat(pid) {
+            Ok((s, _)) if s == 'Z' || s == 'X' => ProcessState::Dead,
+            Ok((_, now)) if start.is_some_and(|recorded| recorded != now) => ProcessState::Dead,
+            Ok(_) => ProcessState::Alive,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => ProcessState::Dead,
+            Err(e) => match kill(Pid::from_raw(pid as i32), None) {
+                // /proc is hidden from us (hidepid) but kill(0) can still tell.
+                Err(nix::errno::Errno::ESRCH) => ProcessState::Dead,
+                _ => ProcessState::Unknown(format!("cannot read /proc/{pid}/stat: {e}")),
+            },
+        }
+    }
+
+    pub(super) fn command_line(pid: u32) -> Option<String> {
+        let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let parts: Vec<String> =
+            raw.split(|&b| b == 0).filter(|p| !p.is_empty()).map(|p| String::from_utf8_lossy(p).into_owned()).collect();
+        (!parts.is_empty()).then(|| parts.join(" "))
+    }
+
+    pub(super) fn hostname() -> String {
+        nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "localhost".into())
+    }
+
+    pub(super) fn kill_on_parent_death(cmd: &mut Command) -> bool {
+        let parent = std::process::id() as i32;
+        // SAFETY: the closure runs in the child between fork and exec and only makes
+        // async-signal-safe system calls (prctl, getppid, kill); it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+                // The parent may have died before prctl took effect; then nobody would
+                // send the signal, so act on it now.
+                if nix::unistd::getppid().as_raw() != parent {
+                    let _ = kill(nix::unistd::getpid(), Signal::SIGKILL);
+                }
+                Ok(())
+            });
+        }
+        true
+    }
+
+    pub(super) fn send_signal(pid: u32, signal: i32) -> io::Result<()> {
+        let sig = Signal::try_from(signal)?;
+        kill(Pid::from_raw(pid as i32), sig)?;
+        Ok(())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn proc_and_sysinfo_agree_this_process_lives() {
+            // The portable path (used on macOS and Windows) must agree with /proc on Linux.
+            let pid = std::process::id();
+            assert!(super::stat(pid).is_ok());
+            assert!(super::super::portable::lookup(pid).is_some());
+        }
+
+        #[test]
+        fn command_name_with_parens_and_spaces_parses() {
+            // Field counting must start after the last ')', whatever the command name holds.
+            let dir = tempfile::tempdir().unwrap();
+            let exe = dir.path().join("we ird) (name");
+            std::fs::copy("/bin/sleep", &exe).unwrap();
+            let mut child = std::process::Command::new(&exe).arg("30").spawn().unwrap();
+            let (state, start) = super::stat(child.id()).unwrap();
+            assert!(state == 'S' || state == 'R', "state {state}");
+            assert!(start > 0);
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+}
+
+#[cfg(all(unix, not(target_os = "linux")))]
+mod imp {
+    use super::{portable, ProcessState};
+    use std::io;
+    use std::process::Command;
+
+    use nix::errno::Errno;
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+
+    pub(super) fn start_time(pid: u32) -> io::Result<Option<u64>> {
+        Ok(portable::lookup(pid).map(|(start, _)| start))
+    }
+
+    pub(super) fn boot_id() -> Option<String> {
+        None
+    }
+
+    pub(super) fn state(pid: u32, start: Option<u64>) -> ProcessState {
+        match kill(Pid::from_raw(pid as i32), None) {
+            Err(Errno::ESRCH) => return ProcessState::Dead,
+            Ok(()) | Err(Errno::EPERM) => {}
+            Err(e) => return ProcessState::Unknown(format!("kill({pid}, 0) failed: {e}")),
+        }
+        match portable::lookup(pid) {
+            Some((_, true)) => ProcessState::Dead,
+            Some((now, _)) if start.is_some_and(|recorded| recorded != now) => ProcessState::Dead,
+            Some(_) => ProcessState::Alive,
+            None => ProcessState::Unknown(format!("process {pid} exists but its start time is unreadable")),
+        }
+    }
+
+    pub(super) fn command_line(pid: u32) -> Option<String> {
+        portable::command_line(pid)
+    }
+
+    pub(super) fn hostname() -> String {
+        nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "localhost".into())
+    }
+
+    pub(super) fn kill_on_parent_death(_cmd: &mut Command) -> bool {
+        false
+    }
+
+    pub(super) fn send_signal(pid: u32, signal: i32) -> io::Result<()> {
+        let sig = Signal::try_from(signal)?;
+        kill(Pid::from_raw(pid as i32), sig)?;
+        Ok(())
+    }
+}
+
+#[cfg(windows)]
+mod imp {
+    use super::{portable, ProcessState};
+    use std::io;
+    use std::process::Command;
+
+    pub(super) fn start_time(pid: u32) -> io::Result<Option<u64>> {
+        Ok(portable::lookup(pid).map(|(start, _)| start))
+    }
+
+    pub(super) fn boot_id() -> Option<String> {
+        None
+    }
+
+    pub(super) fn state(pid: u32, start: Option<u64>) -> ProcessState {
+        match portable::lookup(pid) {
+            None => ProcessState::Dead,
+            Some((now, _)) if start.is_some_and(|recorded| recorded != now) => ProcessState::Dead,
+            Some(_) => ProcessState::Alive,
+        }
+    }
+
+    pub(super) fn command_line(pid: u32) -> Option<String> {
+        portable::command_line(pid)
+    }
+
+    pub(super) fn hostname() -> String {
+        std::env::var("COMPUTERNAME").unwrap_or_else(|_| "localhost".into())
+    }
+
+    pub(super) fn kill_on_parent_death(_cmd: &mut Command) -> bool {
+        false
+    }
+
+    pub(super) fn send_signal(_pid: u32, _signal: i32) -> io::Result<()> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, "signals are not supported on Windows"))
+    }
+}
