@@ -1,1 +1,189 @@
-fn main() {}
+//! `buildlock-client`: a command line for buildlock locks, in the spirit of `flock(1)`.
+//!
+//! ```text
+//! buildlock-client [--dir DIR] [--no-daemon] [--soft] [--stale-after SECS] [--json] <command>
+//!   run [-s|-x] [-n|-w SECS] [-E N] [-o TEXT] TARGET -- CMD [ARGS...]
+//!   status [TARGET]
+//!   break TARGET [--force]
+//! ```
+//!
+//! Exit codes:
+//! - `run`: CMD's own exit status, or 128+N if CMD died of signal N; 1 (or the `-E` value) when
+//!   the lock is busy with `-n` or `-w` ran out; 126 if CMD could not be executed, 127 if it was
+//!   not found.
+//! - `break`: 0 when the lock is free afterwards, 1 when it was refused (a live holder).
+//! - any command: 2 for bad usage or input (a bad lock name, an unwritable directory).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use buildlock_disk::{Backend, LockMode, LockOptions, LockTarget, DEFAULT_STALE_AFTER};
+use clap::{ArgAction, Parser, Subcommand};
+
+mod report;
+mod run;
+
+/// Exit code for bad usage or input, and for failures of buildlock itself.
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(name = "buildlock-client", version, about = "Hold buildlock locks around commands, show and break them")]
+struct Cli {
+    /// Directory for named locks [default: $BUILDLOCK_DIR, else the per-user data directory]
+    #[arg(long, global = true, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Use the on-disk protocol directly, without the daemon [env: BUILDLOCK_NO_DAEMON]
+    #[arg(long, global = true, env = "BUILDLOCK_NO_DAEMON", hide_env = true)]
+    no_daemon: bool,
+    /// Use soft locks (the lock is the file's existence), for file systems without OS locks
+    /// [env: BUILDLOCK_SOFT]
+    #[arg(long, global = true, env = "BUILDLOCK_SOFT", hide_env = true)]
+    soft: bool,
+    /// Seconds after which a lock nobody can vouch for is stale (soft locks) [env: BUILDLOCK_STALE_AFTER]
+    #[arg(long, global = true, value_name = "SECS", env = "BUILDLOCK_STALE_AFTER", hide_env = true, value_parser = parse_secs)]
+    stale_after: Option<Duration>,
+    /// Machine-readable output (status, break)
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run CMD while holding the lock TARGET; release it when CMD exits
+    Run(RunArgs),
+    /// Show who holds TARGET, or every lock in the lock directory
+    Status {
+        /// A lock name (in the lock directory) or a path to a .lock file
+        target: Option<String>,
+    },
+    /// Remove a stale lock; refuse if a live process holds it
+    Break {
+        target: String,
+        /// Break a soft lock even if its holder seems alive (you know it is gone). Never breaks
+        /// an OS lock.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Take a shared (reader) lock
+    #[arg(short, long, conflicts_with = "exclusive")]
+    shared: bool,
+    /// Take an exclusive (writer) lock [default]
+    #[arg(short = 'x', long)]
+    exclusive: bool,
+    /// Fail at once if the lock is busy
+    #[arg(short = 'n', long = "nonblock", conflicts_with = "wait")]
+    nonblock: bool,
+    /// Wait at most SECS seconds for the lock (fractions allowed)
+    #[arg(short, long, value_name = "SECS", value_parser = parse_secs)]
+    wait: Option<Duration>,
+    /// Exit code when the lock is busy (-n) or the wait times out (-w)
+    #[arg(short = 'E', long, value_name = "N", default_value_t = 1)]
+    conflict_exit_code: u8,
+    /// What the holder is doing, shown to waiters [default: CMD's command line]
+    #[arg(short, long, value_name = "TEXT")]
+    operation: Option<String>,
+    /// A lock name (in the lock directory) or a path to a .lock file
+    target: String,
+    /// The command to run and its arguments, after `--`
+    #[arg(last = true, required = true, value_name = "CMD", action = ArgAction::Append)]
+    cmd: Vec<OsString>,
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is not a number of seconds from 0 up"))
+}
+
+/// What every command needs: where locks live and how to take them.
+struct Context {
+    dir: PathBuf,
+    opts: LockOptions,
+    json: bool,
+}
+
+impl Context {
+    fn target(&self, arg: &str) -> Result<LockTarget, buildlock_disk::Error> {
+        LockTarget::resolve(arg, &self.dir)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let dir = match buildlock_disk::lock_dir(cli.dir.as_deref()) {
+        Ok(d) => d,
+        Err(e) => return fail(&e),
+    };
+    let opts = LockOptions {
+        backend: if cli.soft { Backend::Soft } else { Backend::Auto },
+        stale_after: cli.stale_after.unwrap_or(DEFAULT_STALE_AFTER),
+        ..LockOptions::default()
+    };
+    // Only the on-disk protocol exists so far; `--no-daemon` is accepted for scripts that
+    // already ask for it.
+    let _ = cli.no_daemon;
+    let cx = Context { dir, opts, json: cli.json };
+    match cli.command {
+        Command::Run(args) => run::run(&cx, args),
+        Command::Status { target } => report::status(&cx, target.as_deref()),
+        Command::Break { target, force } => report::break_lock(&cx, &target, force),
+    }
+}
+
+/// Log lines read like the rest of our messages: `buildlock-client: warning: ...`.
+/// `BUILDLOCK_LOG` (e.g. `debug`) changes the level; the default shows warnings and errors.
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("BUILDLOCK_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).event_format(LogFormat).init();
+}
+
+struct LogFormat;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for LogFormat
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        cx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut w: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let level = match *event.metadata().level() {
+            tracing::Level::ERROR => "error",
+            tracing::Level::WARN => "warning",
+            tracing::Level::INFO => "info",
+            tracing::Level::DEBUG => "debug",
+            tracing::Level::TRACE => "trace",
+        };
+        write!(w, "buildlock-client: {level}: ")?;
+        cx.field_format().format_fields(w.by_ref(), event)?;
+        writeln!(w)
+    }
+}
+
+/// Prints `err` and returns the usage/input exit code.
+fn fail(err: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("buildlock-client: error: {err}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+impl RunArgs {
+    fn mode(&self) -> LockMode {
+        if self.shared {
+            LockMode::Shared
+        } else {
+            LockMode::Exclusive
+        }
+    }
+}

@@ -287,7 +287,13 @@ impl LockState {
 
 /// Who holds `target`, without taking it or creating any file.
 pub fn status(target: &LockTarget, opts: &LockOptions) -> Result<LockStatus, Error> {
-    let free = |detail: String| LockStatus { target: target.clone(), state: LockState::Free, kind: "os", holder: None, detail };
+    let free = |detail: String| LockStatus {
+        target: target.clone(),
+        state: LockState::Free,
+        kind: "os",
+        holder: None,
+        detail,
+    };
     if !target.path.exists() {
         return Ok(free("no lock file".into()));
     }

@@ -99,7 +99,9 @@ impl Metadata {
     pub fn to_json(&self) -> String {
         let mut obj = Map::new();
         obj.insert("pid".into(), json!(self.pid));
-        let ts = self.timestamp.map(|t| t.to_zoned_datetime(TimeZone::system()).datetime().strftime("%Y-%m-%dT%H:%M:%S%.6f").to_string());
+        let ts = self
+            .timestamp
+            .map(|t| t.to_zoned_datetime(TimeZone::system()).datetime().strftime("%Y-%m-%dT%H:%M:%S%.6f").to_string());
         obj.insert("timestamp".into(), json!(ts));
         obj.insert("operation".into(), json!(self.operation));
         obj.insert("hostname".into(), json!(self.hostname));
@@ -168,10 +170,12 @@ fn parse_timestamp(v: &Value) -> Option<Timestamp> {
             let nanos = ((secs - whole) * 1e9) as i32;
             Timestamp::new(whole as i64, nanos).ok()
         }
-        Value::String(s) => s
-            .parse::<Timestamp>()
-            .ok()
-            .or_else(|| s.parse::<DateTime>().ok().and_then(|dt| dt.to_zoned_datetime(TimeZone::system()).ok()).map(|z| z.timestamp())),
+        Value::String(s) => s.parse::<Timestamp>().ok().or_else(|| {
+            s.parse::<DateTime>()
+                .ok()
+                .and_then(|dt| dt.to_zoned_datetime(TimeZone::system()).ok())
+                .map(|z| z.timestamp())
+        }),
         _ => None,
     }
 }
@@ -200,6 +204,9 @@ pub fn read_from(file: impl Read) -> MetaRead {
     // Read one byte more than allowed, to tell "too big" from "exactly at the limit".
     if let Err(e) = file.take(MAX_METADATA_BYTES + 1).read_to_end(&mut buf) {
         return MetaRead::Corrupt(format!("cannot read metadata: {e}"));
+    }
+    if buf.iter().all(u8::is_ascii_whitespace) {
+        return MetaRead::Missing; // an empty file says nothing: no metadata
     }
     match Metadata::parse(&buf) {
         Ok(m) => MetaRead::Valid(m),
@@ -273,10 +280,11 @@ mod tests {
 
     #[test]
     fn garbage_is_corrupt_not_a_crash() {
-        let huge = vec![b' '; MAX_METADATA_BYTES as usize + 10];
+        let huge = vec![b'x'; MAX_METADATA_BYTES as usize + 10];
+        assert!(Metadata::parse(b"").is_err());
+        assert_eq!(read_from(&b""[..]), MetaRead::Missing);
+        assert_eq!(read_from(&b" \n"[..]), MetaRead::Missing);
         let cases: &[&[u8]] = &[
-            b"",
-            b"   \n",
             b"{\"pid\": 12",
             b"\x00\xff\xfe binary",
             b"[1,2,3]",
@@ -290,7 +298,11 @@ mod tests {
             &huge,
         ];
         for case in cases {
-            assert!(Metadata::parse(case).is_err(), "accepted {:?}", String::from_utf8_lossy(&case[..case.len().min(40)]));
+            assert!(
+                Metadata::parse(case).is_err(),
+                "accepted {:?}",
+                String::from_utf8_lossy(&case[..case.len().min(40)])
+            );
             assert!(matches!(read_from(*case), MetaRead::Corrupt(_)));
         }
     }

@@ -23,6 +23,8 @@ const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// How often to look again at a lock held by a soft-lock holder (no kernel wake-up exists).
 const SOFT_HOLDER_POLL: Duration = Duration::from_millis(20);
 
+// Returned once per acquisition and unpacked at once: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Outcome {
     Locked(Guard),
     /// The file system refuses OS locks; the caller falls back to soft locks.
@@ -93,7 +95,9 @@ fn check_locked(target: &LockTarget, opts: &LockOptions, file: &LockFile) -> Che
         }
     }
     // OS-lock files are always empty; content means a soft lock (ours or another tool's).
-    if file.file().metadata().is_ok_and(|m| m.len() > 0) && soft::verdict_of_file(target, opts, file.file()).is_some_and(|v| !v.is_stale()) {
+    if file.file().metadata().is_ok_and(|m| m.len() > 0)
+        && soft::verdict_of_file(target, opts, file.file()).is_some_and(|v| !v.is_stale())
+    {
         return Checked::SoftHolder;
     }
     Checked::Ok
@@ -169,7 +173,8 @@ fn take_over(target: &LockTarget, opts: &LockOptions, file: LockFile) -> Result<
         if opts.mode == LockMode::Exclusive {
             report_leftover(target, &previous);
         }
-        meta::write_atomic(&target.meta_path, &ours).map_err(|e| Error::io("write the metadata file", &target.meta_path, e))?;
+        meta::write_atomic(&target.meta_path, &ours)
+            .map_err(|e| Error::io("write the metadata file", &target.meta_path, e))?;
     }
     Ok(Guard::new(target, ours, Held::Os(file), id, None, opts.watch))
 }
@@ -206,6 +211,7 @@ fn busy(target: &LockTarget, opts: &LockOptions, waited: Option<Duration>) -> Er
     }
 }
 
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum ProbeOutcome {
     Free,
     Held(Holder),
@@ -249,7 +255,8 @@ fn holder_from(target: &LockTarget, mode: Option<LockMode>, os_pid: Option<u32>)
                 holder.command = os_pid.and_then(buildlock_sys::command_line);
             }
             _ => {
-                let live = (m.hostname == buildlock_sys::hostname()).then(|| buildlock_sys::command_line(m.pid)).flatten();
+                let live =
+                    (m.hostname == buildlock_sys::hostname()).then(|| buildlock_sys::command_line(m.pid)).flatten();
                 holder.command = live.or_else(|| m.command.clone());
                 holder.meta = Some(m);
             }
@@ -269,7 +276,11 @@ pub(crate) fn leftover_metadata_note(target: &LockTarget) -> String {
         MetaRead::Missing => "not held".into(),
         MetaRead::Corrupt(why) => format!("not held; leftover metadata is unreadable ({why})"),
         MetaRead::Valid(m) => {
-            format!("not held; leftover metadata names pid {} since {}", m.pid, m.timestamp.map_or("?".into(), crate::describe_time))
+            format!(
+                "not held; leftover metadata names pid {} since {}",
+                m.pid,
+                m.timestamp.map_or("?".into(), crate::describe_time)
+            )
         }
     }
 }

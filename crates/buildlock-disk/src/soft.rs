@@ -81,7 +81,11 @@ pub(crate) fn acquire(
         let now = Instant::now();
         match (wait, deadline) {
             (Wait::NoWait, _) => {
-                return Err(Error::WouldBlock { name: target.name.clone(), path: target.path.clone(), holder: Box::new(holder()) })
+                return Err(Error::WouldBlock {
+                    name: target.name.clone(),
+                    path: target.path.clone(),
+                    holder: Box::new(holder()),
+                })
             }
             (_, Some(d)) if now >= d => {
                 return Err(Error::Timeout {
@@ -135,7 +139,8 @@ fn create_exclusive(path: &Path, meta: &Metadata) -> Result<Option<File>, Error>
 }
 
 fn link_unsupported(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::PermissionDenied | io::ErrorKind::Unsupported) || buildlock_sys::lock_unsupported(e)
+    matches!(e.kind(), io::ErrorKind::PermissionDenied | io::ErrorKind::Unsupported)
+        || buildlock_sys::lock_unsupported(e)
 }
 
 /// Looks at the soft lock at `target` (None: no such file). With `probe_os`, a file someone holds
@@ -202,7 +207,13 @@ fn holder_from(seen: &Examined) -> Holder {
         let local = m.hostname == buildlock_sys::hostname();
         local.then(|| buildlock_sys::command_line(m.pid)).flatten().or_else(|| m.command.clone())
     });
-    Holder { mode: Some(LockMode::Exclusive), meta, os_pid: None, command, note: Some(seen.verdict.reason().to_owned()) }
+    Holder {
+        mode: Some(LockMode::Exclusive),
+        meta,
+        os_pid: None,
+        command,
+        note: Some(seen.verdict.reason().to_owned()),
+    }
 }
 
 pub(crate) fn describe_holder(target: &LockTarget, opts: &LockOptions) -> Holder {
@@ -211,7 +222,13 @@ pub(crate) fn describe_holder(target: &LockTarget, opts: &LockOptions) -> Holder
 
 pub(crate) fn status(target: &LockTarget, opts: &LockOptions) -> Result<LockStatus, Error> {
     let Some(seen) = examine(target, opts, true) else {
-        return Ok(LockStatus { target: target.clone(), state: LockState::Free, kind: "soft", holder: None, detail: "no lock file".into() });
+        return Ok(LockStatus {
+            target: target.clone(),
+            state: LockState::Free,
+            kind: "soft",
+            holder: None,
+            detail: "no lock file".into(),
+        });
     };
     let state = if seen.verdict.is_stale() { LockState::Stale } else { LockState::Held };
     Ok(LockStatus {

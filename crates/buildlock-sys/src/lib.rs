@@ -48,8 +48,8 @@ mod lock_imp;
 mod lock_imp;
 
 pub use process::{
-    command_line, current_process, hostname, kill_on_parent_death, process_state, send_signal,
-    ProcessIdentity, ProcessState,
+    command_line, current_process, hostname, kill_on_parent_death, process_state, send_signal, ProcessIdentity,
+    ProcessState,
 };
 
 /// How a lock is held: many shared holders at once, or one exclusive holder.
@@ -157,8 +157,7 @@ pub fn lock_unsupported(err: &io::Error) -> bool {
         use nix::errno::Errno;
         if let Some(code) = err.raw_os_error() {
             let e = Errno::from_raw(code);
-            return matches!(e, Errno::ENOLCK | Errno::ENOSYS | Errno::EOPNOTSUPP)
-                || e == Errno::ENOTSUP;
+            return matches!(e, Errno::ENOLCK | Errno::ENOSYS | Errno::EOPNOTSUPP) || e == Errno::ENOTSUP;
         }
     }
     false

@@ -1,0 +1,63 @@
+//! Bad input: each gets a clear error or a safe recovery, never a crash.
+
+use crate::util::Env;
+
+#[test]
+fn bad_lock_names_are_refused_with_the_reason() {
+    let env = Env::new();
+    for (name, why) in [("..", "\"..\""), ("a..b", "\"..\""), ("", "empty"), ("tab\there", "character")] {
+        env.run(&["run", name, "--", "true"])
+            .assert_code(2)
+            .assert_stderr_has("invalid lock name")
+            .assert_stderr_has(why);
+    }
+    let long = "n".repeat(200);
+    env.run(&["run", &long, "--", "true"]).assert_code(2).assert_stderr_has("the limit is");
+    env.run(&["status", "dir/"]).assert_code(2).assert_stderr_has("not a directory");
+    assert!(!env.locks().exists(), "a refused name created files");
+}
+
+#[test]
+fn unusable_lock_directories_are_named_in_the_error() {
+    let env = Env::new();
+    std::fs::write(env.path("afile"), "").unwrap();
+    let under_file = env.path("afile/locks");
+    env.run(&["--dir", under_file.to_str().unwrap(), "run", "x", "--", "true"])
+        .assert_code(2)
+        .assert_stderr_has("cannot create the lock directory")
+        .assert_stderr_has(under_file.to_str().unwrap());
+    // Even root cannot create directories in /proc.
+    env.run(&["--dir", "/proc/buildlock-test/locks", "run", "x", "--", "true"])
+        .assert_code(2)
+        .assert_stderr_has("/proc/buildlock-test/locks");
+}
+
+#[test]
+fn a_lock_path_that_is_a_directory_is_refused() {
+    let env = Env::new();
+    std::fs::create_dir(env.path("d.lock")).unwrap();
+    env.run(&["run", "d.lock", "--", "true"]).assert_code(2).assert_stderr_has("d.lock");
+}
+
+#[test]
+fn corrupt_metadata_of_every_kind_is_treated_as_none() {
+    let env = Env::new();
+    let huge = "x".repeat(200 * 1024);
+    for garbage in ["", "{", "null", "[]", "{\"pid\": \"seven\"}", "\u{feff}\u{0}binary", huge.as_str()] {
+        env.write_meta("x", garbage);
+        env.run(&["status", "x"]).assert_code(0);
+        env.run(&["run", "-n", "x", "--", "true"]).assert_code(0);
+        env.write_meta("x", garbage);
+        std::fs::write(env.lock_file("x"), garbage).unwrap();
+        env.run(&["--soft", "--stale-after", "0", "run", "-n", "x", "--", "true"]).assert_code(0);
+    }
+}
+
+#[test]
+fn bad_numbers_are_usage_errors() {
+    let env = Env::new();
+    env.run(&["run", "-w", "soon", "x", "--", "true"]).assert_code(2).assert_stderr_has("not a number of seconds");
+    env.run(&["--stale-after=-1", "status"]).assert_code(2).assert_stderr_has("not a number of seconds");
+    env.run(&["run", "x"]).assert_code(2);
+    env.run(&["run", "-n", "-w", "1", "x", "--", "true"]).assert_code(2);
+}

@@ -1,0 +1,14 @@
+//! End-to-end tests of `buildlock-client` against real processes, signals and files, and the
+//! real Python `fasteners` package. One test binary; each test owns a temporary directory.
+
+// The tests send real signals themselves.
+#![allow(clippy::disallowed_methods)]
+
+mod bad_input;
+mod exclusion;
+mod interop;
+mod run;
+mod soft;
+mod stale;
+mod status;
+mod util;

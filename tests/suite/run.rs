@@ -1,0 +1,161 @@
+//! `run`: exit codes, waiting, signals, kill -9, descriptor hygiene.
+
+use crate::util::{is_dead, wait_dead, Env};
+
+#[test]
+fn run_passes_exit_status_through() {
+    let env = Env::new();
+    env.run(&["run", "x", "--", "sh", "-c", "exit 0"]).assert_code(0);
+    env.run(&["run", "x", "--", "sh", "-c", "exit 42"]).assert_code(42);
+}
+
+#[test]
+fn run_reports_death_by_signal_as_128_plus_n() {
+    let env = Env::new();
+    env.run(&["run", "x", "--", "sh", "-c", "kill -9 $$"]).assert_code(137);
+    env.run(&["run", "x", "--", "sh", "-c", "kill -TERM $$"]).assert_code(143);
+}
+
+#[test]
+fn command_not_found_is_127() {
+    let env = Env::new();
+    env.run(&["run", "x", "--", "/no/such/command"]).assert_code(127).assert_stderr_has("cannot run /no/such/command");
+    // And the lock was released.
+    env.run(&["run", "-n", "x", "--", "true"]).assert_code(0);
+}
+
+#[test]
+fn nonblock_conflict_exits_1_or_the_chosen_code_and_names_the_holder() {
+    let env = Env::new();
+    let holder = env.hold(&["-o", "build:libfastled_build"], "x");
+    let out = env.run(&["run", "-n", "x", "--", "echo", "ran"]);
+    out.assert_code(1)
+        .assert_stderr_has(&format!("is held by pid {}", holder.pid()))
+        .assert_stderr_has("operation 'build:libfastled_build'")
+        .assert_stderr_has("exclusive");
+    assert!(!out.stdout.contains("ran"), "CMD ran without the lock");
+    env.run(&["run", "-n", "-E", "75", "x", "--", "true"]).assert_code(75);
+    holder.release();
+    env.run(&["run", "-n", "x", "--", "true"]).assert_code(0);
+}
+
+#[test]
+fn wait_timeout_exits_with_the_conflict_code() {
+    let env = Env::new();
+    let holder = env.hold(&[], "x");
+    env.run(&["run", "-w", "0.3", "-E", "9", "x", "--", "echo", "ran"])
+        .assert_code(9)
+        .assert_stderr_has("timed out after")
+        .assert_stderr_has(&format!("pid {}", holder.pid()));
+    holder.release();
+}
+
+#[test]
+fn waiter_is_told_who_holds_the_lock_and_gets_it_on_release() {
+    let env = Env::new();
+    let holder = env.hold(&["-o", "compiling"], "x");
+    let mut waiter = env.spawn(&["run", "x", "--", "echo", "got it"]);
+    let line = waiter.expect_stderr("waiting for lock x");
+    assert!(line.contains(&format!("held by pid {}", holder.pid())), "{line}");
+    assert!(line.contains("operation 'compiling'"), "{line}");
+    holder.release();
+    waiter.expect_line("got it");
+    assert!(waiter.wait().success());
+    // Said once, not once a second.
+    assert_eq!(waiter.stderr().matches("waiting for lock").count(), 1, "{}", waiter.stderr());
+}
+
+#[test]
+fn holder_killed_with_sigkill_frees_the_waiter_and_its_command_dies_too() {
+    let env = Env::new();
+    let mut holder = env.spawn(&["run", "x", "--", "sh", "-c", "echo $$; exec sleep 1000"]);
+    let cmd_pid: u32 = holder.next_line().unwrap().parse().unwrap();
+    let mut waiter = env.spawn(&["run", "x", "--", "echo", "got it"]);
+    holder.kill9();
+    holder.wait();
+    waiter.expect_line("got it");
+    assert!(waiter.wait().success());
+    // CMD must not run on without its lock (PR_SET_PDEATHSIG).
+    wait_dead(cmd_pid);
+}
+
+#[test]
+fn lock_is_not_inherited_by_the_command_or_its_children() {
+    let env = Env::new();
+    // CMD leaves a background child behind; the lock must still be free once CMD exits.
+    let out =
+        env.run(&["run", "x", "--", "sh", "-c", "sleep 1000 >/dev/null 2>&1 </dev/null & echo $!; ls -l /proc/$$/fd"]);
+    out.assert_code(0);
+    let bg: u32 = out.stdout.lines().next().unwrap().trim().parse().unwrap();
+    assert!(!out.stdout.contains("x.lock"), "CMD inherited the lock file:\n{}", out.stdout);
+    assert!(!is_dead(bg));
+    env.run(&["run", "-n", "x", "--", "true"]).assert_code(0);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(bg as i32), nix::sys::signal::SIGKILL).unwrap();
+}
+
+#[test]
+fn ctrl_c_reaches_the_command_and_the_lock_is_held_until_it_exits() {
+    use std::os::unix::process::CommandExt;
+    let env = Env::new();
+    let me = env!("CARGO_BIN_EXE_buildlock-client");
+    // On SIGINT, CMD checks from inside its trap that the lock is still held, then exits 5.
+    let script = format!(
+        "trap 'if {me} run -n x -- true 2>/dev/null; then echo NOT-HELD; else echo still-held; fi; exit 5' INT; \
+         echo locked; read x"
+    );
+    let mut c = env.cli();
+    c.args(["run", "x", "--", "sh", "-c", &script]).process_group(0);
+    let mut p = crate::util::Proc::spawn(c);
+    p.expect_line("locked");
+    // What a terminal does on Ctrl+C: SIGINT to the whole foreground process group.
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(p.pid() as i32), nix::sys::signal::SIGINT).unwrap();
+    p.expect_line("still-held");
+    assert_eq!(p.wait().code(), Some(5));
+    env.run(&["run", "-n", "x", "--", "true"]).assert_code(0);
+}
+
+#[test]
+fn sigterm_to_run_is_passed_on_to_the_command() {
+    let env = Env::new();
+    let mut p = env.spawn(&["run", "x", "--", "sh", "-c", "trap 'echo got-term; exit 7' TERM; echo locked; read x"]);
+    p.expect_line("locked");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid() as i32), nix::sys::signal::SIGTERM).unwrap();
+    p.expect_line("got-term");
+    assert_eq!(p.wait().code(), Some(7));
+}
+
+#[test]
+fn shared_holders_coexist_and_exclude_an_exclusive_one() {
+    let env = Env::new();
+    let a = env.hold(&["-s"], "x");
+    let b = env.hold(&["--shared"], "x");
+    env.run(&["run", "-n", "-x", "x", "--", "true"]).assert_code(1).assert_stderr_has("shared");
+    a.release();
+    env.run(&["run", "-n", "x", "--", "true"]).assert_code(1);
+    b.release();
+    env.run(&["run", "-n", "x", "--", "true"]).assert_code(0);
+    let c = env.hold(&[], "x");
+    env.run(&["run", "-n", "-s", "x", "--", "true"]).assert_code(1);
+    c.release();
+}
+
+#[test]
+fn global_flags_go_before_or_after_the_command() {
+    let env = Env::new();
+    let dir = env.path("elsewhere");
+    let d = dir.to_str().unwrap();
+    env.run(&["--dir", d, "run", "x", "--", "true"]).assert_code(0);
+    env.run(&["run", "--dir", d, "--stale-after", "5", "x", "--", "true"]).assert_code(0);
+    env.run(&["status", "--json", "--dir", d, "--no-daemon"]).assert_code(0).assert_stdout_has("\"locks\"");
+    assert!(dir.join("x.lock").exists());
+    assert!(!env.lock_file("x").exists());
+}
+
+#[test]
+fn lock_file_deleted_under_its_holder_is_reported() {
+    let env = Env::new();
+    let lock = env.lock_file("x");
+    let script = format!("rm {}; echo removed", lock.display());
+    let out = env.run(&["run", "x", "--", "sh", "-c", &script]);
+    out.assert_code(1).assert_stderr_has("lost while held").assert_stderr_has("deleted or replaced");
+}

@@ -1,0 +1,87 @@
+//! `status` and `break` output, for people and scripts.
+
+use crate::stale::hostname;
+use crate::util::{dead_pid, Env};
+
+#[test]
+fn status_of_a_held_lock_names_pid_command_host_mode_and_since() {
+    let env = Env::new();
+    let holder = env.hold(&["-s", "-o", "build:libfastled_build"], "libfastled_build");
+    let out = env.run(&["status", "libfastled_build"]);
+    out.assert_code(0)
+        .assert_stdout_has("libfastled_build")
+        .assert_stdout_has("held (os lock, shared)")
+        .assert_stdout_has(&format!("pid {}", holder.pid()))
+        .assert_stdout_has(&hostname())
+        .assert_stdout_has("since ")
+        .assert_stdout_has("operation 'build:libfastled_build'");
+    let out = env.run(&["status", "--json", "libfastled_build"]);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["state"], "held");
+    assert_eq!(v["kind"], "os");
+    assert_eq!(v["holder"]["pid"], holder.pid());
+    assert_eq!(v["holder"]["mode"], "shared");
+    assert_eq!(v["holder"]["host"], hostname());
+    assert_eq!(v["holder"]["operation"], "build:libfastled_build");
+    assert!(v["holder"]["command"].as_str().unwrap().contains("buildlock-client"), "{v}");
+    assert!(v["holder"]["since"].is_string(), "{v}");
+    holder.release();
+    let v: serde_json::Value =
+        serde_json::from_str(&env.run(&["status", "--json", "libfastled_build"]).stdout).unwrap();
+    assert_eq!(v["state"], "free");
+    assert!(v["holder"].is_null());
+}
+
+#[test]
+fn status_without_target_lists_every_lock_in_the_dir() {
+    let env = Env::new();
+    env.run(&["status"]).assert_code(0).assert_stdout_has("no locks in");
+    let a = env.hold(&[], "alpha");
+    env.run(&["run", "beta", "--", "true"]).assert_code(0);
+    let out = env.run(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let locks = v["locks"].as_array().unwrap();
+    let names: Vec<_> = locks.iter().map(|l| l["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["alpha", "beta"]);
+    assert_eq!(locks[0]["state"], "held");
+    assert_eq!(locks[1]["state"], "free");
+    env.run(&["status"]).assert_stdout_has("alpha").assert_stdout_has("beta");
+    a.release();
+}
+
+#[test]
+fn status_does_not_create_files() {
+    let env = Env::new();
+    env.run(&["status", "nothing"]).assert_code(0).assert_stdout_has("free");
+    assert!(!env.lock_file("nothing").exists());
+    assert!(!env.locks().exists());
+}
+
+#[test]
+fn break_of_a_free_lock_cleans_leftover_metadata() {
+    let env = Env::new();
+    std::fs::create_dir_all(env.locks()).unwrap();
+    std::fs::write(env.lock_file("x"), "").unwrap();
+    env.write_meta("x", &format!(r#"{{"pid": {}, "hostname": "{}"}}"#, dead_pid(), hostname()));
+    let out = env.run(&["--json", "break", "x"]);
+    out.assert_code(0);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["result"], "not-held");
+    assert!(v["detail"].as_str().unwrap().contains("removed leftover metadata"), "{v}");
+    assert!(!env.locks().join("x.lock.pid").exists());
+    env.run(&["break", "x"]).assert_code(0).assert_stdout_has("nothing to do");
+}
+
+#[test]
+fn break_refuses_a_live_holder_and_says_who() {
+    let env = Env::new();
+    let holder = env.hold(&[], "x");
+    let out = env.run(&["--json", "break", "x"]);
+    out.assert_code(1);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["result"], "refused");
+    assert!(v["detail"].as_str().unwrap().contains(&format!("stop pid {}", holder.pid())), "{v}");
+    // The holder is untouched.
+    env.run(&["run", "-n", "x", "--", "true"]).assert_code(1);
+    holder.release();
+}

@@ -1,0 +1,277 @@
+//! Test harness: a fresh temporary directory per test, the real `buildlock-client` binary with a
+//! scrubbed environment, and child processes whose output lines are waited on as events.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long to wait for an event before declaring the test hung. Generous: this bounds a
+/// failure, it is not a performance expectation.
+pub const HANG: Duration = Duration::from_secs(60);
+
+pub struct Env {
+    pub tmp: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let tmp = tempfile::Builder::new().prefix("buildlock-test").tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("home")).unwrap();
+        Env { tmp }
+    }
+
+    /// The lock directory the CLI uses (`BUILDLOCK_DIR`).
+    pub fn locks(&self) -> PathBuf {
+        self.tmp.path().join("locks")
+    }
+
+    /// The lock file of the named lock.
+    pub fn lock_file(&self, name: &str) -> PathBuf {
+        self.locks().join(format!("{name}.lock"))
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.tmp.path().join(rel)
+    }
+
+    /// `buildlock-client` with only the environment the test sets.
+    pub fn cli(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_buildlock-client"));
+        c.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", self.path("home"))
+            .env("BUILDLOCK_DIR", self.locks())
+            .current_dir(self.tmp.path());
+        c
+    }
+
+    /// Runs the CLI to completion with no input.
+    pub fn run(&self, args: &[&str]) -> Out {
+        let out = self.cli().args(args).stdin(Stdio::null()).output().unwrap();
+        Out::from(out)
+    }
+
+    /// Starts the CLI with piped stdin, stdout and stderr.
+    pub fn spawn(&self, args: &[&str]) -> Proc {
+        let mut c = self.cli();
+        c.args(args);
+        Proc::spawn(c)
+    }
+
+    /// `run NAME -- sh -c 'echo locked; read x'`: holds the lock until released.
+    pub fn hold(&self, extra: &[&str], name: &str) -> Proc {
+        let mut args = vec!["run"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[name, "--", "sh", "-c", "echo locked; read x; echo released"]);
+        let mut p = self.spawn(&args);
+        p.expect_line("locked");
+        p
+    }
+
+    /// The Python interpreter with `fasteners` (`BUILDLOCK_TEST_PYTHON`, else `python3`),
+    /// running `tests/py/fasteners_tool.py`.
+    pub fn fasteners(&self, args: &[&str]) -> Command {
+        let python = std::env::var_os("BUILDLOCK_TEST_PYTHON").unwrap_or_else(|| "python3".into());
+        let mut c = Command::new(python);
+        c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/fasteners_tool.py")).args(args);
+        c
+    }
+
+    /// Writes `.lock.pid` metadata for the named lock.
+    pub fn write_meta(&self, name: &str, json: &str) {
+        std::fs::create_dir_all(self.locks()).unwrap();
+        std::fs::write(self.locks().join(format!("{name}.lock.pid")), json).unwrap();
+    }
+}
+
+/// A finished command's status and output, with readable assertion helpers.
+pub struct Out {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Out {
+    fn from(o: Output) -> Out {
+        Out {
+            status: o.status,
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl Out {
+    pub fn code(&self) -> i32 {
+        self.status.code().unwrap_or(-1)
+    }
+
+    #[track_caller]
+    pub fn assert_code(&self, want: i32) -> &Self {
+        assert_eq!(self.code(), want, "exit code\n--- stdout\n{}--- stderr\n{}", self.stdout, self.stderr);
+        self
+    }
+
+    #[track_caller]
+    pub fn assert_stderr_has(&self, needle: &str) -> &Self {
+        assert!(self.stderr.contains(needle), "stderr lacks {needle:?}\n--- stderr\n{}", self.stderr);
+        self
+    }
+
+    #[track_caller]
+    pub fn assert_stdout_has(&self, needle: &str) -> &Self {
+        assert!(self.stdout.contains(needle), "stdout lacks {needle:?}\n--- stdout\n{}", self.stdout);
+        self
+    }
+}
+
+/// A running child whose stdout and stderr lines arrive as events.
+pub struct Proc {
+    pub child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    stderr: Arc<Mutex<String>>,
+    stderr_lines: Receiver<String>,
+}
+
+fn pump(r: impl Read + Send + 'static, tx: mpsc::Sender<String>, all: Option<Arc<Mutex<String>>>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if let Some(all) = &all {
+                let mut a = all.lock().unwrap();
+                a.push_str(&line);
+                a.push('\n');
+            }
+            if tx.send(line).is_err() && all.is_none() {
+                break;
+            }
+        }
+    });
+}
+
+impl Proc {
+    pub fn spawn(mut c: Command) -> Proc {
+        c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let (tx, lines) = mpsc::channel();
+        pump(child.stdout.take().unwrap(), tx, None);
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (etx, stderr_lines) = mpsc::channel();
+        pump(child.stderr.take().unwrap(), etx, Some(stderr.clone()));
+        let stdin = child.stdin.take();
+        Proc { child, stdin, lines, stderr, stderr_lines }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The next stdout line, or `None` at end of output.
+    pub fn next_line(&mut self) -> Option<String> {
+        match self.lines.recv_timeout(HANG) {
+            Ok(l) => Some(l),
+            Err(mpsc::RecvTimeoutError::Disconnected) => None,
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("no output within {HANG:?}; stderr:\n{}", self.stderr()),
+        }
+    }
+
+    /// Waits for the stdout line `want`, skipping others.
+    #[track_caller]
+    pub fn expect_line(&mut self, want: &str) {
+        loop {
+            match self.next_line() {
+                Some(l) if l == want => return,
+                Some(_) => {}
+                None => panic!("output ended before {want:?}; stderr:\n{}", self.stderr()),
+            }
+        }
+    }
+
+    /// Waits for a stderr line containing `needle` and returns it.
+    #[track_caller]
+    pub fn expect_stderr(&mut self, needle: &str) -> String {
+        loop {
+            match self.stderr_lines.recv_timeout(HANG) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => {}
+                Err(e) => panic!("no stderr line with {needle:?} ({e:?}); stderr:\n{}", self.stderr()),
+            }
+        }
+    }
+
+    /// Everything written to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Sends a line to the child's stdin (`read x` returns).
+    pub fn send_line(&mut self) {
+        if let Some(s) = &mut self.stdin {
+            let _ = s.write_all(b"go\n");
+            let _ = s.flush();
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+    }
+
+    /// Waits for exit; hangs are bounded by the test's own events, so this just waits.
+    pub fn wait(&mut self) -> ExitStatus {
+        self.stdin.take();
+        self.child.wait().unwrap()
+    }
+
+    /// Releases a `hold`er and waits for it to exit successfully.
+    #[track_caller]
+    pub fn release(mut self) {
+        self.send_line();
+        self.expect_line("released");
+        let st = self.wait();
+        assert!(st.success(), "holder exited with {st}; stderr:\n{}", self.stderr());
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether a process is gone (exited and reaped, or a zombie).
+pub fn is_dead(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// Waits (bounded by [`HANG`]) for `pid` to die: for the kernel's asynchronous signal delivery,
+/// which gives no event to wait on from an unrelated process.
+#[track_caller]
+pub fn wait_dead(pid: u32) {
+    let start = std::time::Instant::now();
+    while !is_dead(pid) {
+        assert!(start.elapsed() < HANG, "pid {pid} still alive after {HANG:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The pid of a process that has exited (and so is dead, and not recycled this soon).
+pub fn dead_pid() -> u32 {
+    let mut c = Command::new("true").spawn().unwrap();
+    let pid = c.id();
+    c.wait().unwrap();
+    pid
+}
+
+/// Sets a file's modification time `secs` seconds into the past.
+pub fn age_file(path: &Path, secs: u64) {
+    let f = std::fs::File::options().append(true).open(path).unwrap();
+    f.set_modified(std::time::SystemTime::now() - Duration::from_secs(secs)).unwrap();
+}
