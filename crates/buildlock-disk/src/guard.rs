@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
-use buildlock_sys::{FileId, LockFile};
+use buildlock_sys::{FileId, LockFile, LockMode};
 
 use crate::{meta, Error, LockTarget, Metadata};
 
@@ -122,10 +122,7 @@ impl Guard {
         if result.is_ok() {
             // Metadata goes first, while we still hold the lock, so nobody sees ours on a lock
             // they hold; then the lock itself.
-            if let Some(id) = &self.meta.id {
-                meta::remove_if_ours(&self.target.meta_path, id)
-                    .map_err(|e| Error::io("remove the metadata file", &self.target.meta_path, e))?;
-            }
+            self.remove_metadata(&held)?;
             if let Held::Soft(_) = held {
                 match std::fs::remove_file(&self.target.path) {
                     Ok(()) => {}
@@ -137,6 +134,22 @@ impl Guard {
         // Dropping the LockFile closes it, which releases the OS lock.
         drop(held);
         result
+    }
+}
+
+impl Guard {
+    /// Removes our `.lock.pid`. An exclusive OS-lock holder owns it outright; a shared holder
+    /// or a soft lock checks first that it still names this acquisition.
+    fn remove_metadata(&self, held: &Held) -> Result<(), Error> {
+        let Some(id) = &self.meta.id else { return Ok(()) };
+        let result = match (held, self.meta.mode) {
+            (Held::Os(_), Some(LockMode::Exclusive)) => match std::fs::remove_file(&self.target.meta_path) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            },
+            _ => meta::remove_if_ours(&self.target.meta_path, id).map(drop),
+        };
+        result.map_err(|e| Error::io("remove the metadata file", &self.target.meta_path, e))
     }
 }
 

@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use buildlock_sys::LockMode;
-use jiff::{tz::TimeZone, Timestamp};
+use jiff::Timestamp;
 
 mod guard;
 pub mod meta;
@@ -181,7 +181,7 @@ fn shorten(s: &str, max: usize) -> String {
 
 /// "2026-02-14 06:50:11 (3m12s ago)" in local time.
 pub fn describe_time(ts: Timestamp) -> String {
-    let local = ts.to_zoned_datetime(TimeZone::system()).datetime().strftime("%Y-%m-%d %H:%M:%S").to_string();
+    let local = ts.to_zoned_datetime(meta::local_tz()).datetime().strftime("%Y-%m-%d %H:%M:%S").to_string();
     match Timestamp::now().duration_since(ts).unsigned_abs() {
         age if Timestamp::now() >= ts => format!("{local} ({} ago)", stale::secs(age)),
         _ => format!("{local} (in the future: check the clocks)"),

@@ -17,6 +17,7 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use buildlock_sys::{LockMode, ProcessIdentity};
 use jiff::{civil::DateTime, tz::TimeZone, Timestamp};
@@ -101,7 +102,7 @@ impl Metadata {
         obj.insert("pid".into(), json!(self.pid));
         let ts = self
             .timestamp
-            .map(|t| t.to_zoned_datetime(TimeZone::system()).datetime().strftime("%Y-%m-%dT%H:%M:%S%.6f").to_string());
+            .map(|t| t.to_zoned_datetime(local_tz()).datetime().strftime("%Y-%m-%dT%H:%M:%S%.6f").to_string());
         obj.insert("timestamp".into(), json!(ts));
         obj.insert("operation".into(), json!(self.operation));
         obj.insert("hostname".into(), json!(self.hostname));
@@ -171,13 +172,26 @@ fn parse_timestamp(v: &Value) -> Option<Timestamp> {
             Timestamp::new(whole as i64, nanos).ok()
         }
         Value::String(s) => s.parse::<Timestamp>().ok().or_else(|| {
-            s.parse::<DateTime>()
-                .ok()
-                .and_then(|dt| dt.to_zoned_datetime(TimeZone::system()).ok())
-                .map(|z| z.timestamp())
+            s.parse::<DateTime>().ok().and_then(|dt| dt.to_zoned_datetime(local_tz()).ok()).map(|z| z.timestamp())
         }),
         _ => None,
     }
+}
+
+/// The local time zone, found once per process. Where `/etc/localtime` exists (and `TZ` is
+/// unset) it is read directly: jiff's general lookup first indexes the whole zoneinfo database,
+/// which costs milliseconds on every CLI call.
+pub fn local_tz() -> TimeZone {
+    static TZ: OnceLock<TimeZone> = OnceLock::new();
+    TZ.get_or_init(|| {
+        if std::env::var_os("TZ").is_none() {
+            if let Ok(Ok(tz)) = fs::read("/etc/localtime").map(|data| TimeZone::tzif("localtime", &data)) {
+                return tz;
+            }
+        }
+        TimeZone::system()
+    })
+    .clone()
 }
 
 /// A string unique to this acquisition: pid, time and a process-wide counter.
@@ -261,7 +275,7 @@ mod tests {
         assert_eq!(m.pid, 12345);
         assert_eq!(m.operation, "build:libfastled_build");
         assert_eq!(m.hostname, "myhost");
-        let local = m.timestamp.unwrap().to_zoned_datetime(TimeZone::system()).datetime();
+        let local = m.timestamp.unwrap().to_zoned_datetime(local_tz()).datetime();
         assert_eq!(local.to_string(), "2026-02-14T06:50:11.123456");
         assert_eq!(m.start_time, None);
         assert!(!m.is_soft());

@@ -29,7 +29,7 @@ use crate::stale::{self, Verdict};
 use crate::{Broken, Error, Holder, LockOptions, LockState, LockStatus, LockTarget, Wait};
 
 /// Longest pause between two looks at a busy soft lock (no kernel wake-up exists for them).
-const MAX_POLL: Duration = Duration::from_millis(25);
+const MAX_POLL: Duration = Duration::from_millis(10);
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 
 /// What one look at a soft lock file found.

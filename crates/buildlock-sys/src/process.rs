@@ -8,6 +8,7 @@
 
 use std::io;
 use std::process::Command;
+use std::sync::{Mutex, OnceLock};
 
 /// A process as recorded in lock metadata.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,9 +34,27 @@ pub enum ProcessState {
 }
 
 /// This process's identity.
+///
+/// Read once and cached: it cannot change, except across `fork`, which the cache notices by
+/// the pid.
 pub fn current_process() -> ProcessIdentity {
+    static CACHE: Mutex<Option<ProcessIdentity>> = Mutex::new(None);
     let pid = std::process::id();
-    ProcessIdentity { pid, start_time: imp::start_time(pid).ok().flatten(), boot_id: imp::boot_id() }
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    match &*cache {
+        Some(me) if me.pid == pid => me.clone(),
+        _ => {
+            let me = ProcessIdentity { pid, start_time: imp::start_time(pid).ok().flatten(), boot_id: boot_id() };
+            *cache = Some(me.clone());
+            me
+        }
+    }
+}
+
+/// This boot's id (Linux), read once.
+fn boot_id() -> Option<String> {
+    static BOOT_ID: OnceLock<Option<String>> = OnceLock::new();
+    BOOT_ID.get_or_init(imp::boot_id).clone()
 }
 
 /// Whether the process that `id` names is still running.
@@ -43,7 +62,7 @@ pub fn process_state(id: &ProcessIdentity) -> ProcessState {
     if id.pid == 0 || i32::try_from(id.pid).is_err() {
         return ProcessState::Unknown(format!("{} is not a valid process id", id.pid));
     }
-    if let (Some(recorded), Some(now)) = (&id.boot_id, imp::boot_id()) {
+    if let (Some(recorded), Some(now)) = (&id.boot_id, boot_id()) {
         if *recorded != now {
             return ProcessState::Dead;
         }
@@ -57,8 +76,12 @@ pub fn command_line(pid: u32) -> Option<String> {
 }
 
 /// This machine's host name, as written into lock metadata.
+///
+/// Read once per process: a host renamed while a build runs keeps its old name here, which is
+/// the name its locks were written under.
 pub fn hostname() -> String {
-    imp::hostname()
+    static HOSTNAME: OnceLock<String> = OnceLock::new();
+    HOSTNAME.get_or_init(imp::hostname).clone()
 }
 
 /// Arranges for the child that `cmd` spawns to be killed (SIGKILL) if this process dies first,

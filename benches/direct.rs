@@ -1,0 +1,134 @@
+//! Direct-mode (on-disk protocol) figures: uncontended acquire+release, the CLI's cost per
+//! `run`, and the time from a holder's SIGKILL to a waiter's grant.
+//!
+//! Run: `cargo bench --bench direct` (add `-- --quick` for a short run). Figures go to stdout as
+//! a table; nothing here asserts on time.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use buildlock_disk::{acquire, Backend, LockOptions, LockTarget, Wait};
+use buildlock_sys::{LockFile, LockMode};
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let scale = if quick { 10 } else { 1 };
+    let dir = tempfile::tempdir().unwrap();
+    println!("{:<58} {:>12} {:>12} {:>8}", "scenario", "median", "p90", "n");
+
+    // The raw OS lock, descriptor kept open: the floor.
+    let file = LockFile::open(&dir.path().join("raw.lock")).unwrap();
+    report(
+        "OFD lock + unlock, descriptor kept open",
+        time_each(200_000 / scale, || {
+            assert!(file.try_lock(LockMode::Exclusive).unwrap());
+            file.unlock().unwrap();
+        }),
+    );
+
+    for (label, name, backend) in [
+        ("library acquire+release, OS lock (with metadata)", "os", Backend::Auto),
+        ("library acquire+release, soft lock", "soft", Backend::Soft),
+    ] {
+        let target = LockTarget::resolve(name, dir.path()).unwrap();
+        let opts = LockOptions { backend, operation: "bench".into(), ..LockOptions::default() };
+        report(
+            label,
+            time_each(20_000 / scale, || {
+                acquire(&target, &opts, Wait::NoWait, &mut |_, _| {}).unwrap().release().unwrap();
+            }),
+        );
+    }
+
+    let cli = env!("CARGO_BIN_EXE_buildlock-client");
+    let lock = dir.path().join("cli.lock");
+    report(
+        "buildlock-client run NAME -- true (whole process)",
+        time_each(400 / scale, || {
+            let st =
+                Command::new(cli).args(["--dir", dir.path().to_str().unwrap(), "run", "cli", "--", "true"]).status();
+            assert!(st.unwrap().success());
+        }),
+    );
+    if Command::new("flock").arg("--version").output().is_ok() {
+        report(
+            "flock(1) FILE true (reference)",
+            time_each(400 / scale, || {
+                assert!(Command::new("flock").arg(&lock).arg("true").status().unwrap().success());
+            }),
+        );
+    }
+
+    for (label, soft) in [
+        ("SIGKILL of holder -> waiter granted, OS lock", false),
+        ("SIGKILL of holder -> waiter granted, soft lock", true),
+    ] {
+        let mut samples = Vec::new();
+        for _ in 0..(60 / scale.min(6)) {
+            samples.push(kill_to_grant(cli, dir.path(), soft));
+        }
+        report(label, samples);
+    }
+}
+
+/// Starts a CLI holder, blocks a library waiter on the same lock, SIGKILLs the holder and
+/// returns the time from the kill to the waiter's grant.
+fn kill_to_grant(cli: &str, dir: &std::path::Path, soft: bool) -> Duration {
+    let mut args = vec!["--dir", dir.to_str().unwrap()];
+    if soft {
+        args.push("--soft");
+    }
+    // One lock per backend: an OS-lock file left behind reads as a fresh soft lock without
+    // metadata, which soft locks give the whole grace period.
+    let name = if soft { "kill-soft" } else { "kill-os" };
+    args.extend_from_slice(&["run", name, "--", "sh", "-c", "echo locked; exec sleep 1000"]);
+    let mut holder = Command::new(cli).args(&args).stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "locked");
+    let target = LockTarget::resolve(name, dir).unwrap();
+    let opts = LockOptions { backend: if soft { Backend::Soft } else { Backend::Auto }, ..LockOptions::default() };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let guard = acquire(&target, &opts, Wait::Forever, &mut |_, _| {}).unwrap();
+        tx.send(Instant::now()).unwrap();
+        guard.release().unwrap();
+    });
+    // Let the waiter reach its blocking wait (a bench may sleep; tests may not).
+    std::thread::sleep(Duration::from_millis(100));
+    let killed = Instant::now();
+    holder.kill().unwrap();
+    let granted = rx.recv().unwrap();
+    holder.wait().unwrap();
+    waiter.join().unwrap();
+    granted - killed
+}
+
+fn time_each(n: usize, mut f: impl FnMut()) -> Vec<Duration> {
+    for _ in 0..(n / 10).max(1) {
+        f(); // warm up
+    }
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect()
+}
+
+fn report(label: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
+    println!("{label:<58} {:>12} {:>12} {:>8}", fmt(at(0.5)), fmt(at(0.9)), samples.len());
+}
+
+fn fmt(d: Duration) -> String {
+    let us = d.as_secs_f64() * 1e6;
+    if us < 1000.0 {
+        format!("{us:.1} µs")
+    } else {
+        format!("{:.2} ms", us / 1000.0)
+    }
+}
