@@ -68,6 +68,11 @@ impl Guard {
         &self.meta
     }
 
+    /// The fencing token of this acquisition: larger than that of every earlier holder.
+    pub fn token(&self) -> u64 {
+        self.meta.token.unwrap_or(0)
+    }
+
     /// The lock this guard holds.
     pub fn target(&self) -> &LockTarget {
         &self.target
@@ -122,7 +127,7 @@ impl Guard {
         if result.is_ok() {
             // Metadata goes first, while we still hold the lock, so nobody sees ours on a lock
             // they hold; then the lock itself.
-            self.remove_metadata(&held)?;
+            remove_own_metadata(&self.target, &self.meta, matches!(held, Held::Os(_)))?;
             if let Held::Soft(_) = held {
                 match std::fs::remove_file(&self.target.path) {
                     Ok(()) => {}
@@ -137,20 +142,19 @@ impl Guard {
     }
 }
 
-impl Guard {
-    /// Removes our `.lock.pid`. An exclusive OS-lock holder owns it outright; a shared holder
-    /// or a soft lock checks first that it still names this acquisition.
-    fn remove_metadata(&self, held: &Held) -> Result<(), Error> {
-        let Some(id) = &self.meta.id else { return Ok(()) };
-        let result = match (held, self.meta.mode) {
-            (Held::Os(_), Some(LockMode::Exclusive)) => match std::fs::remove_file(&self.target.meta_path) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                other => other,
-            },
-            _ => meta::remove_if_ours(&self.target.meta_path, id).map(drop),
-        };
-        result.map_err(|e| Error::io("remove the metadata file", &self.target.meta_path, e))
-    }
+/// Removes the `.lock.pid` that `meta` wrote. An exclusive OS-lock holder owns it outright; a
+/// shared holder or a soft lock checks first that it still names this acquisition.
+pub(crate) fn remove_own_metadata(target: &LockTarget, meta: &Metadata, os_lock: bool) -> Result<(), Error> {
+    let Some(id) = &meta.id else { return Ok(()) };
+    let result = if os_lock && meta.mode == Some(LockMode::Exclusive) {
+        match std::fs::remove_file(&target.meta_path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    } else {
+        meta::remove_if_ours(&target.meta_path, id).map(drop)
+    };
+    result.map_err(|e| Error::io("remove the metadata file", &target.meta_path, e))
 }
 
 impl Drop for Guard {

@@ -39,6 +39,7 @@ use std::time::Duration;
 pub use buildlock_sys::LockMode;
 use jiff::Timestamp;
 
+pub mod fence;
 mod guard;
 pub mod meta;
 mod os;
@@ -47,6 +48,7 @@ pub mod stale;
 mod target;
 
 pub use guard::Guard;
+pub use os::OsHold;
 pub use meta::{MetaRead, Metadata};
 pub use stale::{Verdict, DEFAULT_STALE_AFTER};
 pub use target::{lock_dir, LockTarget, MAX_NAME_BYTES};
@@ -252,6 +254,24 @@ pub fn acquire(
             soft::acquire(target, opts, wait, on_wait)
         }
     }
+}
+
+/// Takes the OS lock on `target` without waiting, on behalf of the process that `meta` names
+/// (the daemon's grants): writes `meta` (with a fencing token) as the lock's metadata.
+/// `Ok(None)` when somebody else holds it.
+pub fn try_lock_for(target: &LockTarget, mode: LockMode, meta: Metadata) -> Result<Option<OsHold>, Error> {
+    std::fs::create_dir_all(target.dir()).map_err(|e| Error::io("create the lock directory", target.dir(), e))?;
+    os::try_lock_for(target, mode, meta)
+}
+
+/// Like [`try_lock_for`], but blocks (woken by the kernel) until the lock is free.
+pub fn lock_for(target: &LockTarget, mode: LockMode, meta: Metadata) -> Result<OsHold, Error> {
+    os::lock_for(target, mode, meta)
+}
+
+/// Who holds `target` now, as well as can be told (OS lock, metadata, soft lock).
+pub fn describe_holder(target: &LockTarget) -> Holder {
+    os::describe_holder(target, &LockOptions::default())
 }
 
 /// The state of one lock, as `status` shows it.

@@ -43,6 +43,8 @@ pub struct Metadata {
     pub command: Option<String>,
     /// `"os"` or `"soft"`; absent in files written by other tools.
     pub lock: Option<String>,
+    /// The fencing token of this acquisition (see [`crate::fence`]).
+    pub token: Option<u64>,
     /// Unique per acquisition, so a holder removes only its own metadata.
     pub id: Option<String>,
     pub version: Option<String>,
@@ -70,7 +72,17 @@ impl MetaRead {
 impl Metadata {
     /// Metadata naming this process as the holder, taken now.
     pub fn for_current_process(mode: LockMode, lock: &str, operation: &str, command: Option<String>) -> Metadata {
-        let me = buildlock_sys::current_process();
+        Metadata::for_process(buildlock_sys::current_process(), mode, lock, operation, command)
+    }
+
+    /// Metadata naming process `me` as the holder, taken now (the daemon writes it for clients).
+    pub fn for_process(
+        me: ProcessIdentity,
+        mode: LockMode,
+        lock: &str,
+        operation: &str,
+        command: Option<String>,
+    ) -> Metadata {
         Metadata {
             pid: me.pid,
             timestamp: Some(Timestamp::now()),
@@ -81,6 +93,7 @@ impl Metadata {
             mode: Some(mode),
             command,
             lock: Some(lock.to_owned()),
+            token: None,
             id: Some(unique_id()),
             version: Some(FORMAT_VERSION.to_owned()),
         }
@@ -116,6 +129,7 @@ impl Metadata {
         opt("mode", self.mode.map(|m| json!(m.as_str())));
         opt("command", self.command.as_ref().map(|v| json!(v)));
         opt("lock", self.lock.as_ref().map(|v| json!(v)));
+        opt("token", self.token.map(|v| json!(v)));
         opt("id", self.id.as_ref().map(|v| json!(v)));
         opt("version", self.version.as_ref().map(|v| json!(v)));
         Value::Object(obj).to_string()
@@ -152,6 +166,7 @@ impl Metadata {
             },
             command: text("command"),
             lock: text("lock"),
+            token: obj.get("token").and_then(Value::as_u64),
             id: text("id"),
             version: text("version"),
         })

@@ -12,7 +12,7 @@
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use buildlock_sys::{LockFile, LockMode, Probe, ProcessState};
+use buildlock_sys::{FileId, LockFile, LockMode, Probe, ProcessState};
 
 use crate::guard::{Guard, Held};
 use crate::meta::{self, MetaRead, Metadata};
@@ -159,10 +159,64 @@ fn block_until_locked(target: &LockTarget, opts: &LockOptions) -> Result<LockFil
 
 /// The lock is ours: account for leftover metadata, write ours, and wrap it in a guard.
 fn take_over(target: &LockTarget, opts: &LockOptions, file: LockFile) -> Result<Guard, Error> {
+    let ours = Metadata::for_current_process(opts.mode, "os", &opts.operation, opts.command.clone());
+    let hold = claim(target, opts.mode, file, ours)?;
+    Ok(Guard::new(target, hold.meta, Held::Os(hold.file), hold.id, None, opts.watch))
+}
+
+/// An OS lock on a lock file, with metadata naming its holder: what a daemon takes on behalf of
+/// a client and hands over (see [`crate::try_lock_for`]).
+#[derive(Debug)]
+pub struct OsHold {
+    target: LockTarget,
+    file: LockFile,
+    id: FileId,
+    meta: Metadata,
+}
+
+impl OsHold {
+    /// The fencing token of this acquisition.
+    pub fn token(&self) -> u64 {
+        self.meta.token.unwrap_or(0)
+    }
+
+    /// The metadata written for the holder.
+    pub fn metadata(&self) -> &Metadata {
+        &self.meta
+    }
+
+    pub fn target(&self) -> &LockTarget {
+        &self.target
+    }
+
+    /// Whether the lock file at the path is still the one locked.
+    pub fn is_intact(&self) -> bool {
+        buildlock_sys::path_id(&self.target.path).is_ok_and(|now| now == self.id)
+    }
+
+    /// A duplicate of the locked file, to hand to the holder (Linux: the duplicate shares the
+    /// open file description, so it holds the same lock until every copy is closed).
+    #[cfg(target_os = "linux")]
+    pub fn try_clone_file(&self) -> std::io::Result<std::fs::File> {
+        self.file.file().try_clone()
+    }
+
+    /// Releases: removes the holder's metadata, then closes our copy of the file. (Other copies
+    /// handed out keep the lock until they are closed too.)
+    pub fn release(self) -> Result<(), Error> {
+        if self.is_intact() {
+            crate::guard::remove_own_metadata(&self.target, &self.meta, true)?;
+        }
+        Ok(())
+    }
+}
+
+/// Records `ours` as the holder of the lock just taken on `file` (with its fencing token).
+fn claim(target: &LockTarget, mode: LockMode, file: LockFile, mut ours: Metadata) -> Result<OsHold, Error> {
     let id = file.id().map_err(|e| Error::io("stat", &target.path, e))?;
+    ours.token = Some(crate::fence::next_token(target, mode == LockMode::Exclusive));
     let previous = meta::read(&target.meta_path);
-    let mut ours = Metadata::for_current_process(opts.mode, "os", &opts.operation, opts.command.clone());
-    let keep_previous = opts.mode == LockMode::Shared
+    let keep_previous = mode == LockMode::Shared
         && previous.valid().is_some_and(|m| {
             m.mode == Some(LockMode::Shared) && buildlock_sys::process_state(&m.process()) == ProcessState::Alive
         });
@@ -170,13 +224,30 @@ fn take_over(target: &LockTarget, opts: &LockOptions, file: LockFile) -> Result<
         // Another live reader's metadata stays; ours would replace it and vanish with us.
         ours.id = None;
     } else {
-        if opts.mode == LockMode::Exclusive {
+        if mode == LockMode::Exclusive {
             report_leftover(target, &previous);
         }
         meta::write_atomic(&target.meta_path, &ours)
             .map_err(|e| Error::io("write the metadata file", &target.meta_path, e))?;
     }
-    Ok(Guard::new(target, ours, Held::Os(file), id, None, opts.watch))
+    Ok(OsHold { target: target.clone(), file, id, meta: ours })
+}
+
+/// Takes the OS lock without waiting, for the process `meta` names. `Ok(None)`: busy.
+pub(crate) fn try_lock_for(target: &LockTarget, mode: LockMode, meta: Metadata) -> Result<Option<OsHold>, Error> {
+    let opts = LockOptions { mode, ..LockOptions::default() };
+    match try_lock(target, &opts)? {
+        Attempt::Locked(file) => Ok(Some(claim(target, mode, file, meta)?)),
+        Attempt::Busy => Ok(None),
+        Attempt::Unsupported(e) => Err(Error::io("lock", &target.path, e)),
+    }
+}
+
+/// Takes the OS lock, blocking until it is free, for the process `meta` names.
+pub(crate) fn lock_for(target: &LockTarget, mode: LockMode, meta: Metadata) -> Result<OsHold, Error> {
+    let opts = LockOptions { mode, ..LockOptions::default() };
+    let file = block_until_locked(target, &opts)?;
+    claim(target, mode, file, meta)
 }
 
 /// With the lock taken exclusively, any metadata present was left by a holder that is gone.

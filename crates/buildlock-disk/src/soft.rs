@@ -53,7 +53,7 @@ pub(crate) fn acquire(
     if opts.mode == LockMode::Shared {
         tracing::debug!("soft locks are exclusive; taking {} exclusively", target.path.display());
     }
-    let ours = Metadata::for_current_process(LockMode::Exclusive, "soft", &opts.operation, opts.command.clone());
+    let mut ours = Metadata::for_current_process(LockMode::Exclusive, "soft", &opts.operation, opts.command.clone());
     let start = Instant::now();
     let deadline = match wait {
         Wait::Timeout(t) => Some(start + t),
@@ -63,6 +63,8 @@ pub(crate) fn acquire(
     let mut pause = Duration::from_millis(1);
     loop {
         if let Some(file) = create_exclusive(&target.path, &ours)? {
+            // The fence advances only once the lock is ours; `.lock.pid` records the token.
+            ours.token = Some(crate::fence::next_token(target, true));
             let id = buildlock_sys::path_id(&target.path).map_err(|e| Error::io("stat", &target.path, e))?;
             // For readers that only know `.lock.pid`; the lock file itself already says it all.
             if let Err(e) = meta::write_atomic(&target.meta_path, &ours) {

@@ -118,6 +118,7 @@ mod tests {
             mode: None,
             command: None,
             lock: Some("soft".into()),
+            token: None,
             id: None,
             version: None,
         })

@@ -35,6 +35,8 @@ use std::fs::File;
 use std::io;
 use std::path::Path;
 
+#[cfg(unix)]
+pub mod ipc;
 mod process;
 
 #[cfg(target_os = "linux")]
@@ -138,6 +140,16 @@ impl LockFile {
     /// The open file, for reading its size, contents or times.
     pub fn file(&self) -> &File {
         self.inner.file()
+    }
+
+    /// Consumes the handle, returning the open file with its lock.
+    ///
+    /// With Linux OFD locks the lock belongs to the open file, so the file (or a duplicate of
+    /// it passed to another process) keeps the lock until its last descriptor closes. On other
+    /// platforms the lock cannot outlive the handle's process bookkeeping, so this is Linux-only.
+    #[cfg(target_os = "linux")]
+    pub fn into_file(self) -> File {
+        self.inner.into_file()
     }
 }
 

@@ -89,6 +89,10 @@ impl LockFile {
     pub(crate) fn file(&self) -> &File {
         &self.file
     }
+
+    pub(crate) fn into_file(self) -> File {
+        self.file
+    }
 }
 
 pub(crate) fn path_id(path: &Path) -> io::Result<FileId> {

@@ -1,0 +1,177 @@
+//! Unix sockets and daemons: passing a locked descriptor (SCM_RIGHTS), watching a process exit
+//! (pidfd), private runtime directories, and detaching a spawned daemon.
+
+use std::fs;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
+
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
+
+#[cfg(target_os = "linux")]
+const SEND_FLAGS: MsgFlags = MsgFlags::MSG_NOSIGNAL;
+#[cfg(not(target_os = "linux"))]
+const SEND_FLAGS: MsgFlags = MsgFlags::empty();
+
+#[cfg(target_os = "linux")]
+const RECV_FLAGS: MsgFlags = MsgFlags::MSG_CMSG_CLOEXEC;
+#[cfg(not(target_os = "linux"))]
+const RECV_FLAGS: MsgFlags = MsgFlags::empty();
+
+/// Sends `data` on a Unix stream socket, with `fd` riding on its first byte (SCM_RIGHTS).
+/// Returns how many bytes were sent; the caller sends the rest without the descriptor.
+pub fn send_with_fd(sock: BorrowedFd<'_>, data: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<usize> {
+    let iov = [IoSlice::new(data)];
+    let raw: [RawFd; 1] = [fd.map_or(-1, |f| f.as_raw_fd())];
+    let cmsgs: &[ControlMessage] = match fd {
+        Some(_) => &[ControlMessage::ScmRights(&raw)],
+        None => &[],
+    };
+    Ok(sendmsg::<UnixAddr>(sock.as_raw_fd(), &iov, cmsgs, SEND_FLAGS, None)?)
+}
+
+/// Receives bytes from a Unix stream socket into `buf`, appending any descriptors that came with
+/// them to `fds` (close-on-exec). `Ok(0)` is end of stream.
+pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let msg = loop {
+        match recvmsg::<UnixAddr>(sock.as_raw_fd(), &mut iov, Some(&mut space), RECV_FLAGS) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other?,
+        }
+    };
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(received) = cmsg {
+            for raw in received {
+                // SAFETY: the kernel just created this descriptor for us; nothing else owns it.
+                let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                #[cfg(not(target_os = "linux"))]
+                let _ = nix::fcntl::fcntl(&owned, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+                fds.push(owned);
+            }
+        }
+    }
+    Ok(msg.bytes)
+}
+
+/// This process's real user id.
+pub fn current_uid() -> u32 {
+    nix::unistd::getuid().as_raw()
+}
+
+/// Creates `dir` (mode 0700) if missing, then checks that it is a directory owned by this user
+/// that nobody else can write. `Err` says what is wrong and how to fix it.
+pub fn ensure_private_dir(dir: &Path) -> Result<(), String> {
+    if let Err(e) = fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
+        return Err(format!("cannot create {}: {e}", dir.display()));
+    }
+    let m = fs::symlink_metadata(dir).map_err(|e| format!("cannot inspect {}: {e}", dir.display()))?;
+    if !m.is_dir() {
+        return Err(format!("{} is not a directory", dir.display()));
+    }
+    let uid = current_uid();
+    if m.uid() != uid {
+        return Err(format!(
+            "{} belongs to uid {}, not to you (uid {uid}); remove it or set BUILDLOCK_RUNTIME_DIR to a directory of yours",
+            dir.display(),
+            m.uid()
+        ));
+    }
+    let mode = m.permissions().mode() & 0o777;
+    if mode & 0o022 != 0 {
+        return Err(format!(
+            "{} has mode {mode:03o}: others can write it, so they could impersonate the daemon; run `chmod 700 {}`",
+            dir.display(),
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Makes the child that `cmd` spawns a daemon: its own session (no controlling terminal, not
+/// in the caller's process group, so Ctrl+C in the caller's terminal does not reach it).
+pub fn detach(cmd: &mut Command) {
+    // SAFETY: setsid is async-signal-safe and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()?;
+            Ok(())
+        });
+    }
+}
+
+/// A descriptor that becomes readable when process `pid` exits (Linux `pidfd_open`, 5.3+).
+/// `Ok(None)` where the kernel has no pidfd; callers then poll [`crate::process_state`].
+pub fn pidfd_open(pid: u32) -> io::Result<Option<OwnedFd>> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: a plain system call with integer arguments; on success it returns a new
+        // descriptor that we own.
+        let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid as nix::libc::pid_t, 0) };
+        if fd >= 0 {
+            // SAFETY: fd is a fresh descriptor owned by nobody else.
+            return Ok(Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }));
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(nix::libc::ENOSYS) => Ok(None),
+            _ => Err(err),
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = pid;
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn a_descriptor_travels_with_its_bytes() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = fs::File::create(dir.path().join("x")).unwrap();
+        f.write_all(b"payload").unwrap();
+        assert_eq!(send_with_fd(a.as_fd(), b"hello", Some(f.as_fd())).unwrap(), 5);
+        drop(f);
+        let mut buf = [0u8; 16];
+        let mut fds = Vec::new();
+        let n = recv_with_fds(b.as_fd(), &mut buf, &mut fds).unwrap();
+        assert_eq!(&buf[..n], b"hello");
+        assert_eq!(fds.len(), 1);
+        let got = fs::File::from(fds.pop().unwrap());
+        assert_eq!(got.metadata().unwrap().len(), 7);
+        drop(a);
+        assert_eq!(recv_with_fds(b.as_fd(), &mut buf, &mut fds).unwrap(), 0);
+    }
+
+    #[test]
+    fn private_dirs_are_created_and_open_ones_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = dir.path().join("rt");
+        ensure_private_dir(&rt).unwrap();
+        assert_eq!(fs::metadata(&rt).unwrap().permissions().mode() & 0o777, 0o700);
+        fs::set_permissions(&rt, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = ensure_private_dir(&rt).unwrap_err();
+        assert!(err.contains("chmod 700"), "{err}");
+    }
+
+    #[test]
+    fn pidfd_is_readable_after_exit() {
+        let mut child = Command::new("true").spawn().unwrap();
+        let fd = pidfd_open(child.id()).unwrap().expect("pidfd on this kernel");
+        child.wait().unwrap();
+        let mut fds = [nix::poll::PollFd::new(fd.as_fd(), nix::poll::PollFlags::POLLIN)];
+        assert_eq!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).unwrap(), 1);
+    }
+}
