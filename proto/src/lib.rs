@@ -1,0 +1,88 @@
+//! buildlock's wire protocol: the messages `buildlock-client` and the `buildlockd` daemon exchange
+//! over the daemon's Unix socket, their postcard encoding, the length-prefixed frames that carry
+//! them, and the `Hello`/`Welcome` exchange that opens every connection.
+//!
+//! The crate does no I/O of its own beyond the blocking helpers over [`std::io::Read`] and
+//! [`std::io::Write`]: the daemon's event loop uses the sans-IO [`FrameDecoder`], a simple client
+//! uses [`read_frame`]/[`write_frame`]. `PROTOCOL.md` beside this crate's `Cargo.toml` describes
+//! the bytes for anyone writing a client in another language.
+//!
+//! How the pieces fit:
+//!
+//! - A **frame** is a 4-byte little-endian length `N` (`1 ..= MAX_FRAME_LEN`) then `N` bytes of
+//!   one postcard-encoded message. [`encode`] makes a whole frame; [`FrameDecoder`] (or
+//!   [`read_frame`]) splits a byte stream back into payloads; [`decode`] turns a payload into a
+//!   message. Framing faults are [`ProtoError`]s.
+//! - The **handshake**: the client's first frame is a [`Hello`], which the daemon checks with
+//!   [`check_hello`] and answers with a [`Welcome`], which the client checks with
+//!   [`check_welcome`]. Both start with the same three fields (magic, [`PROTOCOL_VERSION`],
+//!   [`BUILD`]) in every version, so a mismatch is reported as a [`HandshakeError`] naming both
+//!   sides' versions rather than as garbage.
+//! - After that the client sends [`Request`]s and the daemon answers with [`Reply`]s; an
+//!   [`Request::Acquire`] may be answered by several [`Reply::Waiting`] before its
+//!   [`Reply::Granted`], and [`Reply::LeaseLost`] may arrive at any time.
+//! - [`transport`] names the socket both sides use: `<runtime dir>/buildlockd.sock`.
+//!
+//! ```
+//! use buildlock_proto::{
+//!     check_hello, decode, encode, AcquireRequest, FrameDecoder, Hello, Mode, Request, WaitFor,
+//! };
+//!
+//! // Client side: a hello, then a request, as the bytes that go on the socket.
+//! let mut wire = encode(&Hello::new(4242))?;
+//! let request = Request::Acquire(AcquireRequest {
+//!     path: "/home/me/.local/share/buildlock/locks/demo.lock".into(),
+//!     mode: Mode::Exclusive,
+//!     wait: WaitFor::Millis(30_000),
+//!     operation: "build:demo".into(),
+//!     command: "make -j8".into(),
+//!     bind_pid: None,
+//! });
+//! wire.extend(encode(&request)?);
+//!
+//! // Daemon side: bytes arrive in whatever pieces the socket hands over.
+//! let mut decoder = FrameDecoder::new();
+//! decoder.push(&wire[..7]);
+//! assert_eq!(decoder.next_frame()?, None); // not a whole frame yet
+//! decoder.push(&wire[7..]);
+//! let hello = check_hello(&decoder.next_frame()?.expect("hello frame"))?;
+//! assert_eq!(hello.pid, 4242);
+//! let got: Request = decode(&decoder.next_frame()?.expect("request frame"))?;
+//! assert_eq!(got, request);
+//! assert_eq!(decoder.buffered(), 0);
+//! # Ok::<(), buildlock_proto::ProtoError>(())
+//! ```
+
+mod error;
+mod frame;
+mod handshake;
+mod message;
+pub mod transport;
+
+pub use error::{HandshakeError, Peer, ProtoError};
+pub use frame::{decode, encode, read_frame, read_message, write_frame, FrameDecoder};
+pub use handshake::{check_hello, check_welcome, Hello, Welcome};
+pub use message::{
+    AcquireRequest, DaemonInfo, ErrorCode, ErrorReply, Holder, LockInfo, Mode, Reply, Request, WaitFor, Waiter,
+};
+
+/// The first four bytes of every [`Hello`] and [`Welcome`] payload: tells a buildlock peer from
+/// anything else that happens to connect to (or listen on) the socket.
+pub const MAGIC: [u8; 4] = *b"BLCK";
+
+/// The version of the message layout. Two peers talk only if theirs are equal.
+///
+/// Bump it on any change to the encoding of an existing message (a field added, removed,
+/// reordered or retyped, a variant reordered or removed), and regenerate the golden fixture in
+/// `tests/golden.rs`. Appending a new variant at the end of [`Request`] or [`Reply`] is
+/// the one change an old peer tolerates without a bump, as long as the sender only uses it with
+/// peers it knows understand it; bump anyway when in doubt.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The largest payload a frame may carry, in bytes. Every message buildlock sends is far smaller
+/// (a status of a few hundred locks fits); the limit exists so a broken or hostile peer cannot
+/// make the other side allocate without bound.
+pub const MAX_FRAME_LEN: u32 = 64 * 1024;
+
+/// The version of this crate, sent in the handshake so that a mismatch can name both builds.
+pub const BUILD: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,301 @@
+//! The requests a client sends after the handshake and the replies the daemon sends back.
+//!
+//! Compatibility rule: postcard encodes an enum variant as its index in declaration order and a
+//! struct as its fields in order, with no names. So:
+//!
+//! - new variants of an enum go **at the end**, never between existing ones;
+//! - any change to an existing variant or struct (adding, removing, reordering or retyping a
+//!   field, renaming is fine) changes the bytes: bump [`crate::PROTOCOL_VERSION`] and regenerate
+//!   the golden fixture in `tests/golden.rs`.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Whether a lease may be shared with other shared holders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Mode {
+    /// Any number of shared holders at once, no exclusive holder.
+    Shared,
+    /// One holder, nobody else.
+    Exclusive,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Shared => "shared",
+            Mode::Exclusive => "exclusive",
+        })
+    }
+}
+
+/// How long an [`AcquireRequest`] may wait for the lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum WaitFor {
+    /// Fail at once with [`ErrorCode::WouldBlock`] if the lock is taken.
+    NoWait,
+    /// Wait up to this many milliseconds, then fail with [`ErrorCode::Timeout`].
+    Millis(u64),
+    /// Wait until granted (or the connection closes).
+    Forever,
+}
+
+/// Ask for a lease on one lock file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcquireRequest {
+    /// Absolute path of the `.lock` file. The client resolves lock names to paths; the daemon
+    /// does not know about names.
+    pub path: String,
+    /// Shared or exclusive.
+    pub mode: Mode,
+    /// How long to wait.
+    pub wait: WaitFor,
+    /// What the holder is doing (e.g. `build:libfoo`), shown to waiters.
+    pub operation: String,
+    /// The holder's command line, shown to waiters.
+    pub command: String,
+    /// Also bind the lease to this process: it is released only once the connection has closed
+    /// (or released it) *and* this process has exited. Lets `buildlock-client` exit while the
+    /// command it started keeps the lock.
+    pub bind_pid: Option<u32>,
+}
+
+/// A message from client to daemon after the handshake. Append-only: see the module docs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Take a lease. Answered by zero or more [`Reply::Waiting`], then [`Reply::Granted`] or
+    /// [`Reply::Error`].
+    Acquire(AcquireRequest),
+    /// Release this connection's lease on `path`. Answered by [`Reply::Released`].
+    Release {
+        /// The lock file, as given to `Acquire`.
+        path: String,
+    },
+    /// Release the lease on `path` bound to `pid` (see [`AcquireRequest::bind_pid`]), whichever
+    /// connection took it. Answered by [`Reply::Released`] or [`ErrorCode::NotHeld`].
+    ReleasePid {
+        /// The lock file.
+        path: String,
+        /// The process the lease is bound to.
+        pid: u32,
+    },
+    /// Describe one lock, or (`None`) every lock the daemon knows. Answered by [`Reply::Status`].
+    Status {
+        /// The lock file, or `None` for all.
+        path: Option<String>,
+    },
+    /// Describe the daemon itself. Answered by [`Reply::DaemonStatus`].
+    DaemonStatus,
+    /// Ask the daemon to exit. Answered by [`Reply::ShuttingDown`], then the daemon closes.
+    Shutdown,
+    /// Bind this connection's held lease on `path` to process `pid` as well: the lease is
+    /// released only once the connection is gone (or released it) and `pid` has exited.
+    /// Answered by [`Reply::Bound`] or [`ErrorCode::NotHeld`].
+    Bind {
+        /// The lock file.
+        path: String,
+        /// The process to bind to (e.g. the command `run` started).
+        pid: u32,
+    },
+}
+
+/// Who holds a lock, as far as the daemon can tell. Most fields are optional because a holder
+/// outside the daemon (another tool, or buildlock in direct mode) may have left no metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    /// The holding process.
+    pub pid: Option<u32>,
+    /// Its command line.
+    pub command: Option<String>,
+    /// The host it runs on.
+    pub host: Option<String>,
+    /// Shared or exclusive.
+    pub mode: Option<Mode>,
+    /// When it took the lock, in milliseconds since the Unix epoch.
+    pub since_unix_ms: Option<i64>,
+    /// What it says it is doing.
+    pub operation: Option<String>,
+    /// The lease token, for holders that got their lease from the daemon.
+    pub token: Option<u64>,
+    /// Held by a process that does not speak to the daemon (the Python `fasteners` library,
+    /// `buildlock-client --no-daemon`), seen only through the OS lock.
+    pub outside: bool,
+    /// One human-readable line describing the holder, worded as buildlock prints it.
+    pub description: String,
+}
+
+/// A client queued for a lock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Waiter {
+    /// The waiting client's process id (from its `Hello`).
+    pub pid: u32,
+    /// The mode it asked for.
+    pub mode: Mode,
+    /// How long it has waited so far, in milliseconds.
+    pub waited_ms: u64,
+    /// What it will be doing.
+    pub operation: String,
+}
+
+/// The state of one lock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockInfo {
+    /// The lock file.
+    pub path: String,
+    /// Current holders: one exclusive, or any number of shared.
+    pub holders: Vec<Holder>,
+    /// Queued clients, first in line first.
+    pub waiters: Vec<Waiter>,
+}
+
+/// The state of the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonInfo {
+    /// The daemon's process id.
+    pub pid: u32,
+    /// Its [`crate::PROTOCOL_VERSION`].
+    pub version: u16,
+    /// Its [`crate::BUILD`].
+    pub build: String,
+    /// When it started, in milliseconds since the Unix epoch.
+    pub started_unix_ms: i64,
+    /// Its runtime directory.
+    pub runtime_dir: String,
+    /// The path of its socket.
+    pub socket: String,
+    /// Open client connections.
+    pub connections: u32,
+    /// Leases currently granted.
+    pub leases: u32,
+    /// Clients currently waiting.
+    pub waiters: u32,
+    /// How long it stays up with no connections and no leases before exiting, if it ever does.
+    pub idle_exit_ms: Option<u64>,
+}
+
+/// What kind of failure an [`ErrorReply`] reports, for programs to act on. Append-only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The first frame was not a valid hello.
+    BadHello,
+    /// The hello's protocol version differs from the daemon's.
+    VersionMismatch,
+    /// A frame's length was 0 or over the limit; the daemon closes the connection.
+    FrameTooLarge,
+    /// A frame did not decode as a request; the daemon closes the connection.
+    Malformed,
+    /// The request decoded but makes no sense (e.g. a relative path).
+    InvalidRequest,
+    /// The lock path is not acceptable (e.g. not a `.lock` file).
+    InvalidName,
+    /// `WaitFor::NoWait` and the lock is taken; `holder` says by whom.
+    WouldBlock,
+    /// The wait ran out; `holder` says who still holds the lock.
+    Timeout,
+    /// There is no such lease to release.
+    NotHeld,
+    /// The daemon hit an I/O error on the lock file.
+    Io,
+    /// The daemon may not open or lock the file.
+    PermissionDenied,
+    /// The daemon is exiting and takes no new requests.
+    ShuttingDown,
+    /// A bug in the daemon.
+    Internal,
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ErrorCode::BadHello => "bad-hello",
+            ErrorCode::VersionMismatch => "version-mismatch",
+            ErrorCode::FrameTooLarge => "frame-too-large",
+            ErrorCode::Malformed => "malformed",
+            ErrorCode::InvalidRequest => "invalid-request",
+            ErrorCode::InvalidName => "invalid-name",
+            ErrorCode::WouldBlock => "would-block",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::NotHeld => "not-held",
+            ErrorCode::Io => "io",
+            ErrorCode::PermissionDenied => "permission-denied",
+            ErrorCode::ShuttingDown => "shutting-down",
+            ErrorCode::Internal => "internal",
+        })
+    }
+}
+
+/// A request failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// The kind of failure.
+    pub code: ErrorCode,
+    /// What happened and what to do, for a person.
+    pub message: String,
+    /// The holder in the way, for [`ErrorCode::WouldBlock`] and [`ErrorCode::Timeout`].
+    pub holder: Option<Holder>,
+}
+
+impl fmt::Display for ErrorReply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.message, self.code)
+    }
+}
+
+impl std::error::Error for ErrorReply {}
+
+/// A message from daemon to client after the handshake. Append-only: see the module docs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// The lease on `path` is granted.
+    Granted {
+        /// The lock file.
+        path: String,
+        /// Identifies this lease in status output.
+        token: u64,
+        /// A descriptor of the locked file rides on this frame as `SCM_RIGHTS` ancillary data.
+        /// The client keeps it open while it holds the lease and closes it (never unlocking it:
+        /// the daemon's copy shares the lock) before sending `Release`.
+        fd_attached: bool,
+    },
+    /// The request is queued. Sent when queued, then about once a second while waiting.
+    Waiting {
+        /// The lock file.
+        path: String,
+        /// Place in the queue, 1 for next in line.
+        position: u32,
+        /// Who holds the lock now, if known.
+        holder: Option<Holder>,
+    },
+    /// The lease on `path` is released.
+    Released {
+        /// The lock file.
+        path: String,
+    },
+    /// Answer to [`Request::Status`].
+    Status {
+        /// One entry per lock asked about.
+        locks: Vec<LockInfo>,
+    },
+    /// Answer to [`Request::DaemonStatus`].
+    DaemonStatus(DaemonInfo),
+    /// Answer to [`Request::Shutdown`]; the daemon closes the connection after it.
+    ShuttingDown,
+    /// A request failed.
+    Error(ErrorReply),
+    /// Unsolicited: a lease this connection held is gone (the lock file was deleted or replaced,
+    /// the lock was broken, ...).
+    LeaseLost {
+        /// The lock file.
+        path: String,
+        /// Why, for a person.
+        reason: String,
+    },
+    /// Answer to [`Request::Bind`].
+    Bound {
+        /// The lock file.
+        path: String,
+        /// The process the lease is now bound to.
+        pid: u32,
+    },
+}

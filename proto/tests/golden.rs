@@ -1,0 +1,212 @@
+//! Golden bytes: the exact frames this version puts on the wire, so that an accidental change to
+//! the encoding (a reordered field, a variant inserted in the middle, a serde attribute) fails
+//! here instead of between two installed versions.
+//!
+//! When a change is deliberate: bump `PROTOCOL_VERSION`, regenerate with
+//! `cargo test -p buildlock-proto --test golden -- --ignored --nocapture print_fixture`, and paste
+//! the output over `FIXTURE` (and `FIXTURE_PROTOCOL_VERSION`).
+
+mod common;
+
+use buildlock_proto::{
+    decode, encode, AcquireRequest, DaemonInfo, ErrorCode, ErrorReply, Hello, Holder, LockInfo, Mode, Reply, Request,
+    WaitFor, Waiter, Welcome, MAGIC, PROTOCOL_VERSION,
+};
+use common::{from_hex, reply_variant, request_variant, to_hex, REPLY_VARIANTS, REQUEST_VARIANTS};
+
+/// The protocol version the fixture was generated for.
+const FIXTURE_PROTOCOL_VERSION: u16 = 1;
+
+/// (name, whole frame as hex: 4-byte little-endian length, then the postcard payload).
+const FIXTURE: &[(&str, &str)] = &[
+    ("Hello", "0d000000424c434b0105302e312e30d209"),
+    ("Welcome", "0d000000424c434b0105302e312e306300"),
+    ("Welcome(refused)", "10000000424c434b0105302e312e306301026e6f"),
+    ("Request::Acquire", "1600000000072f6c2e6c6f636b0001e807026f7003636d640107"),
+    ("Request::Release", "0d000000010b2f746d702f612e6c6f636b"),
+    ("Request::ReleasePid", "0c00000002072f6c2e6c6f636b808004"),
+    ("Request::Status", "020000000300"),
+    ("Request::DaemonStatus", "0100000004"),
+    ("Request::Shutdown", "0100000005"),
+    ("Request::Bind", "0b00000006072f6c2e6c6f636b9221"),
+    ("Reply::Granted", "0b00000000072f6c2e6c6f636b0501"),
+    ("Reply::Waiting", "2500000001072f6c2e6c6f636b020101922101046d616b650101680101010301026f7001ac02000164"),
+    ("Reply::Released", "0900000002072f6c2e6c6f636b"),
+    (
+        "Reply::Status",
+        "2c0000000301072f6c2e6c6f636b0101922101046d616b650101680101010301026f7001ac0200016401080196010177",
+    ),
+    ("Reply::DaemonStatus", "1b00000004630105302e312e3080a0abfef962022f72042f722f7301020300"),
+    ("Reply::ShuttingDown", "0100000005"),
+    ("Reply::Error", "050000000607016d00"),
+    ("Reply::LeaseLost", "0e00000007072f6c2e6c6f636b04676f6e65"),
+    ("Reply::Bound", "0b00000008072f6c2e6c6f636b9221"),
+];
+
+/// One message of each kind. The values are fixed literals (the build string too, rather than
+/// `BUILD`, so that a crate version bump does not change them).
+enum Msg {
+    Hello(Hello),
+    Welcome(Welcome),
+    Request(Request),
+    Reply(Reply),
+}
+
+fn holder() -> Holder {
+    Holder {
+        pid: Some(4242),
+        command: Some("make".into()),
+        host: Some("h".into()),
+        mode: Some(Mode::Exclusive),
+        since_unix_ms: Some(-2),
+        operation: Some("op".into()),
+        token: Some(300),
+        outside: false,
+        description: "d".into(),
+    }
+}
+
+fn messages() -> Vec<(String, Msg)> {
+    let mut out = vec![
+        (
+            "Hello".to_owned(),
+            Msg::Hello(Hello { magic: MAGIC, version: PROTOCOL_VERSION, build: "0.1.0".into(), pid: 1234 }),
+        ),
+        (
+            "Welcome".to_owned(),
+            Msg::Welcome(Welcome {
+                magic: MAGIC,
+                version: PROTOCOL_VERSION,
+                build: "0.1.0".into(),
+                pid: 99,
+                error: None,
+            }),
+        ),
+        (
+            "Welcome(refused)".to_owned(),
+            Msg::Welcome(Welcome {
+                magic: MAGIC,
+                version: PROTOCOL_VERSION,
+                build: "0.1.0".into(),
+                pid: 99,
+                error: Some("no".into()),
+            }),
+        ),
+    ];
+    let requests = vec![
+        Request::Acquire(AcquireRequest {
+            path: "/l.lock".into(),
+            mode: Mode::Shared,
+            wait: WaitFor::Millis(1000),
+            operation: "op".into(),
+            command: "cmd".into(),
+            bind_pid: Some(7),
+        }),
+        Request::Release { path: "/tmp/a.lock".into() },
+        Request::ReleasePid { path: "/l.lock".into(), pid: 65536 },
+        Request::Status { path: None },
+        Request::DaemonStatus,
+        Request::Shutdown,
+        Request::Bind { path: "/l.lock".into(), pid: 4242 },
+    ];
+    let replies = vec![
+        Reply::Granted { path: "/l.lock".into(), token: 5, fd_attached: true },
+        Reply::Waiting { path: "/l.lock".into(), position: 2, holder: Some(holder()) },
+        Reply::Released { path: "/l.lock".into() },
+        Reply::Status {
+            locks: vec![LockInfo {
+                path: "/l.lock".into(),
+                holders: vec![holder()],
+                waiters: vec![Waiter { pid: 8, mode: Mode::Exclusive, waited_ms: 150, operation: "w".into() }],
+            }],
+        },
+        Reply::DaemonStatus(DaemonInfo {
+            pid: 99,
+            version: 1,
+            build: "0.1.0".into(),
+            started_unix_ms: 1_700_000_000_000,
+            runtime_dir: "/r".into(),
+            socket: "/r/s".into(),
+            connections: 1,
+            leases: 2,
+            waiters: 3,
+            idle_exit_ms: None,
+        }),
+        Reply::ShuttingDown,
+        Reply::Error(ErrorReply { code: ErrorCode::Timeout, message: "m".into(), holder: None }),
+        Reply::LeaseLost { path: "/l.lock".into(), reason: "gone".into() },
+        Reply::Bound { path: "/l.lock".into(), pid: 4242 },
+    ];
+    out.extend(requests.into_iter().map(|r| (format!("Request::{}", request_variant(&r)), Msg::Request(r))));
+    out.extend(replies.into_iter().map(|r| (format!("Reply::{}", reply_variant(&r)), Msg::Reply(r))));
+    out
+}
+
+fn encode_msg(msg: &Msg) -> Vec<u8> {
+    match msg {
+        Msg::Hello(m) => encode(m),
+        Msg::Welcome(m) => encode(m),
+        Msg::Request(m) => encode(m),
+        Msg::Reply(m) => encode(m),
+    }
+    .expect("encode")
+}
+
+/// Decodes `frame` as the same kind of message as `msg` and checks it equals `msg`.
+fn decodes_to(frame: &[u8], msg: &Msg) -> bool {
+    let payload = &frame[4..];
+    match msg {
+        Msg::Hello(m) => decode::<Hello>(payload).ok().as_ref() == Some(m),
+        Msg::Welcome(m) => decode::<Welcome>(payload).ok().as_ref() == Some(m),
+        Msg::Request(m) => decode::<Request>(payload).ok().as_ref() == Some(m),
+        Msg::Reply(m) => decode::<Reply>(payload).ok().as_ref() == Some(m),
+    }
+}
+
+#[test]
+fn fixture_covers_every_variant() {
+    let names: Vec<String> = messages().into_iter().map(|(name, _)| name).collect();
+    for variant in REQUEST_VARIANTS {
+        assert!(names.contains(&format!("Request::{variant}")), "golden fixture lacks Request::{variant}");
+    }
+    for variant in REPLY_VARIANTS {
+        assert!(names.contains(&format!("Reply::{variant}")), "golden fixture lacks Reply::{variant}");
+    }
+}
+
+#[test]
+fn wire_format_is_unchanged() {
+    assert_eq!(
+        PROTOCOL_VERSION, FIXTURE_PROTOCOL_VERSION,
+        "PROTOCOL_VERSION changed: regenerate the golden fixture (see the top of tests/golden.rs)"
+    );
+    let messages = messages();
+    assert_eq!(
+        messages.len(),
+        FIXTURE.len(),
+        "wire format changed: bump PROTOCOL_VERSION and update the fixture (messages and fixture differ in number)"
+    );
+    for ((name, msg), (fixture_name, fixture_hex)) in messages.iter().zip(FIXTURE) {
+        assert_eq!(name, fixture_name, "fixture out of order: regenerate it (see the top of tests/golden.rs)");
+        let actual = encode_msg(msg);
+        assert_eq!(
+            to_hex(&actual),
+            *fixture_hex,
+            "wire format changed: bump PROTOCOL_VERSION and update the fixture ({name} now encodes differently)"
+        );
+        // The pinned bytes must also still decode to the same value.
+        assert!(decodes_to(&from_hex(fixture_hex), msg), "fixture bytes of {name} no longer decode to the message");
+    }
+}
+
+/// Prints `FIXTURE` as Rust source, for regenerating it after a deliberate change.
+#[test]
+#[ignore = "run by hand to regenerate the fixture"]
+fn print_fixture() {
+    println!("const FIXTURE_PROTOCOL_VERSION: u16 = {PROTOCOL_VERSION};");
+    println!("const FIXTURE: &[(&str, &str)] = &[");
+    for (name, msg) in messages() {
+        println!("    ({name:?}, {:?}),", to_hex(&encode_msg(&msg)));
+    }
+    println!("];");
+}
