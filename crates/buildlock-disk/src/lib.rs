@@ -48,8 +48,8 @@ pub mod stale;
 mod target;
 
 pub use guard::Guard;
-pub use os::OsHold;
 pub use meta::{MetaRead, Metadata};
+pub use os::OsHold;
 pub use stale::{Verdict, DEFAULT_STALE_AFTER};
 pub use target::{lock_dir, LockTarget, MAX_NAME_BYTES};
 

@@ -52,6 +52,7 @@ pub struct Metadata {
 
 /// What reading a metadata file found.
 #[derive(Clone, Debug, PartialEq)]
+#[allow(clippy::large_enum_variant)] // short-lived, read once per look at a lock
 pub enum MetaRead {
     /// No file.
     Missing,

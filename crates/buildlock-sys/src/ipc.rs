@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::io::{self, IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -63,6 +63,19 @@ pub fn current_uid() -> u32 {
     nix::unistd::getuid().as_raw()
 }
 
+/// The daemon's runtime directory: `$BUILDLOCK_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/buildlock`,
+/// else `<temp dir>/buildlock-<uid>` (checked like any other by [`ensure_private_dir`]).
+pub fn default_runtime_dir() -> std::path::PathBuf {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
+    if let Some(d) = var("BUILDLOCK_RUNTIME_DIR") {
+        return d;
+    }
+    if let Some(d) = var("XDG_RUNTIME_DIR") {
+        return d.join("buildlock");
+    }
+    std::env::temp_dir().join(format!("buildlock-{}", current_uid()))
+}
+
 /// Creates `dir` (mode 0700) if missing, then checks that it is a directory owned by this user
 /// that nobody else can write. `Err` says what is wrong and how to fix it.
 pub fn ensure_private_dir(dir: &Path) -> Result<(), String> {
@@ -104,6 +117,78 @@ pub fn detach(cmd: &mut Command) {
     }
 }
 
+/// Forks this process into the background, for a daemon started on demand. The parent gets
+/// `Some(child pid)` and should report and exit; the child gets `None`, runs in a new session
+/// with stdin and stdout on `/dev/null` (stderr stays: it is the log), and carries on.
+///
+/// Must be called while the process has a single thread (before any runtime or signal thread
+/// starts): only the calling thread survives a fork.
+pub fn fork_into_background() -> io::Result<Option<u32>> {
+    // SAFETY: documented precondition: the process is single-threaded here, so the child
+    // inherits no lock held by a vanished thread.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Parent { child } => Ok(Some(child.as_raw() as u32)),
+        nix::unistd::ForkResult::Child => {
+            nix::unistd::setsid()?;
+            let null = fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
+            nix::unistd::dup2_stdin(&null)?;
+            nix::unistd::dup2_stdout(&null)?;
+            Ok(None)
+        }
+    }
+}
+
+/// Points stdin, stdout and stderr at `/dev/null`, so a process that lives on in the background
+/// keeps no caller's pipe or terminal open.
+pub fn stdio_to_null() -> io::Result<()> {
+    let null = fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
+    nix::unistd::dup2_stdin(&null)?;
+    nix::unistd::dup2_stdout(&null)?;
+    nix::unistd::dup2_stderr(&null)?;
+    Ok(())
+}
+
+/// Waits until one of `fds` is readable (or `timeout` passes: `Ok(None)`); returns its index.
+pub fn wait_readable(fds: &[BorrowedFd<'_>], timeout: Option<std::time::Duration>) -> io::Result<Option<usize>> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut pfds: Vec<PollFd> = fds.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)).collect();
+    let timeout = match timeout {
+        None => PollTimeout::NONE,
+        Some(t) => PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
+    };
+    loop {
+        match poll(&mut pfds, timeout) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+            Ok(0) => return Ok(None),
+            Ok(_) => {
+                let ready = pfds.iter().position(|p| p.revents().is_some_and(|r| !r.is_empty()));
+                return Ok(ready);
+            }
+        }
+    }
+}
+
+/// Waits for process `pid` to exit (at most `timeout`); `Ok(true)` once it has. Uses a pidfd
+/// where the kernel has them, else looks every 20 ms.
+pub fn wait_exit(pid: u32, timeout: Option<std::time::Duration>) -> io::Result<bool> {
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    match pidfd_open(pid) {
+        Ok(Some(fd)) => Ok(wait_readable(&[fd.as_fd()], timeout)?.is_some()),
+        Err(_) => Ok(true), // no such process
+        Ok(None) => {
+            let id = crate::identify(pid);
+            while crate::process_state(&id) != crate::ProcessState::Dead {
+                if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                    return Ok(false);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Ok(true)
+        }
+    }
+}
+
 /// A descriptor that becomes readable when process `pid` exits (Linux `pidfd_open`, 5.3+).
 /// `Ok(None)` where the kernel has no pidfd; callers then poll [`crate::process_state`].
 pub fn pidfd_open(pid: u32) -> io::Result<Option<OwnedFd>> {
@@ -133,7 +218,6 @@ pub fn pidfd_open(pid: u32) -> io::Result<Option<OwnedFd>> {
 mod tests {
     use super::*;
     use std::io::Write;
-    use std::os::fd::AsFd;
     use std::os::unix::net::UnixStream;
 
     #[test]

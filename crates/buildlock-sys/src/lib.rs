@@ -50,8 +50,8 @@ mod lock_imp;
 mod lock_imp;
 
 pub use process::{
-    command_line, current_process, hostname, kill_on_parent_death, process_state, send_signal, ProcessIdentity,
-    ProcessState,
+    command_line, current_process, hostname, identify, kill_on_parent_death, process_state, send_signal,
+    ProcessIdentity, ProcessState,
 };
 
 /// How a lock is held: many shared holders at once, or one exclusive holder.

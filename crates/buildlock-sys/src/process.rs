@@ -51,6 +51,11 @@ pub fn current_process() -> ProcessIdentity {
     }
 }
 
+/// Process `pid` as it is now (its start time read from the OS), for recording it as a holder.
+pub fn identify(pid: u32) -> ProcessIdentity {
+    ProcessIdentity { pid, start_time: imp::start_time(pid).ok().flatten(), boot_id: boot_id() }
+}
+
 /// This boot's id (Linux), read once.
 fn boot_id() -> Option<String> {
     static BOOT_ID: OnceLock<Option<String>> = OnceLock::new();
