@@ -1,0 +1,131 @@
+//! The `buildlockd` command: check the runtime directory, become the only daemon for it, bind
+//! the socket, serve until stopped or idle.
+//!
+//! Exit codes: 0 after a clean stop, or at once when another daemon already serves the runtime
+//! directory (it prints `running pid=N`); 2 for a bad setting (an unsafe runtime directory, a
+//! socket that cannot be bound), with a message saying what to fix.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use buildlock_sys::{LockFile, LockMode};
+use clap::Parser;
+
+use crate::{serve, Config, Daemon};
+
+#[derive(Parser, Debug)]
+#[command(name = "buildlockd", version, about = "The buildlock per-user lock daemon")]
+struct Args {
+    /// Private directory for the socket, pid file and instance lock
+    /// [default: $BUILDLOCK_RUNTIME_DIR, else $XDG_RUNTIME_DIR/buildlock, else a private temp dir]
+    #[arg(long, value_name = "DIR")]
+    runtime_dir: Option<PathBuf>,
+    /// Exit after SECS with no client and no lease; 0 = never
+    #[arg(long, value_name = "SECS", env = "BUILDLOCKD_IDLE_EXIT", default_value_t = 300)]
+    idle_exit: u64,
+    /// Once listening, go to the background (new session, stdin/stdout to /dev/null) and let
+    /// the starting process return; how clients start the daemon on demand
+    #[arg(long)]
+    daemonize: bool,
+}
+
+/// Runs the daemon; returns its exit code.
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BUILDLOCK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("buildlockd: error: {msg}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let runtime_dir = args.runtime_dir.unwrap_or_else(buildlock_sys::ipc::default_runtime_dir);
+    buildlock_sys::ipc::ensure_private_dir(&runtime_dir)?;
+    let config = Config {
+        runtime_dir: runtime_dir.clone(),
+        idle_exit: (args.idle_exit > 0).then(|| Duration::from_secs(args.idle_exit)),
+    };
+    // One daemon per runtime directory: whoever holds this lock is it. Taken before the socket
+    // is touched, so a stale socket is only ever removed by the one daemon allowed to bind.
+    let instance_path = runtime_dir.join("buildlockd.lock");
+    let instance =
+        LockFile::open(&instance_path).map_err(|e| format!("cannot open {}: {e}", instance_path.display()))?;
+    let pid_path = runtime_dir.join("buildlockd.pid");
+    if !instance.try_lock(LockMode::Exclusive).map_err(|e| format!("cannot lock {}: {e}", instance_path.display()))? {
+        let other = std::fs::read_to_string(&pid_path).unwrap_or_default();
+        let other = other.trim();
+        tracing::info!("another buildlockd (pid {other}) serves {}; exiting", runtime_dir.display());
+        println!("running pid={other}");
+        return Ok(());
+    }
+    std::fs::write(&pid_path, format!("{}\n", std::process::id()))
+        .map_err(|e| format!("cannot write {}: {e}", pid_path.display()))?;
+    let socket = config.socket_path();
+    match std::fs::remove_file(&socket) {
+        Ok(()) => tracing::info!("removed stale socket {}", socket.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot remove stale socket {}: {e}", socket.display())),
+    }
+    let listener = std::os::unix::net::UnixListener::bind(&socket)
+        .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+    let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600));
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+
+    if args.daemonize {
+        // Single-threaded still: no runtime, no signal thread yet. The socket is listening, so
+        // clients may connect as soon as the parent says "ready"; they queue in the backlog.
+        if let Some(child) = buildlock_sys::ipc::fork_into_background().map_err(|e| format!("cannot fork: {e}"))? {
+            println!("ready pid={child} socket={}", socket.display());
+            std::process::exit(0);
+        }
+        // The child. On Linux the instance lock is an open-file-description lock, shared with
+        // the parent that just exited, so it is still held. POSIX record locks (macOS) are not
+        // inherited: take it again (untested).
+        #[cfg(not(target_os = "linux"))]
+        instance.lock(LockMode::Exclusive).map_err(|e| format!("cannot lock {}: {e}", instance_path.display()))?;
+        std::fs::write(&pid_path, format!("{}\n", std::process::id()))
+            .map_err(|e| format!("cannot write {}: {e}", pid_path.display()))?;
+    }
+    let daemon = Daemon::new(config);
+    let d = daemon.clone();
+    if let Err(e) = ctrlc::set_handler(move || d.shutdown()) {
+        tracing::warn!("cannot handle SIGINT/SIGTERM: {e}");
+    }
+    tracing::info!(
+        "buildlockd {} (protocol {}) pid {} listening on {}",
+        buildlock_proto::BUILD,
+        buildlock_proto::PROTOCOL_VERSION,
+        std::process::id(),
+        socket.display()
+    );
+    if !args.daemonize {
+        // Whoever started us waits for this line.
+        println!("ready pid={} socket={}", std::process::id(), socket.display());
+        let _ = std::io::stdout().flush();
+    }
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    rt.block_on(async {
+        let listener = tokio::net::UnixListener::from_std(listener).map_err(|e| e.to_string())?;
+        serve(listener, daemon).await;
+        Ok::<(), String>(())
+    })?;
+    // Still holding the instance lock: the socket and pid file are ours to remove.
+    let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(&pid_path);
+    tracing::info!("stopped");
+    drop(instance);
+    Ok(())
+}

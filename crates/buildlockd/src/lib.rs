@@ -1,0 +1,58 @@
+//! `buildlockd`: the per-user lock daemon.
+//!
+//! The daemon grants leases on lock files to clients connected over a Unix socket
+//! (`<runtime dir>/buildlockd.sock`, protocol in `proto/PROTOCOL.md`). It queues waiters fairly
+//! (the pure state machine in `buildlock-queue`), sees a dead client the instant its socket
+//! closes, and stays interoperable with everything that uses the same lock files on disk:
+//! every grant takes the OS lock through `buildlock-disk` and writes `.lock.pid` naming the
+//! client, so `fasteners` users and direct-mode clients are excluded and informed.
+//!
+//! Layers, bottom-up (after mini-redis):
+//! - `conn`: one connection: handshake, frames in, replies (with descriptors) out.
+//! - `state`: the shared state and every request's effect: the queue, the leases, the OS locks.
+//!   The queue decides *who* is next; this layer takes the OS lock for them (waiting for an
+//!   outside holder in a blocking thread) and hands it over.
+//! - `server`: the accept loop, timers (deadlines, idle exit) and shutdown.
+//! - [`main`]: the `buildlockd` command: runtime directory checks, the single-instance lock,
+//!   binding the socket.
+//!
+//! **Handing over the lock.** On Linux the daemon sends the client a duplicate of the locked
+//! descriptor (SCM_RIGHTS). The OS lock belongs to the open file, so it holds while *either*
+//! copy is open: the daemon's death frees nothing a live client holds, and a client's death
+//! frees its lock the moment the daemon drops its copy on seeing the socket close. A lease
+//! bound to a process (`run`'s command, `acquire --pid`) keeps the daemon's copy until that
+//! process has exited too.
+//!
+//! **Architecture invariant:** a lease is released (metadata removed, daemon's copy closed,
+//! next waiter granted) only when its connection is gone or released it *and* its bound
+//! process, if any, has exited.
+//!
+//! **Architecture invariant:** bad input from one connection (garbage, a huge frame, a wrong
+//! version) closes that connection only; no other client's lease is touched.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+mod conn;
+mod server;
+mod state;
+
+pub use server::{serve, Daemon};
+
+/// What a daemon needs to know at start.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The private directory holding the socket, pid file and instance lock.
+    pub runtime_dir: PathBuf,
+    /// Exit after this long with no connection and no lease; `None`: never.
+    pub idle_exit: Option<Duration>,
+}
+
+impl Config {
+    pub fn socket_path(&self) -> PathBuf {
+        buildlock_proto::transport::socket_path(&self.runtime_dir)
+    }
+}
+
+mod cli;
+pub use cli::main;

@@ -1,0 +1,727 @@
+//! The daemon's shared state and what every request does to it.
+//!
+//! The queue (`buildlock-queue`) decides whose turn it is; this module carries the decision out:
+//! takes the OS lock for the lease (in a blocking thread when an outside process holds it),
+//! writes the holder's metadata, hands the client a duplicate of the locked descriptor, watches
+//! bound processes, and releases leases when their connection and process are both gone.
+//!
+//! One `std::sync::Mutex` guards it all: every critical section is short and never awaits (the
+//! blocking file work runs in `spawn_blocking`), so an async mutex would only add cost.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use buildlock_disk::{LockTarget, Metadata, OsHold};
+use buildlock_proto::{
+    AcquireRequest, DaemonInfo, ErrorCode, ErrorReply, Holder, LockInfo, Mode, Reply, Request, WaitFor, Waiter,
+};
+use buildlock_queue::{Event, LeaseId, OwnerId, Queue, Wait};
+use buildlock_sys::LockMode;
+use tokio::sync::mpsc;
+
+use crate::server::Daemon;
+
+/// A reply on its way to a connection, with the descriptor that rides on it, if any.
+#[derive(Debug)]
+pub(crate) struct Outgoing {
+    pub(crate) reply: Reply,
+    pub(crate) fd: Option<OwnedFd>,
+}
+
+pub(crate) type Tx = mpsc::UnboundedSender<Outgoing>;
+
+pub(crate) struct State {
+    queue: Queue<PathBuf>,
+    conns: HashMap<OwnerId, ConnEntry>,
+    leases: HashMap<LeaseId, Lease>,
+    next_owner: OwnerId,
+    /// When the daemon last had no connection and no lease (for idle exit).
+    pub(crate) idle_since: Option<Instant>,
+}
+
+impl State {
+    pub(crate) fn new() -> State {
+        State {
+            queue: Queue::new(),
+            conns: HashMap::new(),
+            leases: HashMap::new(),
+            next_owner: 0,
+            idle_since: Some(Instant::now()),
+        }
+    }
+}
+
+struct ConnEntry {
+    tx: Tx,
+    pid: u32,
+    leases: HashSet<LeaseId>,
+}
+
+struct Lease {
+    target: LockTarget,
+    owner: OwnerId,
+    /// The process named as the holder: the one the lease was bound to when asked for (a
+    /// script's, through `acquire --pid`), else the client's.
+    holder_pid: u32,
+    mode: Mode,
+    operation: String,
+    command: String,
+    bind_pid: Option<u32>,
+    requested: Instant,
+    /// How long the client will wait, which also bounds waiting for an outside holder.
+    wait: Wait,
+    phase: Phase,
+}
+
+enum Phase {
+    Waiting,
+    /// The queue granted it; the OS lock is being taken (perhaps waiting for an outside holder).
+    Locking {
+        cancel: Arc<AtomicBool>,
+    },
+    Held {
+        hold: Box<OsHold>,
+        since: SystemTime,
+        conn_open: bool,
+        pid_running: bool,
+    },
+}
+
+fn lock_mode(m: Mode) -> LockMode {
+    match m {
+        Mode::Shared => LockMode::Shared,
+        Mode::Exclusive => LockMode::Exclusive,
+    }
+}
+
+fn queue_mode(m: Mode) -> buildlock_queue::Mode {
+    match m {
+        Mode::Shared => buildlock_queue::Mode::Shared,
+        Mode::Exclusive => buildlock_queue::Mode::Exclusive,
+    }
+}
+
+fn error(code: ErrorCode, message: impl Into<String>, holder: Option<Holder>) -> Reply {
+    Reply::Error(ErrorReply { code, message: message.into(), holder })
+}
+
+fn unix_ms(t: SystemTime) -> Option<i64> {
+    t.duration_since(SystemTime::UNIX_EPOCH).ok().and_then(|d| i64::try_from(d.as_millis()).ok())
+}
+
+/// A proto holder from what the on-disk protocol knows (an outside holder).
+pub(crate) fn holder_from_disk(h: &buildlock_disk::Holder, outside: bool) -> Holder {
+    let m = h.meta.as_ref();
+    Holder {
+        pid: h.pid(),
+        command: h.command.clone(),
+        host: m.map(|m| m.hostname.clone()),
+        mode: h.mode.or(m.and_then(|m| m.mode)).map(|m| match m {
+            LockMode::Shared => Mode::Shared,
+            LockMode::Exclusive => Mode::Exclusive,
+        }),
+        since_unix_ms: h.since().map(|t| t.as_millisecond()),
+        operation: m.map(|m| m.operation.clone()),
+        token: m.and_then(|m| m.token),
+        outside,
+        description: if outside { format!("{h} (not a buildlockd client)") } else { h.to_string() },
+    }
+}
+
+impl Lease {
+    fn holder(&self) -> Holder {
+        let (since, token) = match &self.phase {
+            Phase::Held { since, hold, .. } => (unix_ms(*since), Some(hold.token())),
+            _ => (None, None),
+        };
+        let host = buildlock_sys::hostname();
+        let mut description = format!("pid {}", self.holder_pid);
+        if !self.command.is_empty() {
+            description.push_str(&format!(" ({})", self.command));
+        }
+        description.push_str(&format!(" on {host}, {}", self.mode));
+        if let Some(since) = since {
+            let ts = jiff_free_since(since);
+            description.push_str(&format!(", since {ts}"));
+        }
+        if !self.operation.is_empty() {
+            description.push_str(&format!(", operation '{}'", self.operation));
+        }
+        Holder {
+            pid: Some(self.holder_pid),
+            command: Some(self.command.clone()).filter(|c| !c.is_empty()),
+            host: Some(host),
+            mode: Some(self.mode),
+            since_unix_ms: since,
+            operation: Some(self.operation.clone()).filter(|o| !o.is_empty()),
+            token,
+            outside: false,
+            description,
+        }
+    }
+
+    fn metadata(&self) -> Metadata {
+        Metadata::for_process(
+            buildlock_sys::identify(self.holder_pid),
+            lock_mode(self.mode),
+            "os",
+            &self.operation,
+            Some(self.command.clone()),
+        )
+    }
+}
+
+/// "3s ago"-style age of a unix-ms time, for descriptions.
+fn jiff_free_since(ms: i64) -> String {
+    let now = unix_ms(SystemTime::now()).unwrap_or(ms);
+    let age = std::time::Duration::from_millis(now.saturating_sub(ms).max(0) as u64);
+    format!("{} ago", buildlock_disk::stale::secs(age))
+}
+
+impl Daemon {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new connection from process `pid`; its replies go to `tx`.
+    pub(crate) fn register(&self, tx: Tx, pid: u32) -> OwnerId {
+        let mut st = self.state();
+        st.next_owner += 1;
+        let owner = st.next_owner;
+        st.conns.insert(owner, ConnEntry { tx, pid, leases: HashSet::new() });
+        st.idle_since = None;
+        owner
+    }
+
+    fn send(st: &State, owner: OwnerId, reply: Reply, fd: Option<OwnedFd>) {
+        if let Some(c) = st.conns.get(&owner) {
+            let _ = c.tx.send(Outgoing { reply, fd });
+        }
+    }
+
+    /// Carries out one request from connection `owner`.
+    pub(crate) fn handle(self: &Arc<Self>, owner: OwnerId, req: Request) {
+        match req {
+            Request::Acquire(a) => self.acquire(owner, a),
+            Request::Release { path } => self.release(owner, &path),
+            Request::ReleasePid { path, pid } => self.release_pid(owner, &path, pid),
+            Request::Bind { path, pid } => self.bind(owner, &path, pid),
+            Request::Status { path } => {
+                let reply = self.status(path.as_deref());
+                Self::send(&self.state(), owner, reply, None);
+            }
+            Request::DaemonStatus => {
+                let info = self.info();
+                Self::send(&self.state(), owner, Reply::DaemonStatus(info), None);
+            }
+            Request::Shutdown => {
+                Self::send(&self.state(), owner, Reply::ShuttingDown, None);
+                tracing::info!("shutting down at the request of a client");
+                self.shutdown();
+            }
+        }
+    }
+
+    fn acquire(self: &Arc<Self>, owner: OwnerId, a: AcquireRequest) {
+        let target = match validate_path(&a.path) {
+            Ok(t) => t,
+            Err(msg) => return Self::send(&self.state(), owner, error(ErrorCode::InvalidName, msg, None), None),
+        };
+        let now = Instant::now();
+        let wait = match a.wait {
+            WaitFor::NoWait => Wait::NoWait,
+            WaitFor::Millis(ms) => Wait::Until(now + std::time::Duration::from_millis(ms)),
+            WaitFor::Forever => Wait::Forever,
+        };
+        let mut st = self.state();
+        let Some(client_pid) = st.conns.get(&owner).map(|c| c.pid) else { return };
+        let already = st.leases.values().any(|l| l.owner == owner && l.target.path == target.path);
+        if already {
+            let msg = format!("this connection already holds or waits for {}; release it first", a.path);
+            return Self::send(&st, owner, error(ErrorCode::InvalidRequest, msg, None), None);
+        }
+        let key = target.path.clone();
+        let lease = st.queue.acquire(now, buildlock_queue::Request::new(key, owner, queue_mode(a.mode), wait));
+        st.leases.insert(
+            lease,
+            Lease {
+                target,
+                owner,
+                holder_pid: a.bind_pid.unwrap_or(client_pid),
+                mode: a.mode,
+                operation: a.operation,
+                command: a.command,
+                bind_pid: a.bind_pid,
+                requested: now,
+                wait,
+                phase: Phase::Waiting,
+            },
+        );
+        if let Some(c) = st.conns.get_mut(&owner) {
+            c.leases.insert(lease);
+        }
+        self.pump(&mut st);
+        // Still queued behind daemon clients: say so, and who holds it.
+        if let Some(l) = st.leases.get(&lease) {
+            if matches!(l.phase, Phase::Waiting) {
+                let position = st.queue.lease(lease).and_then(|v| v.position).unwrap_or(0) as u32;
+                let holder = Self::current_holder(&st, &l.target.path);
+                let path = l.target.path.display().to_string();
+                Self::send(&st, owner, Reply::Waiting { path, position, holder }, None);
+            }
+        }
+    }
+
+    /// The first daemon-client holder of `path`, if any.
+    fn current_holder(st: &State, path: &Path) -> Option<Holder> {
+        st.queue.holders(&path.to_path_buf()).first().and_then(|v| st.leases.get(&v.id)).map(Lease::holder)
+    }
+
+    /// Processes the queue's decisions.
+    fn pump(self: &Arc<Self>, st: &mut State) {
+        while let Some(ev) = st.queue.poll_event() {
+            match ev {
+                Event::Granted { lease, .. } => {
+                    let Some(l) = st.leases.get_mut(&lease) else { continue };
+                    let cancel = Arc::new(AtomicBool::new(false));
+                    l.phase = Phase::Locking { cancel: cancel.clone() };
+                    let (target, mode, meta, wait) = (l.target.clone(), lock_mode(l.mode), l.metadata(), l.wait);
+                    let d = self.clone();
+                    tokio::spawn(async move { d.lock_and_grant(lease, target, mode, meta, wait, cancel).await });
+                }
+                Event::Denied { lease, owner, key } => Self::refuse(st, lease, owner, &key, false),
+                Event::Expired { lease, owner, key } => Self::refuse(st, lease, owner, &key, true),
+            }
+        }
+        self.timer.notify_one();
+    }
+
+    /// Answers a request that could not wait (`-n`) or waited too long, naming the holder.
+    fn refuse(st: &mut State, lease: LeaseId, owner: OwnerId, key: &Path, timed_out: bool) {
+        let Some(l) = st.leases.remove(&lease) else { return };
+        if let Some(c) = st.conns.get_mut(&owner) {
+            c.leases.remove(&lease);
+        }
+        let holder = Self::current_holder(st, key)
+            .unwrap_or_else(|| holder_from_disk(&buildlock_disk::describe_holder(&l.target), true));
+        let who = holder.description.clone();
+        let reply = if timed_out {
+            let waited = buildlock_disk::stale::secs(l.requested.elapsed());
+            error(
+                ErrorCode::Timeout,
+                format!("timed out after {waited} waiting for lock {}, held by {who}", key.display()),
+                Some(holder),
+            )
+        } else {
+            error(ErrorCode::WouldBlock, format!("lock {} is held by {who}", key.display()), Some(holder))
+        };
+        Self::send(st, owner, reply, None);
+    }
+
+    /// Takes the OS lock for a lease the queue granted, then hands it to the client. A holder
+    /// outside the daemon (fasteners, direct mode) is waited for in a blocking thread, within
+    /// the client's own deadline; `NoWait` is refused at once.
+    async fn lock_and_grant(
+        self: Arc<Self>,
+        lease: LeaseId,
+        target: LockTarget,
+        mode: LockMode,
+        meta: Metadata,
+        wait: Wait,
+        cancel: Arc<AtomicBool>,
+    ) {
+        let (t, m) = (target.clone(), meta.clone());
+        let first = tokio::task::spawn_blocking(move || buildlock_disk::try_lock_for(&t, mode, m)).await;
+        let result = match first {
+            Ok(Ok(Some(hold))) => Ok(hold),
+            Ok(Ok(None)) => {
+                let outside = holder_from_disk(&buildlock_disk::describe_holder(&target), true);
+                if wait == Wait::NoWait {
+                    return self.refuse_outside(lease, &target, outside, false);
+                }
+                {
+                    let st = self.state();
+                    if let Some(l) = st.leases.get(&lease) {
+                        let path = target.path.display().to_string();
+                        let reply = Reply::Waiting { path, position: 0, holder: Some(outside.clone()) };
+                        Self::send(&st, l.owner, reply, None);
+                    }
+                }
+                let (t, c) = (target.clone(), cancel.clone());
+                let blocked = tokio::task::spawn_blocking(move || {
+                    let hold = buildlock_disk::lock_for(&t, mode, meta);
+                    // Abandoned meanwhile (deadline, client gone): let go at once.
+                    match hold {
+                        Ok(h) if c.load(Ordering::SeqCst) => {
+                            release_hold(h);
+                            None
+                        }
+                        other => Some(other),
+                    }
+                });
+                let deadline = wait.deadline().map(tokio::time::Instant::from_std);
+                let outcome = match deadline {
+                    Some(at) => tokio::time::timeout_at(at, blocked).await.ok(),
+                    None => Some(blocked.await),
+                };
+                match outcome {
+                    None => {
+                        cancel.store(true, Ordering::SeqCst);
+                        let outside = holder_from_disk(&buildlock_disk::describe_holder(&target), true);
+                        return self.refuse_outside(lease, &target, outside, true);
+                    }
+                    Some(Ok(Some(r))) => r,
+                    Some(Ok(None)) => return,
+                    Some(Err(e)) => Err(join_error(&target, e)),
+                }
+            }
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(join_error(&target, e)),
+        };
+        if cancel.load(Ordering::SeqCst) {
+            if let Ok(hold) = result {
+                release_hold(hold);
+            }
+            return;
+        }
+        self.deliver(lease, result);
+    }
+
+    /// Refuses a lease the queue granted because a holder outside the daemon has the lock.
+    fn refuse_outside(self: &Arc<Self>, lease: LeaseId, target: &LockTarget, holder: Holder, timed_out: bool) {
+        let mut st = self.state();
+        let Some(l) = st.leases.remove(&lease) else { return };
+        if let Some(c) = st.conns.get_mut(&l.owner) {
+            c.leases.remove(&lease);
+        }
+        st.queue.release(lease, Instant::now());
+        let who = holder.description.clone();
+        let path = target.path.display();
+        let reply = if timed_out {
+            let waited = buildlock_disk::stale::secs(l.requested.elapsed());
+            error(
+                ErrorCode::Timeout,
+                format!("timed out after {waited} waiting for lock {path}, held by {who}"),
+                Some(holder),
+            )
+        } else {
+            error(ErrorCode::WouldBlock, format!("lock {path} is held by {who}"), Some(holder))
+        };
+        Self::send(&st, l.owner, reply, None);
+        self.pump(&mut st);
+    }
+
+    fn deliver(self: &Arc<Self>, lease: LeaseId, result: Result<OsHold, buildlock_disk::Error>) {
+        let mut st = self.state();
+        let Some(l) = st.leases.get_mut(&lease) else {
+            if let Ok(hold) = result {
+                release_hold(hold);
+            }
+            return;
+        };
+        let owner = l.owner;
+        match result {
+            Ok(hold) => {
+                let fd = hand_over(&hold);
+                let token = hold.token();
+                let conn_open = st.conns.contains_key(&owner);
+                let l = st.leases.get_mut(&lease).expect("looked up above");
+                let bind = l.bind_pid;
+                let path = l.target.path.display().to_string();
+                l.phase = Phase::Held {
+                    hold: Box::new(hold),
+                    since: SystemTime::now(),
+                    conn_open,
+                    pid_running: bind.is_some(),
+                };
+                let fd_attached = fd.is_some();
+                Self::send(&st, owner, Reply::Granted { path, token, fd_attached }, fd);
+                if let Some(pid) = bind {
+                    self.watch_pid(lease, pid);
+                }
+                if !conn_open {
+                    self.maybe_release(&mut st, lease);
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot take the OS lock for a client: {e}");
+                st.leases.remove(&lease);
+                st.queue.release(lease, Instant::now());
+                if let Some(c) = st.conns.get_mut(&owner) {
+                    c.leases.remove(&lease);
+                }
+                Self::send(&st, owner, error(ErrorCode::Io, e.to_string(), None), None);
+                self.pump(&mut st);
+            }
+        }
+    }
+
+    /// Releases `lease` if nothing keeps it any more: its connection is gone (or released it)
+    /// and its bound process, if any, has exited.
+    fn maybe_release(self: &Arc<Self>, st: &mut State, lease: LeaseId) {
+        let done = match st.leases.get(&lease).map(|l| &l.phase) {
+            Some(Phase::Held { conn_open, pid_running, .. }) => !conn_open && !pid_running,
+            _ => false,
+        };
+        if !done {
+            return;
+        }
+        let l = st.leases.remove(&lease).expect("checked above");
+        if let Some(c) = st.conns.get_mut(&l.owner) {
+            c.leases.remove(&lease);
+        }
+        if let Phase::Held { hold, .. } = l.phase {
+            let hold = *hold;
+            // Metadata first, then our copy of the descriptor: the lock is free once the
+            // client's copy is closed too (it closes before it asks to release).
+            release_hold(hold);
+        }
+        st.queue.release(lease, Instant::now());
+        self.pump(st);
+    }
+
+    fn release(self: &Arc<Self>, owner: OwnerId, path: &str) {
+        let mut st = self.state();
+        let found =
+            st.leases.iter().find(|(_, l)| l.owner == owner && l.target.path == Path::new(path)).map(|(id, _)| *id);
+        let Some(lease) = found else {
+            let msg = format!("this connection holds no lease on {path}");
+            return Self::send(&st, owner, error(ErrorCode::NotHeld, msg, None), None);
+        };
+        self.drop_lease(&mut st, lease, true);
+        Self::send(&st, owner, Reply::Released { path: path.to_owned() }, None);
+    }
+
+    /// Ends `lease` at its owner's wish or death: a waiter leaves the queue, a lock being taken
+    /// is abandoned, a held lease loses its connection (`explicit`: and its bound process).
+    fn drop_lease(self: &Arc<Self>, st: &mut State, lease: LeaseId, explicit: bool) {
+        let Some(l) = st.leases.get_mut(&lease) else { return };
+        match &mut l.phase {
+            Phase::Waiting | Phase::Locking { .. } => {
+                if let Phase::Locking { cancel } = &l.phase {
+                    cancel.store(true, Ordering::SeqCst);
+                }
+                let owner = l.owner;
+                st.leases.remove(&lease);
+                if let Some(c) = st.conns.get_mut(&owner) {
+                    c.leases.remove(&lease);
+                }
+                st.queue.release(lease, Instant::now());
+                self.pump(st);
+            }
+            Phase::Held { conn_open, pid_running, .. } => {
+                *conn_open = false;
+                if explicit {
+                    *pid_running = false;
+                }
+                self.maybe_release(st, lease);
+            }
+        }
+    }
+
+    fn release_pid(self: &Arc<Self>, owner: OwnerId, path: &str, pid: u32) {
+        let mut st = self.state();
+        let found = st
+            .leases
+            .iter()
+            .find(|(_, l)| l.bind_pid == Some(pid) && l.target.path == Path::new(path))
+            .map(|(id, l)| (*id, l.owner));
+        let Some((lease, holder_conn)) = found else {
+            let msg = format!("no lease on {path} is bound to pid {pid}");
+            return Self::send(&st, owner, error(ErrorCode::NotHeld, msg, None), None);
+        };
+        // Tell the connection that held it (an `acquire --pid` keeper), so it lets go too.
+        if holder_conn != owner {
+            Self::send(&st, holder_conn, Reply::Released { path: path.to_owned() }, None);
+        }
+        self.drop_lease(&mut st, lease, true);
+        Self::send(&st, owner, Reply::Released { path: path.to_owned() }, None);
+    }
+
+    fn bind(self: &Arc<Self>, owner: OwnerId, path: &str, pid: u32) {
+        let mut st = self.state();
+        let found = st.leases.iter_mut().find(|(_, l)| {
+            l.owner == owner && l.target.path == Path::new(path) && matches!(l.phase, Phase::Held { .. })
+        });
+        let Some((&lease, l)) = found else {
+            let msg = format!("this connection holds no lease on {path} to bind");
+            return Self::send(&st, owner, error(ErrorCode::NotHeld, msg, None), None);
+        };
+        l.bind_pid = Some(pid);
+        if let Phase::Held { pid_running, .. } = &mut l.phase {
+            *pid_running = true;
+        }
+        self.watch_pid(lease, pid);
+        Self::send(&st, owner, Reply::Bound { path: path.to_owned(), pid }, None);
+    }
+
+    /// Watches `pid` (pidfd on Linux, else polling) and releases the lease once it has exited
+    /// and its connection is gone.
+    fn watch_pid(self: &Arc<Self>, lease: LeaseId, pid: u32) {
+        let d = self.clone();
+        tokio::spawn(async move {
+            wait_for_exit(pid).await;
+            let mut st = d.state();
+            let still_bound = st.leases.get(&lease).is_some_and(|l| l.bind_pid == Some(pid));
+            if still_bound {
+                if let Some(Phase::Held { pid_running, .. }) = st.leases.get_mut(&lease).map(|l| &mut l.phase) {
+                    *pid_running = false;
+                }
+                d.maybe_release(&mut st, lease);
+            }
+        });
+    }
+
+    /// Connection `owner` closed: everything it waited for is cancelled, everything it held is
+    /// released (once bound processes have exited).
+    pub(crate) fn disconnected(self: &Arc<Self>, owner: OwnerId) {
+        let mut st = self.state();
+        let Some(conn) = st.conns.remove(&owner) else { return };
+        for lease in conn.leases {
+            self.drop_lease(&mut st, lease, false);
+        }
+        if st.conns.is_empty() && st.leases.is_empty() {
+            st.idle_since = Some(Instant::now());
+        }
+    }
+
+    /// Expires waiters whose deadline passed; returns the next deadline.
+    pub(crate) fn on_timer(self: &Arc<Self>) -> Option<Instant> {
+        let mut st = self.state();
+        st.queue.handle_timeout(Instant::now());
+        self.pump(&mut st);
+        st.queue.poll_timeout()
+    }
+
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        self.state().queue.poll_timeout()
+    }
+
+    fn status(&self, path: Option<&str>) -> Reply {
+        let st = self.state();
+        let mut keys: Vec<PathBuf> = match path {
+            Some(p) => vec![PathBuf::from(p)],
+            None => st.queue.keys().cloned().collect(),
+        };
+        keys.sort();
+        let locks = keys
+            .iter()
+            .map(|key| {
+                let mut holders: Vec<Holder> =
+                    st.queue.holders(key).iter().filter_map(|v| st.leases.get(&v.id)).map(Lease::holder).collect();
+                if holders.is_empty() && path.is_some() {
+                    if let Ok(t) = validate_path(&key.display().to_string()) {
+                        if let Ok(s) = buildlock_disk::status(&t, &Default::default()) {
+                            holders.extend(s.holder.as_ref().map(|h| holder_from_disk(h, true)));
+                        }
+                    }
+                }
+                let waiters = st
+                    .queue
+                    .waiters(key)
+                    .iter()
+                    .filter_map(|v| st.leases.get(&v.id).map(|l| (v, l)))
+                    .map(|(v, l)| Waiter {
+                        pid: l.holder_pid,
+                        mode: l.mode,
+                        waited_ms: v.since.elapsed().as_millis() as u64,
+                        operation: l.operation.clone(),
+                    })
+                    .collect();
+                LockInfo { path: key.display().to_string(), holders, waiters }
+            })
+            .collect();
+        Reply::Status { locks }
+    }
+
+    fn info(&self) -> DaemonInfo {
+        let st = self.state();
+        let (leases, waiters) = st.queue.counts();
+        DaemonInfo {
+            pid: std::process::id(),
+            version: buildlock_proto::PROTOCOL_VERSION,
+            build: buildlock_proto::BUILD.to_owned(),
+            started_unix_ms: unix_ms(self.started).unwrap_or(0),
+            runtime_dir: self.config.runtime_dir.display().to_string(),
+            socket: self.config.socket_path().display().to_string(),
+            connections: st.conns.len() as u32,
+            leases: leases as u32,
+            waiters: waiters as u32,
+            idle_exit_ms: self.config.idle_exit.map(|d| d.as_millis() as u64),
+        }
+    }
+
+    /// Whether the daemon has had no connection and no lease for `idle`.
+    pub(crate) fn idle_for(&self, idle: std::time::Duration) -> bool {
+        let st = self.state();
+        st.conns.is_empty() && st.leases.is_empty() && st.idle_since.is_some_and(|t| t.elapsed() >= idle)
+    }
+}
+
+/// A lock path from a client: absolute, and a valid lock target.
+fn validate_path(path: &str) -> Result<LockTarget, String> {
+    if !Path::new(path).is_absolute() {
+        return Err(format!("lock path {path:?} is not absolute; clients send absolute paths"));
+    }
+    LockTarget::resolve(path, Path::new("/")).map_err(|e| e.to_string())
+}
+
+fn join_error(target: &LockTarget, e: tokio::task::JoinError) -> buildlock_disk::Error {
+    buildlock_disk::Error::Io {
+        action: "lock",
+        path: target.path.clone(),
+        source: std::io::Error::other(format!("the locking thread failed: {e}")),
+    }
+}
+
+/// The descriptor to hand the client: a duplicate sharing the lock (Linux). Elsewhere the
+/// daemon's own copy is the only one and `None` is sent.
+fn hand_over(hold: &OsHold) -> Option<OwnedFd> {
+    #[cfg(target_os = "linux")]
+    {
+        match hold.try_clone_file() {
+            Ok(f) => Some(OwnedFd::from(f)),
+            Err(e) => {
+                tracing::warn!("cannot duplicate the lock descriptor: {e}; the daemon alone holds the lock");
+                None
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = hold;
+        None
+    }
+}
+
+fn release_hold(hold: OsHold) {
+    if let Err(e) = hold.release() {
+        tracing::warn!("{e}");
+    }
+}
+
+/// Resolves when process `pid` has exited.
+async fn wait_for_exit(pid: u32) {
+    match buildlock_sys::ipc::pidfd_open(pid) {
+        Ok(Some(fd)) => {
+            // SAFETY: the AsyncFd owns `fd` (an OwnedFd) for its whole life, so the descriptor
+            // stays open and refers to the same pidfd until the AsyncFd is dropped.
+            let registered =
+                unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) };
+            if let Ok(afd) = registered {
+                let _ = afd.readable().await;
+                return;
+            }
+        }
+        Err(_) => return, // no such process: it has exited already
+        Ok(None) => {}
+    }
+    let id = buildlock_sys::identify(pid);
+    while buildlock_sys::process_state(&id) != buildlock_sys::ProcessState::Dead {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
