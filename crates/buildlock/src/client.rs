@@ -1,0 +1,201 @@
+//! A blocking connection to `buildlockd`: handshake, requests, replies with their descriptors,
+//! and starting the daemon on demand.
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use buildlock_proto::{FrameDecoder, Reply, Request, Welcome};
+
+use crate::Error;
+
+/// How long to wait for a daemon started on demand to say it is ready.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection to the daemon.
+#[derive(Debug)]
+pub struct Client {
+    stream: UnixStream,
+    decoder: FrameDecoder,
+    fds: VecDeque<OwnedFd>,
+    buf: Vec<u8>,
+    welcome: Welcome,
+}
+
+/// Why no connection could be made.
+#[derive(Debug)]
+pub(crate) enum ConnectError {
+    /// No daemon listens there (no socket, or a stale one).
+    NotRunning(io::Error),
+    /// Something answered but refused us or speaks another protocol; the text says what to do.
+    Refused(String),
+    Other(String),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::NotRunning(e) => write!(f, "no daemon is running ({e})"),
+            ConnectError::Refused(m) | ConnectError::Other(m) => f.write_str(m),
+        }
+    }
+}
+
+impl Client {
+    /// Connects to the daemon of `runtime_dir` and says hello.
+    pub(crate) fn connect(runtime_dir: &Path) -> Result<Client, ConnectError> {
+        let socket = buildlock_proto::transport::socket_path(runtime_dir);
+        let stream = match UnixStream::connect(&socket) {
+            Ok(s) => s,
+            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
+                return Err(ConnectError::NotRunning(e))
+            }
+            Err(e) => return Err(ConnectError::Other(format!("cannot connect to {}: {e}", socket.display()))),
+        };
+        let mut client = Client {
+            stream,
+            decoder: FrameDecoder::new(),
+            fds: VecDeque::new(),
+            buf: vec![0; 16 * 1024],
+            welcome: Welcome::new(0),
+        };
+        let hello = buildlock_proto::encode(&buildlock_proto::Hello::new(std::process::id()))
+            .map_err(|e| ConnectError::Other(e.to_string()))?;
+        client.stream.write_all(&hello).map_err(|e| ConnectError::Other(format!("cannot talk to buildlockd: {e}")))?;
+        let frame = match client.next_frame(Some(Duration::from_secs(10))) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Err(ConnectError::Other("buildlockd did not answer within 10 s".into())),
+            Err(e) => return Err(ConnectError::Other(format!("buildlockd closed the connection: {e}"))),
+        };
+        client.welcome = buildlock_proto::check_welcome(&frame).map_err(|e| ConnectError::Refused(e.to_string()))?;
+        if let Some(refusal) = &client.welcome.error {
+            return Err(ConnectError::Refused(format!("buildlockd refused the connection: {refusal}")));
+        }
+        Ok(client)
+    }
+
+    /// The daemon's pid.
+    pub fn daemon_pid(&self) -> u32 {
+        self.welcome.pid
+    }
+
+    pub(crate) fn send(&mut self, req: &Request) -> Result<(), Error> {
+        let bytes = buildlock_proto::encode(req).map_err(|e| Error::Protocol(e.to_string()))?;
+        self.stream.write_all(&bytes).map_err(|e| Error::Protocol(format!("cannot send to buildlockd: {e}")))
+    }
+
+    /// The next reply and the descriptor that came with it; `Ok(None)` if `timeout` passed first.
+    pub(crate) fn recv(&mut self, timeout: Option<Duration>) -> Result<Option<(Reply, Option<OwnedFd>)>, Error> {
+        let Some(frame) = self.next_frame(timeout)? else { return Ok(None) };
+        let reply: Reply = buildlock_proto::decode(&frame).map_err(|e| Error::Protocol(e.to_string()))?;
+        let fd = match &reply {
+            Reply::Granted { fd_attached: true, .. } => Some(self.fds.pop_front().ok_or_else(|| {
+                Error::Protocol("buildlockd said it sent a lock descriptor, but none arrived".into())
+            })?),
+            _ => None,
+        };
+        Ok(Some((reply, fd)))
+    }
+
+    fn next_frame(&mut self, timeout: Option<Duration>) -> Result<Option<Vec<u8>>, Error> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            if let Some(frame) = self.decoder.next_frame().map_err(|e| Error::Protocol(e.to_string()))? {
+                return Ok(Some(frame));
+            }
+            let left = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => Some(left),
+                    _ => return Ok(None),
+                },
+                None => None,
+            };
+            self.stream.set_read_timeout(left).map_err(|e| Error::Protocol(e.to_string()))?;
+            let mut fds = Vec::new();
+            let got = buildlock_sys::ipc::recv_with_fds(self.stream.as_fd(), &mut self.buf, &mut fds);
+            self.fds.extend(fds);
+            match got {
+                Ok(0) => return Err(Error::Protocol("buildlockd closed the connection".into())),
+                Ok(n) => self.decoder.push(&self.buf[..n]),
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::Protocol(format!("lost the connection to buildlockd: {e}"))),
+            }
+        }
+    }
+}
+
+/// Connects to the daemon, starting it first if none runs (`autostart`).
+pub(crate) fn connect_or_start(runtime_dir: &Path, autostart: bool) -> Result<Client, String> {
+    match Client::connect(runtime_dir) {
+        Ok(c) => return Ok(c),
+        Err(ConnectError::NotRunning(e)) if autostart => tracing::debug!("no daemon yet ({e}); starting one"),
+        Err(e) => return Err(e.to_string()),
+    }
+    start_daemon(runtime_dir)?;
+    // The daemon (ours, or a rival that won the race) is listening now.
+    Client::connect(runtime_dir).map_err(|e| format!("started buildlockd but cannot connect: {e}"))
+}
+
+/// The `buildlockd` to start: `$BUILDLOCKD`, else the one beside this executable, else `PATH`.
+fn daemon_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("BUILDLOCKD").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    if let Some(beside) = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("buildlockd"))) {
+        if beside.is_file() {
+            return beside;
+        }
+    }
+    PathBuf::from("buildlockd")
+}
+
+/// Starts a daemon for `runtime_dir` in the background and waits until it listens. Its stderr
+/// goes to `<runtime dir>/buildlockd.log`; it inherits nothing else of ours.
+fn start_daemon(runtime_dir: &Path) -> Result<(), String> {
+    buildlock_sys::ipc::ensure_private_dir(runtime_dir)?;
+    let log_path = runtime_dir.join("buildlockd.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
+    let bin = daemon_binary();
+    let mut child = Command::new(&bin)
+        .arg("--runtime-dir")
+        .arg(runtime_dir)
+        .arg("--daemonize")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .env_remove("BUILDLOCK_LOG")
+        .spawn()
+        .map_err(|e| {
+            format!("cannot start {}: {e} (install buildlockd or set BUILDLOCKD to its path)", bin.display())
+        })?;
+    // The foreground process prints one line ("ready ..." or "running ...") and exits; the
+    // daemon itself lives on in the background. Read that line with a deadline.
+    let stdout = child.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = io::BufRead::read_line(&mut io::BufReader::new(stdout), &mut line);
+        let _ = tx.send(line);
+    });
+    let line = match rx.recv_timeout(START_TIMEOUT) {
+        Ok(line) => line,
+        Err(_) => {
+            let _ = child.kill();
+            String::new()
+        }
+    };
+    let status = child.wait().map_err(|e| e.to_string())?;
+    if line.starts_with("ready") || line.starts_with("running") {
+        return Ok(());
+    }
+    Err(format!("{} did not start ({status}); see {}", bin.display(), log_path.display()))
+}

@@ -1,0 +1,407 @@
+//! `buildlock`: locks for build tools.
+//!
+//! A blocking API (no async runtime is forced on the caller): pick a lock by name or path,
+//! shared or exclusive, say what you are doing and how long you will wait, and get a [`Lease`]
+//! that releases on drop, tells its fencing token, and tells whether it was lost.
+//!
+//! Three ways to get there ([`Connect`]):
+//! - **Auto** (default): through the per-user daemon `buildlockd`, started on demand; when no
+//!   daemon can be had, the on-disk protocol directly, after one warning saying why.
+//! - **DaemonOnly**: the daemon or an error.
+//! - **Direct** (`--no-daemon`, `BUILDLOCK_NO_DAEMON=1`): the on-disk protocol only.
+//!
+//! Either way the lock is the same OS lock on the same `.lock` file, so daemon clients, direct
+//! clients and Python `fasteners` users all exclude one another.
+//!
+//! ```no_run
+//! use buildlock::{acquire, LockTarget, Options};
+//! let target = LockTarget::resolve("libfastled_build", &buildlock::lock_dir(None)?)?;
+//! let opts = Options { operation: "build:libfastled_build".into(), ..Options::default() };
+//! let lease = acquire(&target, &opts, &mut |w| eprintln!("waiting: {}", w.holder))?;
+//! println!("token {}", lease.token());
+//! lease.release()?;
+//! # Ok::<(), buildlock::Error>(())
+//! ```
+//!
+//! **Daemon leases and daemon death.** On Linux the daemon hands the client a duplicate of the
+//! locked descriptor, and the client keeps it for as long as it holds the lease: if the daemon
+//! dies, the OS lock stays with the client and nobody else can take it. Release closes the
+//! client's copy, then asks the daemon to remove the metadata and drop its own copy; if the
+//! daemon is gone by then, the client removes its metadata itself.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub use buildlock_disk::{lock_dir, Backend, LockMode, LockTarget, Wait, DEFAULT_STALE_AFTER};
+use buildlock_proto::{AcquireRequest, ErrorCode, Reply, Request, WaitFor};
+
+mod client;
+
+pub use client::Client;
+
+/// How to reach the lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Connect {
+    /// The daemon (started on demand), else the on-disk protocol with a warning.
+    Auto,
+    /// The daemon, or an error.
+    DaemonOnly,
+    /// The on-disk protocol only.
+    Direct,
+}
+
+impl Connect {
+    /// `Direct` if `no_daemon` or `BUILDLOCK_NO_DAEMON` is set (to anything but `0`/empty),
+    /// else `Auto`.
+    pub fn from_env(no_daemon: bool) -> Connect {
+        let env = std::env::var("BUILDLOCK_NO_DAEMON").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
+        if no_daemon || env {
+            Connect::Direct
+        } else {
+            Connect::Auto
+        }
+    }
+}
+
+/// How to take a lock.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub mode: LockMode,
+    pub wait: Wait,
+    /// What the holder is doing, shown to anyone who waits.
+    pub operation: String,
+    /// The holder's command line, shown to anyone who waits.
+    pub command: Option<String>,
+    pub connect: Connect,
+    /// The daemon's runtime directory [default: `$BUILDLOCK_RUNTIME_DIR`, `$XDG_RUNTIME_DIR/buildlock`, ...].
+    pub runtime_dir: Option<PathBuf>,
+    /// On-disk protocol settings (direct mode): soft locks, stale threshold.
+    pub backend: Backend,
+    pub stale_after: Duration,
+    /// Bind a daemon lease to this process as well (see [`Lease::bind_pid`]).
+    pub bind_pid: Option<u32>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            mode: LockMode::Exclusive,
+            wait: Wait::Forever,
+            operation: String::new(),
+            command: None,
+            connect: Connect::Auto,
+            runtime_dir: None,
+            backend: Backend::Auto,
+            stale_after: DEFAULT_STALE_AFTER,
+            bind_pid: None,
+        }
+    }
+}
+
+impl Options {
+    fn runtime_dir(&self) -> PathBuf {
+        self.runtime_dir.clone().unwrap_or_else(buildlock_sys::ipc::default_runtime_dir)
+    }
+}
+
+/// What a waiter is told about once a second.
+#[derive(Clone, Debug)]
+pub struct WaitInfo {
+    /// Who holds the lock, in one line.
+    pub holder: String,
+    pub holder_pid: Option<u32>,
+    pub waited: Duration,
+}
+
+/// What went wrong, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Disk(#[from] buildlock_disk::Error),
+    /// The lock is busy (`NoWait`) or the wait ran out; the message names the holder.
+    #[error("{message}")]
+    Busy { message: String, timed_out: bool },
+    #[error("buildlockd: {message}")]
+    Daemon { code: ErrorCode, message: String },
+    #[error("no daemon: {0}")]
+    NoDaemon(String),
+    #[error("{0}")]
+    Protocol(String),
+    #[error("lock {path} was lost while held: {reason}")]
+    Lost { path: PathBuf, reason: String },
+}
+
+impl Error {
+    /// A busy lock or a wait that ran out: the caller's "conflict" case.
+    pub fn is_conflict(&self) -> bool {
+        match self {
+            Error::Busy { .. } => true,
+            Error::Disk(e) => e.is_conflict(),
+            _ => false,
+        }
+    }
+}
+
+/// A held lock. Dropping it releases it; [`Lease::release`] does too and reports problems.
+#[derive(Debug)]
+pub struct Lease {
+    target: LockTarget,
+    token: u64,
+    inner: Option<Inner>,
+}
+
+#[derive(Debug)]
+enum Inner {
+    Daemon {
+        client: Client,
+        path: String,
+        /// Our copy of the locked descriptor (Linux); `None` where the daemon alone holds it.
+        file: Option<File>,
+        id: Option<buildlock_sys::FileId>,
+    },
+    Direct(buildlock_disk::Guard),
+}
+
+/// Takes the lock `target`. While waiting, `on_wait` is called about once a second.
+pub fn acquire(target: &LockTarget, opts: &Options, on_wait: &mut dyn FnMut(&WaitInfo)) -> Result<Lease, Error> {
+    match opts.connect {
+        Connect::Direct => acquire_direct(target, opts, on_wait),
+        Connect::DaemonOnly => {
+            let client = client::connect_or_start(&opts.runtime_dir(), true).map_err(Error::NoDaemon)?;
+            acquire_daemon(client, target, opts, on_wait)
+        }
+        Connect::Auto => match client::connect_or_start(&opts.runtime_dir(), true) {
+            Ok(client) => acquire_daemon(client, target, opts, on_wait),
+            Err(why) => {
+                tracing::warn!("no buildlockd ({why}); using the lock files directly");
+                acquire_direct(target, opts, on_wait)
+            }
+        },
+    }
+}
+
+fn acquire_direct(target: &LockTarget, opts: &Options, on_wait: &mut dyn FnMut(&WaitInfo)) -> Result<Lease, Error> {
+    let disk = buildlock_disk::LockOptions {
+        mode: opts.mode,
+        backend: opts.backend,
+        stale_after: opts.stale_after,
+        operation: opts.operation.clone(),
+        command: opts.command.clone(),
+        watch: true,
+    };
+    let guard = buildlock_disk::acquire(target, &disk, opts.wait, &mut |holder, waited| {
+        on_wait(&WaitInfo { holder: holder.to_string(), holder_pid: holder.pid(), waited })
+    })?;
+    Ok(Lease { target: target.clone(), token: guard.token(), inner: Some(Inner::Direct(guard)) })
+}
+
+/// The absolute path the daemon knows the lock by (the directory is created and canonicalised,
+/// so two spellings of one lock meet in one queue).
+fn daemon_path(target: &LockTarget) -> Result<PathBuf, Error> {
+    let dir = target.dir();
+    std::fs::create_dir_all(dir).map_err(|e| buildlock_disk::Error::Io {
+        action: "create the lock directory",
+        path: dir.to_owned(),
+        source: e,
+    })?;
+    let dir = dir.canonicalize().map_err(|e| buildlock_disk::Error::Io {
+        action: "resolve",
+        path: dir.to_owned(),
+        source: e,
+    })?;
+    Ok(dir.join(target.path.file_name().unwrap_or_default()))
+}
+
+/// The path the daemon knows `target` by, if its directory exists (nothing is created).
+pub fn daemon_key(target: &LockTarget) -> Option<PathBuf> {
+    let dir = target.dir().canonicalize().ok()?;
+    Some(dir.join(target.path.file_name()?))
+}
+
+fn acquire_daemon(
+    mut client: Client,
+    target: &LockTarget,
+    opts: &Options,
+    on_wait: &mut dyn FnMut(&WaitInfo),
+) -> Result<Lease, Error> {
+    let path = daemon_path(target)?.display().to_string();
+    let wait = match opts.wait {
+        Wait::NoWait => WaitFor::NoWait,
+        Wait::Timeout(t) => WaitFor::Millis(t.as_millis() as u64),
+        Wait::Forever => WaitFor::Forever,
+    };
+    let mode = match opts.mode {
+        LockMode::Shared => buildlock_proto::Mode::Shared,
+        LockMode::Exclusive => buildlock_proto::Mode::Exclusive,
+    };
+    client.send(&Request::Acquire(AcquireRequest {
+        path: path.clone(),
+        mode,
+        wait,
+        operation: opts.operation.clone(),
+        command: opts.command.clone().unwrap_or_default(),
+        bind_pid: opts.bind_pid,
+    }))?;
+    let start = Instant::now();
+    let mut holder: Option<buildlock_proto::Holder> = None;
+    loop {
+        match client.recv(Some(Duration::from_secs(1)))? {
+            None => on_wait(&WaitInfo {
+                holder: holder.as_ref().map_or_else(|| "another process".into(), |h| h.description.clone()),
+                holder_pid: holder.as_ref().and_then(|h| h.pid),
+                waited: start.elapsed(),
+            }),
+            Some((Reply::Waiting { holder: h, .. }, _)) => holder = h.or(holder),
+            Some((Reply::Granted { token, .. }, fd)) => {
+                let file = fd.map(File::from);
+                let id = file.as_ref().and_then(file_id);
+                let inner = Inner::Daemon { client, path, file, id };
+                return Ok(Lease { target: target.clone(), token, inner: Some(inner) });
+            }
+            Some((Reply::Error(e), _)) => {
+                return Err(match e.code {
+                    ErrorCode::WouldBlock | ErrorCode::Timeout => {
+                        Error::Busy { message: e.message, timed_out: e.code == ErrorCode::Timeout }
+                    }
+                    code => Error::Daemon { code, message: e.message },
+                })
+            }
+            Some((other, _)) => return Err(Error::Protocol(format!("unexpected reply from buildlockd: {other:?}"))),
+        }
+    }
+}
+
+fn file_id(f: &File) -> Option<buildlock_sys::FileId> {
+    use std::os::unix::fs::MetadataExt;
+    f.metadata().ok().map(|m| buildlock_sys::FileId { dev: m.dev(), ino: m.ino() })
+}
+
+impl Lease {
+    /// The fencing token: larger than that of every earlier holder of this lock.
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
+    pub fn target(&self) -> &LockTarget {
+        &self.target
+    }
+
+    /// Whether the lease came from the daemon (else from the on-disk protocol directly).
+    pub fn via_daemon(&self) -> bool {
+        matches!(self.inner, Some(Inner::Daemon { .. }))
+    }
+
+    /// Keeps the lock until process `pid` has exited as well, even if this process dies first
+    /// (daemon leases; `run` binds the command it starts). In direct mode this does nothing: the
+    /// caller must stop `pid` itself when it dies (e.g. `PR_SET_PDEATHSIG`).
+    pub fn bind_pid(&mut self, pid: u32) -> Result<(), Error> {
+        let Some(Inner::Daemon { client, path, .. }) = &mut self.inner else { return Ok(()) };
+        client.send(&Request::Bind { path: path.clone(), pid })?;
+        loop {
+            match client.recv(None)? {
+                Some((Reply::Bound { .. }, _)) => return Ok(()),
+                Some((Reply::Error(e), _)) => return Err(Error::Daemon { code: e.code, message: e.message }),
+                Some((Reply::Waiting { .. }, _)) | None => {}
+                Some((other, _)) => {
+                    return Err(Error::Protocol(format!("unexpected reply from buildlockd: {other:?}")))
+                }
+            }
+        }
+    }
+
+    /// Checks that the lock file is still the one locked (another tool may have deleted it).
+    pub fn check(&self) -> Result<(), Error> {
+        match &self.inner {
+            Some(Inner::Direct(g)) => g.check().map_err(Error::from),
+            Some(Inner::Daemon { id: Some(id), path, .. }) => match buildlock_sys::path_id(Path::new(path)) {
+                Ok(now) if now == *id => Ok(()),
+                _ => Err(Error::Lost {
+                    path: PathBuf::from(path),
+                    reason: "another process deleted or replaced the lock file, so another holder may have run at \
+                             the same time; find the tool that removes lock files it does not hold"
+                        .into(),
+                }),
+            },
+            _ => Ok(()),
+        }
+    }
+
+    /// Releases the lock; reports if it was lost while held.
+    pub fn release(mut self) -> Result<(), Error> {
+        self.release_inner()
+    }
+
+    fn release_inner(&mut self) -> Result<(), Error> {
+        let Some(inner) = self.inner.take() else { return Ok(()) };
+        match inner {
+            Inner::Direct(guard) => guard.release().map_err(Error::from),
+            Inner::Daemon { mut client, path, file, id } => {
+                let lost = match id {
+                    Some(id) => !buildlock_sys::path_id(Path::new(&path)).is_ok_and(|now| now == id),
+                    None => false,
+                };
+                // Close our copy first, never unlocking it: the daemon's copy shares the lock
+                // until the daemon has removed our metadata.
+                drop(file);
+                let released = client.send(&Request::Release { path: path.clone() }).and_then(|()| loop {
+                    match client.recv(None)? {
+                        Some((Reply::Released { .. }, _)) => return Ok(()),
+                        Some((Reply::Error(e), _)) => return Err(Error::Daemon { code: e.code, message: e.message }),
+                        _ => {}
+                    }
+                });
+                if let Err(e) = released {
+                    // The daemon is gone: with it went its copy, so the lock is free; remove the
+                    // metadata naming us, if it still does.
+                    tracing::debug!("releasing without the daemon: {e}");
+                    remove_own_metadata(&self.target, self.token);
+                }
+                if lost {
+                    return Err(Error::Lost {
+                        path: PathBuf::from(path),
+                        reason: "another process deleted or replaced the lock file while it was held".into(),
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Err(e) = self.release_inner() {
+            tracing::error!("{e}");
+        }
+    }
+}
+
+/// Removes `.lock.pid` if it names this process with our token (daemon gone before release).
+fn remove_own_metadata(target: &LockTarget, token: u64) {
+    if let buildlock_disk::MetaRead::Valid(m) = buildlock_disk::meta::read(&target.meta_path) {
+        if m.pid == std::process::id() && m.token == Some(token) {
+            let _ = std::fs::remove_file(&target.meta_path);
+        }
+    }
+}
+
+/// Asks the daemon of `runtime_dir` (never starting one) a single question.
+pub fn ask_daemon(runtime_dir: Option<&Path>, req: &Request) -> Result<Reply, Error> {
+    let rt = runtime_dir.map(Path::to_owned).unwrap_or_else(buildlock_sys::ipc::default_runtime_dir);
+    let mut client = client::connect_or_start(&rt, false).map_err(Error::NoDaemon)?;
+    client.send(req)?;
+    loop {
+        match client.recv(None)? {
+            Some((Reply::Waiting { .. }, _)) | None => {}
+            Some((reply, _)) => return Ok(reply),
+        }
+    }
+}
+
+/// Starts the daemon of `runtime_dir` if none runs; returns its pid.
+pub fn start_daemon(runtime_dir: Option<&Path>) -> Result<u32, Error> {
+    let rt = runtime_dir.map(Path::to_owned).unwrap_or_else(buildlock_sys::ipc::default_runtime_dir);
+    let client = client::connect_or_start(&rt, true).map_err(Error::NoDaemon)?;
+    Ok(client.daemon_pid())
+}
