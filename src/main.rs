@@ -3,15 +3,24 @@
 //! ```text
 //! buildlock-client [--dir DIR] [--no-daemon] [--soft] [--stale-after SECS] [--json] <command>
 //!   run [-s|-x] [-n|-w SECS] [-E N] [-o TEXT] TARGET -- CMD [ARGS...]
+//!   acquire [-s|-x] [-n|-w SECS] [-E N] [-o TEXT] [--pid PID] TARGET
+//!   release [--pid PID] TARGET
 //!   status [TARGET]
 //!   break TARGET [--force]
+//!   daemon start|stop|status
 //! ```
+//!
+//! By default locks go through the per-user daemon `buildlockd`, started on demand; with
+//! `--no-daemon` (or when no daemon can be had, after a warning) through the lock files directly.
 //!
 //! Exit codes:
 //! - `run`: CMD's own exit status, or 128+N if CMD died of signal N; 1 (or the `-E` value) when
 //!   the lock is busy with `-n` or `-w` ran out; 126 if CMD could not be executed, 127 if it was
 //!   not found.
+//! - `acquire`: 0 once the lock is held for PID; 1 (or `-E`) when busy or timed out.
+//! - `release`: 0 when released, 1 when PID held no such lock.
 //! - `break`: 0 when the lock is free afterwards, 1 when it was refused (a live holder).
+//! - `daemon status`: 0 when a daemon runs, 1 when none does.
 //! - any command: 2 for bad usage or input (a bad lock name, an unwritable directory).
 
 use std::ffi::OsString;
@@ -19,9 +28,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use buildlock::Connect;
 use buildlock_disk::{Backend, LockMode, LockOptions, LockTarget, DEFAULT_STALE_AFTER};
 use clap::{ArgAction, Parser, Subcommand};
 
+mod daemon;
+mod keep;
 mod report;
 mod run;
 
@@ -35,8 +47,12 @@ struct Cli {
     #[arg(long, global = true, value_name = "DIR")]
     dir: Option<PathBuf>,
     /// Use the on-disk protocol directly, without the daemon [env: BUILDLOCK_NO_DAEMON]
-    #[arg(long, global = true, env = "BUILDLOCK_NO_DAEMON", hide_env = true)]
+    #[arg(long, global = true)]
     no_daemon: bool,
+    /// The daemon's runtime directory [default: $BUILDLOCK_RUNTIME_DIR, else
+    /// $XDG_RUNTIME_DIR/buildlock, else a private directory under the temp dir]
+    #[arg(long, global = true, value_name = "DIR", env = "BUILDLOCK_RUNTIME_DIR", hide_env = true)]
+    runtime_dir: Option<PathBuf>,
     /// Use soft locks (the lock is the file's existence), for file systems without OS locks
     /// [env: BUILDLOCK_SOFT]
     #[arg(long, global = true, env = "BUILDLOCK_SOFT", hide_env = true)]
@@ -55,6 +71,24 @@ struct Cli {
 enum Command {
     /// Run CMD while holding the lock TARGET; release it when CMD exits
     Run(RunArgs),
+    /// Take TARGET for process PID (a shell script: `acquire --pid $$`); it is released when PID
+    /// exits or on `release`
+    Acquire(AcquireArgs),
+    /// Release the lock TARGET held for process PID
+    Release {
+        /// The process the lock was taken for [default: the parent of this command, e.g. the shell]
+        #[arg(long, value_name = "PID")]
+        pid: Option<u32>,
+        target: String,
+    },
+    /// Start, stop or look at the daemon
+    Daemon {
+        #[command(subcommand)]
+        action: DaemonAction,
+    },
+    /// (internal) hold a lock for a process; started by `acquire`
+    #[command(name = "__keep", hide = true)]
+    Keep(AcquireArgs),
     /// Show who holds TARGET, or every lock in the lock directory
     Status {
         /// A lock name (in the lock directory) or a path to a .lock file
@@ -70,8 +104,30 @@ enum Command {
     },
 }
 
-#[derive(clap::Args, Debug)]
-struct RunArgs {
+#[derive(Subcommand, Debug, Clone, Copy)]
+enum DaemonAction {
+    /// Start the daemon if none runs
+    Start,
+    /// Ask the daemon to exit (held locks stay with their holders)
+    Stop,
+    /// Is a daemon running, and what is it doing
+    Status,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct AcquireArgs {
+    #[command(flatten)]
+    lock: LockArgs,
+    /// The process to hold the lock for [default: the parent of this command, e.g. the shell]
+    #[arg(long, value_name = "PID")]
+    pid: Option<u32>,
+    /// A lock name (in the lock directory) or a path to a .lock file
+    target: String,
+}
+
+/// How to take a lock: shared by `run` and `acquire`.
+#[derive(clap::Args, Debug, Clone)]
+struct LockArgs {
     /// Take a shared (reader) lock
     #[arg(short, long, conflicts_with = "exclusive")]
     shared: bool,
@@ -87,9 +143,15 @@ struct RunArgs {
     /// Exit code when the lock is busy (-n) or the wait times out (-w)
     #[arg(short = 'E', long, value_name = "N", default_value_t = 1)]
     conflict_exit_code: u8,
-    /// What the holder is doing, shown to waiters [default: CMD's command line]
+    /// What the holder is doing, shown to waiters [default: the command line]
     #[arg(short, long, value_name = "TEXT")]
     operation: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    lock: LockArgs,
     /// A lock name (in the lock directory) or a path to a .lock file
     target: String,
     /// The command to run and its arguments, after `--`
@@ -107,6 +169,8 @@ struct Context {
     dir: PathBuf,
     opts: LockOptions,
     json: bool,
+    connect: Connect,
+    runtime_dir: PathBuf,
 }
 
 impl Context {
@@ -127,12 +191,16 @@ fn main() -> ExitCode {
         stale_after: cli.stale_after.unwrap_or(DEFAULT_STALE_AFTER),
         ..LockOptions::default()
     };
-    // Only the on-disk protocol exists so far; `--no-daemon` is accepted for scripts that
-    // already ask for it.
-    let _ = cli.no_daemon;
-    let cx = Context { dir, opts, json: cli.json };
+    // Soft locks exist only in the on-disk protocol.
+    let connect = if cli.soft { Connect::Direct } else { Connect::from_env(cli.no_daemon) };
+    let runtime_dir = cli.runtime_dir.unwrap_or_else(buildlock_sys::ipc::default_runtime_dir);
+    let cx = Context { dir, opts, json: cli.json, connect, runtime_dir };
     match cli.command {
         Command::Run(args) => run::run(&cx, args),
+        Command::Acquire(args) => keep::acquire(&cx, args),
+        Command::Keep(args) => keep::keep(&cx, args),
+        Command::Release { pid, target } => keep::release(&cx, pid, &target),
+        Command::Daemon { action } => daemon::daemon(&cx, action),
         Command::Status { target } => report::status(&cx, target.as_deref()),
         Command::Break { target, force } => report::break_lock(&cx, &target, force),
     }
@@ -178,12 +246,35 @@ fn fail(err: &dyn std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_USAGE)
 }
 
-impl RunArgs {
+impl LockArgs {
     fn mode(&self) -> LockMode {
         if self.shared {
             LockMode::Shared
         } else {
             LockMode::Exclusive
+        }
+    }
+
+    fn wait(&self) -> buildlock::Wait {
+        match (self.nonblock, self.wait) {
+            (true, _) => buildlock::Wait::NoWait,
+            (false, Some(t)) => buildlock::Wait::Timeout(t),
+            (false, None) => buildlock::Wait::Forever,
+        }
+    }
+
+    /// Library options for taking the lock, with `command` as the holder's command line.
+    fn options(&self, cx: &Context, command: String) -> buildlock::Options {
+        buildlock::Options {
+            mode: self.mode(),
+            wait: self.wait(),
+            operation: self.operation.clone().unwrap_or_else(|| command.clone()),
+            command: Some(command),
+            connect: cx.connect,
+            runtime_dir: Some(cx.runtime_dir.clone()),
+            backend: cx.opts.backend,
+            stale_after: cx.opts.stale_after,
+            bind_pid: None,
         }
     }
 }

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use buildlock_disk::{Broken, Error, Holder, LockStatus};
+use buildlock_proto::{LockInfo, Reply, Request};
 use serde_json::{json, Value};
 
 use crate::{fail, Context};
@@ -21,12 +22,21 @@ pub(crate) fn status(cx: &Context, target: Option<&str>) -> ExitCode {
     let mut statuses = Vec::new();
     for t in &targets {
         match buildlock_disk::status(t, &cx.opts) {
-            Ok(s) => statuses.push(s),
+            Ok(s) => statuses.push((s, daemon_view(cx, t))),
             Err(e) => return fail(&e),
         }
     }
     if cx.json {
-        let list: Vec<Value> = statuses.iter().map(status_json).collect();
+        let list: Vec<Value> = statuses
+            .iter()
+            .map(|(s, d)| {
+                let mut v = status_json(s);
+                if let Some(d) = d {
+                    v["daemon"] = daemon_json(d);
+                }
+                v
+            })
+            .collect();
         let out = match target {
             Some(_) => list.into_iter().next().unwrap_or(Value::Null),
             None => json!({ "dir": cx.dir, "locks": list }),
@@ -35,11 +45,47 @@ pub(crate) fn status(cx: &Context, target: Option<&str>) -> ExitCode {
     } else if statuses.is_empty() {
         println!("no locks in {}", cx.dir.display());
     } else {
-        for s in &statuses {
+        for (s, d) in &statuses {
             print_status(s);
+            if let Some(d) = d {
+                for h in d.holders.iter().filter(|h| h.token.is_some()) {
+                    println!("  daemon lease: {} (token {})", h.description, h.token.unwrap_or(0));
+                }
+                for w in &d.waiters {
+                    let op =
+                        if w.operation.is_empty() { String::new() } else { format!(", operation '{}'", w.operation) };
+                    println!("  waiting: pid {}, {}, for {}ms{op}", w.pid, w.mode, w.waited_ms);
+                }
+            }
         }
     }
     ExitCode::SUCCESS
+}
+
+/// What the daemon knows of `target` (its leases and waiters), if a daemon is running.
+/// Never starts one.
+fn daemon_view(cx: &Context, target: &buildlock_disk::LockTarget) -> Option<LockInfo> {
+    if cx.connect == buildlock::Connect::Direct {
+        return None;
+    }
+    let path = buildlock::daemon_key(target)?.display().to_string();
+    match buildlock::ask_daemon(Some(&cx.runtime_dir), &Request::Status { path: Some(path) }) {
+        Ok(Reply::Status { locks }) => locks.into_iter().next(),
+        _ => None,
+    }
+}
+
+fn daemon_json(d: &LockInfo) -> Value {
+    json!({
+        "holders": d.holders.iter().map(|h| json!({
+            "pid": h.pid, "command": h.command, "mode": h.mode.map(|m| m.to_string()), "token": h.token,
+            "since_unix_ms": h.since_unix_ms, "operation": h.operation, "outside": h.outside,
+            "description": h.description,
+        })).collect::<Vec<_>>(),
+        "waiters": d.waiters.iter().map(|w| json!({
+            "pid": w.pid, "mode": w.mode.to_string(), "waited_ms": w.waited_ms, "operation": w.operation,
+        })).collect::<Vec<_>>(),
+    })
 }
 
 fn print_status(s: &LockStatus) {

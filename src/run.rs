@@ -1,6 +1,8 @@
 //! `run`: hold a lock exactly while a command runs.
 //!
 //! Order matters: the lock is taken before CMD starts and released only after CMD has exited.
+//! Through the daemon the lease is also bound to CMD's process, so if `run` is killed the daemon
+//! keeps the lock until CMD is gone too.
 //! CMD never inherits the lock's descriptor (it is close-on-exec), so CMD's own background
 //! children cannot keep the lock after CMD is gone. If `run` itself is killed, CMD is killed too
 //! (Linux: `PR_SET_PDEATHSIG`), so CMD never runs unlocked.
@@ -13,8 +15,6 @@ use std::io::{IsTerminal, Write};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-use buildlock_disk::{acquire, Holder, LockOptions, Wait};
-
 use crate::{fail, Context, RunArgs};
 
 pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
@@ -23,25 +23,14 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
         Err(e) => return fail(&e),
     };
     let command_line = args.cmd.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ");
-    let opts = LockOptions {
-        mode: args.mode(),
-        operation: args.operation.clone().unwrap_or_else(|| command_line.clone()),
-        command: Some(command_line),
-        watch: true,
-        ..cx.opts.clone()
-    };
-    let wait = match (args.nonblock, args.wait) {
-        (true, _) => Wait::NoWait,
-        (false, Some(t)) => Wait::Timeout(t),
-        (false, None) => Wait::Forever,
-    };
+    let opts = args.lock.options(cx, command_line);
     let mut notice = WaitNotice::new(&target.name, &target.path.display().to_string());
-    let guard = match acquire(&target, &opts, wait, &mut |holder, waited| notice.show(holder, waited)) {
-        Ok(g) => g,
+    let mut lease = match buildlock::acquire(&target, &opts, &mut |w| notice.show(&w.holder, w.waited)) {
+        Ok(l) => l,
         Err(e) if e.is_conflict() => {
             notice.finish();
             eprintln!("buildlock-client: {e}");
-            return ExitCode::from(args.conflict_exit_code);
+            return ExitCode::from(args.lock.conflict_exit_code);
         }
         Err(e) => {
             notice.finish();
@@ -59,12 +48,16 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            drop(guard);
+            drop(lease);
             eprintln!("buildlock-client: cannot run {}: {e}", args.cmd[0].to_string_lossy());
             return ExitCode::from(if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 });
         }
     };
     forward.set_child(child.id());
+    // Through the daemon, the lease now also lasts until CMD has exited, even if we are killed.
+    if let Err(e) = lease.bind_pid(child.id()) {
+        tracing::warn!("cannot bind the lock to the command's process: {e}");
+    }
     let status = child.wait();
     forward.set_child_exited();
     let code = match status {
@@ -74,7 +67,7 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
             1
         }
     };
-    match guard.release() {
+    match lease.release() {
         Ok(()) => ExitCode::from(code),
         Err(e) => {
             eprintln!("buildlock-client: error: {e}");
@@ -112,7 +105,7 @@ impl WaitNotice {
         WaitNotice { name: name.to_owned(), path: path.to_owned(), tty: std::io::stderr().is_terminal(), shown: false }
     }
 
-    fn show(&mut self, holder: &Holder, waited: Duration) {
+    fn show(&mut self, holder: &str, waited: Duration) {
         let text = format!("buildlock-client: waiting for lock {} ({}), held by {holder}", self.name, self.path);
         let mut err = std::io::stderr().lock();
         if self.tty {

@@ -5,6 +5,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod bad_input;
+mod daemon;
 mod exclusion;
 mod interop;
 mod run;

@@ -14,13 +14,37 @@ pub const HANG: Duration = Duration::from_secs(60);
 
 pub struct Env {
     pub tmp: tempfile::TempDir,
+    /// Whether the CLI goes through a daemon (started on demand in this test's runtime dir).
+    pub daemon: bool,
 }
 
 impl Env {
+    /// A test environment where the CLI uses the lock files directly (`BUILDLOCK_NO_DAEMON=1`).
     pub fn new() -> Env {
+        Env::with_daemon(false)
+    }
+
+    /// A test environment where the CLI goes through its own daemon, started on demand in the
+    /// test's private runtime directory and killed when the test ends.
+    pub fn daemon() -> Env {
+        Env::with_daemon(true)
+    }
+
+    fn with_daemon(daemon: bool) -> Env {
         let tmp = tempfile::Builder::new().prefix("buildlock-test").tempdir().unwrap();
         std::fs::create_dir(tmp.path().join("home")).unwrap();
-        Env { tmp }
+        Env { tmp, daemon }
+    }
+
+    /// The daemon's runtime directory.
+    pub fn runtime(&self) -> PathBuf {
+        self.tmp.path().join("rt")
+    }
+
+    /// The pid of the daemon serving this test, if one runs.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        let pid: u32 = std::fs::read_to_string(self.runtime().join("buildlockd.pid")).ok()?.trim().parse().ok()?;
+        (!is_dead(pid)).then_some(pid)
     }
 
     /// The lock directory the CLI uses (`BUILDLOCK_DIR`).
@@ -44,7 +68,12 @@ impl Env {
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", self.path("home"))
             .env("BUILDLOCK_DIR", self.locks())
+            .env("BUILDLOCK_RUNTIME_DIR", self.runtime())
+            .env("BUILDLOCKD", env!("CARGO_BIN_EXE_buildlockd"))
             .current_dir(self.tmp.path());
+        if !self.daemon {
+            c.env("BUILDLOCK_NO_DAEMON", "1");
+        }
         c
     }
 
@@ -84,6 +113,15 @@ impl Env {
     pub fn write_meta(&self, name: &str, json: &str) {
         std::fs::create_dir_all(self.locks()).unwrap();
         std::fs::write(self.locks().join(format!("{name}.lock.pid")), json).unwrap();
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // A daemon started for this test dies with it.
+        if let Some(pid) = self.daemon_pid() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
+        }
     }
 }
 
