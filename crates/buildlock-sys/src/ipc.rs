@@ -189,6 +189,22 @@ pub fn wait_exit(pid: u32, timeout: Option<std::time::Duration>) -> io::Result<b
     }
 }
 
+/// Raises this process's open-file limit to its hard limit, so a daemon holding one descriptor
+/// per lease can hold thousands. Returns the limit now in force.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft >= hard {
+        return Ok(soft);
+    }
+    // macOS refuses more than OPEN_MAX for an "unlimited" hard limit; fall back to that.
+    let want = if cfg!(target_os = "macos") { hard.min(10_240) } else { hard };
+    match setrlimit(Resource::RLIMIT_NOFILE, want, hard) {
+        Ok(()) => Ok(want),
+        Err(_) => Ok(soft),
+    }
+}
+
 /// A descriptor that becomes readable when process `pid` exits (Linux `pidfd_open`, 5.3+).
 /// `Ok(None)` where the kernel has no pidfd; callers then poll [`crate::process_state`].
 pub fn pidfd_open(pid: u32) -> io::Result<Option<OwnedFd>> {

@@ -95,6 +95,12 @@ fn run(args: Args) -> Result<(), String> {
         std::fs::write(&pid_path, format!("{}\n", std::process::id()))
             .map_err(|e| format!("cannot write {}: {e}", pid_path.display()))?;
     }
+    // One descriptor per held lease (and per client): thousands of leases need more than the
+    // usual soft limit of 1024.
+    match buildlock_sys::ipc::raise_fd_limit() {
+        Ok(n) => tracing::debug!("open-file limit: {n}"),
+        Err(e) => tracing::warn!("cannot read the open-file limit: {e}"),
+    }
     let daemon = Daemon::new(config);
     let d = daemon.clone();
     if let Err(e) = ctrlc::set_handler(move || d.shutdown()) {

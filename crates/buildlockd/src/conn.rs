@@ -32,7 +32,8 @@ pub(crate) async fn handle(daemon: Arc<Daemon>, stream: UnixStream) {
         }
     }
     let mut decoder = FrameDecoder::new();
-    let mut buf = vec![0u8; 16 * 1024];
+    // Requests are small; a frame larger than this arrives in several reads.
+    let mut buf = vec![0u8; 4 * 1024];
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, next_frame(&mut rd, &mut decoder, &mut buf)).await {
         Ok(Ok(Some(frame))) => buildlock_proto::check_hello(&frame),
         Ok(Ok(None)) => return,

@@ -1,0 +1,138 @@
+//! Daemon figures: uncontended acquire+release through `buildlockd`, the time from a holder's
+//! SIGKILL to a waiter's grant, and the daemon's memory with many held leases.
+//!
+//! Run: `cargo bench --bench daemon` (add `-- --quick` for a short run). A private daemon is
+//! started in a temporary runtime directory and stopped at the end. Nothing asserts on time.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use buildlock::{acquire, Connect, LockTarget, Options, Wait};
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let scale = if quick { 10 } else { 1 };
+    let dir = tempfile::tempdir().unwrap();
+    let rt = dir.path().join("rt");
+    let locks = dir.path().join("locks");
+    std::env::set_var("BUILDLOCKD", env!("CARGO_BIN_EXE_buildlockd"));
+    let pid = buildlock::start_daemon(Some(&rt)).expect("start buildlockd");
+    let opts = Options { connect: Connect::DaemonOnly, runtime_dir: Some(rt.clone()), ..Options::default() };
+    println!("{:<60} {:>12} {:>12} {:>8}", "scenario", "median", "p90", "n");
+
+    let target = LockTarget::resolve("bench", &locks).unwrap();
+    let nowait = Options { wait: Wait::NoWait, ..opts.clone() };
+    report(
+        "daemon acquire+release (connect, hello, grant with fd, release)",
+        time_each(5_000 / scale, || {
+            let lease = acquire(&target, &nowait, &mut |_| {}).unwrap();
+            assert!(lease.via_daemon());
+            lease.release().unwrap();
+        }),
+    );
+
+    let cli = env!("CARGO_BIN_EXE_buildlock-client");
+    let mut samples = Vec::new();
+    for _ in 0..(60 / scale.min(6)) {
+        samples.push(kill_to_grant(cli, &rt, &locks, &opts));
+    }
+    report("SIGKILL of holder -> waiter granted, through the daemon", samples);
+
+    let limit = buildlock_sys::ipc::raise_fd_limit().unwrap_or(1024);
+    for n in [1_000usize, 10_000 / scale] {
+        // Each held lease costs the daemon two descriptors (its socket and its copy of the
+        // lock file), and this process two as well.
+        if (2 * n + 64) as u64 > limit {
+            println!(
+                "{:<60} skipped: needs {} descriptors, the hard limit is {limit}",
+                format!("daemon RSS with {n} held leases"),
+                2 * n + 64
+            );
+            continue;
+        }
+        let before = rss_kib(pid);
+        let start = Instant::now();
+        let leases: Vec<_> = (0..n)
+            .map(|i| acquire(&LockTarget::resolve(&format!("m{i}"), &locks).unwrap(), &nowait, &mut |_| {}).unwrap())
+            .collect();
+        let took = start.elapsed();
+        let after = rss_kib(pid);
+        println!(
+            "{:<60} {:>12} {:>12} {:>8}",
+            format!("daemon RSS with {n} held leases (before: {before} KiB)"),
+            format!("{after} KiB"),
+            format!("{:.0} µs/grant", took.as_secs_f64() * 1e6 / n as f64),
+            n
+        );
+        drop(leases);
+    }
+    let _ = buildlock::ask_daemon(Some(&rt), &buildlock_proto::Request::Shutdown);
+}
+
+/// A CLI holder through the daemon, a library waiter queued behind it: SIGKILL the holder and
+/// time the waiter's grant.
+fn kill_to_grant(cli: &str, rt: &std::path::Path, locks: &std::path::Path, opts: &Options) -> Duration {
+    let mut holder = Command::new(cli)
+        .args(["--dir", locks.to_str().unwrap(), "--runtime-dir", rt.to_str().unwrap()])
+        .args(["run", "k", "--", "sh", "-c", "echo locked; exec sleep 1000"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "locked");
+    let target = LockTarget::resolve("k", locks).unwrap();
+    let opts = opts.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let lease = acquire(&target, &opts, &mut |_| {}).unwrap();
+        tx.send(Instant::now()).unwrap();
+        lease.release().unwrap();
+    });
+    // Let the waiter queue (a bench may sleep; tests may not).
+    std::thread::sleep(Duration::from_millis(100));
+    let killed = Instant::now();
+    holder.kill().unwrap();
+    let granted = rx.recv().unwrap();
+    holder.wait().unwrap();
+    waiter.join().unwrap();
+    granted - killed
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn time_each(n: usize, mut f: impl FnMut()) -> Vec<Duration> {
+    for _ in 0..(n / 10).max(1) {
+        f();
+    }
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect()
+}
+
+fn report(label: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
+    println!("{label:<60} {:>12} {:>12} {:>8}", fmt(at(0.5)), fmt(at(0.9)), samples.len());
+}
+
+fn fmt(d: Duration) -> String {
+    let us = d.as_secs_f64() * 1e6;
+    if us < 1000.0 {
+        format!("{us:.1} µs")
+    } else {
+        format!("{:.2} ms", us / 1000.0)
+    }
+}
