@@ -76,7 +76,7 @@ pub(crate) async fn handle(daemon: Arc<Daemon>, stream: UnixStream) {
             Err(e) => {
                 tracing::warn!("closing connection of pid {client_pid}: {e}");
                 let code = match e {
-                    ProtoError::FrameTooLarge { .. } | ProtoError::EmptyFrame => ErrorCode::FrameTooLarge,
+                    ProtoError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
                     _ => ErrorCode::Malformed,
                 };
                 let _ = tx.send(reply_error(code, &e));
