@@ -1,4 +1,4 @@
-//! `daemon start|stop|status`.
+//! `daemon start|stop|status` (and `install|uninstall`, in `service.rs`).
 
 use std::process::ExitCode;
 
@@ -10,6 +10,10 @@ use crate::{fail, Context, DaemonAction};
 pub(crate) fn daemon(cx: &Context, action: DaemonAction) -> ExitCode {
     let rt = Some(cx.runtime_dir.as_path());
     match action {
+        DaemonAction::Install(m) => crate::service::install(cx, crate::service::Manager::pick(m.systemd, m.launchd)),
+        DaemonAction::Uninstall(m) => {
+            crate::service::uninstall(cx, crate::service::Manager::pick(m.systemd, m.launchd))
+        }
         DaemonAction::Start => match buildlock::start_daemon(rt) {
             Ok(pid) => {
                 println!("buildlockd is running (pid {pid}, runtime directory {})", cx.runtime_dir.display());

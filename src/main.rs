@@ -7,7 +7,7 @@
 //!   release [--pid PID] TARGET
 //!   status [TARGET]
 //!   break TARGET [--force]
-//!   daemon start|stop|status
+//!   daemon start|stop|status|install|uninstall
 //! ```
 //!
 //! By default locks go through the per-user daemon `buildlockd`, started on demand; with
@@ -36,6 +36,7 @@ mod daemon;
 mod keep;
 mod report;
 mod run;
+mod service;
 
 /// Exit code for bad usage or input, and for failures of buildlock itself.
 const EXIT_USAGE: u8 = 2;
@@ -112,6 +113,20 @@ enum DaemonAction {
     Stop,
     /// Is a daemon running, and what is it doing
     Status,
+    /// Let the service manager start the daemon (systemd user units or a launchd agent)
+    Install(ManagerArgs),
+    /// Undo `install`
+    Uninstall(ManagerArgs),
+}
+
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct ManagerArgs {
+    /// systemd's user manager [default on Linux]
+    #[arg(long, conflicts_with = "launchd")]
+    systemd: bool,
+    /// launchd [default on macOS]
+    #[arg(long)]
+    launchd: bool,
 }
 
 #[derive(clap::Args, Debug, Clone)]

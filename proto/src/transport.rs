@@ -13,6 +13,10 @@ pub const RUNTIME_DIR_ENV: &str = "BUILDLOCK_RUNTIME_DIR";
 /// [`RUNTIME_DIR_ENV`] is not set.
 pub const XDG_SUBDIR: &str = "buildlock";
 
+/// A file in the runtime directory saying a service manager (systemd, launchd) owns the daemon's
+/// socket: clients then never start a daemon of their own. Its content names the manager.
+pub const MANAGED_MARKER: &str = "buildlockd.managed";
+
 /// The socket path for a runtime directory: `<runtime_dir>/buildlockd.sock`.
 pub fn socket_path(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join(SOCKET_NAME)

@@ -9,6 +9,7 @@ mod daemon;
 mod exclusion;
 mod interop;
 mod run;
+mod service;
 mod soft;
 mod stale;
 mod status;

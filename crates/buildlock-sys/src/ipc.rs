@@ -189,6 +189,58 @@ pub fn wait_exit(pid: u32, timeout: Option<std::time::Duration>) -> io::Result<b
     }
 }
 
+/// The listening sockets launchd created for this job's `Sockets` entry `name`
+/// (`launch_activate_socket(3)`). Untested here (CI runs Linux).
+#[cfg(target_os = "macos")]
+pub fn launch_activate_socket(name: &str) -> io::Result<Vec<OwnedFd>> {
+    use std::ffi::CString;
+    extern "C" {
+        fn launch_activate_socket(
+            name: *const nix::libc::c_char,
+            fds: *mut *mut nix::libc::c_int,
+            cnt: *mut nix::libc::size_t,
+        ) -> nix::libc::c_int;
+    }
+    let cname = CString::new(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut fds: *mut nix::libc::c_int = std::ptr::null_mut();
+    let mut cnt: nix::libc::size_t = 0;
+    // SAFETY: launchd fills `fds` with a malloc'd array of `cnt` descriptors that we now own;
+    // we copy them out and free the array with free(3) as the manual says.
+    let err = unsafe { launch_activate_socket(cname.as_ptr(), &mut fds, &mut cnt) };
+    if err != 0 {
+        return Err(io::Error::from_raw_os_error(err));
+    }
+    let mut out = Vec::with_capacity(cnt);
+    for i in 0..cnt {
+        // SAFETY: i < cnt, and each descriptor is ours alone.
+        out.push(unsafe { OwnedFd::from_raw_fd(*fds.add(i)) });
+    }
+    // SAFETY: allocated by launchd with malloc.
+    unsafe { nix::libc::free(fds.cast()) };
+    Ok(out)
+}
+
+/// The listening socket the service manager passed us (systemd's `LISTEN_FDS` protocol), if
+/// any: the first passed descriptor, made close-on-exec. The environment variables are removed
+/// so that nothing we start believes it was activated too.
+#[cfg(target_os = "linux")]
+pub fn systemd_listener() -> io::Result<Option<std::os::unix::net::UnixListener>> {
+    let ours = std::env::var("LISTEN_PID").ok().and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
+    let count = std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse::<u32>().ok()).unwrap_or(0);
+    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(var);
+    }
+    if !ours || count == 0 {
+        return Ok(None);
+    }
+    const SD_LISTEN_FDS_START: RawFd = 3;
+    // SAFETY: by the LISTEN_FDS protocol, descriptor 3 was passed to this process (LISTEN_PID
+    // is ours) and nothing else in it owns that descriptor.
+    let fd = unsafe { OwnedFd::from_raw_fd(SD_LISTEN_FDS_START) };
+    nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
+    Ok(Some(std::os::unix::net::UnixListener::from(fd)))
+}
+
 /// Raises this process's open-file limit to its hard limit, so a daemon holding one descriptor
 /// per lease can hold thousands. Returns the limit now in force.
 pub fn raise_fd_limit() -> io::Result<u64> {

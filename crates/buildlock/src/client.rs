@@ -133,7 +133,24 @@ impl Client {
 pub(crate) fn connect_or_start(runtime_dir: &Path, autostart: bool) -> Result<Client, String> {
     match Client::connect(runtime_dir) {
         Ok(c) => return Ok(c),
-        Err(ConnectError::NotRunning(e)) if autostart => tracing::debug!("no daemon yet ({e}); starting one"),
+        Err(ConnectError::NotRunning(e)) if autostart => {
+            // A service manager owns the socket: starting our own daemon would fight it.
+            let marker = runtime_dir.join(buildlock_proto::transport::MANAGED_MARKER);
+            if let Ok(manager) = std::fs::read_to_string(&marker) {
+                let manager = manager.trim();
+                let how = match manager {
+                    "systemd" => "systemctl --user start buildlockd.socket",
+                    "launchd" => "launchctl kickstart gui/$(id -u)/dev.buildlock.buildlockd",
+                    _ => "start it with your service manager",
+                };
+                return Err(format!(
+                    "buildlockd is managed by {manager} ({}) but its socket does not answer ({e}); run `{how}`, or \
+                     `buildlock-client daemon uninstall` to let clients start it on demand",
+                    marker.display()
+                ));
+            }
+            tracing::debug!("no daemon yet ({e}); starting one")
+        }
         Err(e) => return Err(e.to_string()),
     }
     start_daemon(runtime_dir)?;
@@ -142,7 +159,7 @@ pub(crate) fn connect_or_start(runtime_dir: &Path, autostart: bool) -> Result<Cl
 }
 
 /// The `buildlockd` to start: `$BUILDLOCKD`, else the one beside this executable, else `PATH`.
-fn daemon_binary() -> PathBuf {
+pub fn daemon_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("BUILDLOCKD").filter(|p| !p.is_empty()) {
         return PathBuf::from(p);
     }

@@ -38,7 +38,7 @@ use buildlock_proto::{AcquireRequest, ErrorCode, Reply, Request, WaitFor};
 
 mod client;
 
-pub use client::Client;
+pub use client::{daemon_binary, Client};
 
 /// How to reach the lock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -32,6 +32,35 @@ struct Args {
     daemonize: bool,
 }
 
+/// The listening socket a service manager passed us, and which manager it was.
+fn activated_listener() -> Result<Option<(std::os::unix::net::UnixListener, &'static str)>, String> {
+    #[cfg(target_os = "linux")]
+    {
+        let l = buildlock_sys::ipc::systemd_listener().map_err(|e| format!("bad LISTEN_FDS from systemd: {e}"))?;
+        Ok(l.map(|l| (l, "systemd")))
+    }
+    #[cfg(target_os = "macos")]
+    {
+        // Not started by launchd (or no `Sockets` entry): bind our own.
+        match buildlock_sys::ipc::launch_activate_socket("Listeners") {
+            Ok(mut fds) if !fds.is_empty() => {
+                Ok(Some((std::os::unix::net::UnixListener::from(fds.remove(0)), "launchd")))
+            }
+            _ => Ok(None),
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "macos")))]
+    {
+        Ok(None)
+    }
+}
+
+fn notify_systemd(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!("cannot notify systemd: {e}");
+    }
+}
+
 /// Runs the daemon; returns its exit code.
 pub fn main() -> ExitCode {
     let args = Args::parse();
@@ -70,17 +99,31 @@ fn run(args: Args) -> Result<(), String> {
     std::fs::write(&pid_path, format!("{}\n", std::process::id()))
         .map_err(|e| format!("cannot write {}: {e}", pid_path.display()))?;
     let socket = config.socket_path();
-    match std::fs::remove_file(&socket) {
-        Ok(()) => tracing::info!("removed stale socket {}", socket.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("cannot remove stale socket {}: {e}", socket.display())),
-    }
-    let listener = std::os::unix::net::UnixListener::bind(&socket)
-        .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
-    let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600));
+    let (listener, manager) = match activated_listener()? {
+        // The service manager owns the socket: use it, never remove it, and leave a note so
+        // that clients do not start a second daemon beside it.
+        Some((listener, manager)) => {
+            let marker = runtime_dir.join(buildlock_proto::transport::MANAGED_MARKER);
+            std::fs::write(&marker, format!("{manager}\n"))
+                .map_err(|e| format!("cannot write {}: {e}", marker.display()))?;
+            tracing::info!("using the socket {manager} passed us");
+            (listener, Some(manager))
+        }
+        None => {
+            match std::fs::remove_file(&socket) {
+                Ok(()) => tracing::info!("removed stale socket {}", socket.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("cannot remove stale socket {}: {e}", socket.display())),
+            }
+            let listener = std::os::unix::net::UnixListener::bind(&socket)
+                .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+            let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600));
+            (listener, None)
+        }
+    };
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
 
-    if args.daemonize {
+    if args.daemonize && manager.is_none() {
         // Single-threaded still: no runtime, no signal thread yet. The socket is listening, so
         // clients may connect as soon as the parent says "ready"; they queue in the backlog.
         if let Some(child) = buildlock_sys::ipc::fork_into_background().map_err(|e| format!("cannot fork: {e}"))? {
@@ -125,11 +168,20 @@ fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     rt.block_on(async {
         let listener = tokio::net::UnixListener::from_std(listener).map_err(|e| e.to_string())?;
+        if manager == Some("systemd") {
+            notify_systemd(&[sd_notify::NotifyState::Ready]);
+        }
         serve(listener, daemon).await;
         Ok::<(), String>(())
     })?;
-    // Still holding the instance lock: the socket and pid file are ours to remove.
-    let _ = std::fs::remove_file(&socket);
+    if manager == Some("systemd") {
+        notify_systemd(&[sd_notify::NotifyState::Stopping]);
+    }
+    // Still holding the instance lock: the pid file, and a socket we bound ourselves, are ours
+    // to remove. A socket the service manager gave us stays: it starts us again through it.
+    if manager.is_none() {
+        let _ = std::fs::remove_file(&socket);
+    }
     let _ = std::fs::remove_file(&pid_path);
     tracing::info!("stopped");
     drop(instance);
