@@ -1,0 +1,2 @@
+//! placeholder: the comparison bench is being written.
+fn main() {}
