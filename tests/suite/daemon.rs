@@ -124,6 +124,10 @@ fn acquire_and_release_from_a_shell_script() {
     let out = env.run(&["run", "other", "--", "sh", "-c", &script]);
     out.assert_code(0).assert_stdout_has("free-again");
     env.run(&["release", "--pid", "1", "x"]).assert_code(1).assert_stderr_has("not held for pid 1");
+    let gone = crate::util::dead_pid().to_string();
+    env.run(&["acquire", "--pid", &gone, "x"])
+        .assert_code(2)
+        .assert_stderr_has(&format!("process {gone} does not exist"));
 }
 
 #[test]
@@ -309,6 +313,20 @@ fn garbage_and_oversized_frames_close_only_that_connection() {
     buildlock_proto::write_frame(&mut s, &req).unwrap();
     let reply: Reply = buildlock_proto::read_message(&mut s).unwrap().unwrap();
     assert!(matches!(&reply, Reply::Error(e) if e.code == buildlock_proto::ErrorCode::InvalidName), "{reply:?}");
+    // The same lock twice on one connection, and a release of a lock it never had.
+    let path = env.locks().canonicalize().unwrap().join("z.lock").display().to_string();
+    let Request::Acquire(mut twice) = req else { unreachable!() };
+    twice.path = path.clone();
+    buildlock_proto::write_frame(&mut s, &Request::Acquire(twice.clone())).unwrap();
+    let reply: Reply = buildlock_proto::read_message(&mut s).unwrap().unwrap();
+    assert!(matches!(&reply, Reply::Granted { .. }), "{reply:?}");
+    buildlock_proto::write_frame(&mut s, &Request::Acquire(twice)).unwrap();
+    let reply: Reply = buildlock_proto::read_message(&mut s).unwrap().unwrap();
+    assert!(matches!(&reply, Reply::Error(e) if e.code == buildlock_proto::ErrorCode::InvalidRequest), "{reply:?}");
+    buildlock_proto::write_frame(&mut s, &Request::Release { path: format!("{path}.other") }).unwrap();
+    let reply: Reply = buildlock_proto::read_message(&mut s).unwrap().unwrap();
+    assert!(matches!(&reply, Reply::Error(e) if e.code == buildlock_proto::ErrorCode::NotHeld), "{reply:?}");
+    drop(s);
     // Through it all the holder kept its lease and the daemon kept serving.
     env.run(&["run", "-n", "x", "--", "true"]).assert_code(1);
     env.run(&["run", "-n", "y", "--", "true"]).assert_code(0);

@@ -154,8 +154,20 @@ pub(crate) fn connect_or_start(runtime_dir: &Path, autostart: bool) -> Result<Cl
         Err(e) => return Err(e.to_string()),
     }
     start_daemon(runtime_dir)?;
-    // The daemon (ours, or a rival that won the race) is listening now.
-    Client::connect(runtime_dir).map_err(|e| format!("started buildlockd but cannot connect: {e}"))
+    // Ours is listening now. When a rival won the race ("running"), the winner may hold the
+    // instance lock but not be listening yet: give it a moment.
+    let deadline = Instant::now() + START_TIMEOUT;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match Client::connect(runtime_dir) {
+            Ok(c) => return Ok(c),
+            Err(ConnectError::NotRunning(_)) if Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            Err(e) => return Err(format!("started buildlockd but cannot connect: {e}")),
+        }
+    }
 }
 
 /// The `buildlockd` to start: `$BUILDLOCKD`, else the one beside this executable, else `PATH`.
