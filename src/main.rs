@@ -32,10 +32,13 @@ use buildlock::Connect;
 use buildlock_disk::{Backend, LockMode, LockOptions, LockTarget, DEFAULT_STALE_AFTER};
 use clap::{ArgAction, Parser, Subcommand};
 
+#[cfg(unix)]
 mod daemon;
+#[cfg(unix)]
 mod keep;
 mod report;
 mod run;
+#[cfg(unix)]
 mod service;
 
 /// Exit code for bad usage or input, and for failures of buildlock itself.
@@ -208,17 +211,36 @@ fn main() -> ExitCode {
     };
     // Soft locks exist only in the on-disk protocol.
     let connect = if cli.soft { Connect::Direct } else { Connect::from_env(cli.no_daemon) };
-    let runtime_dir = cli.runtime_dir.unwrap_or_else(buildlock_sys::ipc::default_runtime_dir);
+    let runtime_dir = cli.runtime_dir.unwrap_or_else(default_runtime_dir);
     let cx = Context { dir, opts, json: cli.json, connect, runtime_dir };
     match cli.command {
         Command::Run(args) => run::run(&cx, args),
+        #[cfg(unix)]
         Command::Acquire(args) => keep::acquire(&cx, args),
+        #[cfg(unix)]
         Command::Keep(args) => keep::keep(&cx, args),
+        #[cfg(unix)]
         Command::Release { pid, target } => keep::release(&cx, pid, &target),
+        #[cfg(unix)]
         Command::Daemon { action } => daemon::daemon(&cx, action),
+        #[cfg(not(unix))]
+        Command::Acquire(_) | Command::Keep(_) | Command::Release { .. } | Command::Daemon { .. } => {
+            fail(&"this command needs the daemon, which is not available on this platform yet")
+        }
         Command::Status { target } => report::status(&cx, target.as_deref()),
         Command::Break { target, force } => report::break_lock(&cx, &target, force),
     }
+}
+
+#[cfg(unix)]
+fn default_runtime_dir() -> PathBuf {
+    buildlock_sys::ipc::default_runtime_dir()
+}
+
+/// No daemon (and so no runtime directory) on this platform yet; the value is never used.
+#[cfg(not(unix))]
+fn default_runtime_dir() -> PathBuf {
+    std::env::temp_dir().join("buildlock")
 }
 
 /// Log lines read like the rest of our messages: `buildlock-client: warning: ...`.

@@ -1,4 +1,10 @@
-//! Checks `FrameDecoder` on an arbitrary byte stream pushed in chunks whose sizes come from the input: never panics, every frame is 1..=MAX_FRAME_LEN bytes and matches an independent reading of the stream, `buffered()` adds up, errors come exactly at a bad length prefix (after which the decoder is dropped, as the daemon does), and `decode::<Request>`/`decode::<Reply>` never panic on a frame.
+//! Checks that `FrameDecoder` never panics and splits any byte stream correctly.
+//!
+//! The stream is pushed in chunks whose sizes come from the input's first byte. Invariants: every
+//! frame is 1..=MAX_FRAME_LEN bytes and matches an independent reading of the stream,
+//! `buffered()` adds up, errors come exactly at a length prefix of 0 or over the limit (after
+//! which the decoder is dropped, as the daemon does), and `decode::<Request>` /
+//! `decode::<Reply>` never panic on a frame.
 #![no_main]
 
 use buildlock_proto::{decode, FrameDecoder, ProtoError, Reply, Request, MAX_FRAME_LEN};

@@ -1,4 +1,8 @@
-//! Checks that `LockTarget::resolve` never panics on any name, and that a bare name it accepts (no '/', not ending in ".lock") lands exactly at `/locks/<name>.lock` with no `..` component and `meta_path` = path + ".pid".
+//! Checks that `LockTarget::resolve` never panics and keeps bare names inside the lock dir.
+//!
+//! A bare name it accepts (no '/', not ending in ".lock") must land exactly at
+//! `/locks/<name>.lock` with no `..` component; for every accepted name `meta_path` is the path
+//! plus ".pid".
 #![no_main]
 
 use std::ffi::OsString;

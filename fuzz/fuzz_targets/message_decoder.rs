@@ -1,4 +1,9 @@
-//! Checks that `decode::<Request>`, `decode::<Reply>`, `check_hello` and `check_welcome` never panic on arbitrary payload bytes, and that every `Request` or `Reply` that decodes survives `encode` then decode unchanged.
+//! Checks that message decoding never panics and that decoded messages round-trip.
+//!
+//! `decode::<Request>`, `decode::<Reply>`, `check_hello` and `check_welcome` run on the raw
+//! input; every `Request` or `Reply` that decodes must `encode` to a well-formed frame that
+//! decodes to an equal value, and a hello/welcome that passes its check must pass it again once
+//! re-encoded.
 #![no_main]
 
 use buildlock_proto::{check_hello, check_welcome, decode, encode, ProtoError, Reply, Request, MAX_FRAME_LEN};

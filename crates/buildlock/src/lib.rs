@@ -36,8 +36,10 @@ use std::time::{Duration, Instant};
 pub use buildlock_disk::{lock_dir, Backend, LockMode, LockTarget, Wait, DEFAULT_STALE_AFTER};
 use buildlock_proto::{AcquireRequest, ErrorCode, Reply, Request, WaitFor};
 
+#[cfg(unix)]
 mod client;
 
+#[cfg(unix)]
 pub use client::{daemon_binary, Client};
 
 /// How to reach the lock.
@@ -100,6 +102,7 @@ impl Default for Options {
 }
 
 impl Options {
+    #[cfg(unix)]
     fn runtime_dir(&self) -> PathBuf {
         self.runtime_dir.clone().unwrap_or_else(buildlock_sys::ipc::default_runtime_dir)
     }
@@ -153,6 +156,7 @@ pub struct Lease {
 
 #[derive(Debug)]
 enum Inner {
+    #[cfg(unix)]
     Daemon {
         client: Client,
         path: String,
@@ -165,6 +169,15 @@ enum Inner {
 
 /// Takes the lock `target`. While waiting, `on_wait` is called about once a second.
 pub fn acquire(target: &LockTarget, opts: &Options, on_wait: &mut dyn FnMut(&WaitInfo)) -> Result<Lease, Error> {
+    #[cfg(not(unix))]
+    {
+        // No daemon on this platform yet (a named-pipe daemon is future work).
+        if opts.connect == Connect::DaemonOnly {
+            return Err(Error::NoDaemon("buildlockd is not available on this platform yet".into()));
+        }
+        acquire_direct(target, opts, on_wait)
+    }
+    #[cfg(unix)]
     match opts.connect {
         Connect::Direct => acquire_direct(target, opts, on_wait),
         Connect::DaemonOnly => {
@@ -196,6 +209,7 @@ fn acquire_direct(target: &LockTarget, opts: &Options, on_wait: &mut dyn FnMut(&
     Ok(Lease { target: target.clone(), token: guard.token(), inner: Some(Inner::Direct(guard)) })
 }
 
+#[cfg(unix)]
 /// The absolute path the daemon knows the lock by (the directory is created and canonicalised,
 /// so two spellings of one lock meet in one queue).
 fn daemon_path(target: &LockTarget) -> Result<PathBuf, Error> {
@@ -219,6 +233,7 @@ pub fn daemon_key(target: &LockTarget) -> Option<PathBuf> {
     Some(dir.join(target.path.file_name()?))
 }
 
+#[cfg(unix)]
 fn acquire_daemon(
     mut client: Client,
     target: &LockTarget,
@@ -272,6 +287,7 @@ fn acquire_daemon(
     }
 }
 
+#[cfg(unix)]
 fn file_id(f: &File) -> Option<buildlock_sys::FileId> {
     use std::os::unix::fs::MetadataExt;
     f.metadata().ok().map(|m| buildlock_sys::FileId { dev: m.dev(), ino: m.ino() })
@@ -289,23 +305,31 @@ impl Lease {
 
     /// Whether the lease came from the daemon (else from the on-disk protocol directly).
     pub fn via_daemon(&self) -> bool {
-        matches!(self.inner, Some(Inner::Daemon { .. }))
+        !matches!(self.inner, Some(Inner::Direct(_)) | None)
     }
 
     /// Keeps the lock until process `pid` has exited as well, even if this process dies first
     /// (daemon leases; `run` binds the command it starts). In direct mode this does nothing: the
     /// caller must stop `pid` itself when it dies (e.g. `PR_SET_PDEATHSIG`).
     pub fn bind_pid(&mut self, pid: u32) -> Result<(), Error> {
-        let Some(Inner::Daemon { client, path, .. }) = &mut self.inner else { return Ok(()) };
-        client.send(&Request::Bind { path: path.clone(), pid })?;
-        loop {
-            match client.recv(None)? {
-                Some((Reply::Bound { .. }, _)) => return Ok(()),
-                Some((Reply::Error(e), _)) => return Err(Error::Daemon { code: e.code, message: e.message }),
-                Some((Reply::Waiting { .. }, _)) | None => {}
-                Some((other, _)) => {
-                    return Err(Error::Protocol(format!("unexpected reply from buildlockd: {other:?}")))
+        match &mut self.inner {
+            #[cfg(unix)]
+            Some(Inner::Daemon { client, path, .. }) => {
+                client.send(&Request::Bind { path: path.clone(), pid })?;
+                loop {
+                    match client.recv(None)? {
+                        Some((Reply::Bound { .. }, _)) => return Ok(()),
+                        Some((Reply::Error(e), _)) => return Err(Error::Daemon { code: e.code, message: e.message }),
+                        Some((Reply::Waiting { .. }, _)) | None => {}
+                        Some((other, _)) => {
+                            return Err(Error::Protocol(format!("unexpected reply from buildlockd: {other:?}")))
+                        }
+                    }
                 }
+            }
+            _ => {
+                let _ = pid;
+                Ok(())
             }
         }
     }
@@ -314,6 +338,7 @@ impl Lease {
     pub fn check(&self) -> Result<(), Error> {
         match &self.inner {
             Some(Inner::Direct(g)) => g.check().map_err(Error::from),
+            #[cfg(unix)]
             Some(Inner::Daemon { id: Some(id), path, .. }) => match buildlock_sys::path_id(Path::new(path)) {
                 Ok(now) if now == *id => Ok(()),
                 _ => Err(Error::Lost {
@@ -336,6 +361,7 @@ impl Lease {
         let Some(inner) = self.inner.take() else { return Ok(()) };
         match inner {
             Inner::Direct(guard) => guard.release().map_err(Error::from),
+            #[cfg(unix)]
             Inner::Daemon { mut client, path, file, id } => {
                 let lost = match id {
                     Some(id) => !buildlock_sys::path_id(Path::new(&path)).is_ok_and(|now| now == id),
@@ -378,6 +404,7 @@ impl Drop for Lease {
 }
 
 /// Removes `.lock.pid` if it names this process with our token (daemon gone before release).
+#[cfg(unix)]
 fn remove_own_metadata(target: &LockTarget, token: u64) {
     if let buildlock_disk::MetaRead::Valid(m) = buildlock_disk::meta::read(&target.meta_path) {
         if m.pid == std::process::id() && m.token == Some(token) {
@@ -387,6 +414,7 @@ fn remove_own_metadata(target: &LockTarget, token: u64) {
 }
 
 /// Asks the daemon of `runtime_dir` (never starting one) a single question.
+#[cfg(unix)]
 pub fn ask_daemon(runtime_dir: Option<&Path>, req: &Request) -> Result<Reply, Error> {
     let rt = runtime_dir.map(Path::to_owned).unwrap_or_else(buildlock_sys::ipc::default_runtime_dir);
     let mut client = client::connect_or_start(&rt, false).map_err(Error::NoDaemon)?;
@@ -400,8 +428,21 @@ pub fn ask_daemon(runtime_dir: Option<&Path>, req: &Request) -> Result<Reply, Er
 }
 
 /// Starts the daemon of `runtime_dir` if none runs; returns its pid.
+#[cfg(unix)]
 pub fn start_daemon(runtime_dir: Option<&Path>) -> Result<u32, Error> {
     let rt = runtime_dir.map(Path::to_owned).unwrap_or_else(buildlock_sys::ipc::default_runtime_dir);
     let client = client::connect_or_start(&rt, true).map_err(Error::NoDaemon)?;
     Ok(client.daemon_pid())
+}
+
+/// No daemon on this platform yet.
+#[cfg(not(unix))]
+pub fn ask_daemon(_runtime_dir: Option<&Path>, _req: &Request) -> Result<Reply, Error> {
+    Err(Error::NoDaemon("buildlockd is not available on this platform yet".into()))
+}
+
+/// No daemon on this platform yet.
+#[cfg(not(unix))]
+pub fn start_daemon(_runtime_dir: Option<&Path>) -> Result<u32, Error> {
+    Err(Error::NoDaemon("buildlockd is not available on this platform yet".into()))
 }

@@ -29,14 +29,21 @@
 //!
 //! **Architecture invariant:** bad input from one connection (garbage, a huge frame, a wrong
 //! version) closes that connection only; no other client's lease is touched.
+//!
+//! Unix only. On Windows (a named-pipe daemon is future work) [`main`] says so and exits, and
+//! clients use the lock files directly.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+#[cfg(unix)]
 mod conn;
+#[cfg(unix)]
 mod server;
+#[cfg(unix)]
 mod state;
 
+#[cfg(unix)]
 pub use server::{serve, Daemon};
 
 /// What a daemon needs to know at start.
@@ -54,5 +61,14 @@ impl Config {
     }
 }
 
+#[cfg(unix)]
 mod cli;
+#[cfg(unix)]
 pub use cli::main;
+
+/// The daemon is Unix-only for now: say so.
+#[cfg(not(unix))]
+pub fn main() -> std::process::ExitCode {
+    eprintln!("buildlockd: error: the daemon is not available on this platform yet; buildlock-client uses the lock files directly");
+    std::process::ExitCode::from(2)
+}
