@@ -45,9 +45,9 @@ for target in "${targets[@]}"; do
         fi
         exit 1
     fi
-    # libFuzzer's last status line ("#N DONE cov: C ft: F corp: ...") and its final stats.
+    # libFuzzer's last status line: "#EXECUTIONS DONE cov: C ft: F corp: N/SIZE ...".
     done_line=$(grep -E '^#[0-9]+[[:space:]]+DONE' "$log" | tail -n 1 || true)
-    execs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | tail -n 1 | awk '{print $2}' || true)
+    execs=$(sed -nE 's/^#([0-9]+).*/\1/p' <<<"$done_line")
     cov=$(sed -nE 's/.* cov: ([0-9]+) .*/\1/p' <<<"$done_line")
     corp=$(sed -nE 's/.* corp: ([0-9]+)\/.*/\1/p' <<<"$done_line")
     summary+=("$(printf '%-16s ok  %4ss  execs=%s  cov=%s  corpus=%s' "$target" "$secs" "${execs:-?}" "${cov:-?}" "${corp:-?}")")

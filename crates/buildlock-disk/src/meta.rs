@@ -114,10 +114,7 @@ impl Metadata {
     pub fn to_json(&self) -> String {
         let mut obj = Map::new();
         obj.insert("pid".into(), json!(self.pid));
-        let ts = self
-            .timestamp
-            .map(|t| t.to_zoned_datetime(local_tz()).datetime().strftime("%Y-%m-%dT%H:%M:%S%.6f").to_string());
-        obj.insert("timestamp".into(), json!(ts));
+        obj.insert("timestamp".into(), self.timestamp.map_or(Value::Null, timestamp_json));
         obj.insert("operation".into(), json!(self.operation));
         obj.insert("hostname".into(), json!(self.hostname));
         let mut opt = |k: &str, v: Option<Value>| {
@@ -171,6 +168,18 @@ impl Metadata {
             id: text("id"),
             version: text("version"),
         })
+    }
+}
+
+/// A timestamp as the seed's tool writes it: naive local ISO 8601 with microseconds. Years
+/// outside 0..=9999 have no such form (ISO wants a signed six-digit year there, which old readers
+/// do not know), so those are written as seconds since the epoch, which every reader accepts.
+fn timestamp_json(t: Timestamp) -> Value {
+    let local = t.to_zoned_datetime(local_tz()).datetime();
+    if (0..=9999).contains(&local.year()) {
+        json!(local.strftime("%Y-%m-%dT%H:%M:%S%.6f").to_string())
+    } else {
+        json!(t.as_second() as f64 + f64::from(t.subsec_nanosecond()) / 1e9)
     }
 }
 

@@ -33,7 +33,10 @@ impl LockTarget {
         let is_path = arg.contains('/') || (cfg!(windows) && arg.contains('\\')) || arg.ends_with(".lock");
         let path = if is_path {
             let p = PathBuf::from(arg);
-            if arg.ends_with('/') || p.file_name().is_none() {
+            // `x/.` and `x/..` name directories, although `Path` makes `x/.` look like `x`.
+            let last = arg.rsplit(['/', std::path::MAIN_SEPARATOR]).next().unwrap_or("");
+            let names_file = last != "." && last != "..";
+            if arg.ends_with('/') || !names_file || p.file_name().is_none() {
                 return Err(bad("a lock path must name a file, not a directory"));
             }
             p
@@ -44,8 +47,14 @@ impl LockTarget {
             if arg.len() > MAX_NAME_BYTES {
                 return Err(bad(&format!("it is {} bytes long; the limit is {MAX_NAME_BYTES}", arg.len())));
             }
-            if let Some(c) = arg.chars().find(|c| c.is_control() || *c == '\\' || *c == ':') {
+            if let Some(c) = arg.chars().find(|&c| c.is_control() || c == '\\' || c == ':' || invisible(c)) {
                 return Err(bad(&format!("it contains the character {c:?}; use letters, digits, '-', '_' and '.'")));
+            }
+            if arg.starts_with('-') {
+                return Err(bad("it starts with '-', which reads as an option; rename it"));
+            }
+            if arg.trim() != arg {
+                return Err(bad("it starts or ends with white space"));
             }
             dir.join(format!("{arg}.lock"))
         };
@@ -65,6 +74,12 @@ impl LockTarget {
             _ => Path::new("."),
         }
     }
+}
+
+/// Characters that print as nothing or reorder the text around them (zero-width spaces,
+/// bidirectional overrides, the byte-order mark): a name holding one looks like another name.
+fn invisible(c: char) -> bool {
+    matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
 }
 
 /// The lock directory: `explicit` (from `--dir`), else `BUILDLOCK_DIR`, else the per-user data
@@ -109,6 +124,13 @@ mod tests {
             ("tab\there", "character"),
             ("c:x", "character"),
             ("dir/", "directory"),
+            ("x/.", "directory"),
+            ("/tmp/..", "directory"),
+            ("-rf", "option"),
+            (" ", "white space"),
+            ("name ", "white space"),
+            ("evil\u{202E}kcol", "character"),
+            ("zero\u{200B}width", "character"),
         ] {
             let err = resolve(arg).unwrap_err().to_string();
             assert!(err.contains(why), "{arg:?}: {err}");
