@@ -46,8 +46,8 @@ fn main() {
     report(
         "buildlock-client run NAME -- true (whole process)",
         time_each(400 / scale, || {
-            let st =
-                Command::new(cli).args(["--dir", dir.path().to_str().unwrap(), "run", "cli", "--", "true"]).status();
+            let dir = dir.path().to_str().unwrap();
+            let st = Command::new(cli).args(["--no-daemon", "--dir", dir, "run", "cli", "--", "true"]).status();
             assert!(st.unwrap().success());
         }),
     );
@@ -75,7 +75,7 @@ fn main() {
 /// Starts a CLI holder, blocks a library waiter on the same lock, SIGKILLs the holder and
 /// returns the time from the kill to the waiter's grant.
 fn kill_to_grant(cli: &str, dir: &std::path::Path, soft: bool) -> Duration {
-    let mut args = vec!["--dir", dir.to_str().unwrap()];
+    let mut args = vec!["--no-daemon", "--dir", dir.to_str().unwrap()];
     if soft {
         args.push("--soft");
     }

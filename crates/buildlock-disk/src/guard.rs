@@ -1,4 +1,9 @@
-//! [`Guard`]: a held lock, its keeper thread (heartbeat and watch), and its release.
+//! [`Guard`]: a held lock, how it is watched while held, and its release.
+//!
+//! Soft locks get a keeper thread each, which refreshes the heartbeat (and watches). OS locks
+//! that ask to be watched share one process-wide watcher thread, started on first use, which
+//! looks at every watched lock file once a second: a thread per lease would cost more than the
+//! lock itself.
 
 use std::fs::File;
 use std::io;
@@ -22,6 +27,8 @@ pub struct Guard {
     id: FileId,
     lost: Arc<AtomicBool>,
     keeper: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
+    /// Registration with the shared watcher; dropping it unregisters.
+    _watched: Option<Arc<Watched>>,
 }
 
 #[derive(Debug)]
@@ -34,7 +41,7 @@ pub(crate) enum Held {
 
 impl Guard {
     /// Wraps a freshly taken lock. `heartbeat` (soft locks) is how often to refresh the file's
-    /// modification time; `watch` starts the keeper even without a heartbeat.
+    /// modification time; `watch` (OS locks) registers the lock with the shared watcher.
     pub(crate) fn new(
         target: &LockTarget,
         meta: Metadata,
@@ -44,23 +51,25 @@ impl Guard {
         watch: bool,
     ) -> Guard {
         let lost = Arc::new(AtomicBool::new(false));
-        let keeper = if heartbeat.is_some() || watch {
-            let touch = match &held {
-                Held::Soft(f) => f.try_clone().ok(),
-                Held::Os(_) => None,
-            };
-            let interval = heartbeat.unwrap_or(Duration::from_secs(1));
-            let (tx, rx) = mpsc::channel::<()>();
-            let (t, l) = (target.clone(), lost.clone());
-            let handle = std::thread::Builder::new()
-                .name("buildlock-keeper".into())
-                .spawn(move || keep(t, id, touch, interval, rx, l))
-                .ok();
-            handle.map(|h| (tx, h))
-        } else {
-            None
+        let (keeper, watched) = match (&held, heartbeat) {
+            (Held::Soft(f), Some(interval)) => {
+                let touch = f.try_clone().ok();
+                let (tx, rx) = mpsc::channel::<()>();
+                let (t, l) = (target.clone(), lost.clone());
+                let handle = std::thread::Builder::new()
+                    .name("buildlock-keeper".into())
+                    .spawn(move || keep(t, id, touch, interval, rx, l))
+                    .ok();
+                (handle.map(|h| (tx, h)), None)
+            }
+            _ if watch => {
+                let w = Arc::new(Watched { target: target.clone(), id, lost: lost.clone() });
+                watch_shared(&w);
+                (None, Some(w))
+            }
+            _ => (None, None),
         };
-        Guard { target: target.clone(), meta, held: Some(held), id, lost, keeper }
+        Guard { target: target.clone(), meta, held: Some(held), id, lost, keeper, _watched: watched }
     }
 
     /// The metadata written for this holder.
@@ -165,12 +174,55 @@ impl Drop for Guard {
     }
 }
 
+/// A lock file watched by the shared watcher.
+#[derive(Debug)]
+struct Watched {
+    target: LockTarget,
+    id: FileId,
+    lost: Arc<AtomicBool>,
+}
+
+/// Every watched lock of this process; entries die with their guards.
+static WATCHED: std::sync::Mutex<Vec<std::sync::Weak<Watched>>> = std::sync::Mutex::new(Vec::new());
+
+/// Registers `w` with the process-wide watcher thread, starting it on first use.
+fn watch_shared(w: &Arc<Watched>) {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    WATCHED.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::downgrade(w));
+    STARTED.call_once(|| {
+        let _ = std::thread::Builder::new().name("buildlock-watcher".into()).spawn(|| loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let live: Vec<Arc<Watched>> = {
+                let mut list = WATCHED.lock().unwrap_or_else(|e| e.into_inner());
+                list.retain(|w| w.strong_count() > 0);
+                list.iter().filter_map(std::sync::Weak::upgrade).collect()
+            };
+            for w in live {
+                if !w.lost.load(Ordering::SeqCst) && !still_ours(&w.target, w.id) {
+                    report_lost(&w.target, &w.lost);
+                }
+            }
+        });
+    });
+}
+
+fn report_lost(target: &LockTarget, lost: &AtomicBool) {
+    if !lost.swap(true, Ordering::SeqCst) {
+        tracing::error!(
+            "lock {} ({}) was deleted or replaced by another process while held; \
+             another holder may now run at the same time",
+            target.name,
+            target.path.display()
+        );
+    }
+}
+
 fn still_ours(target: &LockTarget, id: FileId) -> bool {
     buildlock_sys::path_id(&target.path).is_ok_and(|now| now == id)
 }
 
-/// The keeper thread: every `interval`, refresh the heartbeat (soft) and check the lock file is
-/// still ours. Stops when the guard drops its sender.
+/// A soft lock's keeper thread: every `interval`, check the lock file is still ours and refresh
+/// its heartbeat. Stops when the guard drops its sender.
 fn keep(
     target: LockTarget,
     id: FileId,
@@ -181,14 +233,7 @@ fn keep(
 ) {
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
         if !still_ours(&target, id) {
-            if !lost.swap(true, Ordering::SeqCst) {
-                tracing::error!(
-                    "lock {} ({}) was deleted or replaced by another process while held; \
-                     another holder may now run at the same time",
-                    target.name,
-                    target.path.display()
-                );
-            }
+            report_lost(&target, &lost);
             return;
         }
         if let Some(f) = &touch {
