@@ -2,11 +2,13 @@
 //! (`scripts/compare.py` runs this and measures the others on the same machine).
 //!
 //! Run: `cargo bench --bench compare` (after `--`: `--quick` for a short run, `--only SCENARIO`
-//! for one scenario). Prints one JSON object per line on stdout:
+//! for one scenario, `--mode direct|daemon` for one mode; `cli_run` always runs both). Prints one JSON object per line on stdout:
 //! `{"scenario", "impl", "median_us", "p90_us", "n", ...}`; progress goes to stderr. Nothing here
 //! asserts on time. Scenarios, each direct (on-disk protocol) and through a private daemon:
 //!
-//! - `uncontended`: library acquire+release of one exclusive lock nobody else wants.
+//! - `uncontended`: library acquire+release of one exclusive lock nobody else wants; in direct
+//!   mode also the layer below (`buildlock_disk::acquire`) with and without the keeper thread
+//!   (`watch`) that the library's direct leases run, to show where the time goes.
 //! - `handoff`: the holder (a thread of this process) releases while a waiter (a child process:
 //!   this binary re-executed in `--handoff-waiter` mode) is blocked; from just before
 //!   `release()` to the waiter's grant. The two sides are in different processes, so they
@@ -119,6 +121,16 @@ fn main() {
         }
     });
     let run = |s: &str| only.as_deref().is_none_or(|o| o == s);
+    // `--mode direct|daemon`: one mode only (for profiling one path with strace or perf).
+    let modes: Vec<Mode> = match args.iter().position(|a| a == "--mode").map(|i| args.get(i + 1).map(String::as_str)) {
+        None => vec![Mode::Direct, Mode::Daemon],
+        Some(Some("direct")) => vec![Mode::Direct],
+        Some(Some("daemon")) => vec![Mode::Daemon],
+        Some(other) => {
+            eprintln!("compare: --mode needs direct or daemon, got {other:?}");
+            std::process::exit(2);
+        }
+    };
 
     let dir = tempfile::tempdir().unwrap();
     let rt = dir.path().join("rt");
@@ -129,11 +141,11 @@ fn main() {
     }
     std::env::set_var("BUILDLOCKD", env!("CARGO_BIN_EXE_buildlockd"));
     // Should this process die before its shutdown request, the daemon goes by itself.
-    std::env::set_var("BUILDLOCKD_IDLE_EXIT", "30");
+    std::env::set_var("BUILDLOCKD_IDLE_EXIT", "120");
     buildlock::start_daemon(Some(&rt)).expect("start buildlockd");
     let ctx = Ctx { quick, locks, rt: rt.clone(), cli: env!("CARGO_BIN_EXE_buildlock-client") };
 
-    for mode in [Mode::Direct, Mode::Daemon] {
+    for &mode in &modes {
         if run("uncontended") {
             uncontended(&ctx, mode);
         }
@@ -208,6 +220,18 @@ fn uncontended(ctx: &Ctx, mode: Mode) {
         lease.release().unwrap();
     });
     emit("uncontended", mode.name(), &mut samples, json!({"what": "acquire+release, in-process library call"}));
+    if mode == Mode::Direct {
+        // The layer below, for the breakdown: the on-disk protocol without and with the keeper
+        // thread (`watch`) that the library's direct leases run.
+        for (imp, watch) in [("buildlock-disk, watch off", false), ("buildlock-disk, watch on", true)] {
+            let opts = buildlock_disk::LockOptions { watch, operation: "bench".into(), ..Default::default() };
+            let mut samples = time_each(ctx.scale(10_000, 1_000), || {
+                buildlock_disk::acquire(&target, &opts, Wait::NoWait, &mut |_, _| {}).unwrap().release().unwrap();
+            });
+            let what = "acquire+release, buildlock_disk::acquire: the layer under the library's direct mode";
+            emit("uncontended", imp, &mut samples, json!({"what": what}));
+        }
+    }
 }
 
 // --- handoff -----------------------------------------------------------------------------------

@@ -126,8 +126,11 @@ class Failed(Exception):
     """A measurement itself failed (not a slow result)."""
 
 
+STARTED = time.monotonic()
+
+
 def log(msg):
-    print(f"compare.py: {msg}", file=sys.stderr, flush=True)
+    print(f"compare.py [{time.monotonic() - STARTED:5.1f} s]: {msg}", file=sys.stderr, flush=True)
 
 
 def summarize(scenario, impl, samples_us, **extra):
@@ -258,6 +261,8 @@ def machine():
         "loadavg_at_start": os.getloadavg()[0],
         "python": sys.version.split()[0],
         "flock": sh(["flock", "--version"]),
+        "commit": sh(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
+        "uncommitted_changes": sh(["git", "-C", str(ROOT), "status", "--short", "--untracked-files=no"]).splitlines(),
     }
 
 
@@ -328,41 +333,47 @@ class Alternatives:
     # kill_to_grant: holder SIGKILLed, waiter blocked in another process.
     def kill_to_grant(self):
         rows = []
-        n = self.scale(40, 8)
+        n = self.scale(40, 6)
         if shutil.which("flock"):
-            self.series(rows, "flock(1)", lambda: summarize(
-                "kill_to_grant",
-                "flock(1)",
-                [self.kill_flock_once(self.work / "k-flock.lock") for _ in range(n)],
-                harness="python",
-                what="holder `flock FILE sh -c ...; exec sleep` process group SIGKILLed; "
-                "waiter `flock --verbose FILE true`, grant = arrival of its 'getting lock took' line",
-            ))
+            self.series(rows, "flock(1)", self.kill_flock, n)
         for impl in ["fasteners", "filelock"]:
-            path = self.work / f"k-{impl}.lock"
-            self.series(rows, IMPL_NAMES[impl], lambda: summarize(
-                "kill_to_grant",
-                IMPL_NAMES[impl],
-                [self.kill_py_once(impl, path, 30.0) for _ in range(n)],
-                harness="python",
-                what="holder process SIGKILLed; waiter process prints time.time() at its grant",
-            ))
-        self.series(rows, IMPL_NAMES["softfilelock"], self.kill_soft)
+            self.series(rows, IMPL_NAMES[impl], self.kill_py, impl, n)
+        self.series(rows, IMPL_NAMES["softfilelock"], self.kill_soft, n)
         return rows
 
-    def series(self, rows, name, measure):
+    def series(self, rows, name, measure, *args):
         """One implementation's measurement; a failure is recorded and the others go on."""
         log(f"SIGKILL of holder -> waiter granted, {name}")
         try:
-            rows.append(measure())
+            rows.append(measure(*args))
         except (Failed, OSError, subprocess.SubprocessError, ValueError) as e:
             self.failures.append(f"kill_to_grant {name}: {e}")
             log(f"FAILED kill_to_grant {name}: {e}")
 
-    def kill_soft(self):
+    def kill_flock(self, n):
+        return summarize(
+            "kill_to_grant",
+            "flock(1)",
+            [self.kill_flock_once(self.work / "k-flock.lock") for _ in range(n)],
+            harness="python",
+            what="holder `flock FILE sh -c '...; exec sleep 1000'`, its process group SIGKILLed; waiter "
+            "`flock --verbose FILE true` on a pty, grant = arrival of its 'getting lock took' line",
+        )
+
+    def kill_py(self, impl, n):
+        path = self.work / f"k-{impl}.lock"
+        return summarize(
+            "kill_to_grant",
+            IMPL_NAMES[impl],
+            [self.kill_py_once(impl, path, 30.0) for _ in range(n)],
+            harness="python",
+            what="holder process SIGKILLed and reaped; waiter process prints time.time() at its grant",
+        )
+
+    def kill_soft(self, n):
         cap = self.scale(5.0, 2.0)
         samples, capped = [], 0
-        for _ in range(self.scale(40, 8)):
+        for _ in range(n):
             took = self.kill_py_once("softfilelock", self.work / "k-soft.lock", cap)
             if took is None:
                 capped += 1
@@ -387,8 +398,8 @@ class Alternatives:
         waiter, master = None, None
         try:
             expect(Lines(holder.stdout), "locked", 10, "flock holder")
-            # --verbose says "getting lock took ..." the moment flock(2) returns; on a terminal,
-            # that is, for on a pipe stdio would hold the line back until flock exits.
+            # --verbose prints "getting lock took ..." as soon as flock(2) returns, but stdio
+            # flushes it at once only on a terminal (on a pipe, only when flock exits): a pty.
             master, slave = os.openpty()
             waiter = subprocess.Popen(["flock", "--verbose", path, "true"], stdout=slave)
             os.close(slave)
@@ -523,7 +534,14 @@ class Alternatives:
         finally:
             subprocess.run(base + ["daemon", "stop"], env=env, capture_output=True)
         what = "whole process, Python subprocess.run, taken in turn with the other two"
-        return [summarize("cli_run", k, v, harness="python", command=" ".join(cmds[k][-4:]), what=what) for k, v in samples.items()]
+        command = {
+            "buildlock direct": "buildlock-client --no-daemon run NAME -- true",
+            "buildlock daemon": "buildlock-client run NAME -- true (daemon running)",
+            "flock(1)": "flock FILE true",
+        }
+        return [
+            summarize("cli_run", k, v, harness="python", command=command[k], what=what) for k, v in samples.items()
+        ]
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -646,11 +664,10 @@ def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--helper":
         return helper(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer samples and shorter runs (about a minute)")
+    ap.add_argument("--quick", action="store_true", help="fewer samples and shorter runs (under a minute)")
     ap.add_argument("--only", choices=SCENARIOS, help="measure one scenario")
     ap.add_argument("--out", type=Path, default=ROOT / "target" / "compare.json", help="raw results [%(default)s]")
     args = ap.parse_args()
-    started = time.monotonic()
     failures = []
 
     py = ensure_venv()
@@ -681,13 +698,16 @@ def main():
     order = {s: i for i, s in enumerate(SCENARIOS)}
     rows.sort(key=lambda r: order[r["scenario"]])
     tgt = targets(rows)
-    elapsed = time.monotonic() - started
+    elapsed = time.monotonic() - STARTED
+    info["loadavg_at_end"] = os.getloadavg()[0]
     lines = [
         f"# buildlock comparison, {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}"
         f"{' (quick)' if args.quick else ''}",
         "",
         f"machine: {info['nproc']} cores, {info['cpu']}, kernel {info['kernel']}, /tmp on {info['tmp_fs']}, "
-        f"load average at start {info['loadavg_at_start']:.2f}",
+        f"load average {info['loadavg_at_start']:.2f} at start, {info['loadavg_at_end']:.2f} at end",
+        f"code: commit {info['commit']}"
+        + (f", with uncommitted changes in {len(info['uncommitted_changes'])} file(s)" if info["uncommitted_changes"] else ""),
     ]
     lines += tables(rows)
     lines += ["", "## targets (ratios on this machine)", ""]
