@@ -312,6 +312,7 @@ impl LockArgs {
             backend: cx.opts.backend,
             stale_after: cx.opts.stale_after,
             bind_pid: None,
+            watch: true,
         }
     }
 }

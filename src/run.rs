@@ -9,7 +9,7 @@
 //!
 //! Signals: Ctrl+C reaches CMD from the terminal directly (same process group); `run` ignores
 //! SIGINT and releases the lock once CMD has exited. SIGTERM, SIGHUP and SIGQUIT sent to `run`
-//! are passed on to CMD.
+//! are passed on to CMD. No helper thread is started: each costs more than the lock itself.
 
 use std::io::{IsTerminal, Write};
 use std::process::{Command, ExitCode};
@@ -23,7 +23,10 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
         Err(e) => return fail(&e),
     };
     let command_line = args.cmd.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ");
-    let opts = args.lock.options(cx, command_line);
+    let mut opts = args.lock.options(cx, command_line);
+    // `wait_for` below checks the lock file once a second itself, where it can (Linux): one
+    // thread less per `run`, which costs more than the lock.
+    opts.watch = !cfg!(target_os = "linux");
     let mut notice = WaitNotice::new(&target.name, &target.path.display().to_string());
     let mut lease = match buildlock::acquire(&target, &opts, &mut |w| notice.show(&w.holder, w.waited)) {
         Ok(l) => l,
@@ -58,7 +61,7 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
     if let Err(e) = lease.bind_pid(child.id()) {
         tracing::warn!("cannot bind the lock to the command's process: {e}");
     }
-    let status = child.wait();
+    let status = wait_for(&mut child, &lease);
     forward.set_child_exited();
     let code = match status {
         Ok(s) => exit_code(&s),
@@ -74,6 +77,31 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
             ExitCode::from(if code == 0 { 1 } else { code })
         }
     }
+}
+
+/// Waits for CMD, checking meanwhile (Linux: every second, on a pidfd) that the lock file was
+/// not deleted or replaced under us, and saying so at once if it was.
+fn wait_for(child: &mut std::process::Child, lease: &buildlock::Lease) -> std::io::Result<std::process::ExitStatus> {
+    #[cfg(target_os = "linux")]
+    if let Ok(Some(pidfd)) = buildlock_sys::ipc::pidfd_open(child.id()) {
+        use std::os::fd::AsFd;
+        let mut reported = false;
+        loop {
+            match buildlock_sys::ipc::wait_readable(&[pidfd.as_fd()], Some(Duration::from_secs(1))) {
+                Ok(None) if !reported => {
+                    if let Err(e) = lease.check() {
+                        eprintln!("buildlock-client: error: {e}");
+                        reported = true;
+                    }
+                }
+                Ok(None) => {}
+                Ok(Some(_)) | Err(_) => break,
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = lease;
+    child.wait()
 }
 
 /// CMD's exit status as a shell reports it: its code, or 128+N for death by signal N.
@@ -126,63 +154,63 @@ impl WaitNotice {
 
 #[cfg(unix)]
 mod signals {
-    use std::sync::{Arc, Mutex};
+    //! Forwarding without a thread: the handlers themselves pass SIGTERM, SIGHUP and SIGQUIT on
+    //! to CMD (kill(2) is async-signal-safe) and swallow SIGINT, which the terminal delivers to
+    //! CMD itself. Signals that come before CMD starts are kept and passed on once it has.
+
+    use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
     use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
-    use signal_hook::iterator::Signals;
 
-    #[derive(Default)]
-    struct State {
-        child: Option<u32>,
-        exited: bool,
-        /// Signals that came before CMD was started, passed on once it is.
-        pending: Vec<i32>,
-    }
+    /// CMD's pid while it runs, else 0.
+    static CHILD: AtomicU32 = AtomicU32::new(0);
+    /// Signals (as bits) that came while no CMD ran.
+    static PENDING: AtomicU64 = AtomicU64::new(0);
 
-    /// Passes SIGTERM, SIGHUP and SIGQUIT on to CMD; swallows SIGINT, which the terminal
-    /// delivers to CMD itself.
-    pub(super) struct Forwarder {
-        state: Arc<Mutex<State>>,
-    }
+    pub(super) struct Forwarder;
 
     impl Forwarder {
         pub(super) fn install() -> Forwarder {
-            let state = Arc::new(Mutex::new(State::default()));
-            match Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT]) {
-                Ok(mut signals) => {
-                    let st = state.clone();
-                    let _ = std::thread::Builder::new().name("buildlock-signals".into()).spawn(move || {
-                        for sig in signals.forever() {
-                            if sig == SIGINT {
-                                continue;
+            for sig in [SIGINT, SIGTERM, SIGHUP, SIGQUIT] {
+                // SAFETY: the handler only reads and writes atomics and calls kill(2), all
+                // async-signal-safe; it allocates nothing and takes no lock.
+                let registered = unsafe {
+                    signal_hook::low_level::register(sig, move || {
+                        if sig == SIGINT {
+                            return;
+                        }
+                        match CHILD.load(Ordering::SeqCst) {
+                            0 => {
+                                PENDING.fetch_or(1 << sig, Ordering::SeqCst);
                             }
-                            let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
-                            match s.child {
-                                Some(pid) if !s.exited => {
-                                    let _ = buildlock_sys::send_signal(pid, sig);
-                                }
-                                Some(_) => {}
-                                None => s.pending.push(sig),
+                            pid => {
+                                let _ = buildlock_sys::send_signal(pid, sig);
                             }
                         }
-                    });
+                    })
+                };
+                if let Err(e) = registered {
+                    tracing::warn!("cannot handle signal {sig} ({e}); it may stop buildlock-client before CMD");
                 }
-                Err(e) => tracing::warn!("cannot handle signals ({e}); Ctrl+C may stop buildlock-client before CMD"),
             }
-            Forwarder { state }
+            Forwarder
         }
 
+        /// CMD runs: pass on what came before. (Single-threaded: a handler runs either before
+        /// the store, and its signal is in PENDING, or after it, and forwards it itself.)
         pub(super) fn set_child(&self, pid: u32) {
-            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            s.child = Some(pid);
-            for sig in std::mem::take(&mut s.pending) {
-                let _ = buildlock_sys::send_signal(pid, sig);
+            CHILD.store(pid, Ordering::SeqCst);
+            let pending = PENDING.swap(0, Ordering::SeqCst);
+            for sig in 1..64 {
+                if pending & (1 << sig) != 0 {
+                    let _ = buildlock_sys::send_signal(pid, sig);
+                }
             }
         }
 
         /// After CMD is reaped its pid may be reused: never signal it again.
         pub(super) fn set_child_exited(&self) {
-            self.state.lock().unwrap_or_else(|e| e.into_inner()).exited = true;
+            CHILD.store(0, Ordering::SeqCst);
         }
     }
 }

@@ -83,6 +83,10 @@ pub struct Options {
     pub stale_after: Duration,
     /// Bind a daemon lease to this process as well (see [`Lease::bind_pid`]).
     pub bind_pid: Option<u32>,
+    /// Direct mode: have a background thread check once a second that the lock file was not
+    /// deleted or replaced, and report it at once. Callers that poll [`Lease::check`] themselves
+    /// can turn it off; release checks in any case.
+    pub watch: bool,
 }
 
 impl Default for Options {
@@ -97,6 +101,7 @@ impl Default for Options {
             backend: Backend::Auto,
             stale_after: DEFAULT_STALE_AFTER,
             bind_pid: None,
+            watch: true,
         }
     }
 }
@@ -201,7 +206,7 @@ fn acquire_direct(target: &LockTarget, opts: &Options, on_wait: &mut dyn FnMut(&
         stale_after: opts.stale_after,
         operation: opts.operation.clone(),
         command: opts.command.clone(),
-        watch: true,
+        watch: opts.watch,
     };
     let guard = buildlock_disk::acquire(target, &disk, opts.wait, &mut |holder, waited| {
         on_wait(&WaitInfo { holder: holder.to_string(), holder_pid: holder.pid(), waited })
