@@ -31,7 +31,10 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use buildlock::{acquire, Connect, LockTarget, Options, Wait};
+use common::time_each;
 use serde_json::{json, Value};
+
+mod common;
 
 const SCENARIOS: [&str; 5] = ["uncontended", "handoff", "kill_to_grant", "contention8", "cli_run"];
 
@@ -191,19 +194,6 @@ fn us(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e7).round() / 10.0
 }
 
-fn time_each(n: usize, mut f: impl FnMut()) -> Vec<Duration> {
-    for _ in 0..(n / 10).max(1) {
-        f(); // warm up
-    }
-    (0..n)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .collect()
-}
-
 // --- uncontended -------------------------------------------------------------------------------
 
 fn uncontended(ctx: &Ctx, mode: Mode) {
@@ -355,31 +345,10 @@ fn kill_to_grant(ctx: &Ctx, mode: Mode) {
 }
 
 fn kill_once(ctx: &Ctx, mode: Mode, name: &str) -> Duration {
-    let mut holder = ctx
-        .cli(mode)
-        .args(["run", name, "--", "sh", "-c", "echo locked; exec sleep 1000"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(holder.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "locked");
-    let target = ctx.target(name);
-    let opts = ctx.options(mode);
-    let (tx, rx) = std::sync::mpsc::channel();
-    let waiter = std::thread::spawn(move || {
-        let lease = acquire(&target, &opts, &mut |_| {}).unwrap();
-        tx.send(Instant::now()).unwrap();
-        lease.release().unwrap();
-    });
-    // Let the waiter reach its blocking wait (a bench may sleep; tests may not).
-    std::thread::sleep(Duration::from_millis(50));
-    let killed = Instant::now();
-    holder.kill().unwrap();
-    holder.wait().unwrap(); // reaped at once, as by the shell that started the build
-    let granted = rx.recv().unwrap();
-    waiter.join().unwrap();
-    granted - killed
+    let mut holder = ctx.cli(mode);
+    holder.args(["run", name]);
+    let (target, opts) = (ctx.target(name), ctx.options(mode));
+    common::kill_to_grant(holder, move || acquire(&target, &opts, &mut |_| {}).unwrap())
 }
 
 // --- contention --------------------------------------------------------------------------------

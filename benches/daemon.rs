@@ -4,11 +4,13 @@
 //! Run: `cargo bench --bench daemon` (add `-- --quick` for a short run). A private daemon is
 //! started in a temporary runtime directory and stopped at the end. Nothing asserts on time.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use buildlock::{acquire, Connect, LockTarget, Options, Wait};
+use common::{report, time_each};
+
+mod common;
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -73,31 +75,11 @@ fn main() {
 /// A CLI holder through the daemon, a library waiter queued behind it: SIGKILL the holder and
 /// time the waiter's grant.
 fn kill_to_grant(cli: &str, rt: &std::path::Path, locks: &std::path::Path, opts: &Options) -> Duration {
-    let mut holder = Command::new(cli)
-        .args(["--dir", locks.to_str().unwrap(), "--runtime-dir", rt.to_str().unwrap()])
-        .args(["run", "k", "--", "sh", "-c", "echo locked; exec sleep 1000"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(holder.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "locked");
+    let mut holder = Command::new(cli);
+    holder.args(["--dir", locks.to_str().unwrap(), "--runtime-dir", rt.to_str().unwrap(), "run", "k"]);
     let target = LockTarget::resolve("k", locks).unwrap();
     let opts = opts.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let waiter = std::thread::spawn(move || {
-        let lease = acquire(&target, &opts, &mut |_| {}).unwrap();
-        tx.send(Instant::now()).unwrap();
-        lease.release().unwrap();
-    });
-    // Let the waiter queue (a bench may sleep; tests may not).
-    std::thread::sleep(Duration::from_millis(100));
-    let killed = Instant::now();
-    holder.kill().unwrap();
-    let granted = rx.recv().unwrap();
-    holder.wait().unwrap();
-    waiter.join().unwrap();
-    granted - killed
+    common::kill_to_grant(holder, move || acquire(&target, &opts, &mut |_| {}).unwrap())
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -107,32 +89,4 @@ fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
-}
-
-fn time_each(n: usize, mut f: impl FnMut()) -> Vec<Duration> {
-    for _ in 0..(n / 10).max(1) {
-        f();
-    }
-    (0..n)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .collect()
-}
-
-fn report(label: &str, mut samples: Vec<Duration>) {
-    samples.sort();
-    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
-    println!("{label:<60} {:>12} {:>12} {:>8}", fmt(at(0.5)), fmt(at(0.9)), samples.len());
-}
-
-fn fmt(d: Duration) -> String {
-    let us = d.as_secs_f64() * 1e6;
-    if us < 1000.0 {
-        format!("{us:.1} µs")
-    } else {
-        format!("{:.2} ms", us / 1000.0)
-    }
 }

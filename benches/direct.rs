@@ -4,12 +4,14 @@
 //! Run: `cargo bench --bench direct` (add `-- --quick` for a short run). Figures go to stdout as
 //! a table; nothing here asserts on time.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use buildlock_disk::{acquire, Backend, LockOptions, LockTarget, Wait};
 use buildlock_sys::{LockFile, LockMode};
+use common::{report, time_each};
+
+mod common;
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -72,63 +74,19 @@ fn main() {
     }
 }
 
-/// Starts a CLI holder, blocks a library waiter on the same lock, SIGKILLs the holder and
-/// returns the time from the kill to the waiter's grant.
+/// A direct-mode CLI holder and a library waiter on the same lock: SIGKILL the holder and time
+/// the waiter's grant.
 fn kill_to_grant(cli: &str, dir: &std::path::Path, soft: bool) -> Duration {
-    let mut args = vec!["--no-daemon", "--dir", dir.to_str().unwrap()];
+    let mut holder = Command::new(cli);
+    holder.args(["--no-daemon", "--dir", dir.to_str().unwrap()]);
     if soft {
-        args.push("--soft");
+        holder.arg("--soft");
     }
     // One lock per backend: an OS-lock file left behind reads as a fresh soft lock without
     // metadata, which soft locks give the whole grace period.
     let name = if soft { "kill-soft" } else { "kill-os" };
-    args.extend_from_slice(&["run", name, "--", "sh", "-c", "echo locked; exec sleep 1000"]);
-    let mut holder = Command::new(cli).args(&args).stdout(Stdio::piped()).spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(holder.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "locked");
+    holder.args(["run", name]);
     let target = LockTarget::resolve(name, dir).unwrap();
     let opts = LockOptions { backend: if soft { Backend::Soft } else { Backend::Auto }, ..LockOptions::default() };
-    let (tx, rx) = std::sync::mpsc::channel();
-    let waiter = std::thread::spawn(move || {
-        let guard = acquire(&target, &opts, Wait::Forever, &mut |_, _| {}).unwrap();
-        tx.send(Instant::now()).unwrap();
-        guard.release().unwrap();
-    });
-    // Let the waiter reach its blocking wait (a bench may sleep; tests may not).
-    std::thread::sleep(Duration::from_millis(100));
-    let killed = Instant::now();
-    holder.kill().unwrap();
-    let granted = rx.recv().unwrap();
-    holder.wait().unwrap();
-    waiter.join().unwrap();
-    granted - killed
-}
-
-fn time_each(n: usize, mut f: impl FnMut()) -> Vec<Duration> {
-    for _ in 0..(n / 10).max(1) {
-        f(); // warm up
-    }
-    (0..n)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .collect()
-}
-
-fn report(label: &str, mut samples: Vec<Duration>) {
-    samples.sort();
-    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
-    println!("{label:<58} {:>12} {:>12} {:>8}", fmt(at(0.5)), fmt(at(0.9)), samples.len());
-}
-
-fn fmt(d: Duration) -> String {
-    let us = d.as_secs_f64() * 1e6;
-    if us < 1000.0 {
-        format!("{us:.1} µs")
-    } else {
-        format!("{:.2} ms", us / 1000.0)
-    }
+    common::kill_to_grant(holder, move || acquire(&target, &opts, Wait::Forever, &mut |_, _| {}).unwrap())
 }
