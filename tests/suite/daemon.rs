@@ -409,6 +409,20 @@ fn daemon_stop_start_status_and_tokens_that_survive_a_restart() {
 }
 
 #[test]
+fn sigterm_stops_the_daemon_cleanly_and_holders_keep_their_locks() {
+    let env = Env::daemon();
+    let holder = env.hold(&[], "x");
+    let pid = env.daemon_pid().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGTERM).unwrap();
+    wait_dead(pid);
+    assert!(!env.runtime().join("buildlockd.sock").exists(), "socket left behind");
+    assert!(!env.runtime().join("buildlockd.pid").exists(), "pid file left behind");
+    env.run(&["--no-daemon", "run", "-n", "x", "--", "true"]).assert_code(1);
+    holder.release();
+    env.run(&["--no-daemon", "run", "-n", "x", "--", "true"]).assert_code(0);
+}
+
+#[test]
 fn an_idle_daemon_exits_by_itself() {
     let env = Env::daemon();
     let out = env

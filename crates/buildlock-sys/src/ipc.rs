@@ -246,6 +246,12 @@ pub fn systemd_listener() -> io::Result<Option<std::os::unix::net::UnixListener>
 pub fn raise_fd_limit() -> io::Result<u64> {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    // A process allowed to (root, CAP_SYS_RESOURCE) may also raise the hard limit: ten
+    // thousand leases need twenty thousand descriptors, more than some systems' default.
+    #[cfg(target_os = "linux")]
+    if hard < 65_536 && setrlimit(Resource::RLIMIT_NOFILE, 65_536, 65_536).is_ok() {
+        return Ok(65_536);
+    }
     if soft >= hard {
         return Ok(soft);
     }
