@@ -9,8 +9,9 @@
 //! hold the buildlock lock is two holders at once. The check file is opened first, so it has the
 //! A dying process releases its files in no guaranteed order, so a killed holder may still hold
 //! its check lock for a moment after its buildlock lock is gone. Each holder therefore also
-//! leaves a marker (`inside-L/PID`) while inside; a failed check lists the markers, and counts as
-//! a violation unless every other holder they name had already been SIGKILLed before we were
+//! leaves a marker (`inside-L/PID-START.MODE`) while inside; a failed check lists the markers,
+//! and counts as a violation unless every other holder it conflicts with (any, for a writer;
+//! writers, for a reader) had already been SIGKILLed (or died of a panic) before we were
 //! granted the lock (a killed process runs no more code, so it cannot be inside a critical
 //! section). A failed check with no marker to explain it counts as a violation too.
 //!
@@ -78,6 +79,15 @@ fn chaos_worker() {
     let me = std::process::id();
     // Pids are reused within a long run: markers name this incarnation (pid and start time).
     let incarnation = format!("{me}-{}", now_us());
+    // A worker that dies of a panic must say so (with the time, before it is gone): it may
+    // leave a marker behind, and the harness must know the process is no longer inside.
+    {
+        let (log, incarnation) = (log.clone(), incarnation.clone());
+        std::panic::set_hook(Box::new(move |info| {
+            let msg = info.to_string().replace('\n', " ");
+            log_event(&log, &format!("X {incarnation} {} {msg}", now_us()));
+        }));
+    }
     // The check files first: lowest descriptors, dropped first when we die.
     let checks: Vec<_> = (0..LOCKS)
         .map(|i| OpenOptions::new().create(true).append(true).open(dir.join(format!("check{i}"))).unwrap())
@@ -110,13 +120,16 @@ fn chaos_worker() {
             if shared { nix::fcntl::FlockArg::LockSharedNonblock } else { nix::fcntl::FlockArg::LockExclusiveNonblock };
         #[allow(deprecated)]
         let inside_alone = nix::fcntl::flock(checks[lock].as_raw_fd(), arg).is_ok();
-        let marker = dir.join(format!("inside-{lock}/{incarnation}"));
+        // Named `pid-start.mode`: readers may legitimately be inside together.
+        let mode_tag = if shared { "s" } else { "x" };
+        let marker = dir.join(format!("inside-{lock}/{incarnation}.{mode_tag}"));
         if !inside_alone {
-            log_event(&log, &format!("V {me} {lock} {} {}", now_us(), others_inside(&dir, lock, &incarnation)));
+            let others = others_inside(&dir, lock, &format!("{incarnation}.{mode_tag}"));
+            log_event(&log, &format!("V {me} {lock} {} {others} {mode_tag}", now_us()));
         }
-        std::fs::write(&marker, "").unwrap();
+        std::fs::write(&marker, "").expect("write the inside marker");
         std::thread::sleep(Duration::from_micros(rng.below(3000)));
-        std::fs::remove_file(&marker).unwrap();
+        std::fs::remove_file(&marker).expect("remove the inside marker");
         #[allow(deprecated)]
         let _ = nix::fcntl::flock(checks[lock].as_raw_fd(), nix::fcntl::FlockArg::Unlock);
         log_event(&log, &format!("R {me} {lock} {}", now_us()));
@@ -126,8 +139,7 @@ fn chaos_worker() {
     }
 }
 
-/// The incarnations (`pid-start`, comma-separated) other than `me` whose "inside" markers for
-/// `lock` exist.
+/// The markers (`pid-start.mode`, comma-separated) other than `me` inside `lock` now.
 fn others_inside(dir: &Path, lock: usize, me: &str) -> String {
     let pids: Vec<String> = std::fs::read_dir(dir.join(format!("inside-{lock}")))
         .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
@@ -168,6 +180,10 @@ struct Report {
     dying_overlaps: usize,
     /// Worst time from the daemon's death to the next grant of any lock.
     worst_kill_to_grant: Option<Duration>,
+    /// The events within 20 ms of the first violation, for diagnosis.
+    context: String,
+    /// Workers that died of a panic (a harness or library bug), with the message.
+    panics: Vec<String>,
 }
 
 fn run_chaos(daemon: bool) -> Report {
@@ -239,7 +255,7 @@ fn run_chaos_with(daemon: bool, secs: u64, kill: bool, no_lock: bool) -> Report 
 fn analyse(events: &str) -> Report {
     let mut lines: Vec<Vec<&str>> = events.lines().map(|l| l.split(' ').collect()).collect();
     let t = |f: &Vec<&str>| -> u64 {
-        let i = if matches!(f[0], "K" | "D") { 2 } else { 3 };
+        let i = if matches!(f[0], "K" | "D" | "X") { 2 } else { 3 };
         f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0)
     };
     lines.sort_by_key(|f| t(f));
@@ -253,16 +269,25 @@ fn analyse(events: &str) -> Report {
         worst_holder_kill_to_grant: None,
         dying_overlaps: 0,
         worst_kill_to_grant: None,
+        context: String::new(),
+        panics: Vec::new(),
     };
     let mut kills: HashMap<&str, Vec<u64>> = HashMap::new();
     for f in lines.iter().filter(|f| f[0] == "K") {
         kills.entry(f[1]).or_default().push(f.get(2).and_then(|t| t.parse().ok()).unwrap_or(u64::MAX));
+    }
+    // Workers that died of a panic (`X incarnation t message`): gone from that time on.
+    let mut panicked: HashMap<&str, u64> = HashMap::new();
+    for f in lines.iter().filter(|f| f[0] == "X") {
+        panicked.insert(f[1], f.get(2).and_then(|t| t.parse().ok()).unwrap_or(u64::MAX));
+        report.panics.push(f.join(" "));
     }
     // Whether incarnation `pid-start` was SIGKILLed after it started and before `before`.
     let killed_before = |incarnation: &str, before: u64| -> bool {
         let Some((pid, start)) = incarnation.split_once('-') else { return false };
         let start: u64 = start.parse().unwrap_or(u64::MAX);
         kills.get(pid).is_some_and(|ks| ks.iter().any(|&k| k >= start && k < before))
+            || panicked.get(incarnation).is_some_and(|&p| p < before)
     };
     let mut granted_at: HashMap<&str, u64> = HashMap::new();
     // (lock or "*" for any, time of death) awaiting the next grant.
@@ -292,14 +317,24 @@ fn analyse(events: &str) -> Report {
                 holding.remove(f[1]);
             }
             "V" => {
-                // Two holders, unless every other holder had been killed before our grant.
+                // Two holders, unless every other holder that conflicts with us (any, for a
+                // writer; writers, for a reader) had been killed before our grant.
                 let granted = granted_at.get(f[1]).copied().unwrap_or(u64::MAX);
-                let others: Vec<&str> =
-                    f.get(4).map(|o| o.split(',').filter(|p| *p != "-").collect()).unwrap_or_default();
-                let dying = !others.is_empty() && others.iter().all(|o| killed_before(o, granted));
+                let reader = f.get(5) == Some(&"s");
+                let others: Vec<(&str, &str)> =
+                    f.get(4).map(|o| o.split(',').filter_map(|m| m.rsplit_once('.')).collect()).unwrap_or_default();
+                let conflicting: Vec<&str> =
+                    others.iter().filter(|(_, mode)| !reader || *mode == "x").map(|(inc, _)| *inc).collect();
+                let dying = !conflicting.is_empty() && conflicting.iter().all(|o| killed_before(o, granted));
                 if dying {
                     report.dying_overlaps += 1;
                 } else {
+                    if report.violations.is_empty() {
+                        let at = t(f);
+                        for g in lines.iter().filter(|g| t(g).abs_diff(at) < 20_000) {
+                            report.context.push_str(&format!("  {:+8} us  {}\n", t(g) as i64 - at as i64, g.join(" ")));
+                        }
+                    }
                     report.violations.push(f.join(" "));
                 }
             }
@@ -339,7 +374,13 @@ fn check(mode: &str, r: &Report) {
         ms(r.worst_holder_kill_to_grant),
         ms(r.worst_kill_to_grant),
     );
-    assert!(r.violations.is_empty(), "two holders at once: {:?}", r.violations);
+    assert!(r.panics.is_empty(), "workers panicked: {:?}", r.panics);
+    assert!(
+        r.violations.is_empty(),
+        "two holders at once: {:?}\nevents around the first:\n{}",
+        r.violations,
+        r.context
+    );
     assert!(r.operations > 0, "no lock was ever granted");
     assert!(r.holder_kills > 0, "the killer never hit a holder");
 }
