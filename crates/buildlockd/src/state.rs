@@ -85,7 +85,6 @@ enum Phase {
     },
     Held {
         hold: Box<OsHold>,
-        since: SystemTime,
         conn_open: bool,
         pid_running: bool,
     },
@@ -133,35 +132,22 @@ pub(crate) fn holder_from_disk(h: &buildlock_disk::Holder, outside: bool) -> Hol
 }
 
 impl Lease {
+    /// Who holds this lease, described the way the on-disk protocol describes a holder (so a
+    /// waiter reads the same line whether or not the holder goes through the daemon).
     fn holder(&self) -> Holder {
-        let (since, token) = match &self.phase {
-            Phase::Held { since, hold, .. } => (unix_ms(*since), Some(hold.token())),
-            _ => (None, None),
+        let meta = match &self.phase {
+            Phase::Held { hold, .. } => hold.metadata().clone(),
+            // Granted by the queue, OS lock still being taken: what it will write.
+            _ => self.metadata(),
         };
-        let host = buildlock_sys::hostname();
-        let mut description = format!("pid {}", self.holder_pid);
-        if !self.command.is_empty() {
-            description.push_str(&format!(" ({})", self.command));
-        }
-        description.push_str(&format!(" on {host}, {}", self.mode));
-        if let Some(since) = since {
-            let ts = jiff_free_since(since);
-            description.push_str(&format!(", since {ts}"));
-        }
-        if !self.operation.is_empty() {
-            description.push_str(&format!(", operation '{}'", self.operation));
-        }
-        Holder {
-            pid: Some(self.holder_pid),
+        let disk = buildlock_disk::Holder {
+            mode: Some(lock_mode(self.mode)),
             command: Some(self.command.clone()).filter(|c| !c.is_empty()),
-            host: Some(host),
-            mode: Some(self.mode),
-            since_unix_ms: since,
-            operation: Some(self.operation.clone()).filter(|o| !o.is_empty()),
-            token,
-            outside: false,
-            description,
-        }
+            meta: Some(meta),
+            os_pid: None,
+            note: None,
+        };
+        holder_from_disk(&disk, false)
     }
 
     fn metadata(&self) -> Metadata {
@@ -173,13 +159,6 @@ impl Lease {
             Some(self.command.clone()),
         )
     }
-}
-
-/// "3s ago"-style age of a unix-ms time, for descriptions.
-fn jiff_free_since(ms: i64) -> String {
-    let now = unix_ms(SystemTime::now()).unwrap_or(ms);
-    let age = std::time::Duration::from_millis(now.saturating_sub(ms).max(0) as u64);
-    format!("{} ago", buildlock_disk::stale::secs(age))
 }
 
 impl Daemon {
@@ -432,12 +411,7 @@ impl Daemon {
                 let l = st.leases.get_mut(&lease).expect("looked up above");
                 let bind = l.bind_pid;
                 let path = l.target.path.display().to_string();
-                l.phase = Phase::Held {
-                    hold: Box::new(hold),
-                    since: SystemTime::now(),
-                    conn_open,
-                    pid_running: bind.is_some(),
-                };
+                l.phase = Phase::Held { hold: Box::new(hold), conn_open, pid_running: bind.is_some() };
                 let fd_attached = fd.is_some();
                 Self::send(&st, owner, Reply::Granted { path, token, fd_attached }, fd);
                 if let Some(pid) = bind {
