@@ -168,6 +168,8 @@ enum Inner {
         /// Our copy of the locked descriptor (Linux); `None` where the daemon alone holds it.
         file: Option<File>,
         id: Option<buildlock_sys::FileId>,
+        /// A `Bind` was sent whose answer has not been read yet.
+        bind_pending: bool,
     },
     Direct(buildlock_disk::Guard),
 }
@@ -276,7 +278,7 @@ fn acquire_daemon(
             Some((Reply::Granted { token, .. }, fd)) => {
                 let file = fd.map(File::from);
                 let id = file.as_ref().and_then(file_id);
-                let inner = Inner::Daemon { client, path, file, id };
+                let inner = Inner::Daemon { client, path, file, id, bind_pending: false };
                 return Ok(Lease { target: target.clone(), token, inner: Some(inner) });
             }
             Some((Reply::Error(e), _)) => {
@@ -316,21 +318,17 @@ impl Lease {
     /// Keeps the lock until process `pid` has exited as well, even if this process dies first
     /// (daemon leases; `run` binds the command it starts). In direct mode this does nothing: the
     /// caller must stop `pid` itself when it dies (e.g. `PR_SET_PDEATHSIG`).
+    ///
+    /// The request costs no round trip: its answer is read with the next one (at release). The
+    /// daemon handles a connection's requests in order, so the binding is in force before
+    /// anything this process does next, its death included.
     pub fn bind_pid(&mut self, pid: u32) -> Result<(), Error> {
         match &mut self.inner {
             #[cfg(unix)]
-            Some(Inner::Daemon { client, path, .. }) => {
+            Some(Inner::Daemon { client, path, bind_pending, .. }) => {
                 client.send(&Request::Bind { path: path.clone(), pid })?;
-                loop {
-                    match client.recv(None)? {
-                        Some((Reply::Bound { .. }, _)) => return Ok(()),
-                        Some((Reply::Error(e), _)) => return Err(Error::Daemon { code: e.code, message: e.message }),
-                        Some((Reply::Waiting { .. }, _)) | None => {}
-                        Some((other, _)) => {
-                            return Err(Error::Protocol(format!("unexpected reply from buildlockd: {other:?}")))
-                        }
-                    }
-                }
+                *bind_pending = true;
+                Ok(())
             }
             _ => {
                 let _ = pid;
@@ -367,7 +365,7 @@ impl Lease {
         match inner {
             Inner::Direct(guard) => guard.release().map_err(Error::from),
             #[cfg(unix)]
-            Inner::Daemon { mut client, path, file, id } => {
+            Inner::Daemon { mut client, path, file, id, mut bind_pending } => {
                 let lost = match id {
                     Some(id) => !buildlock_sys::path_id(Path::new(&path)).is_ok_and(|now| now == id),
                     None => false,
@@ -377,6 +375,12 @@ impl Lease {
                 drop(file);
                 let released = client.send(&Request::Release { path: path.clone() }).and_then(|()| loop {
                     match client.recv(None)? {
+                        // The answer to an earlier `bind_pid` comes first.
+                        Some((Reply::Bound { .. }, _)) if bind_pending => bind_pending = false,
+                        Some((Reply::Error(e), _)) if bind_pending => {
+                            bind_pending = false;
+                            tracing::warn!("the lock was not bound to the command's process: {}", e.message);
+                        }
                         Some((Reply::Released { .. }, _)) => return Ok(()),
                         Some((Reply::Error(e), _)) => return Err(Error::Daemon { code: e.code, message: e.message }),
                         _ => {}
