@@ -230,10 +230,7 @@ fn counter_increments_through_the_daemon_lose_nothing_with_direct_and_fasteners_
     const N: usize = 25;
     let py =
         env.fasteners(&["incr", lock.to_str().unwrap(), counter.to_str().unwrap(), &N.to_string()]).spawn().unwrap();
-    let script = format!(
-        "mkdir {c}.inside || {{ echo TWO-HOLDERS; exit 99; }}; n=$(cat {c}); echo $((n+1)) > {c}; rmdir {c}.inside",
-        c = counter.display()
-    );
+    let script = env.increment_script();
     std::thread::scope(|s| {
         for direct in [false, false, true] {
             let (env, script) = (&env, &script);

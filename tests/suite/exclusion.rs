@@ -3,18 +3,9 @@
 use crate::stale::hostname;
 use crate::util::{dead_pid, Env};
 
-/// CMD fails with 99 if another holder is inside, else increments the counter.
-fn increment_script(env: &Env) -> String {
-    let c = env.path("counter");
-    format!(
-        "mkdir {c}.inside || {{ echo TWO-HOLDERS; exit 99; }}; n=$(cat {c}); echo $((n+1)) > {c}; rmdir {c}.inside",
-        c = c.display()
-    )
-}
-
 fn hammer(env: &Env, global: &[&str], workers: usize, each: usize) {
     std::fs::write(env.path("counter"), "0").unwrap();
-    let script = increment_script(env);
+    let script = env.increment_script();
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| {

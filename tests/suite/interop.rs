@@ -80,10 +80,7 @@ fn fasteners_and_buildlock_incrementing_one_counter_lose_nothing() {
             env.fasteners(&["incr", lock.to_str().unwrap(), counter.to_str().unwrap(), &N.to_string()]).spawn().unwrap()
         })
         .collect();
-    let script = format!(
-        "mkdir {c}.inside || {{ echo TWO-HOLDERS; exit 99; }}; n=$(cat {c}); echo $((n+1)) > {c}; rmdir {c}.inside",
-        c = counter.display()
-    );
+    let script = env.increment_script();
     std::thread::scope(|s| {
         for _ in 0..2 {
             s.spawn(|| {

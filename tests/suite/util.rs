@@ -109,6 +109,15 @@ impl Env {
         c
     }
 
+    /// A shell CMD that increments the number in the file `counter` (read-modify-write), and
+    /// fails with 99 if another holder is inside at the same time (its `counter.inside` marker).
+    pub fn increment_script(&self) -> String {
+        format!(
+            "mkdir {c}.inside || {{ echo TWO-HOLDERS; exit 99; }}; n=$(cat {c}); echo $((n+1)) > {c}; rmdir {c}.inside",
+            c = self.path("counter").display()
+        )
+    }
+
     /// Writes `.lock.pid` metadata for the named lock.
     pub fn write_meta(&self, name: &str, json: &str) {
         std::fs::create_dir_all(self.locks()).unwrap();
