@@ -32,7 +32,7 @@ pub(crate) enum Outcome {
 }
 
 enum Attempt {
-    Locked(LockFile),
+    Locked(Locked),
     Busy,
     Unsupported(std::io::Error),
 }
@@ -69,15 +69,22 @@ fn try_lock(target: &LockTarget, opts: &LockOptions) -> Result<Attempt, Error> {
             Err(e) => return Err(Error::io("lock", &target.path, e)),
         }
         match check_locked(target, opts, &file) {
-            Checked::Ok => return Ok(Attempt::Locked(file)),
+            Checked::Ok(id) => return Ok(Attempt::Locked(Locked { file, id })),
             Checked::Replaced => continue,
             Checked::SoftHolder => return Ok(Attempt::Busy),
         }
     }
 }
 
+/// A lock file with our OS lock on it, and its identity as checked against the path.
+struct Locked {
+    file: LockFile,
+    id: FileId,
+}
+
 enum Checked {
-    Ok,
+    /// Locked, on the file at the path (its id).
+    Ok(FileId),
     /// The path now names another file; lock that one instead.
     Replaced,
     /// The file is a live soft lock of a process using `--soft`; treat as held.
@@ -87,20 +94,20 @@ enum Checked {
 /// After the OS lock is taken: is it on the file at the path, and is that file not somebody's
 /// live soft lock?
 fn check_locked(target: &LockTarget, opts: &LockOptions, file: &LockFile) -> Checked {
-    match (file.id(), buildlock_sys::path_id(&target.path)) {
-        (Ok(a), Ok(b)) if a == b => {}
+    let id = match (file.id(), buildlock_sys::path_id(&target.path)) {
+        (Ok(a), Ok(b)) if a == b => a,
         _ => {
             tracing::debug!("{} was replaced while we locked it; retrying", target.path.display());
             return Checked::Replaced;
         }
-    }
+    };
     // OS-lock files are always empty; content means a soft lock (ours or another tool's).
     if file.file().metadata().is_ok_and(|m| m.len() > 0)
         && soft::verdict_of_file(target, opts, file.file()).is_some_and(|v| !v.is_stale())
     {
         return Checked::SoftHolder;
     }
-    Checked::Ok
+    Checked::Ok(id)
 }
 
 /// Blocks until the lock is ours or the deadline passes.
@@ -109,7 +116,7 @@ fn wait_for(
     opts: &LockOptions,
     deadline: Option<Instant>,
     on_wait: &mut dyn FnMut(&Holder, Duration),
-) -> Result<LockFile, Error> {
+) -> Result<Locked, Error> {
     let start = Instant::now();
     let (tx, rx) = mpsc::sync_channel(1);
     let (t, o) = (target.clone(), opts.clone());
@@ -142,12 +149,12 @@ fn wait_for(
     }
 }
 
-fn block_until_locked(target: &LockTarget, opts: &LockOptions) -> Result<LockFile, Error> {
+fn block_until_locked(target: &LockTarget, opts: &LockOptions) -> Result<Locked, Error> {
     loop {
         let file = LockFile::open(&target.path).map_err(|e| Error::io("open the lock file", &target.path, e))?;
         file.lock(opts.mode).map_err(|e| Error::io("lock", &target.path, e))?;
         match check_locked(target, opts, &file) {
-            Checked::Ok => return Ok(file),
+            Checked::Ok(id) => return Ok(Locked { file, id }),
             Checked::Replaced => continue,
             Checked::SoftHolder => {
                 drop(file);
@@ -158,7 +165,7 @@ fn block_until_locked(target: &LockTarget, opts: &LockOptions) -> Result<LockFil
 }
 
 /// The lock is ours: account for leftover metadata, write ours, and wrap it in a guard.
-fn take_over(target: &LockTarget, opts: &LockOptions, file: LockFile) -> Result<Guard, Error> {
+fn take_over(target: &LockTarget, opts: &LockOptions, file: Locked) -> Result<Guard, Error> {
     let ours = Metadata::for_current_process(opts.mode, "os", &opts.operation, opts.command.clone());
     let hold = claim(target, opts.mode, file, ours)?;
     Ok(Guard::new(target, hold.meta, Held::Os(hold.file), hold.id, None, opts.watch))
@@ -212,8 +219,8 @@ impl OsHold {
 }
 
 /// Records `ours` as the holder of the lock just taken on `file` (with its fencing token).
-fn claim(target: &LockTarget, mode: LockMode, file: LockFile, mut ours: Metadata) -> Result<OsHold, Error> {
-    let id = file.id().map_err(|e| Error::io("stat", &target.path, e))?;
+fn claim(target: &LockTarget, mode: LockMode, locked: Locked, mut ours: Metadata) -> Result<OsHold, Error> {
+    let Locked { file, id } = locked;
     ours.token = Some(crate::fence::next_token(target, mode == LockMode::Exclusive));
     let previous = meta::read(&target.meta_path);
     let keep_previous = mode == LockMode::Shared
