@@ -16,6 +16,8 @@
 //! - [`FileId`]: (device, inode) of a file, used to notice a lock file that was deleted or replaced.
 //! - [`ProcessIdentity`] and [`process_state`]: a process named by pid *and* start time, so that a
 //!   recycled pid is never taken for the process that wrote a lock's metadata.
+//! - [`pass_to_child`]: let a command inherit the locked descriptor, so the lock lives as long as
+//!   the command and what it starts (`run`); [`lock_holders`] finds those processes again.
 //! - [`kill_on_parent_death`]: stop a child when the process that holds its lock dies.
 //!
 //! ```no_run
@@ -35,6 +37,7 @@ use std::fs::File;
 use std::io;
 use std::path::Path;
 
+mod inherit;
 #[cfg(unix)]
 pub mod ipc;
 mod process;
@@ -49,6 +52,7 @@ mod lock_imp;
 #[path = "lock_windows.rs"]
 mod lock_imp;
 
+pub use inherit::{lock_holders, pass_to_child};
 pub use process::{
     command_line, current_process, hostname, identify, kill_on_parent_death, process_state, send_signal,
     ProcessIdentity, ProcessState,
@@ -93,8 +97,10 @@ pub struct FileId {
 
 /// An open lock file and the OS lock this handle holds on it, if any.
 ///
-/// Dropping the handle releases its lock. The file is opened close-on-exec, so the lock is
-/// never inherited by a child process.
+/// Dropping the handle closes this descriptor; the lock is released once no copy of it is open
+/// (on Linux, copies passed to a child with [`pass_to_child`] keep it), or at once by
+/// [`LockFile::unlock`]. The file is opened close-on-exec, so no child inherits the lock
+/// unless it is passed on purpose.
 #[derive(Debug)]
 pub struct LockFile {
     inner: lock_imp::LockFile,
