@@ -1,11 +1,17 @@
 //! `run`: hold a lock exactly while a command runs.
 //!
 //! Order matters: the lock is taken before CMD starts and released only after CMD has exited.
-//! Through the daemon the lease is also bound to CMD's process, so if `run` is killed the daemon
-//! keeps the lock until CMD is gone too.
-//! CMD never inherits the lock's descriptor (it is close-on-exec), so CMD's own background
-//! children cannot keep the lock after CMD is gone. If `run` itself is killed, CMD is killed too
-//! (Linux: `PR_SET_PDEATHSIG`), so CMD never runs unlocked.
+//!
+//! A build's lock lives as long as the build, as with `flock(1)`: CMD inherits the locked
+//! descriptor (Linux, OS locks, in both modes), so if `run` is killed the lock stays held until
+//! CMD and every process it started that still holds the descriptor have exited. The metadata
+//! names CMD as the holder (and `run` as the process that handed it over), so no tool takes the
+//! dead `run` for the holder. Through the daemon the lease is also bound to CMD's process.
+//! When CMD exits, `run` releases the lock for every copy at once, even if a background
+//! process CMD started (a compiler server) lives on with an inherited descriptor. Soft locks
+//! have no descriptor to pass: there CMD is killed if `run` dies (Linux: `PR_SET_PDEATHSIG`).
+//!
+//! CMD's environment gains `BUILDLOCK_TOKEN`, the lease's fencing token.
 //!
 //! Signals: Ctrl+C reaches CMD from the terminal directly (same process group); `run` ignores
 //! SIGINT and releases the lock once CMD has exited. SIGTERM, SIGHUP and SIGQUIT sent to `run`
@@ -43,8 +49,9 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
     notice.finish();
 
     let mut cmd = Command::new(&args.cmd[0]);
-    cmd.args(&args.cmd[1..]);
-    if !buildlock_sys::kill_on_parent_death(&mut cmd) {
+    cmd.args(&args.cmd[1..]).env("BUILDLOCK_TOKEN", lease.token().to_string());
+    let passed = lease.os_file().is_some_and(|file| buildlock_sys::pass_to_child(&mut cmd, file));
+    if !passed && !buildlock_sys::kill_on_parent_death(&mut cmd) {
         tracing::debug!("this platform cannot stop CMD if buildlock-client is killed");
     }
     let forward = signals::Forwarder::install();
@@ -57,9 +64,10 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
         }
     };
     forward.set_child(child.id());
-    // Through the daemon, the lease now also lasts until CMD has exited, even if we are killed.
+    // CMD holds the lock now (its inherited descriptor; through the daemon, the binding too):
+    // the metadata names it, so that nobody takes a killed `run` for a dead holder.
     if let Err(e) = lease.bind_pid(child.id()) {
-        tracing::warn!("cannot bind the lock to the command's process: {e}");
+        tracing::warn!("cannot name the command's process as the lock's holder: {e}");
     }
     let status = wait_for(&mut child, &lease);
     forward.set_child_exited();

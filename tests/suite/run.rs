@@ -30,7 +30,7 @@ fn nonblock_conflict_exits_1_or_the_chosen_code_and_names_the_holder() {
     let holder = env.hold(&["-o", "build:libfastled_build"], "x");
     let out = env.run(&["run", "-n", "x", "--", "echo", "ran"]);
     out.assert_code(1)
-        .assert_stderr_has(&format!("is held by pid {}", holder.pid()))
+        .assert_stderr_has(&format!("is held by pid {}", holder.cmd_pid()))
         .assert_stderr_has("operation 'build:libfastled_build'")
         .assert_stderr_has("exclusive");
     assert!(!out.stdout.contains("ran"), "CMD ran without the lock");
@@ -46,7 +46,7 @@ fn wait_timeout_exits_with_the_conflict_code() {
     env.run(&["run", "-w", "0.3", "-E", "9", "x", "--", "echo", "ran"])
         .assert_code(9)
         .assert_stderr_has("timed out after")
-        .assert_stderr_has(&format!("pid {}", holder.pid()));
+        .assert_stderr_has(&format!("pid {}", holder.cmd_pid()));
     holder.release();
 }
 
@@ -56,7 +56,7 @@ fn waiter_is_told_who_holds_the_lock_and_gets_it_on_release() {
     let holder = env.hold(&["-o", "compiling"], "x");
     let mut waiter = env.spawn(&["run", "x", "--", "echo", "got it"]);
     let line = waiter.expect_stderr("waiting for lock x");
-    assert!(line.contains(&format!("held by pid {}", holder.pid())), "{line}");
+    assert!(line.contains(&format!("held by pid {}", holder.cmd_pid())), "{line}");
     assert!(line.contains("operation 'compiling'"), "{line}");
     holder.release();
     waiter.expect_line("got it");
@@ -65,32 +65,88 @@ fn waiter_is_told_who_holds_the_lock_and_gets_it_on_release() {
     assert_eq!(waiter.stderr().matches("waiting for lock").count(), 1, "{}", waiter.stderr());
 }
 
-#[test]
-fn holder_killed_with_sigkill_frees_the_waiter_and_its_command_dies_too() {
-    let env = Env::new();
-    let mut holder = env.spawn(&["run", "x", "--", "sh", "-c", "echo $$; exec sleep 1000"]);
-    let cmd_pid: u32 = holder.next_line().unwrap().parse().unwrap();
-    let mut waiter = env.spawn(&["run", "x", "--", "echo", "got it"]);
+/// `run` alone is killed with SIGKILL while CMD and a grandchild still work: the lock stays
+/// held (and its holder is named truthfully) until every process that inherited it is gone.
+fn killed_run_keeps_the_lock_for_its_command_and_children(env: &Env) {
+    // CMD prints its own pid, then its background child's, then waits for it.
+    let mut holder =
+        env.spawn(&["run", "x", "--", "sh", "-c", "sleep 1000 </dev/null >/dev/null 2>&1 & echo $$; echo $!; wait"]);
+    let cmd: u32 = holder.next_line().unwrap().parse().unwrap();
+    let grandchild: u32 = holder.next_line().unwrap().parse().unwrap();
+    // A waiter that, once it runs, says whether the grandchild still had files open then.
+    let check = format!("if ls /proc/{grandchild}/fd 2>/dev/null | grep -q .; then echo TOO-EARLY; fi; echo got it");
+    let mut waiter = env.spawn(&["run", "x", "--", "sh", "-c", &check]);
     holder.kill9();
     holder.wait();
+
+    // CMD and its child run on: nobody else may have the lock, and the holder named is CMD.
+    let busy = env.run(&["run", "-n", "x", "--", "echo", "SECOND-HOLDER"]);
+    busy.assert_code(1).assert_stderr_has("the command of a killed `run`").assert_stderr_has(&format!("pid {cmd} (sh"));
+    assert!(!busy.stdout.contains("SECOND-HOLDER"));
+    let status = env.run(&["status", "x"]);
+    status.assert_code(0).assert_stdout_has("held").assert_stdout_has(&format!("pid {cmd}"));
+
+    // CMD is gone, its child still holds the inherited descriptor: still held, and by the child.
+    kill9(cmd);
+    wait_dead(cmd);
+    let busy = env.run(&["run", "-n", "x", "--", "echo", "SECOND-HOLDER"]);
+    busy.assert_code(1).assert_stderr_has(&format!("pid {grandchild} (sleep 1000)"));
+    assert!(!busy.stdout.contains("SECOND-HOLDER"));
+
+    // The last one gone: the waiter is woken, and only then.
+    kill9(grandchild);
     waiter.expect_line("got it");
-    assert!(waiter.wait().success());
-    // CMD must not run on without its lock (PR_SET_PDEATHSIG).
-    wait_dead(cmd_pid);
+    assert!(waiter.wait().success(), "{}", waiter.stderr());
+    env.run(&["run", "-n", "x", "--", "true"]).assert_code(0);
+}
+
+fn kill9(pid: u32) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
 }
 
 #[test]
-fn lock_is_not_inherited_by_the_command_or_its_children() {
-    let env = Env::new();
-    // CMD leaves a background child behind; the lock must still be free once CMD exits.
-    let out =
-        env.run(&["run", "x", "--", "sh", "-c", "sleep 1000 >/dev/null 2>&1 </dev/null & echo $!; ls -l /proc/$$/fd"]);
+fn killed_run_keeps_the_lock_for_its_command_and_children_direct() {
+    killed_run_keeps_the_lock_for_its_command_and_children(&Env::new());
+}
+
+#[test]
+fn killed_run_keeps_the_lock_for_its_command_and_children_through_the_daemon() {
+    killed_run_keeps_the_lock_for_its_command_and_children(&Env::daemon());
+}
+
+/// CMD exits normally but leaves a background child holding the inherited descriptor (a
+/// compiler server): the lock is released at once all the same.
+fn normal_exit_releases_the_lock_despite_a_background_child(env: &Env) {
+    let out = env.run(&[
+        "run",
+        "x",
+        "--",
+        "sh",
+        "-c",
+        "sleep 1000 >/dev/null 2>&1 </dev/null & echo $!; ls -l /proc/$!/fd; echo token=$BUILDLOCK_TOKEN",
+    ]);
     out.assert_code(0);
     let bg: u32 = out.stdout.lines().next().unwrap().trim().parse().unwrap();
-    assert!(!out.stdout.contains("x.lock"), "CMD inherited the lock file:\n{}", out.stdout);
+    // The background child did inherit the lock file (as with flock(1))...
+    assert!(out.stdout.contains("x.lock"), "CMD's child did not inherit the lock file:\n{}", out.stdout);
     assert!(!is_dead(bg));
+    // ...and the lock is free once CMD has exited, while that child lives on.
     env.run(&["run", "-n", "x", "--", "true"]).assert_code(0);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(bg as i32), nix::sys::signal::SIGKILL).unwrap();
+    assert!(!is_dead(bg));
+    // CMD was told its fencing token.
+    let token: u64 = out.stdout.lines().find_map(|l| l.strip_prefix("token=")).unwrap().parse().unwrap();
+    assert!(token > 0);
+    kill9(bg);
+}
+
+#[test]
+fn normal_exit_releases_the_lock_despite_a_background_child_direct() {
+    normal_exit_releases_the_lock_despite_a_background_child(&Env::new());
+}
+
+#[test]
+fn normal_exit_releases_the_lock_despite_a_background_child_through_the_daemon() {
+    normal_exit_releases_the_lock_despite_a_background_child(&Env::daemon());
 }
 
 #[test]

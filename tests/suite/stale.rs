@@ -86,7 +86,7 @@ fn seed_case_4_metadata_with_live_pid_is_active() {
     let holder = env.hold(&["-o", "build:libfastled_build"], "x");
     env.run(&["run", "-n", "x", "--", "true"])
         .assert_code(1)
-        .assert_stderr_has(&format!("held by pid {}", holder.pid()))
+        .assert_stderr_has(&format!("held by pid {}", holder.cmd_pid()))
         .assert_stderr_has(&format!("on {}", hostname()));
     env.run(&["break", "x"]).assert_code(1);
     holder.release();

@@ -11,7 +11,7 @@ fn status_of_a_held_lock_names_pid_command_host_mode_and_since() {
     out.assert_code(0)
         .assert_stdout_has("libfastled_build")
         .assert_stdout_has("held (os lock, shared)")
-        .assert_stdout_has(&format!("pid {}", holder.pid()))
+        .assert_stdout_has(&format!("pid {}", holder.cmd_pid()))
         .assert_stdout_has(&hostname())
         .assert_stdout_has("since ")
         .assert_stdout_has("operation 'build:libfastled_build'");
@@ -19,11 +19,12 @@ fn status_of_a_held_lock_names_pid_command_host_mode_and_since() {
     let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(v["state"], "held");
     assert_eq!(v["kind"], "os");
-    assert_eq!(v["holder"]["pid"], holder.pid());
+    assert_eq!(v["holder"]["pid"], holder.cmd_pid());
     assert_eq!(v["holder"]["mode"], "shared");
     assert_eq!(v["holder"]["host"], hostname());
     assert_eq!(v["holder"]["operation"], "build:libfastled_build");
-    assert!(v["holder"]["command"].as_str().unwrap().contains("buildlock-client"), "{v}");
+    // The holder is CMD, which `run` handed the lock to: its command line, not `run`'s.
+    assert!(v["holder"]["command"].as_str().unwrap().contains("echo locked"), "{v}");
     assert!(v["holder"]["since"].is_string(), "{v}");
     holder.release();
     let v: serde_json::Value =
@@ -80,7 +81,7 @@ fn break_refuses_a_live_holder_and_says_who() {
     out.assert_code(1);
     let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(v["result"], "refused");
-    assert!(v["detail"].as_str().unwrap().contains(&format!("stop pid {}", holder.pid())), "{v}");
+    assert!(v["detail"].as_str().unwrap().contains(&format!("stop pid {}", holder.cmd_pid())), "{v}");
     // The holder is untouched.
     env.run(&["run", "-n", "x", "--", "true"]).assert_code(1);
     holder.release();

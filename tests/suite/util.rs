@@ -217,6 +217,14 @@ impl Proc {
         self.child.id()
     }
 
+    /// The pid of this `run`'s CMD (its child), which the lock's metadata names as the holder.
+    #[track_caller]
+    pub fn cmd_pid(&self) -> u32 {
+        let pid = self.pid();
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+        children.split_whitespace().next().and_then(|c| c.parse().ok()).expect("run has started no command")
+    }
+
     /// The next stdout line, or `None` at end of output.
     pub fn next_line(&mut self) -> Option<String> {
         match self.lines.recv_timeout(HANG) {

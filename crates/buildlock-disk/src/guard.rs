@@ -33,8 +33,8 @@ pub struct Guard {
 
 #[derive(Debug)]
 pub(crate) enum Held {
-    /// An OS lock; releasing is unlocking (closing the file).
-    Os(#[allow(dead_code)] LockFile), // kept for its Drop: closing the file releases the lock
+    /// An OS lock; releasing is unlocking it, then closing the file.
+    Os(LockFile),
     /// A soft lock: our own file at the lock path; releasing is removing it.
     Soft(File),
 }
@@ -87,6 +87,30 @@ impl Guard {
         &self.target
     }
 
+    /// The open lock file that carries an OS lock (`None` for soft locks), for passing to a
+    /// command with `buildlock_sys::pass_to_child`: on Linux the command's copy then keeps the
+    /// lock even if this process dies, and [`Guard::release`] still ends it for every copy.
+    pub fn os_file(&self) -> Option<&File> {
+        match &self.held {
+            Some(Held::Os(f)) => Some(f.file()),
+            _ => None,
+        }
+    }
+
+    /// Names process `pid` (with `command`) as the holder in the metadata, this process as the
+    /// one that handed the lock over (`run`, after passing the lock to its command). Does nothing
+    /// when the metadata on disk is another holder's (a shared lock kept by an earlier reader).
+    pub fn hand_over_to(&mut self, pid: u32, command: Option<String>) -> Result<(), Error> {
+        if self.meta.id.is_none() || !matches!(self.held, Some(Held::Os(_))) {
+            return Ok(());
+        }
+        let meta = self.meta.handed_over(buildlock_sys::identify(pid), command, std::process::id());
+        meta::write_atomic(&self.target.meta_path, &meta)
+            .map_err(|e| Error::io("write the metadata file", &self.target.meta_path, e))?;
+        self.meta = meta;
+        Ok(())
+    }
+
     /// `"os"` or `"soft"`.
     pub fn kind(&self) -> &'static str {
         match self.held {
@@ -121,7 +145,9 @@ impl Guard {
     }
 
     /// Releases the lock: removes our metadata, then unlocks (OS) or removes our file (soft).
-    /// Reports [`Error::Lost`] if the lock file was replaced while held.
+    /// The OS lock is unlocked explicitly, not just closed, so that it ends even where a copy of
+    /// the descriptor lives on in a process the holder passed it to (a command's background
+    /// child). Reports [`Error::Lost`] if the lock file was replaced while held.
     pub fn release(mut self) -> Result<(), Error> {
         self.release_inner()
     }
@@ -145,7 +171,11 @@ impl Guard {
                 }
             }
         }
-        // Dropping the LockFile closes it, which releases the OS lock.
+        if let Held::Os(file) = &held {
+            if let Err(e) = file.unlock() {
+                tracing::debug!("unlocking {}: {e}; closing it instead", self.target.path.display());
+            }
+        }
         drop(held);
         result
     }

@@ -114,12 +114,19 @@ pub struct Holder {
     pub command: Option<String>,
     /// Anything else worth saying (metadata that contradicts the OS, a stale verdict).
     pub note: Option<String>,
+    /// The process that took the lock for the holder `meta` names and is gone since: the
+    /// `buildlock-client run` whose command holds the lock after `run` was killed.
+    pub orphaned_by: Option<u32>,
+    /// When no live holder is named otherwise: the processes found holding a descriptor of the
+    /// locked file (Linux), such as the children of a killed `run`'s command. `command` is the
+    /// first one's.
+    pub inheritors: Vec<u32>,
 }
 
 impl Holder {
-    /// The holder's pid, from metadata or the OS.
+    /// The holder's pid, from metadata, the OS, or the processes found holding the lock.
     pub fn pid(&self) -> Option<u32> {
-        self.meta.as_ref().map(|m| m.pid).or(self.os_pid)
+        self.meta.as_ref().map(|m| m.pid).or(self.os_pid).or(self.inheritors.first().copied())
     }
 
     /// When the lock was taken, if known.
@@ -132,6 +139,9 @@ impl fmt::Display for Holder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (&self.meta, self.os_pid) {
             (Some(m), _) => {
+                if let Some(run) = self.orphaned_by {
+                    write!(f, "the command of a killed `run` (pid {run}): ")?;
+                }
                 write!(f, "pid {}", m.pid)?;
                 if let Some(cmd) = &self.command {
                     write!(f, " ({})", shorten(cmd, 80))?;
@@ -159,6 +169,19 @@ impl fmt::Display for Holder {
                     write!(f, ", {}", mode.as_str())?;
                 }
             }
+            (None, None) if !self.inheritors.is_empty() => {
+                write!(f, "pid {}", self.inheritors[0])?;
+                if let Some(cmd) = &self.command {
+                    write!(f, " ({})", shorten(cmd, 80))?;
+                }
+                if self.inheritors.len() > 1 {
+                    write!(f, " and {} more", self.inheritors.len() - 1)?;
+                }
+                write!(f, ", which holds an inherited descriptor of the lock")?;
+                if let Some(mode) = self.mode {
+                    write!(f, " ({})", mode.as_str())?;
+                }
+            }
             (None, None) => {
                 write!(f, "a process that wrote no metadata")?;
                 if let Some(mode) = self.mode {
@@ -173,7 +196,7 @@ impl fmt::Display for Holder {
     }
 }
 
-fn shorten(s: &str, max: usize) -> String {
+pub(crate) fn shorten(s: &str, max: usize) -> String {
     if s.chars().count() <= max {
         s.to_owned()
     } else {

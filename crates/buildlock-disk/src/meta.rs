@@ -9,7 +9,8 @@
 //!
 //! buildlock adds keys old readers ignore: `start_time` and `boot_id` (so a recycled pid is not
 //! taken for the holder), `mode`, `command`, `lock` (`"os"` or `"soft"`), `id` (one per
-//! acquisition) and `version`. Readers accept the timestamp as naive local ISO 8601 or as a float
+//! acquisition), `version`, and `via_pid` (the `run` that started the holder, when the holder is
+//! a command it passed the lock to). Readers accept the timestamp as naive local ISO 8601 or as a float
 //! of seconds since the epoch, and treat anything unreadable (empty, truncated, binary, huge,
 //! wrong types) as "no metadata".
 
@@ -48,6 +49,10 @@ pub struct Metadata {
     /// Unique per acquisition, so a holder removes only its own metadata.
     pub id: Option<String>,
     pub version: Option<String>,
+    /// The process that took the lock on the holder's behalf and handed it over, if the holder
+    /// did not take it itself: `buildlock-client run` names the command it started as the
+    /// holder, and itself here. If that process is gone, the holder still holds the lock.
+    pub via_pid: Option<u32>,
 }
 
 /// What reading a metadata file found.
@@ -97,6 +102,20 @@ impl Metadata {
             token: None,
             id: Some(unique_id()),
             version: Some(FORMAT_VERSION.to_owned()),
+            via_pid: None,
+        }
+    }
+
+    /// The same acquisition (id, token, time), now held by process `to` with `command`, which
+    /// the process `via` handed the lock to (`run` passing it to its command).
+    pub fn handed_over(&self, to: ProcessIdentity, command: Option<String>, via: u32) -> Metadata {
+        Metadata {
+            pid: to.pid,
+            start_time: to.start_time,
+            boot_id: to.boot_id,
+            command: command.or_else(|| self.command.clone()),
+            via_pid: Some(via),
+            ..self.clone()
         }
     }
 
@@ -130,6 +149,7 @@ impl Metadata {
         opt("token", self.token.map(|v| json!(v)));
         opt("id", self.id.as_ref().map(|v| json!(v)));
         opt("version", self.version.as_ref().map(|v| json!(v)));
+        opt("via_pid", self.via_pid.map(|v| json!(v)));
         Value::Object(obj).to_string()
     }
 
@@ -167,6 +187,7 @@ impl Metadata {
             token: obj.get("token").and_then(Value::as_u64),
             id: text("id"),
             version: text("version"),
+            via_pid: obj.get("via_pid").and_then(Value::as_u64).and_then(|p| u32::try_from(p).ok()),
         })
     }
 }

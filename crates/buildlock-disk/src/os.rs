@@ -208,13 +208,42 @@ impl OsHold {
         self.file.file().try_clone()
     }
 
-    /// Releases: removes the holder's metadata, then closes our copy of the file. (Other copies
-    /// handed out keep the lock until they are closed too.)
+    /// Names process `to` (with `command`) as the holder in the metadata, `via` as the process
+    /// that handed it the lock (a daemon lease bound to the command that `run` started).
+    /// Does nothing when the metadata on disk is another holder's (a shared lock kept by an
+    /// earlier reader).
+    pub fn hand_over_to(&mut self, to: u32, command: Option<String>, via: u32) -> Result<(), Error> {
+        if self.meta.id.is_none() {
+            return Ok(());
+        }
+        let meta = self.meta.handed_over(buildlock_sys::identify(to), command, via);
+        meta::write_atomic(&self.target.meta_path, &meta)
+            .map_err(|e| Error::io("write the metadata file", &self.target.meta_path, e))?;
+        self.meta = meta;
+        Ok(())
+    }
+
+    /// Lets go of our copy: removes the holder's metadata, then closes the file. Copies handed
+    /// out keep the lock until they are closed too (a holder that died leaves the lock with the
+    /// processes it passed it to, as it should: they may still be working).
     pub fn release(self) -> Result<(), Error> {
         if self.is_intact() {
             crate::guard::remove_own_metadata(&self.target, &self.meta, true)?;
         }
         Ok(())
+    }
+
+    /// Ends the lock for every copy of the descriptor: removes the holder's metadata, then
+    /// unlocks the open file description that all copies share (Linux), then closes ours. For a
+    /// holder's explicit release: a background process its command left behind with a copy
+    /// must not keep the lock.
+    pub fn release_all(self) -> Result<(), Error> {
+        let removed =
+            if self.is_intact() { crate::guard::remove_own_metadata(&self.target, &self.meta, true) } else { Ok(()) };
+        if let Err(e) = self.file.unlock() {
+            tracing::debug!("unlocking {}: {e}; closing it instead", self.target.path.display());
+        }
+        removed
     }
 }
 
@@ -326,26 +355,47 @@ fn holder_from(target: &LockTarget, mode: Option<LockMode>, os_pid: Option<u32>)
     match meta::read(&target.meta_path) {
         MetaRead::Valid(m) => match buildlock_sys::process_state(&m.process()) {
             ProcessState::Dead if m.hostname == buildlock_sys::hostname() => {
-                holder.note = Some(format!(
-                    "the metadata names pid {}, which is dead: it is left over, and the holder wrote none",
-                    m.pid
-                ));
-                holder.command = os_pid.and_then(buildlock_sys::command_line);
+                let named = match &m.command {
+                    Some(cmd) => format!("pid {} ({})", m.pid, crate::shorten(cmd, 60)),
+                    None => format!("pid {}", m.pid),
+                };
+                find_inheritors(target, &mut holder);
+                holder.note = Some(if holder.inheritors.is_empty() {
+                    format!("the metadata names {named}, which is dead: it is left over, and the holder wrote none")
+                } else {
+                    format!("inherited from {named}, which has exited")
+                });
             }
             _ => {
-                let live =
-                    (m.hostname == buildlock_sys::hostname()).then(|| buildlock_sys::command_line(m.pid)).flatten();
+                let here = m.hostname == buildlock_sys::hostname();
+                let live = here.then(|| buildlock_sys::command_line(m.pid)).flatten();
                 holder.command = live.or_else(|| m.command.clone());
+                holder.orphaned_by = m.via_pid.filter(|&via| {
+                    here && buildlock_sys::process_state(&buildlock_sys::ProcessIdentity {
+                        pid: via,
+                        start_time: None,
+                        boot_id: None,
+                    }) == ProcessState::Dead
+                });
                 holder.meta = Some(m);
             }
         },
         MetaRead::Corrupt(why) => {
             holder.note = Some(format!("its metadata is unreadable ({why})"));
-            holder.command = os_pid.and_then(buildlock_sys::command_line);
+            find_inheritors(target, &mut holder);
         }
-        MetaRead::Missing => holder.command = os_pid.and_then(buildlock_sys::command_line),
+        MetaRead::Missing => find_inheritors(target, &mut holder),
     }
     holder
+}
+
+/// For a holder no metadata names: the OS's word (process-bound locks), else the processes
+/// found holding a descriptor of the lock file, with the first one's command line.
+fn find_inheritors(target: &LockTarget, holder: &mut Holder) {
+    if holder.os_pid.is_none() {
+        holder.inheritors = buildlock_sys::lock_holders(&target.path).unwrap_or_default();
+    }
+    holder.command = holder.os_pid.or(holder.inheritors.first().copied()).and_then(buildlock_sys::command_line);
 }
 
 /// For `status` of a free lock: what leftover metadata, if any, means.

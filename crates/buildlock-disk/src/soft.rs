@@ -215,6 +215,7 @@ fn holder_from(seen: &Examined) -> Holder {
         os_pid: None,
         command,
         note: Some(seen.verdict.reason().to_owned()),
+        ..Holder::default()
     }
 }
 

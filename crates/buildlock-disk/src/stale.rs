@@ -121,6 +121,7 @@ mod tests {
             token: None,
             id: None,
             version: None,
+            via_pid: None,
         })
     }
 

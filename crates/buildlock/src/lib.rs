@@ -315,13 +315,15 @@ impl Lease {
         !matches!(self.inner, Some(Inner::Direct(_)) | None)
     }
 
-    /// Keeps the lock until process `pid` has exited as well, even if this process dies first
-    /// (daemon leases; `run` binds the command it starts). In direct mode this does nothing: the
-    /// caller must stop `pid` itself when it dies (e.g. `PR_SET_PDEATHSIG`).
+    /// Hands the lock to process `pid`, which was given [`Lease::os_file`] (`run` binds the
+    /// command it starts): the metadata names `pid` as the holder from now on, and through the
+    /// daemon the lease also lasts until `pid` has exited, even if this process dies first.
+    /// In direct mode, what keeps the lock after this process dies is the descriptor `pid`
+    /// inherited.
     ///
-    /// The request costs no round trip: its answer is read with the next one (at release). The
-    /// daemon handles a connection's requests in order, so the binding is in force before
-    /// anything this process does next, its death included.
+    /// Through the daemon the request costs no round trip: its answer is read with the next one
+    /// (at release). The daemon handles a connection's requests in order, so the binding is in
+    /// force before anything this process does next, its death included.
     pub fn bind_pid(&mut self, pid: u32) -> Result<(), Error> {
         match &mut self.inner {
             #[cfg(unix)]
@@ -330,10 +332,21 @@ impl Lease {
                 *bind_pending = true;
                 Ok(())
             }
-            _ => {
-                let _ = pid;
-                Ok(())
-            }
+            Some(Inner::Direct(guard)) => guard.hand_over_to(pid, None).map_err(Error::from),
+            None => Ok(()),
+        }
+    }
+
+    /// The open lock file carrying the OS lock, for a command to inherit (see
+    /// `buildlock_sys::pass_to_child`): on Linux the lock then lasts while any process holds a
+    /// copy, even if this one is killed, and [`Lease::release`] still ends it for all copies.
+    /// `None` for soft locks, and where the daemon cannot hand out the descriptor.
+    pub fn os_file(&self) -> Option<&File> {
+        match &self.inner {
+            #[cfg(unix)]
+            Some(Inner::Daemon { file, .. }) => file.as_ref(),
+            Some(Inner::Direct(guard)) => guard.os_file(),
+            None => None,
         }
     }
 

@@ -87,6 +87,9 @@ enum Phase {
         hold: Box<OsHold>,
         conn_open: bool,
         pid_running: bool,
+        /// The client released it (rather than died): the lock ends for every copy of the
+        /// descriptor, including those its command's background children inherited.
+        released: bool,
     },
 }
 
@@ -135,17 +138,22 @@ impl Lease {
     /// Who holds this lease, described the way the on-disk protocol describes a holder (so a
     /// waiter reads the same line whether or not the holder goes through the daemon).
     fn holder(&self) -> Holder {
-        let meta = match &self.phase {
-            Phase::Held { hold, .. } => hold.metadata().clone(),
+        let (meta, orphaned_by) = match &self.phase {
+            // A bound process holds it for a client that is gone: `run` was killed, its command
+            // still runs.
+            Phase::Held { hold, conn_open: false, pid_running: true, .. } => {
+                (hold.metadata().clone(), hold.metadata().via_pid)
+            }
+            Phase::Held { hold, .. } => (hold.metadata().clone(), None),
             // Granted by the queue, OS lock still being taken: what it will write.
-            _ => self.metadata(),
+            _ => (self.metadata(), None),
         };
         let disk = buildlock_disk::Holder {
             mode: Some(lock_mode(self.mode)),
             command: Some(self.command.clone()).filter(|c| !c.is_empty()),
             meta: Some(meta),
-            os_pid: None,
-            note: None,
+            orphaned_by,
+            ..buildlock_disk::Holder::default()
         };
         holder_from_disk(&disk, false)
     }
@@ -256,8 +264,16 @@ impl Daemon {
     }
 
     /// The first daemon-client holder of `path`, if any.
+    ///
+    /// A lease the queue granted whose OS lock is still being taken is not the holder yet:
+    /// the kernel says who is (a process outside the daemon, or the children of a killed
+    /// `run`'s command, which keep an inherited descriptor).
     fn current_holder(st: &State, path: &Path) -> Option<Holder> {
-        st.queue.holders(&path.to_path_buf()).first().and_then(|v| st.leases.get(&v.id)).map(Lease::holder)
+        let lease = st.queue.holders(&path.to_path_buf()).first().and_then(|v| st.leases.get(&v.id))?;
+        match lease.phase {
+            Phase::Locking { .. } => Some(holder_from_disk(&buildlock_disk::describe_holder(&lease.target), true)),
+            _ => Some(lease.holder()),
+        }
     }
 
     /// Processes the queue's decisions.
@@ -411,7 +427,7 @@ impl Daemon {
                 let l = st.leases.get_mut(&lease).expect("looked up above");
                 let bind = l.bind_pid;
                 let path = l.target.path.display().to_string();
-                l.phase = Phase::Held { hold: Box::new(hold), conn_open, pid_running: bind.is_some() };
+                l.phase = Phase::Held { hold: Box::new(hold), conn_open, pid_running: bind.is_some(), released: false };
                 let fd_attached = fd.is_some();
                 Self::send(&st, owner, Reply::Granted { path, token, fd_attached }, fd);
                 if let Some(pid) = bind {
@@ -448,11 +464,16 @@ impl Daemon {
         if let Some(c) = st.conns.get_mut(&l.owner) {
             c.leases.remove(&lease);
         }
-        if let Phase::Held { hold, .. } = l.phase {
-            let hold = *hold;
-            // Metadata first, then our copy of the descriptor: the lock is free once the
-            // client's copy is closed too (it closes before it asks to release).
-            release_hold(hold);
+        if let Phase::Held { hold, released, .. } = l.phase {
+            // Metadata first, then the lock. Released by the client: unlocked for every copy
+            // (the client closed its own before asking). Its client and bound process gone
+            // instead: only our copy is closed, so processes that inherited the descriptor
+            // (a killed `run`'s command's children) keep the lock, and the next waiter is
+            // granted when the kernel says it is free.
+            let result = if released { hold.release_all() } else { hold.release() };
+            if let Err(e) = result {
+                tracing::warn!("{e}");
+            }
         }
         st.queue.release(lease, Instant::now());
         self.pump(st);
@@ -487,10 +508,11 @@ impl Daemon {
                 st.queue.release(lease, Instant::now());
                 self.pump(st);
             }
-            Phase::Held { conn_open, pid_running, .. } => {
+            Phase::Held { conn_open, pid_running, released, .. } => {
                 *conn_open = false;
                 if explicit {
                     *pid_running = false;
+                    *released = true;
                 }
                 self.maybe_release(st, lease);
             }
@@ -526,8 +548,15 @@ impl Daemon {
             return Self::send(&st, owner, error(ErrorCode::NotHeld, msg, None), None);
         };
         l.bind_pid = Some(pid);
-        if let Phase::Held { pid_running, .. } = &mut l.phase {
+        let via = l.holder_pid;
+        l.holder_pid = pid;
+        if let Phase::Held { pid_running, hold, .. } = &mut l.phase {
             *pid_running = true;
+            // The metadata names the process that now holds the lock and outlives the client
+            // if it is killed (`run`'s command), so that no tool takes it for a dead holder.
+            if let Err(e) = hold.hand_over_to(pid, None, via) {
+                tracing::warn!("{e}");
+            }
         }
         self.watch_pid(lease, pid);
         Self::send(&st, owner, Reply::Bound { path: path.to_owned(), pid }, None);
@@ -585,20 +614,25 @@ impl Daemon {
         let locks = keys
             .iter()
             .map(|key| {
-                let mut holders: Vec<Holder> =
-                    st.queue.holders(key).iter().filter_map(|v| st.leases.get(&v.id)).map(Lease::holder).collect();
-                if holders.is_empty() && path.is_some() {
+                // Granted by the queue but still waiting for the OS lock: a waiter, whoever
+                // the kernel says holds it.
+                let (held, locking): (Vec<_>, Vec<_>) = st
+                    .queue
+                    .holders(key)
+                    .into_iter()
+                    .filter_map(|v| st.leases.get(&v.id).map(|l| (v, l)))
+                    .partition(|(_, l)| !matches!(l.phase, Phase::Locking { .. }));
+                let mut holders: Vec<Holder> = held.iter().map(|(_, l)| l.holder()).collect();
+                if holders.is_empty() && (path.is_some() || !locking.is_empty()) {
                     if let Ok(t) = validate_path(&key.display().to_string()) {
                         if let Ok(s) = buildlock_disk::status(&t, &Default::default()) {
                             holders.extend(s.holder.as_ref().map(|h| holder_from_disk(h, true)));
                         }
                     }
                 }
-                let waiters = st
-                    .queue
-                    .waiters(key)
-                    .iter()
-                    .filter_map(|v| st.leases.get(&v.id).map(|l| (v, l)))
+                let waiters = locking
+                    .into_iter()
+                    .chain(st.queue.waiters(key).into_iter().filter_map(|v| st.leases.get(&v.id).map(|l| (v, l))))
                     .map(|(v, l)| Waiter {
                         pid: l.holder_pid,
                         mode: l.mode,
