@@ -215,3 +215,77 @@ fn lock_file_deleted_under_its_holder_is_reported() {
     let out = env.run(&["run", "x", "--", "sh", "-c", &script]);
     out.assert_code(1).assert_stderr_has("lost while held").assert_stderr_has("deleted or replaced");
 }
+
+/// `buildlock-client` run as uid 65534 (nobody) in `env`, whose directories it may use.
+fn cli_as_nobody(env: &Env) -> std::process::Command {
+    let mut c = std::process::Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--", env!("CARGO_BIN_EXE_buildlock-client")])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", env.path("home"))
+        .env("BUILDLOCK_DIR", env.locks())
+        .env("BUILDLOCK_RUNTIME_DIR", env.runtime())
+        .env("BUILDLOCKD", env!("CARGO_BIN_EXE_buildlockd"))
+        .current_dir(env.tmp.path());
+    if !env.daemon {
+        c.env("BUILDLOCK_NO_DAEMON", "1");
+    }
+    c
+}
+
+/// CMD is a binary with file capabilities, started by an unprivileged user: the kernel clears
+/// the parent-death signal on such an exec, so stopping CMD when `run` dies could never be
+/// relied on. The inherited descriptor survives the exec: `run` killed, the lock stays with CMD.
+fn killed_run_keeps_the_lock_for_a_file_capability_command(env: &Env) {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("skipped: setting file capabilities and switching users needs root");
+        return;
+    }
+    let capsleep = env.path("capsleep");
+    std::fs::copy("/bin/sleep", &capsleep).unwrap();
+    let setcap = std::process::Command::new("setcap").arg("cap_net_bind_service+ep").arg(&capsleep).output();
+    if !setcap.as_ref().is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: setcap is missing or this file system keeps no capabilities ({setcap:?})");
+        return;
+    }
+    // Let nobody reach the test's directories.
+    std::fs::set_permissions(env.tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    for dir in [env.locks(), env.path("home"), env.runtime()] {
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        nix::unistd::chown(&dir, Some(nix::unistd::Uid::from_raw(65534)), Some(nix::unistd::Gid::from_raw(65534)))
+            .unwrap();
+    }
+    let mut c = cli_as_nobody(env);
+    c.args(["run", "x", "--", "sh", "-c"]).arg(format!("echo $$; exec {} 1000", capsleep.display()));
+    let mut holder = crate::util::Proc::spawn(c);
+    let cmd: u32 = holder.next_line().unwrap().parse().unwrap();
+    // Until the exec is done, CMD is still the shell.
+    crate::util::wait_until(|| {
+        std::fs::read_to_string(format!("/proc/{cmd}/comm")).is_ok_and(|c| c.trim() == "capsleep")
+    });
+    let status = std::fs::read_to_string(format!("/proc/{cmd}/status")).unwrap();
+    assert!(status.lines().any(|l| l.starts_with("CapPrm:") && !l.ends_with("0000000000000000")), "{status}");
+    // Through the daemon if the test asked for one: no fallback to the files.
+    assert!(!holder.stderr().contains("no buildlockd"), "{}", holder.stderr());
+    // `holder` is setpriv, which exec'd buildlock-client: the same process.
+    holder.kill9();
+    holder.wait();
+    env.run(&["--no-daemon", "run", "-n", "x", "--", "echo", "SECOND-HOLDER"])
+        .assert_code(1)
+        .assert_stderr_has(&format!("pid {cmd}"));
+    kill9(cmd);
+    wait_dead(cmd);
+    env.run(&["--no-daemon", "run", "-n", "x", "--", "true"]).assert_code(0);
+}
+
+#[test]
+fn killed_run_keeps_the_lock_for_a_file_capability_command_direct() {
+    killed_run_keeps_the_lock_for_a_file_capability_command(&Env::new());
+}
+
+#[test]
+fn killed_run_keeps_the_lock_for_a_file_capability_command_through_the_daemon() {
+    killed_run_keeps_the_lock_for_a_file_capability_command(&Env::daemon());
+}

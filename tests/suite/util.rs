@@ -317,6 +317,17 @@ pub fn wait_dead(pid: u32) {
     }
 }
 
+/// Waits (bounded by [`HANG`]) until `ready()` holds: for a change another process makes that
+/// gives no event to wait on (an `exec` seen in `/proc`).
+#[track_caller]
+pub fn wait_until(mut ready: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !ready() {
+        assert!(start.elapsed() < HANG, "condition not met within {HANG:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The pid of a process that has exited (and so is dead, and not recycled this soon).
 pub fn dead_pid() -> u32 {
     let mut c = Command::new("true").spawn().unwrap();
