@@ -52,7 +52,7 @@ mod lock_imp;
 mod lock_imp;
 
 pub use process::{
-    command_line, current_process, hostname, identify, kill_on_parent_death, process_state, send_signal,
+    command_args, command_line, current_process, hostname, identify, kill_on_parent_death, process_state, send_signal,
     ProcessIdentity, ProcessState,
 };
 
