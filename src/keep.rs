@@ -45,11 +45,9 @@ fn read_keeper_file(file: &Path) -> Result<Option<ProcessIdentity>, String> {
     };
     let mut it = text.split_whitespace().map(|w| w.parse::<u64>().ok());
     match (it.next().flatten(), it.next().flatten(), it.next()) {
-        (Some(pid), Some(start), None) if pid > 0 && pid <= u64::from(u32::MAX) => Ok(Some(ProcessIdentity {
-            pid: pid as u32,
-            start_time: (start != 0).then_some(start),
-            boot_id: None,
-        })),
+        (Some(pid), Some(start), None) if pid > 0 && pid <= u64::from(u32::MAX) => {
+            Ok(Some(ProcessIdentity { pid: pid as u32, start_time: (start != 0).then_some(start), boot_id: None }))
+        }
         _ => Err("it does not hold a keeper's pid and start time".into()),
     }
 }
@@ -258,10 +256,9 @@ pub(crate) fn release(cx: &Context, pid: Option<u32>, target: &str) -> ExitCode 
             }
         },
         Ok(None) => {}
-        Err(why) => eprintln!(
-            "buildlock-client: warning: {} is not a keeper file ({why}); it is left alone",
-            file.display()
-        ),
+        Err(why) => {
+            eprintln!("buildlock-client: warning: {} is not a keeper file ({why}); it is left alone", file.display())
+        }
     }
     // Perhaps another client bound it to PID through the daemon.
     if cx.connect != buildlock::Connect::Direct {

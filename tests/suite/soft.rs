@@ -166,9 +166,7 @@ fn a_makefile_named_as_a_soft_lock_is_never_deleted_however_old() {
     std::fs::write(&makefile, content).unwrap();
     age_file(&makefile, 3600);
     let refused = |out: crate::util::Out| {
-        out.assert_code(2)
-            .assert_stderr_has("./Makefile is not a lock file")
-            .assert_stderr_has("leaves it alone");
+        out.assert_code(2).assert_stderr_has("./Makefile is not a lock file").assert_stderr_has("leaves it alone");
         assert_eq!(std::fs::read_to_string(&makefile).unwrap(), content);
     };
     refused(env.run(&["--soft", "run", "./Makefile", "--", "true"]));

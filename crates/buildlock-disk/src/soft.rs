@@ -167,7 +167,9 @@ fn examine_path(
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Err(Error::io("read the lock file", path, e)),
-        Err(e) if e.kind() == io::ErrorKind::FileTooLarge => return Err(not_a_lock(format!("{e}, too big for a lock"))),
+        Err(e) if e.kind() == io::ErrorKind::FileTooLarge => {
+            return Err(not_a_lock(format!("{e}, too big for a lock")))
+        }
         Err(e) => return Err(not_a_lock(e.to_string())),
     };
     let stat = file.metadata().map_err(|e| Error::io("stat", path, e))?;
