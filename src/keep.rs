@@ -4,11 +4,17 @@
 //! lock (bound to PID as well, through the daemon), says `ok` and then holds the lock until PID
 //! exits or `release` asks it to stop. The keeper records itself in `<lock file>.keeper-<PID>`
 //! (its pid and start time) so that `release` can find it in every mode, daemon or not.
+//!
+//! The lock directory may be shared, so the keeper file is only a hint: it is written by creating
+//! a new file and renaming it into place (never through a planted link), read without blocking,
+//! and `release` signals the process it names only once that process is proven to be the keeper
+//! (same start time, and running `__keep --pid PID`), then waits a bounded time for it to exit.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
+use std::time::Duration;
 
 use buildlock_sys::{ProcessIdentity, ProcessState};
 
@@ -19,10 +25,52 @@ fn parent_pid() -> u32 {
     std::os::unix::process::parent_id()
 }
 
+/// How long `release` waits for the keeper to let go after asking it to.
+const KEEPER_EXIT_WAIT: Duration = Duration::from_secs(30);
+
 fn keeper_file(target: &buildlock_disk::LockTarget, pid: u32) -> PathBuf {
     let mut p = target.path.clone().into_os_string();
     p.push(format!(".keeper-{pid}"));
     PathBuf::from(p)
+}
+
+/// What a keeper file says: the keeper's pid and start time. `Ok(None)`: no file. `Err`: a file
+/// that is not a keeper file (a link, a FIFO, garbage), which is left alone.
+fn read_keeper_file(file: &Path) -> Result<Option<ProcessIdentity>, String> {
+    let mut text = String::new();
+    match buildlock_sys::fs::open_regular_nonblocking(file, 4096) {
+        Ok(f) => (&f).read_to_string(&mut text).map_err(|e| e.to_string())?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let mut it = text.split_whitespace().map(|w| w.parse::<u64>().ok());
+    match (it.next().flatten(), it.next().flatten(), it.next()) {
+        (Some(pid), Some(start), None) if pid > 0 && pid <= u64::from(u32::MAX) => {
+            Ok(Some(ProcessIdentity { pid: pid as u32, start_time: (start != 0).then_some(start), boot_id: None }))
+        }
+        _ => Err("it does not hold a keeper's pid and start time".into()),
+    }
+}
+
+/// Whether `k` is, provably, the keeper of a lock for `pid`: the very process recorded (its
+/// start time matches) and running this program's `__keep --pid PID`.
+fn is_our_keeper(k: &ProcessIdentity, pid: u32) -> Result<(), String> {
+    if k.start_time.is_none() {
+        return Err("the keeper file records no start time, so the process cannot be identified".into());
+    }
+    match buildlock_sys::process_state(k) {
+        ProcessState::Alive => {}
+        ProcessState::Dead => return Err("it is not running (or its pid now names another process)".into()),
+        ProcessState::Unknown(why) => return Err(format!("it cannot be checked ({why})")),
+    }
+    let args = buildlock_sys::command_args(k.pid).ok_or("its command line cannot be read")?;
+    let pid_arg = pid.to_string();
+    let keeps = args.iter().any(|a| a == "__keep") && args.windows(2).any(|w| w[0] == "--pid" && w[1] == pid_arg);
+    if keeps {
+        Ok(())
+    } else {
+        Err(format!("it is not a buildlock keeper for pid {pid} (it runs `{}`)", args.join(" ")))
+    }
 }
 
 pub(crate) fn acquire(cx: &Context, args: AcquireArgs) -> ExitCode {
@@ -126,7 +174,8 @@ pub(crate) fn keep(cx: &Context, args: AcquireArgs) -> ExitCode {
     };
     let me = buildlock_sys::current_process();
     let file = keeper_file(&target, pid);
-    if let Err(e) = std::fs::write(&file, format!("{} {}\n", me.pid, me.start_time.unwrap_or(0))) {
+    let record = format!("{} {}\n", me.pid, me.start_time.unwrap_or(0));
+    if let Err(e) = buildlock_sys::fs::replace_file(&file, record.as_bytes()) {
         drop(lease);
         return fail(&format!("cannot write {}: {e}", file.display()));
     }
@@ -151,7 +200,9 @@ pub(crate) fn keep(cx: &Context, args: AcquireArgs) -> ExitCode {
         }
     }
     let result = lease.release();
-    let _ = std::fs::remove_file(&file);
+    if read_keeper_file(&file).is_ok_and(|k| k.is_some_and(|k| k.pid == me.pid)) {
+        let _ = std::fs::remove_file(&file);
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -168,22 +219,51 @@ pub(crate) fn release(cx: &Context, pid: Option<u32>, target: &str) -> ExitCode 
     };
     let pid = pid.unwrap_or_else(parent_pid);
     let file = keeper_file(&target, pid);
-    let keeper = std::fs::read_to_string(&file).ok().and_then(|s| {
-        let mut it = s.split_whitespace().map(|w| w.parse::<u64>().ok());
-        let (k, start) = (it.next()??, it.next()??);
-        Some(ProcessIdentity { pid: k as u32, start_time: (start != 0).then_some(start), boot_id: None })
-    });
-    if let Some(k) = keeper.filter(|k| buildlock_sys::process_state(k) != ProcessState::Dead) {
-        if let Err(e) = buildlock_sys::send_signal(k.pid, signal_hook::consts::SIGTERM) {
-            return fail(&format!("cannot stop the keeper (pid {}) of lock {}: {e}", k.pid, target.name));
+    match read_keeper_file(&file) {
+        Ok(Some(k)) => match is_our_keeper(&k, pid) {
+            Ok(()) => {
+                if let Err(e) = buildlock_sys::send_signal(k.pid, signal_hook::consts::SIGTERM) {
+                    return fail(&format!("cannot stop the keeper (pid {}) of lock {}: {e}", k.pid, target.name));
+                }
+                return match buildlock_sys::ipc::wait_exit(k.pid, Some(KEEPER_EXIT_WAIT)) {
+                    Ok(true) | Err(_) => ExitCode::SUCCESS,
+                    Ok(false) => {
+                        eprintln!(
+                            "buildlock-client: the keeper (pid {}) of lock {} did not exit within {}s of being \
+                             asked to; the lock may still be held: see `buildlock-client status {}`",
+                            k.pid,
+                            target.name,
+                            KEEPER_EXIT_WAIT.as_secs(),
+                            target.name
+                        );
+                        ExitCode::from(1)
+                    }
+                };
+            }
+            Err(why) if buildlock_sys::process_state(&k) == ProcessState::Dead => {
+                tracing::debug!("keeper file {} names pid {}: {why}", file.display(), k.pid);
+                let _ = std::fs::remove_file(&file);
+            }
+            Err(why) => {
+                // Somebody else's process: never signalled. The file stays for a human to judge.
+                eprintln!(
+                    "buildlock-client: warning: {} names pid {} as the keeper of lock {}, but {why}; \
+                     that process is left alone",
+                    file.display(),
+                    k.pid,
+                    target.name
+                );
+            }
+        },
+        Ok(None) => {}
+        Err(why) => {
+            eprintln!("buildlock-client: warning: {} is not a keeper file ({why}); it is left alone", file.display())
         }
-        let _ = buildlock_sys::ipc::wait_exit(k.pid, None);
-        return ExitCode::SUCCESS;
     }
-    let _ = std::fs::remove_file(&file);
     // Perhaps another client bound it to PID through the daemon.
     if cx.connect != buildlock::Connect::Direct {
-        let path = target.path.canonicalize().unwrap_or(target.path.clone()).display().to_string();
+        // As the lock was named when taken: the directory resolved, a link at the lock never followed.
+        let path = buildlock::daemon_key(&target).unwrap_or(target.path.clone()).display().to_string();
         let req = buildlock_proto::Request::ReleasePid { path, pid };
         if let Ok(buildlock_proto::Reply::Released { .. }) = buildlock::ask_daemon(Some(&cx.runtime_dir), &req) {
             return ExitCode::SUCCESS;

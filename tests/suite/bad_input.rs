@@ -40,17 +40,60 @@ fn a_lock_path_that_is_a_directory_is_refused() {
 }
 
 #[test]
-fn corrupt_metadata_of_every_kind_is_treated_as_none() {
-    let env = Env::new();
+fn corrupt_metadata_of_every_kind_is_treated_as_none_and_never_removed() {
     let huge = "x".repeat(200 * 1024);
-    for garbage in ["", "{", "null", "[]", "{\"pid\": \"seven\"}", "\u{feff}\u{0}binary", huge.as_str()] {
+    for garbage in ["{", "null", "[]", "{\"pid\": \"seven\"}", "\u{feff}\u{0}binary", huge.as_str()] {
+        let env = Env::new();
+        let meta = env.locks().join("x.lock.pid");
         env.write_meta("x", garbage);
         env.run(&["status", "x"]).assert_code(0);
-        env.run(&["run", "-n", "x", "--", "true"]).assert_code(0);
-        env.write_meta("x", garbage);
+        // An OS lock is taken at once; the file that is not metadata stays as it was.
+        env.run(&["run", "-n", "x", "--", "true"]).assert_code(0).assert_stderr_has("is not lock metadata");
+        assert_eq!(std::fs::read_to_string(&meta).unwrap(), garbage);
+        // A soft lock file holding it is not a lock file: refused, not removed, however old.
         std::fs::write(env.lock_file("x"), garbage).unwrap();
-        env.run(&["--soft", "--stale-after", "0", "run", "-n", "x", "--", "true"]).assert_code(0);
+        env.run(&["--soft", "--stale-after", "0", "run", "-n", "x", "--", "true"])
+            .assert_code(2)
+            .assert_stderr_has("is not a lock file")
+            .assert_stderr_has(env.lock_file("x").to_str().unwrap());
+        assert_eq!(std::fs::read_to_string(env.lock_file("x")).unwrap(), garbage);
+        // An empty soft lock whose .lock.pid is not metadata cannot be judged: refused too.
+        std::fs::write(env.lock_file("x"), "").unwrap();
+        env.run(&["--soft", "--stale-after", "0", "run", "-n", "x", "--", "true"])
+            .assert_code(2)
+            .assert_stderr_has("is not lock metadata")
+            .assert_stderr_has(meta.to_str().unwrap());
+        assert!(env.lock_file("x").exists());
+        assert_eq!(std::fs::read_to_string(&meta).unwrap(), garbage);
     }
+    // Empty files say nothing: replaced and removed like no metadata at all.
+    let env = Env::new();
+    env.write_meta("x", "");
+    std::fs::write(env.lock_file("x"), "").unwrap();
+    env.run(&["--soft", "--stale-after", "0", "run", "-n", "x", "--", "true"]).assert_code(0);
+    assert!(!env.lock_file("x").exists());
+}
+
+#[test]
+fn break_leaves_a_pid_file_holding_garbage_alone() {
+    let env = Env::new();
+    let meta = env.locks().join("x.lock.pid");
+    // With no lock file, and with a free one.
+    for lock_file in [false, true] {
+        env.write_meta("x", "my notes, not a lock");
+        if lock_file {
+            std::fs::write(env.lock_file("x"), "").unwrap();
+        }
+        env.run(&["break", "x"])
+            .assert_code(2)
+            .assert_stderr_has(&format!("{} is not lock metadata", meta.display()))
+            .assert_stderr_has("leaves it alone");
+        assert_eq!(std::fs::read_to_string(&meta).unwrap(), "my notes, not a lock");
+    }
+    // Metadata it recognises (here of a dead process) is still cleaned up.
+    env.write_meta("x", &format!(r#"{{"pid": {}, "timestamp": 1.0}}"#, crate::util::dead_pid()));
+    env.run(&["break", "x"]).assert_code(0).assert_stdout_has("removed leftover metadata");
+    assert!(!meta.exists());
 }
 
 #[test]

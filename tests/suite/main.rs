@@ -7,6 +7,7 @@
 mod bad_input;
 mod daemon;
 mod exclusion;
+mod hostile;
 mod interop;
 mod run;
 mod service;

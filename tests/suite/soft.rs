@@ -157,3 +157,32 @@ fn racing_breakers_of_one_stale_soft_lock_never_both_hold_it() {
         assert!(!env.lock_file("x").exists());
     }
 }
+
+#[test]
+fn a_makefile_named_as_a_soft_lock_is_never_deleted_however_old() {
+    let env = Env::new();
+    let makefile = env.path("Makefile");
+    let content = "all:\n\techo building\n";
+    std::fs::write(&makefile, content).unwrap();
+    age_file(&makefile, 3600);
+    let refused = |out: crate::util::Out| {
+        out.assert_code(2).assert_stderr_has("./Makefile is not a lock file").assert_stderr_has("leaves it alone");
+        assert_eq!(std::fs::read_to_string(&makefile).unwrap(), content);
+    };
+    refused(env.run(&["--soft", "run", "./Makefile", "--", "true"]));
+    refused(env.run(&["--soft", "--stale-after", "0", "run", "-w", "5", "./Makefile", "--", "true"]));
+    refused(env.run(&["--soft", "break", "./Makefile"]));
+    refused(env.run(&["--soft", "break", "--force", "./Makefile"]));
+    refused(env.run(&["--soft", "status", "./Makefile"]));
+    // Only the Makefile itself: nothing else was left beside it.
+    let names: Vec<_> = std::fs::read_dir(env.tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(names.iter().all(|n| !n.to_string_lossy().contains("Makefile.")), "{names:?}");
+}
+
+#[test]
+fn an_empty_old_soft_lock_is_still_broken_as_stale() {
+    let env = Env::new();
+    plant(&env, "x", "", 3 * 60);
+    env.run(&["--soft", "break", "x"]).assert_code(0).assert_stdout_has("removed stale lock");
+    assert!(!env.lock_file("x").exists());
+}

@@ -133,7 +133,9 @@ fn seed_case_5_unreadable_metadata_is_no_metadata() {
     let holder = fasteners_holder(&env, "x");
     env.run(&["run", "-n", "x", "--", "true"]).assert_code(1).assert_stderr_has("metadata is unreadable");
     holder.release();
-    env.run(&["run", "-n", "x", "--", "true"]).assert_code(0).assert_stderr_has("Replaced unreadable metadata");
+    // Free: taken at once, but a file that is not metadata is never replaced.
+    env.run(&["run", "-n", "x", "--", "true"]).assert_code(0).assert_stderr_has("is not lock metadata");
+    assert_eq!(std::fs::read_to_string(env.locks().join("x.lock.pid")).unwrap(), "\u{0}\u{1}garbage{{{");
 }
 
 #[test]

@@ -83,6 +83,16 @@ impl Env {
         Out::from(out)
     }
 
+    /// Runs the CLI to completion like [`Env::run`], but fails the test (killing the CLI) if it
+    /// has not exited within [`HANG`]: for inputs that used to hang it (a FIFO where a file
+    /// should be, a keeper that never exits).
+    #[track_caller]
+    pub fn run_bounded(&self, args: &[&str]) -> Out {
+        let mut c = self.cli();
+        c.args(args);
+        run_within_hang(c, &format!("{args:?}"))
+    }
+
     /// Starts the CLI with piped stdin, stdout and stderr.
     pub fn spawn(&self, args: &[&str]) -> Proc {
         let mut c = self.cli();
@@ -295,6 +305,25 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Runs `c` to completion with no input; panics (after killing it) if it runs past [`HANG`].
+#[track_caller]
+pub fn run_within_hang(mut c: Command, what: &str) -> Out {
+    let child = c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(HANG) {
+        Ok(out) => Out::from(out.unwrap()),
+        Err(_) => {
+            // Not reaped yet (the waiting thread still waits), so the pid is still the child's.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
+            panic!("{what} hung: still running after {HANG:?}");
+        }
     }
 }
 

@@ -23,8 +23,14 @@ pub fn fence_path(target: &LockTarget) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// The last token, or 0 when the file is missing or unusable (a link, a FIFO, garbage).
 fn read(target: &LockTarget) -> u64 {
-    std::fs::read_to_string(fence_path(target)).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+    use std::io::Read;
+    let mut text = String::new();
+    match buildlock_sys::fs::open_regular_nonblocking(&fence_path(target), 64) {
+        Ok(f) if (&f).read_to_string(&mut text).is_ok() => text.trim().parse().unwrap_or(0),
+        _ => 0,
+    }
 }
 
 /// The token for a new holder of `target`. Call only while holding the lock; `exclusive`
@@ -37,16 +43,20 @@ pub fn next_token(target: &LockTarget, exclusive: bool) -> u64 {
     let now = u64::try_from(Timestamp::now().as_microsecond()).unwrap_or(0);
     let next = (last + 1).max(now);
     if let Err(e) = write(target, next) {
-        tracing::warn!("cannot record fencing token in {}: {e}", fence_path(target).display());
+        let path = fence_path(target);
+        crate::warn_once(&path, || {
+            format!("cannot record fencing token in {}: {e} (tokens still grow with the clock)", path.display())
+        });
     }
     next
 }
 
 /// Overwrites the token in place with a fixed-width number: no truncation, which on ext4 would
-/// force a flush on close (its "replace by truncate" safety net) and cost a millisecond.
+/// force a flush on close (its "replace by truncate" safety net) and cost a millisecond. Only a
+/// regular file with no other hard link is written: a link or FIFO planted at the path is refused.
 fn write(target: &LockTarget, token: u64) -> std::io::Result<()> {
     use std::io::Write;
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(fence_path(target))?;
+    let mut f = buildlock_sys::fs::open_regular_rw(&fence_path(target), true, true)?;
     f.write_all(format!("{token:020}\n").as_bytes())
 }
 
@@ -68,5 +78,24 @@ mod tests {
         // A corrupt file falls back to the clock, which is past any earlier clock-based token.
         std::fs::write(fence_path(&t), "garbage").unwrap();
         assert!(next_token(&t, true) > b);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_link_at_the_fence_file_is_never_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = LockTarget::resolve("x", dir.path()).unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "99").unwrap();
+        std::os::unix::fs::symlink(&victim, fence_path(&t)).unwrap();
+        let a = next_token(&t, true);
+        assert!(a > 99, "read through the link: {a}");
+        assert!(next_token(&t, true) > 0);
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "99");
+        // Nor a hard link to another file.
+        std::fs::remove_file(fence_path(&t)).unwrap();
+        std::fs::hard_link(&victim, fence_path(&t)).unwrap();
+        next_token(&t, true);
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "99");
     }
 }

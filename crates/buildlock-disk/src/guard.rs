@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
-use buildlock_sys::{FileId, LockFile, LockMode};
+use buildlock_sys::{FileId, LockFile};
 
 use crate::{meta, Error, LockTarget, Metadata};
 
@@ -162,7 +162,7 @@ impl Guard {
         if result.is_ok() {
             // Metadata goes first, while we still hold the lock, so nobody sees ours on a lock
             // they hold; then the lock itself.
-            remove_own_metadata(&self.target, &self.meta, matches!(held, Held::Os(_)))?;
+            remove_own_metadata(&self.target, &self.meta)?;
             if let Held::Soft(_) = held {
                 match std::fs::remove_file(&self.target.path) {
                     Ok(()) => {}
@@ -181,19 +181,14 @@ impl Guard {
     }
 }
 
-/// Removes the `.lock.pid` that `meta` wrote. An exclusive OS-lock holder owns it outright; a
-/// shared holder or a soft lock checks first that it still names this acquisition.
-pub(crate) fn remove_own_metadata(target: &LockTarget, meta: &Metadata, os_lock: bool) -> Result<(), Error> {
+/// Removes the `.lock.pid` that `meta` wrote, only if it still names this acquisition: what
+/// another process put there meanwhile (a planted FIFO, another tool's file, a later holder's
+/// metadata after ours was replaced) is left alone.
+pub(crate) fn remove_own_metadata(target: &LockTarget, meta: &Metadata) -> Result<(), Error> {
     let Some(id) = &meta.id else { return Ok(()) };
-    let result = if os_lock && meta.mode == Some(LockMode::Exclusive) {
-        match std::fs::remove_file(&target.meta_path) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            other => other,
-        }
-    } else {
-        meta::remove_if_ours(&target.meta_path, id).map(drop)
-    };
-    result.map_err(|e| Error::io("remove the metadata file", &target.meta_path, e))
+    meta::remove_if_ours(&target.meta_path, id)
+        .map(drop)
+        .map_err(|e| Error::io("remove the metadata file", &target.meta_path, e))
 }
 
 impl Drop for Guard {

@@ -30,6 +30,12 @@
 //!
 //! **Invariant:** no code path deletes or rewrites a `.lock` file that a live process may hold an
 //! OS lock on; the OS-lock backend never writes into or deletes `.lock` files at all.
+//!
+//! **Invariant:** a file is deleted or replaced only when it is empty or holds metadata this tool
+//! recognises (ours or the seed tool's JSON); anything else is [`Error::NotALock`], left alone
+//! however old. Files beside a lock are opened without following links or blocking on FIFOs
+//! (`buildlock_sys::fs`), and written only by creating a new file and renaming it into place, or
+//! in place after checking the file is a regular one with a single link.
 
 use std::fmt;
 use std::io;
@@ -230,6 +236,14 @@ pub enum Error {
     Refused { name: String, path: PathBuf, reason: String, holder: Option<Box<Holder>> },
     #[error("lock {name} ({}) was lost while held: {reason}", path.display())]
     Lost { name: String, path: PathBuf, reason: String },
+    /// A file where a lock file, its metadata or its break marker should be, which is none of
+    /// them. It is never deleted or written, however old.
+    #[error(
+        "{} is not {what} ({reason}); buildlock leaves it alone: if it is left over from a lock, remove it \
+         yourself, else choose another lock name",
+        path.display()
+    )]
+    NotALock { path: PathBuf, what: &'static str, reason: String },
 }
 
 fn io_hint(e: &io::Error) -> &'static str {
@@ -249,10 +263,29 @@ impl Error {
         Error::Io { action, path: path.to_owned(), source }
     }
 
+    pub(crate) fn not_lock_metadata(path: &Path, reason: impl Into<String>) -> Error {
+        Error::NotALock { path: path.to_owned(), what: "lock metadata", reason: reason.into() }
+    }
+
     /// Whether the lock was simply busy (`-n`) or the wait timed out: the caller's "conflict" exit.
     pub fn is_conflict(&self) -> bool {
         matches!(self, Error::WouldBlock { .. } | Error::Timeout { .. })
     }
+}
+
+/// Logs a warning about `path` the first time this process has one to give: a lock served again
+/// and again (the daemon) repeats nothing.
+pub(crate) fn warn_once(path: &Path, message: impl FnOnce() -> String) {
+    static WARNED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    if warned.iter().any(|p| p == path) {
+        return;
+    }
+    if warned.len() >= 1024 {
+        warned.clear();
+    }
+    warned.push(path.to_owned());
+    tracing::warn!("{}", message());
 }
 
 /// Takes the lock `target`, waiting as `wait` says. While waiting, `on_wait` is called about once
@@ -388,7 +421,8 @@ pub enum Broken {
 
 /// Removes a stale lock. Refuses ([`Error::Refused`]) when a live holder has it: an OS lock is
 /// never broken, and a soft lock only when stale, or with `force` (the caller vouches that its
-/// holder is gone, e.g. on a dead remote host).
+/// holder is gone, e.g. on a dead remote host). A file that is neither empty nor metadata this
+/// tool recognises is never removed ([`Error::NotALock`]), with or without `force`.
 pub fn break_lock(target: &LockTarget, opts: &LockOptions, force: bool) -> Result<Broken, Error> {
     if !target.path.exists() {
         let cleaned = os::remove_leftover_metadata(target)?;

@@ -15,7 +15,7 @@
 //! wrong types) as "no metadata".
 
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -72,6 +72,12 @@ impl MetaRead {
             MetaRead::Valid(m) => Some(m),
             _ => None,
         }
+    }
+
+    /// Whether the file read is one this tool may remove or replace: absent, empty, or metadata
+    /// it recognises (ours or the seed tool's). Anything else is somebody's file, left alone.
+    pub fn is_recognised(&self) -> bool {
+        !matches!(self, MetaRead::Corrupt(_))
     }
 }
 
@@ -249,10 +255,17 @@ pub fn unique_id() -> String {
 }
 
 /// Reads the metadata at `path`, never failing: problems become [`MetaRead::Corrupt`].
+///
+/// The file is opened without following a symbolic link and without blocking, and must be a
+/// regular file of at most [`MAX_METADATA_BYTES`]: a link, FIFO or directory planted at `path`
+/// is corrupt metadata, never a hang.
 pub fn read(path: &Path) -> MetaRead {
-    let file = match fs::File::open(path) {
+    let file = match buildlock_sys::fs::open_regular_nonblocking(path, MAX_METADATA_BYTES) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return MetaRead::Missing,
+        Err(e) if e.kind() == io::ErrorKind::FileTooLarge => {
+            return MetaRead::Corrupt(format!("{e}, too big for lock metadata"))
+        }
         Err(e) => return MetaRead::Corrupt(format!("cannot read {}: {e}", path.display())),
     };
     read_from(file)
@@ -282,18 +295,10 @@ pub(crate) fn temp_path(path: &Path) -> std::path::PathBuf {
 
 /// Writes `meta` to `path` so that readers see the old file or the whole new one, never a part:
 /// write a temporary file in the same directory, then rename it over `path`.
+/// The temporary file is created exclusively, so a link planted at either name is replaced,
+/// never written through.
 pub fn write_atomic(path: &Path, meta: &Metadata) -> io::Result<()> {
-    let tmp = temp_path(path);
-    let result = (|| {
-        let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        f.write_all(meta.to_json().as_bytes())?;
-        drop(f);
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    buildlock_sys::fs::replace_file(path, meta.to_json().as_bytes())
 }
 
 /// Removes the metadata at `path` if it names the acquisition `id`; leaves anyone else's alone.

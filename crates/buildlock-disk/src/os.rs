@@ -228,7 +228,7 @@ impl OsHold {
     /// processes it passed it to, as it should: they may still be working).
     pub fn release(self) -> Result<(), Error> {
         if self.is_intact() {
-            crate::guard::remove_own_metadata(&self.target, &self.meta, true)?;
+            crate::guard::remove_own_metadata(&self.target, &self.meta)?;
         }
         Ok(())
     }
@@ -239,7 +239,7 @@ impl OsHold {
     /// must not keep the lock.
     pub fn release_all(self) -> Result<(), Error> {
         let removed =
-            if self.is_intact() { crate::guard::remove_own_metadata(&self.target, &self.meta, true) } else { Ok(()) };
+            if self.is_intact() { crate::guard::remove_own_metadata(&self.target, &self.meta) } else { Ok(()) };
         if let Err(e) = self.file.unlock() {
             tracing::debug!("unlocking {}: {e}; closing it instead", self.target.path.display());
         }
@@ -259,12 +259,39 @@ fn claim(target: &LockTarget, mode: LockMode, locked: Locked, mut ours: Metadata
     if keep_previous {
         // Another live reader's metadata stays; ours would replace it and vanish with us.
         ours.id = None;
+    } else if let MetaRead::Corrupt(why) = &previous {
+        // Not metadata we recognise (somebody's file, a FIFO, a directory): never replaced. The
+        // lock is ours all the same; it just has nothing on disk naming its holder.
+        crate::warn_once(&target.meta_path, || {
+            format!(
+                "{} is not lock metadata ({why}); it is left alone, so lock {} is held without metadata \
+                 naming its holder: remove that file if nothing else uses it",
+                target.meta_path.display(),
+                target.path.display()
+            )
+        });
+        ours.id = None;
     } else {
         if mode == LockMode::Exclusive {
             report_leftover(target, &previous);
         }
-        meta::write_atomic(&target.meta_path, &ours)
-            .map_err(|e| Error::io("write the metadata file", &target.meta_path, e))?;
+        if let Err(e) = meta::write_atomic(&target.meta_path, &ours) {
+            // Typically another user's leftover in a sticky directory (/tmp), which we may not
+            // replace. The kernel's lock is what excludes others: hold it without metadata.
+            let whose = match &previous {
+                MetaRead::Valid(m) => format!(" (left by pid {})", m.pid),
+                _ => String::new(),
+            };
+            crate::warn_once(&target.meta_path, || {
+                format!(
+                    "cannot write the metadata file {}{whose}: {e}; lock {} is held without metadata naming \
+                     its holder (in a shared directory such as /tmp, the file's owner can remove it)",
+                    target.meta_path.display(),
+                    target.path.display()
+                )
+            });
+            ours.id = None;
+        }
     }
     Ok(OsHold { target: target.clone(), file, id, meta: ours })
 }
@@ -289,10 +316,7 @@ pub(crate) fn lock_for(target: &LockTarget, mode: LockMode, meta: Metadata) -> R
 /// With the lock taken exclusively, any metadata present was left by a holder that is gone.
 fn report_leftover(target: &LockTarget, previous: &MetaRead) {
     match previous {
-        MetaRead::Missing => {}
-        MetaRead::Corrupt(why) => {
-            tracing::warn!("Replaced unreadable metadata of lock {} ({why})", target.path.display())
-        }
+        MetaRead::Missing | MetaRead::Corrupt(_) => {}
         MetaRead::Valid(m) => match buildlock_sys::process_state(&m.process()) {
             ProcessState::Dead => tracing::warn!(
                 "Recovered stale lock {} (holder pid {} is dead; it was killed before releasing)",
@@ -413,8 +437,14 @@ pub(crate) fn leftover_metadata_note(target: &LockTarget) -> String {
     }
 }
 
-/// Removes `X.lock.pid` when no lock file exists (nothing can hold it).
+/// Removes `X.lock.pid` when no lock file exists (nothing can hold it), or while we hold the
+/// lock: only if it is empty or metadata we recognise ([`Error::NotALock`] otherwise).
 pub(crate) fn remove_leftover_metadata(target: &LockTarget) -> Result<Option<String>, Error> {
+    let previous = meta::read(&target.meta_path);
+    if let MetaRead::Corrupt(why) = previous {
+        return Err(Error::not_lock_metadata(&target.meta_path, why));
+    }
+    report_leftover(target, &previous);
     match std::fs::remove_file(&target.meta_path) {
         Ok(()) => Ok(Some(format!("removed leftover metadata {}", target.meta_path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -427,14 +457,7 @@ pub(crate) fn break_lock(target: &LockTarget, opts: &LockOptions, force: bool) -
     match try_lock(target, &exclusive)? {
         Attempt::Locked(file) => {
             // Free: the only thing to clean is leftover metadata, removed while we hold the lock.
-            let cleaned = match meta::read(&target.meta_path) {
-                MetaRead::Missing => None,
-                previous => {
-                    report_leftover(target, &previous);
-                    std::fs::remove_file(&target.meta_path).map_err(|e| Error::io("remove", &target.meta_path, e))?;
-                    Some(format!("removed leftover metadata {}", target.meta_path.display()))
-                }
-            };
+            let cleaned = remove_leftover_metadata(target)?;
             drop(file);
             Ok(crate::Broken::NotHeld { cleaned })
         }

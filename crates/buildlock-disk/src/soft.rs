@@ -73,7 +73,7 @@ pub(crate) fn acquire(
             let heartbeat = (opts.stale_after / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
             return Ok(Guard::new(target, ours, Held::Soft(file), id, Some(heartbeat), true));
         }
-        let Some(seen) = examine(target, opts, true) else {
+        let Some(seen) = examine(target, opts, true)? else {
             continue; // released between our attempt and our look: try again at once
         };
         if seen.verdict.is_stale() && break_stale(target, opts, &seen, false)? {
@@ -147,20 +147,52 @@ fn link_unsupported(e: &io::Error) -> bool {
 
 /// Looks at the soft lock at `target` (None: no such file). With `probe_os`, a file someone holds
 /// an OS lock on is active whatever its metadata says.
-fn examine(target: &LockTarget, opts: &LockOptions, probe_os: bool) -> Option<Examined> {
+///
+/// Only an empty file or one holding metadata we recognise is a soft lock; anything else (a
+/// Makefile named as the lock, a link, a FIFO) is [`Error::NotALock`], never judged stale. An
+/// empty lock file is judged by its `.lock.pid`, or by its age when there is none; a `.lock.pid`
+/// that is not metadata leaves it unjudgeable, so that is an error too.
+fn examine(target: &LockTarget, opts: &LockOptions, probe_os: bool) -> Result<Option<Examined>, Error> {
     examine_path(&target.path, Some(&target.meta_path), opts, probe_os)
 }
 
-fn examine_path(path: &Path, pid_file: Option<&Path>, opts: &LockOptions, probe_os: bool) -> Option<Examined> {
-    let file = File::open(path).ok()?;
-    let stat = file.metadata().ok()?;
-    let id = buildlock_sys::path_id(path).ok()?;
+fn examine_path(
+    path: &Path,
+    pid_file: Option<&Path>,
+    opts: &LockOptions,
+    probe_os: bool,
+) -> Result<Option<Examined>, Error> {
+    let not_a_lock = |reason: String| Error::NotALock { path: path.to_owned(), what: "a lock file", reason };
+    let file = match buildlock_sys::fs::open_regular_nonblocking(path, meta::MAX_METADATA_BYTES) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Err(Error::io("read the lock file", path, e)),
+        Err(e) if e.kind() == io::ErrorKind::FileTooLarge => {
+            return Err(not_a_lock(format!("{e}, too big for a lock")))
+        }
+        Err(e) => return Err(not_a_lock(e.to_string())),
+    };
+    let stat = file.metadata().map_err(|e| Error::io("stat", path, e))?;
+    let Ok(id) = buildlock_sys::path_id(path) else { return Ok(None) };
     let mut meta = meta::read_from(&file);
+    if let MetaRead::Corrupt(why) = &meta {
+        return Err(not_a_lock(format!("it holds no lock metadata: {why}")));
+    }
     let mut meta_from_pid_file = false;
     if let (None, Some(p)) = (meta.valid(), pid_file) {
-        if let MetaRead::Valid(m) = meta::read(p) {
-            meta = MetaRead::Valid(m);
-            meta_from_pid_file = true;
+        match meta::read(p) {
+            MetaRead::Valid(m) => {
+                meta = MetaRead::Valid(m);
+                meta_from_pid_file = true;
+            }
+            MetaRead::Missing => {}
+            MetaRead::Corrupt(why) => {
+                return Err(Error::NotALock {
+                    path: p.to_owned(),
+                    what: "lock metadata",
+                    reason: format!("{why}; so nothing tells who holds the soft lock {}", path.display()),
+                })
+            }
         }
     }
     let mtime = stat.modified().ok();
@@ -172,7 +204,7 @@ fn examine_path(path: &Path, pid_file: Option<&Path>, opts: &LockOptions, probe_
         None => verdict(&meta, mtime, opts),
     };
     let fingerprint = (meta.valid().and_then(|m| m.id.clone()), mtime);
-    Some(Examined { id, fingerprint, meta, meta_from_pid_file, verdict })
+    Ok(Some(Examined { id, fingerprint, meta, meta_from_pid_file, verdict }))
 }
 
 fn verdict(meta: &MetaRead, mtime: Option<SystemTime>, opts: &LockOptions) -> Verdict {
@@ -200,7 +232,9 @@ pub(crate) fn verdict_of_file(_target: &LockTarget, opts: &LockOptions, mut file
 
 /// Whether the file at `path` holds soft-lock metadata (a soft lock, live or stale).
 pub(crate) fn is_soft_lock_file(path: &Path) -> bool {
-    File::open(path).map(|f| meta::read_from(f).valid().is_some_and(Metadata::is_soft)).unwrap_or(false)
+    buildlock_sys::fs::open_regular_nonblocking(path, meta::MAX_METADATA_BYTES)
+        .map(|f| meta::read_from(f).valid().is_some_and(Metadata::is_soft))
+        .unwrap_or(false)
 }
 
 fn holder_from(seen: &Examined) -> Holder {
@@ -220,11 +254,14 @@ fn holder_from(seen: &Examined) -> Holder {
 }
 
 pub(crate) fn describe_holder(target: &LockTarget, opts: &LockOptions) -> Holder {
-    examine(target, opts, true).map(|s| holder_from(&s)).unwrap_or_default()
+    match examine(target, opts, true) {
+        Ok(seen) => seen.map(|s| holder_from(&s)).unwrap_or_default(),
+        Err(e) => Holder { note: Some(e.to_string()), ..Holder::default() },
+    }
 }
 
 pub(crate) fn status(target: &LockTarget, opts: &LockOptions) -> Result<LockStatus, Error> {
-    let Some(seen) = examine(target, opts, true) else {
+    let Some(seen) = examine(target, opts, true)? else {
         return Ok(LockStatus {
             target: target.clone(),
             state: LockState::Free,
@@ -244,7 +281,7 @@ pub(crate) fn status(target: &LockTarget, opts: &LockOptions) -> Result<LockStat
 }
 
 pub(crate) fn break_lock(target: &LockTarget, opts: &LockOptions, force: bool) -> Result<Broken, Error> {
-    let Some(seen) = examine(target, opts, true) else {
+    let Some(seen) = examine(target, opts, true)? else {
         return Ok(Broken::NotHeld { cleaned: None });
     };
     let refuse = |reason: String| Error::Refused {
@@ -273,7 +310,7 @@ pub(crate) fn break_lock(target: &LockTarget, opts: &LockOptions, force: bool) -
 /// breaking it, or it changed), look again.
 fn break_stale(target: &LockTarget, opts: &LockOptions, seen: &Examined, force: bool) -> Result<bool, Error> {
     let Some(_turn) = BreakTurn::take(target, opts)? else { return Ok(false) };
-    let Some(now) = examine(target, opts, true) else { return Ok(false) };
+    let Some(now) = examine(target, opts, true)? else { return Ok(false) };
     if now.id != seen.id || now.fingerprint != seen.fingerprint || !(force || now.verdict.is_stale()) {
         return Ok(false);
     }
@@ -309,7 +346,7 @@ impl BreakTurn {
             if create_exclusive(&path, &ours)?.is_some() {
                 return Ok(Some(BreakTurn { path, id: ours.id.unwrap_or_default() }));
             }
-            match examine_path(&path, None, opts, false) {
+            match examine_path(&path, None, opts, false)? {
                 None => continue,
                 Some(other) if other.verdict.is_stale() => {
                     tracing::warn!("Removed stale break marker {} ({})", path.display(), other.verdict.reason());

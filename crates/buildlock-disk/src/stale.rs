@@ -9,8 +9,11 @@
 //! | this host, process alive         | active, however old                                 |
 //! | this host, process uncheckable   | active until `stale_after` without a heartbeat      |
 //! | another host                     | active until `stale_after` without a heartbeat      |
-//! | none or corrupt                  | active until the file is `stale_after` old          |
+//! | none (empty lock, no `.lock.pid`) | active until the file is `stale_after` old         |
 //!
+//! A soft lock file holding anything but recognised metadata, or an empty one whose `.lock.pid`
+//! is not metadata, is never judged: the soft backend refuses it as "not a lock file" before
+//! asking (so a Makefile named as a lock is never removed, however old).
 //! The heartbeat is the lock file's modification time, which a holder refreshes while it holds.
 
 use std::time::Duration;

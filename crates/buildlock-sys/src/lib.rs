@@ -19,6 +19,7 @@
 //! - [`pass_to_child`]: let a command inherit the locked descriptor, so the lock lives as long as
 //!   the command and what it starts (`run`); [`lock_holders`] finds those processes again.
 //! - [`kill_on_parent_death`]: stop a child when the process that holds its lock dies.
+//! - [`fs`]: opening files beside a lock without following planted links or blocking on FIFOs.
 //!
 //! ```no_run
 //! use buildlock_sys::{LockFile, LockMode};
@@ -37,6 +38,7 @@ use std::fs::File;
 use std::io;
 use std::path::Path;
 
+pub mod fs;
 mod inherit;
 #[cfg(unix)]
 pub mod ipc;
@@ -54,7 +56,7 @@ mod lock_imp;
 
 pub use inherit::{lock_holders, pass_to_child};
 pub use process::{
-    command_line, current_process, hostname, identify, kill_on_parent_death, process_state, send_signal,
+    command_args, command_line, current_process, hostname, identify, kill_on_parent_death, process_state, send_signal,
     ProcessIdentity, ProcessState,
 };
 
@@ -108,6 +110,8 @@ pub struct LockFile {
 
 impl LockFile {
     /// Opens (creating if needed) the lock file at `path` for locking. Never truncates or writes it.
+    /// A symbolic link, FIFO, directory or other non-regular file at `path` is an error at once
+    /// (see [`fs::open_regular_rw`]): the lock is never taken on a file a link points to.
     pub fn open(path: &Path) -> io::Result<LockFile> {
         Ok(LockFile { inner: lock_imp::LockFile::open(path, true)? })
     }
@@ -159,7 +163,8 @@ impl LockFile {
     }
 }
 
-/// The (device, inode) of the file at `path` now.
+/// The (device, inode) of the file at `path` now; of the link itself if `path` is a symbolic
+/// link (which is never the lock file that was opened).
 pub fn path_id(path: &Path) -> io::Result<FileId> {
     lock_imp::path_id(path)
 }
@@ -236,6 +241,25 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         std::fs::write(&path, b"").unwrap();
         assert_ne!(a.id().unwrap(), path_id(&path).unwrap());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_link_or_fifo_at_the_lock_path_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let link = dir.path().join("link.lock");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let err = LockFile::open(&link).unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert!(LockFile::open_existing(&link).is_err());
+        let fifo = dir.path().join("fifo.lock");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let err = LockFile::open(&fifo).unwrap_err();
+        assert!(err.to_string().contains("FIFO"), "{err}");
+        assert_ne!(path_id(&link).unwrap(), path_id(&victim).unwrap());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
     }
 
     #[test]

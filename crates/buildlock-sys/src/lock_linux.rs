@@ -4,7 +4,7 @@
 //! (they share one lock table), but belong to the open file description, so two handles in one
 //! process exclude each other and closing an unrelated descriptor never drops them.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -41,7 +41,7 @@ fn kind(mode: LockMode) -> libc::c_int {
 impl LockFile {
     pub(crate) fn open(path: &Path, create: bool) -> io::Result<LockFile> {
         // Read and write, so both lock kinds are possible; std opens with O_CLOEXEC.
-        let file = OpenOptions::new().read(true).write(true).create(create).truncate(false).open(path)?;
+        let file = crate::fs::open_regular_rw(path, create, false)?;
         Ok(LockFile { file })
     }
 
@@ -96,6 +96,7 @@ impl LockFile {
 }
 
 pub(crate) fn path_id(path: &Path) -> io::Result<FileId> {
-    let m = std::fs::metadata(path)?;
+    // A link at the path is not the file it names: never the lock we hold.
+    let m = std::fs::symlink_metadata(path)?;
     Ok(FileId { dev: m.dev(), ino: m.ino() })
 }

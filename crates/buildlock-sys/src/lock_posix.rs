@@ -9,7 +9,7 @@
 //! process's own holders with a mutex and condition variable before asking the kernel.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -82,7 +82,7 @@ impl LockFile {
                 return Ok(LockFile { shared, held: Mutex::new(None) });
             }
         }
-        let file = OpenOptions::new().read(true).write(true).create(create).truncate(false).open(path)?;
+        let file = crate::fs::open_regular_rw(path, create, false)?;
         let m = file.metadata()?;
         let id = FileId { dev: m.dev(), ino: m.ino() };
         let shared = Arc::new(Shared { file, id, state: Mutex::default(), changed: Condvar::new() });
@@ -206,6 +206,7 @@ impl Drop for LockFile {
 }
 
 pub(crate) fn path_id(path: &Path) -> io::Result<FileId> {
-    let m = std::fs::metadata(path)?;
+    // A link at the path is not the file it names: never the lock we hold.
+    let m = std::fs::symlink_metadata(path)?;
     Ok(FileId { dev: m.dev(), ino: m.ino() })
 }

@@ -80,6 +80,24 @@ pub fn command_line(pid: u32) -> Option<String> {
     imp::command_line(pid)
 }
 
+/// The arguments (argv, the program first) of a running process, for proving what a process is
+/// before signalling it. `None` when it is gone or the OS will not say.
+pub fn command_args(pid: u32) -> Option<Vec<String>> {
+    #[cfg(target_os = "linux")]
+    {
+        let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let mut args: Vec<String> = raw.split(|&b| b == 0).map(|p| String::from_utf8_lossy(p).into_owned()).collect();
+        if args.last().is_some_and(String::is_empty) {
+            args.pop();
+        }
+        (!args.is_empty()).then_some(args)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        portable::command_args(pid)
+    }
+}
+
 /// This machine's host name, as written into lock metadata.
 ///
 /// Read once per process: a host renamed while a build runs keeps its old name here, which is
@@ -118,12 +136,16 @@ mod portable {
     }
 
     pub(crate) fn command_line(pid: u32) -> Option<String> {
+        command_args(pid).map(|cmd| cmd.join(" "))
+    }
+
+    pub(crate) fn command_args(pid: u32) -> Option<Vec<String>> {
         let mut sys = System::new().ok()?;
         let p = Pid::from_u32(pid);
         let kind = ProcessRefreshKind::nothing().with_cmd(sysinfo::UpdateKind::Always);
         sys.refresh_processes_specifics(ProcessesToUpdate::Some(&[p]), true, kind);
         let cmd = sys.process(p)?.cmd().iter().map(|s| s.to_string_lossy().into_owned()).collect::<Vec<_>>();
-        (!cmd.is_empty()).then(|| cmd.join(" "))
+        (!cmd.is_empty()).then_some(cmd)
     }
 
     #[cfg(test)]
