@@ -314,6 +314,20 @@ fn break_stale(target: &LockTarget, opts: &LockOptions, seen: &Examined, force: 
     if now.id != seen.id || now.fingerprint != seen.fingerprint || !(force || now.verdict.is_stale()) {
         return Ok(false);
     }
+    // Removed only while we hold its OS lock too (where the file system has OS locks): an
+    // OS-lock user who opened this file meanwhile then either holds it (we leave it alone) or
+    // waits, and finds the path replaced once it gets it. A probe alone would leave a window in
+    // which it locks the file we are about to remove, and a new soft lock makes two holders.
+    let _os_lock = match LockFile::open_existing(&target.path) {
+        Ok(file) => match file.try_lock(LockMode::Exclusive) {
+            Ok(true) if file.id().is_ok_and(|id| id == now.id) => Some(file),
+            Ok(_) => return Ok(false),
+            Err(e) if buildlock_sys::lock_unsupported(&e) => None,
+            Err(e) => return Err(Error::io("lock", &target.path, e)),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::io("open", &target.path, e)),
+    };
     match fs::remove_file(&target.path) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
