@@ -13,4 +13,5 @@ mod service;
 mod soft;
 mod stale;
 mod status;
+mod trust;
 mod util;
