@@ -394,6 +394,29 @@ mod tests {
     }
 
     #[test]
+    fn symlinked_and_readable_dirs_are_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        ensure_private_dir(&real).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let err = ensure_private_dir(&link).unwrap_err();
+        assert!(err.contains("symbolic link") && err.contains(&link.display().to_string()), "{err}");
+        assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o750)).unwrap();
+        let err = check_private_dir(&real).unwrap_err();
+        assert!(err.contains("mode 750") && err.contains("chmod 700"), "{err}");
+        assert!(ensure_private_dir(&real).is_err());
+        assert_eq!(fs::metadata(&real).unwrap().permissions().mode() & 0o777, 0o750, "the mode was changed");
+    }
+
+    #[test]
+    fn the_peer_of_a_socket_pair_is_this_user() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert_eq!(peer_uid(a.as_fd()).unwrap(), current_uid());
+    }
+
+    #[test]
     fn pidfd_is_readable_after_exit() {
         let mut child = Command::new("true").spawn().unwrap();
         let fd = pidfd_open(child.id()).unwrap().expect("pidfd on this kernel");
