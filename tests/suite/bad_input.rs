@@ -61,3 +61,40 @@ fn bad_numbers_are_usage_errors() {
     env.run(&["run", "x"]).assert_code(2);
     env.run(&["run", "-n", "-w", "1", "x", "--", "true"]).assert_code(2);
 }
+
+#[test]
+fn wait_values_that_are_not_seconds_are_refused() {
+    let env = Env::new();
+    for bad in ["nan", "NaN", "-nan"] {
+        env.run(&["run", &format!("--wait={bad}"), "x", "--", "true"])
+            .assert_code(2)
+            .assert_stderr_has("not a number of seconds");
+    }
+    for neg in ["-1", "-0.5", "-inf", "-1e19"] {
+        env.run(&["run", &format!("--wait={neg}"), "x", "--", "true"]).assert_code(2).assert_stderr_has("is negative");
+    }
+    assert!(!env.locks().exists(), "a refused value took a lock");
+}
+
+/// Huge waits (more than the clock can count, or more milliseconds than a u64 holds) mean
+/// "forever": they once panicked (an `Instant` overflow) or wrapped to a short timeout.
+#[test]
+fn huge_waits_wait_like_forever_in_both_modes() {
+    for env in [Env::new(), Env::daemon()] {
+        let holder = env.hold(&[], "x");
+        let mut waiters: Vec<_> = ["1e19", "18446744073709552", "18446744073709551", "inf", "1e300"]
+            .iter()
+            .map(|w| (w, env.spawn(&["run", "-w", w, "x", "--", "echo", "got"])))
+            .collect();
+        // Each waits past the first second (a wrapped timeout of 384 ms would have ended it).
+        for (_, w) in &mut waiters {
+            w.expect_stderr("waiting for lock x");
+        }
+        holder.release();
+        for (value, mut w) in waiters {
+            w.expect_line("got");
+            let st = w.wait();
+            assert!(st.success(), "-w {value} (daemon: {}): {st}; stderr:\n{}", env.daemon, w.stderr());
+        }
+    }
+}
