@@ -155,8 +155,9 @@ struct LockArgs {
     /// Fail at once if the lock is busy
     #[arg(short = 'n', long = "nonblock", conflicts_with = "wait")]
     nonblock: bool,
-    /// Wait at most SECS seconds for the lock (fractions allowed)
-    #[arg(short, long, value_name = "SECS", value_parser = parse_secs)]
+    /// Wait at most SECS seconds for the lock (fractions allowed; `inf`, or more than the
+    /// clock can count, waits forever)
+    #[arg(short, long, value_name = "SECS", value_parser = parse_wait)]
     wait: Option<Duration>,
     /// Exit code when the lock is busy (-n) or the wait times out (-w)
     #[arg(short = 'E', long, value_name = "N", default_value_t = 1)]
@@ -180,6 +181,19 @@ struct RunArgs {
 fn parse_secs(s: &str) -> Result<Duration, String> {
     let secs: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
     Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is not a number of seconds from 0 up"))
+}
+
+/// A `-w` value: seconds from 0 up; `inf` and values too large for a `Duration` (more than
+/// 584 billion years) become `Duration::MAX`, which [`LockArgs::wait`] reads as "forever".
+fn parse_wait(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if secs.is_nan() {
+        return Err(format!("{s:?} is not a number of seconds"));
+    }
+    if secs < 0.0 {
+        return Err(format!("{s:?} is negative: give the seconds to wait, from 0 up (`-n` fails at once)"));
+    }
+    Ok(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
 }
 
 /// What every command needs: where locks live and how to take them.
@@ -295,6 +309,7 @@ impl LockArgs {
     fn wait(&self) -> buildlock::Wait {
         match (self.nonblock, self.wait) {
             (true, _) => buildlock::Wait::NoWait,
+            (false, Some(Duration::MAX)) => buildlock::Wait::Forever,
             (false, Some(t)) => buildlock::Wait::Timeout(t),
             (false, None) => buildlock::Wait::Forever,
         }

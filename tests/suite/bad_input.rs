@@ -104,3 +104,79 @@ fn bad_numbers_are_usage_errors() {
     env.run(&["run", "x"]).assert_code(2);
     env.run(&["run", "-n", "-w", "1", "x", "--", "true"]).assert_code(2);
 }
+
+#[test]
+fn wait_values_that_are_not_seconds_are_refused() {
+    let env = Env::new();
+    for bad in ["nan", "NaN", "-nan"] {
+        env.run(&["run", &format!("--wait={bad}"), "x", "--", "true"])
+            .assert_code(2)
+            .assert_stderr_has("not a number of seconds");
+    }
+    for neg in ["-1", "-0.5", "-inf", "-1e19"] {
+        env.run(&["run", &format!("--wait={neg}"), "x", "--", "true"]).assert_code(2).assert_stderr_has("is negative");
+    }
+    assert!(!env.locks().exists(), "a refused value took a lock");
+}
+
+/// Huge waits (more than the clock can count, or more milliseconds than a u64 holds) mean
+/// "forever": they once panicked (an `Instant` overflow) or wrapped to a short timeout.
+#[test]
+fn huge_waits_wait_like_forever_in_both_modes() {
+    for env in [Env::new(), Env::daemon()] {
+        let holder = env.hold(&[], "x");
+        let mut waiters: Vec<_> = ["1e19", "18446744073709552", "18446744073709551", "inf", "1e300"]
+            .iter()
+            .map(|w| (w, env.spawn(&["run", "-w", w, "x", "--", "echo", "got"])))
+            .collect();
+        // Each waits past the first second (a wrapped timeout of 384 ms would have ended it).
+        for (_, w) in &mut waiters {
+            w.expect_stderr("waiting for lock x");
+        }
+        holder.release();
+        for (value, mut w) in waiters {
+            w.expect_line("got");
+            let st = w.wait();
+            assert!(st.success(), "-w {value} (daemon: {}): {st}; stderr:\n{}", env.daemon, w.stderr());
+        }
+    }
+}
+
+/// A client that stops reading (shuts its read side) while still connected: the daemon's reply
+/// to it fails, and that ends the connection and frees its lease, even though the client never
+/// closes its end.
+#[test]
+fn a_client_that_cannot_be_written_to_loses_its_connection_and_its_lease() {
+    use buildlock_proto::{AcquireRequest, Hello, Mode, Reply, Request, WaitFor};
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    let env = Env::daemon();
+    env.run(&["daemon", "start"]).assert_code(0);
+    std::fs::create_dir_all(env.locks()).unwrap();
+    let path = env.locks().canonicalize().unwrap().join("x.lock").display().to_string();
+    let mut s = UnixStream::connect(env.runtime().join("buildlockd.sock")).unwrap();
+    let send = |s: &mut UnixStream, bytes: Vec<u8>| s.write_all(&bytes).unwrap();
+    send(&mut s, buildlock_proto::encode(&Hello::new(std::process::id())).unwrap());
+    buildlock_proto::check_welcome(&buildlock_proto::read_frame(&mut s).unwrap().unwrap()).unwrap();
+    let acquire = Request::Acquire(AcquireRequest {
+        path: path.clone(),
+        mode: Mode::Exclusive,
+        wait: WaitFor::NoWait,
+        operation: "stops reading".into(),
+        command: String::new(),
+        bind_pid: None,
+    });
+    send(&mut s, buildlock_proto::encode(&acquire).unwrap());
+    // Read (and so close: a plain read drops the descriptor that came with it) the grant.
+    let granted: Reply = buildlock_proto::decode(&buildlock_proto::read_frame(&mut s).unwrap().unwrap()).unwrap();
+    assert!(matches!(granted, Reply::Granted { .. }), "{granted:?}");
+    env.run(&["run", "-n", "x", "--", "true"]).assert_code(1);
+    // Stop reading, then ask something: the daemon's answer cannot be delivered.
+    s.shutdown(std::net::Shutdown::Read).unwrap();
+    send(&mut s, buildlock_proto::encode(&Request::Status { path: Some(path) }).unwrap());
+    // The connection (still open on our side) is over for the daemon, and the lock is free.
+    // Without the fix the lease stays for as long as `s` lives, and this times out.
+    env.run(&["run", "-w", "60", "x", "--", "echo", "got"]).assert_code(0).assert_stdout_has("got");
+    drop(s);
+}

@@ -14,4 +14,5 @@ mod service;
 mod soft;
 mod stale;
 mod status;
+mod trust;
 mod util;

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use jiff::Timestamp;
 
-use crate::LockTarget;
+use crate::{Error, LockTarget};
 
 /// The fence file of a lock: its path plus `.fence`.
 pub fn fence_path(target: &LockTarget) -> PathBuf {
@@ -35,20 +35,33 @@ fn read(target: &LockTarget) -> u64 {
 
 /// The token for a new holder of `target`. Call only while holding the lock; `exclusive`
 /// holders advance it (and persist it), shared ones read it.
-pub fn next_token(target: &LockTarget, exclusive: bool) -> u64 {
+///
+/// Tokens never wrap: when the last one is already `u64::MAX` (a fence file someone wrote by
+/// hand, say), an exclusive holder gets an error saying so instead of a token that is not
+/// larger than every earlier one.
+pub fn next_token(target: &LockTarget, exclusive: bool) -> Result<u64, Error> {
     let last = read(target);
     if !exclusive {
-        return last;
+        return Ok(last);
     }
+    let Some(after_last) = last.checked_add(1) else {
+        let path = fence_path(target);
+        let why = format!(
+            "it holds {last}, the largest token there is, so no new holder can get a larger one; if nothing that \
+             checks these tokens still remembers them, delete {} and the clock will start them again",
+            path.display()
+        );
+        return Err(Error::io("advance the fencing token in", &path, std::io::Error::other(why)));
+    };
     let now = u64::try_from(Timestamp::now().as_microsecond()).unwrap_or(0);
-    let next = (last + 1).max(now);
+    let next = after_last.max(now);
     if let Err(e) = write(target, next) {
         let path = fence_path(target);
         crate::warn_once(&path, || {
             format!("cannot record fencing token in {}: {e} (tokens still grow with the clock)", path.display())
         });
     }
-    next
+    Ok(next)
 }
 
 /// Overwrites the token in place with a fixed-width number: no truncation, which on ext4 would
@@ -68,16 +81,33 @@ mod tests {
     fn tokens_grow_and_survive_corruption() {
         let dir = tempfile::tempdir().unwrap();
         let t = LockTarget::resolve("x", dir.path()).unwrap();
-        let a = next_token(&t, true);
-        let b = next_token(&t, true);
+        let a = next_token(&t, true).unwrap();
+        let b = next_token(&t, true).unwrap();
         assert!(b > a);
-        assert_eq!(next_token(&t, false), b);
+        assert_eq!(next_token(&t, false).unwrap(), b);
         // A token far in the future is still exceeded.
         std::fs::write(fence_path(&t), (u64::MAX / 2).to_string()).unwrap();
-        assert_eq!(next_token(&t, true), u64::MAX / 2 + 1);
+        assert_eq!(next_token(&t, true).unwrap(), u64::MAX / 2 + 1);
         // A corrupt file falls back to the clock, which is past any earlier clock-based token.
         std::fs::write(fence_path(&t), "garbage").unwrap();
-        assert!(next_token(&t, true) > b);
+        assert!(next_token(&t, true).unwrap() > b);
+    }
+
+    #[test]
+    fn a_fence_at_the_largest_token_is_refused_not_wrapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = LockTarget::resolve("x", dir.path()).unwrap();
+        std::fs::write(fence_path(&t), (u64::MAX - 1).to_string()).unwrap();
+        assert_eq!(next_token(&t, true).unwrap(), u64::MAX);
+        // The file now holds u64::MAX: the next exclusive holder is refused, clearly.
+        let err = next_token(&t, true).unwrap_err().to_string();
+        assert!(err.contains(&fence_path(&t).display().to_string()), "{err}");
+        assert!(err.contains(&u64::MAX.to_string()) && err.contains("delete"), "{err}");
+        // Nothing was written: the token did not wrap or go backwards.
+        let kept: u64 = std::fs::read_to_string(fence_path(&t)).unwrap().trim().parse().unwrap();
+        assert_eq!(kept, u64::MAX);
+        // Readers still get the current value.
+        assert_eq!(next_token(&t, false).unwrap(), u64::MAX);
     }
 
     #[cfg(unix)]
@@ -88,14 +118,14 @@ mod tests {
         let victim = dir.path().join("victim");
         std::fs::write(&victim, "99").unwrap();
         std::os::unix::fs::symlink(&victim, fence_path(&t)).unwrap();
-        let a = next_token(&t, true);
+        let a = next_token(&t, true).unwrap();
         assert!(a > 99, "read through the link: {a}");
-        assert!(next_token(&t, true) > 0);
+        assert!(next_token(&t, true).unwrap() > 0);
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "99");
         // Nor a hard link to another file.
         std::fs::remove_file(fence_path(&t)).unwrap();
         std::fs::hard_link(&victim, fence_path(&t)).unwrap();
-        next_token(&t, true);
+        next_token(&t, true).unwrap();
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "99");
     }
 }

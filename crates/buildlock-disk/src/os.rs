@@ -250,7 +250,8 @@ impl OsHold {
 /// Records `ours` as the holder of the lock just taken on `file` (with its fencing token).
 fn claim(target: &LockTarget, mode: LockMode, locked: Locked, mut ours: Metadata) -> Result<OsHold, Error> {
     let Locked { file, id } = locked;
-    ours.token = Some(crate::fence::next_token(target, mode == LockMode::Exclusive));
+    // An error here drops `file`, and with it the lock: nothing was written yet.
+    ours.token = Some(crate::fence::next_token(target, mode == LockMode::Exclusive)?);
     let previous = meta::read(&target.meta_path);
     let keep_previous = mode == LockMode::Shared
         && previous.valid().is_some_and(|m| {

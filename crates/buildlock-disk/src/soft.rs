@@ -64,7 +64,15 @@ pub(crate) fn acquire(
     loop {
         if let Some(file) = create_exclusive(&target.path, &ours)? {
             // The fence advances only once the lock is ours; `.lock.pid` records the token.
-            ours.token = Some(crate::fence::next_token(target, true));
+            ours.token = match crate::fence::next_token(target, true) {
+                Ok(token) => Some(token),
+                Err(e) => {
+                    // Just created by us and not yet announced: take it back.
+                    drop(file);
+                    let _ = std::fs::remove_file(&target.path);
+                    return Err(e);
+                }
+            };
             let id = buildlock_sys::path_id(&target.path).map_err(|e| Error::io("stat", &target.path, e))?;
             // For readers that only know `.lock.pid`; the lock file itself already says it all.
             if let Err(e) = meta::write_atomic(&target.meta_path, &ours) {

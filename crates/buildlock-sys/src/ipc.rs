@@ -76,33 +76,102 @@ pub fn default_runtime_dir() -> std::path::PathBuf {
     std::env::temp_dir().join(format!("buildlock-{}", current_uid()))
 }
 
-/// Creates `dir` (mode 0700) if missing, then checks that it is a directory owned by this user
-/// that nobody else can write. `Err` says what is wrong and how to fix it.
+/// Creates `dir` (mode 0700) if missing, then checks it with [`check_private_dir`]. `Err` says
+/// what is wrong and how to fix it. An existing directory is never loosened or taken over: one
+/// that fails the check is refused as it is.
 pub fn ensure_private_dir(dir: &Path) -> Result<(), String> {
-    if let Err(e) = fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
-        return Err(format!("cannot create {}: {e}", dir.display()));
+    match fs::symlink_metadata(dir) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Err(e) = fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
+                return Err(format!("cannot create {}: {e}", dir.display()));
+            }
+        }
+        Err(e) => return Err(format!("cannot inspect {}: {e}", dir.display())),
     }
+    check_private_dir(dir)
+}
+
+/// Checks, without following a symlink at `dir` itself, that it is a directory owned by this
+/// user that nobody else can read, write or enter. Whoever controls the runtime directory can
+/// put a listener at the daemon's socket path, so a client must not talk to a socket in any
+/// other directory. `Err` names the path, what was found, and what to do.
+pub fn check_private_dir(dir: &Path) -> Result<(), String> {
+    const FIX: &str = "have it removed, or set BUILDLOCK_RUNTIME_DIR (or XDG_RUNTIME_DIR) to a directory of yours \
+                       with mode 700";
     let m = fs::symlink_metadata(dir).map_err(|e| format!("cannot inspect {}: {e}", dir.display()))?;
-    if !m.is_dir() {
-        return Err(format!("{} is not a directory", dir.display()));
-    }
     let uid = current_uid();
-    if m.uid() != uid {
+    if m.file_type().is_symlink() {
+        let to = fs::read_link(dir).map(|t| t.display().to_string()).unwrap_or_else(|_| "?".into());
         return Err(format!(
-            "{} belongs to uid {}, not to you (uid {uid}); remove it or set BUILDLOCK_RUNTIME_DIR to a directory of yours",
+            "the runtime directory {} is a symbolic link (to {to}, link owned by uid {}), not a directory: \
+             another user could have made it; {FIX}",
             dir.display(),
             m.uid()
         ));
     }
-    let mode = m.permissions().mode() & 0o777;
-    if mode & 0o022 != 0 {
+    if !m.is_dir() {
+        return Err(format!("the runtime directory {} is not a directory; {FIX}", dir.display()));
+    }
+    let mode = m.permissions().mode() & 0o7777;
+    if m.uid() != uid {
         return Err(format!(
-            "{} has mode {mode:03o}: others can write it, so they could impersonate the daemon; run `chmod 700 {}`",
+            "the runtime directory {} belongs to uid {} (mode {mode:03o}), not to you (uid {uid}): another user \
+             could be impersonating buildlockd; {FIX}",
+            dir.display(),
+            m.uid()
+        ));
+    }
+    if mode & 0o077 != 0 {
+        let who = if mode & 0o022 != 0 {
+            "others can write it, so they could impersonate the daemon"
+        } else {
+            "others can read it"
+        };
+        return Err(format!(
+            "the runtime directory {} has mode {mode:03o}: {who}; run `chmod 700 {}`",
             dir.display(),
             dir.display()
         ));
     }
     Ok(())
+}
+
+/// The user id of the process at the other end of a connected Unix socket (for a client: the
+/// process that made the listening socket listen). Linux: `SO_PEERCRED`; macOS and the BSDs:
+/// `getpeereid`.
+pub fn peer_uid(sock: BorrowedFd<'_>) -> io::Result<u32> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let cred = nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)?;
+        Ok(cred.uid())
+    }
+    #[cfg(any(
+        target_os = "macos",
+        target_os = "ios",
+        target_os = "freebsd",
+        target_os = "openbsd",
+        target_os = "netbsd",
+        target_os = "dragonfly"
+    ))]
+    {
+        let (uid, _gid) = nix::unistd::getpeereid(sock)?;
+        Ok(uid.as_raw())
+    }
+    #[cfg(not(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "macos",
+        target_os = "ios",
+        target_os = "freebsd",
+        target_os = "openbsd",
+        target_os = "netbsd",
+        target_os = "dragonfly"
+    )))]
+    {
+        let _ = sock;
+        Err(io::Error::new(io::ErrorKind::Unsupported, "peer credentials are not available on this platform"))
+    }
 }
 
 /// Makes the child that `cmd` spawns a daemon: its own session (no controlling terminal, not
@@ -322,6 +391,29 @@ mod tests {
         fs::set_permissions(&rt, fs::Permissions::from_mode(0o777)).unwrap();
         let err = ensure_private_dir(&rt).unwrap_err();
         assert!(err.contains("chmod 700"), "{err}");
+    }
+
+    #[test]
+    fn symlinked_and_readable_dirs_are_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        ensure_private_dir(&real).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let err = ensure_private_dir(&link).unwrap_err();
+        assert!(err.contains("symbolic link") && err.contains(&link.display().to_string()), "{err}");
+        assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o750)).unwrap();
+        let err = check_private_dir(&real).unwrap_err();
+        assert!(err.contains("mode 750") && err.contains("chmod 700"), "{err}");
+        assert!(ensure_private_dir(&real).is_err());
+        assert_eq!(fs::metadata(&real).unwrap().permissions().mode() & 0o777, 0o750, "the mode was changed");
+    }
+
+    #[test]
+    fn the_peer_of_a_socket_pair_is_this_user() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert_eq!(peer_uid(a.as_fd()).unwrap(), current_uid());
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub(crate) enum ConnectError {
     NotRunning(io::Error),
     /// Something answered but refused us or speaks another protocol; the text says what to do.
     Refused(String),
+    /// The runtime directory or the process listening in it is not this user's own: nothing
+    /// was sent, and no daemon may be started there. The text names the path and what to do.
+    Untrusted(String),
     Other(String),
 }
 
@@ -40,14 +43,24 @@ impl std::fmt::Display for ConnectError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ConnectError::NotRunning(e) => write!(f, "no daemon is running ({e})"),
-            ConnectError::Refused(m) | ConnectError::Other(m) => f.write_str(m),
+            ConnectError::Refused(m) | ConnectError::Untrusted(m) | ConnectError::Other(m) => f.write_str(m),
         }
     }
 }
 
 impl Client {
     /// Connects to the daemon of `runtime_dir` and says hello.
+    ///
+    /// Before a byte is sent, the daemon is verified: `runtime_dir` must be a directory (not a
+    /// symlink) owned by this user with no access for anyone else, and the process listening on
+    /// the socket must run as this user. Whoever could create the directory first (it is under
+    /// `/tmp` when `XDG_RUNTIME_DIR` is unset) could otherwise grant every lock and read every
+    /// lock name and command line.
     pub(crate) fn connect(runtime_dir: &Path) -> Result<Client, ConnectError> {
+        match std::fs::symlink_metadata(runtime_dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ConnectError::NotRunning(e)),
+            _ => buildlock_sys::ipc::check_private_dir(runtime_dir).map_err(ConnectError::Untrusted)?,
+        }
         let socket = buildlock_proto::transport::socket_path(runtime_dir);
         let stream = match UnixStream::connect(&socket) {
             Ok(s) => s,
@@ -56,6 +69,25 @@ impl Client {
             }
             Err(e) => return Err(ConnectError::Other(format!("cannot connect to {}: {e}", socket.display()))),
         };
+        let uid = buildlock_sys::ipc::current_uid();
+        match buildlock_sys::ipc::peer_uid(stream.as_fd()) {
+            Ok(peer) if peer == uid => {}
+            Ok(peer) => {
+                return Err(ConnectError::Untrusted(format!(
+                    "the process listening on {} runs as uid {peer}, not as you (uid {uid}): it is not your \
+                     buildlockd, so nothing was sent to it; find out who made it (`ls -l {}`) and have it removed, \
+                     or set BUILDLOCK_RUNTIME_DIR to a directory of yours with mode 700",
+                    socket.display(),
+                    socket.display()
+                )))
+            }
+            Err(e) => {
+                return Err(ConnectError::Untrusted(format!(
+                    "cannot tell which user listens on {} ({e}), so nothing was sent to it",
+                    socket.display()
+                )))
+            }
+        }
         let mut client = Client {
             stream,
             decoder: FrameDecoder::new(),

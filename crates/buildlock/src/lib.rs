@@ -210,10 +210,19 @@ fn acquire_direct(target: &LockTarget, opts: &Options, on_wait: &mut dyn FnMut(&
         command: opts.command.clone(),
         watch: opts.watch,
     };
-    let guard = buildlock_disk::acquire(target, &disk, opts.wait, &mut |holder, waited| {
+    let guard = buildlock_disk::acquire(target, &disk, effective_wait(opts.wait), &mut |holder, waited| {
         on_wait(&WaitInfo { holder: holder.to_string(), holder_pid: holder.pid(), waited })
     })?;
     Ok(Lease { target: target.clone(), token: guard.token(), inner: Some(Inner::Direct(guard)) })
+}
+
+/// `wait` with a timeout too long for the clock to represent (`-w 1e19`) turned into `Forever`,
+/// which it is in all but name: it could never run out.
+fn effective_wait(wait: Wait) -> Wait {
+    match wait {
+        Wait::Timeout(t) if Instant::now().checked_add(t).is_none() => Wait::Forever,
+        w => w,
+    }
 }
 
 #[cfg(unix)]
@@ -248,9 +257,9 @@ fn acquire_daemon(
     on_wait: &mut dyn FnMut(&WaitInfo),
 ) -> Result<Lease, Error> {
     let path = daemon_path(target)?.display().to_string();
-    let wait = match opts.wait {
+    let wait = match effective_wait(opts.wait) {
         Wait::NoWait => WaitFor::NoWait,
-        Wait::Timeout(t) => WaitFor::Millis(t.as_millis() as u64),
+        Wait::Timeout(t) => u64::try_from(t.as_millis()).map_or(WaitFor::Forever, WaitFor::Millis),
         Wait::Forever => WaitFor::Forever,
     };
     let mode = match opts.mode {

@@ -19,18 +19,26 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) async fn handle(daemon: Arc<Daemon>, stream: UnixStream) {
     let me = std::process::id();
-    let peer = stream.peer_cred().ok();
+    let peer = stream.peer_cred();
     let (mut rd, mut wr) = stream.into_split();
-    // Same user only. The runtime directory is private already; this is the second wall.
+    // Same user only. The runtime directory is private already; this is the second wall, and
+    // it fails closed: a peer whose credentials cannot be read is refused.
     let uid = buildlock_sys::ipc::current_uid();
-    if let Some(cred) = &peer {
-        if cred.uid() != uid {
+    let peer = match peer {
+        Ok(cred) if cred.uid() == uid => cred,
+        Ok(cred) => {
             tracing::warn!("refused a connection from uid {} (pid {:?})", cred.uid(), cred.pid());
             let msg = format!("buildlockd of uid {uid} serves only its own user, not uid {}", cred.uid());
             let _ = write(&mut wr, &Welcome::refused(me, msg)).await;
             return;
         }
-    }
+        Err(e) => {
+            tracing::warn!("refused a connection whose user cannot be read: {e}");
+            let msg = format!("buildlockd of uid {uid} cannot tell which user you are ({e}), so it refuses you");
+            let _ = write(&mut wr, &Welcome::refused(me, msg)).await;
+            return;
+        }
+    };
     let mut decoder = FrameDecoder::new();
     // Requests are small; a frame larger than this arrives in several reads.
     let mut buf = vec![0u8; 4 * 1024];
@@ -58,12 +66,25 @@ pub(crate) async fn handle(daemon: Arc<Daemon>, stream: UnixStream) {
     if write(&mut wr, &Welcome::new(me)).await.is_err() {
         return;
     }
-    let client_pid = peer.and_then(|c| c.pid()).map(|p| p as u32).unwrap_or(hello.pid);
+    let client_pid = peer.pid().map(|p| p as u32).unwrap_or(hello.pid);
     let (tx, rx) = mpsc::unbounded_channel();
     let owner = daemon.register(tx.clone(), client_pid);
-    let writer = tokio::spawn(write_loop(wr, rx));
+    let mut writer = tokio::spawn(write_loop(wr, rx));
+    // The writer ends early only when a reply cannot be sent (the client shut its side, or the
+    // socket broke): the connection is over then, and what it held is released, even if the
+    // client still sends.
+    let mut writer_done = false;
     loop {
-        match next_frame(&mut rd, &mut decoder, &mut buf).await {
+        let frame = tokio::select! {
+            biased;
+            _ = &mut writer => {
+                writer_done = true;
+                tracing::info!("closing connection of pid {client_pid}: a reply could not be sent to it");
+                break;
+            }
+            frame = next_frame(&mut rd, &mut decoder, &mut buf) => frame,
+        };
+        match frame {
             Ok(Some(frame)) => match buildlock_proto::decode::<Request>(&frame) {
                 Ok(req) => daemon.handle(owner, req),
                 Err(e) => {
@@ -85,9 +106,12 @@ pub(crate) async fn handle(daemon: Arc<Daemon>, stream: UnixStream) {
         }
     }
     drop(tx);
+    drop(rd);
     daemon.disconnected(owner);
     // The writer drains what is queued (a last error, say), then the socket closes.
-    let _ = writer.await;
+    if !writer_done {
+        let _ = writer.await;
+    }
 }
 
 fn reply_error(code: ErrorCode, e: &dyn std::fmt::Display) -> Outgoing {

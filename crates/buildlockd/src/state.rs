@@ -221,7 +221,10 @@ impl Daemon {
         let now = Instant::now();
         let wait = match a.wait {
             WaitFor::NoWait => Wait::NoWait,
-            WaitFor::Millis(ms) => Wait::Until(now + std::time::Duration::from_millis(ms)),
+            // A deadline past what the clock can represent is as good as none.
+            WaitFor::Millis(ms) => {
+                now.checked_add(std::time::Duration::from_millis(ms)).map_or(Wait::Forever, Wait::Until)
+            }
             WaitFor::Forever => Wait::Forever,
         };
         let mut st = self.state();
