@@ -260,15 +260,40 @@ pub(crate) fn release(cx: &Context, pid: Option<u32>, target: &str) -> ExitCode 
             eprintln!("buildlock-client: warning: {} is not a keeper file ({why}); it is left alone", file.display())
         }
     }
-    // Perhaps another client bound it to PID through the daemon.
+    // Perhaps another client bound it to PID through the daemon (or a daemon recovered it from
+    // its journal after the keeper and its predecessor died).
+    let mut released = false;
     if cx.connect != buildlock::Connect::Direct {
         // As the lock was named when taken: the directory resolved, a link at the lock never followed.
         let path = buildlock::daemon_key(&target).unwrap_or(target.path.clone()).display().to_string();
         let req = buildlock_proto::Request::ReleasePid { path, pid };
-        if let Ok(buildlock_proto::Reply::Released { .. }) = buildlock::ask_daemon(Some(&cx.runtime_dir), &req) {
-            return ExitCode::SUCCESS;
-        }
+        released =
+            matches!(buildlock::ask_daemon(Some(&cx.runtime_dir), &req), Ok(buildlock_proto::Reply::Released { .. }));
+    }
+    if report_lost(&target, pid) {
+        return ExitCode::from(1);
+    }
+    if released {
+        return ExitCode::SUCCESS;
     }
     eprintln!("buildlock-client: lock {} is not held for pid {pid}", target.name);
     ExitCode::from(1)
+}
+
+/// Tells the script whose lease was lost while it ran, and clears the record: `release` is where
+/// a script learns that its critical section may not have been exclusive.
+fn report_lost(target: &buildlock_disk::LockTarget, pid: u32) -> bool {
+    match buildlock_disk::lost::read(target) {
+        Some(lost) if lost.pid == pid => {
+            eprintln!(
+                "buildlock-client: error: lock {} ({}): {lost}; what this script did under the lock may have \
+                 overlapped with another holder",
+                target.name,
+                target.path.display()
+            );
+            buildlock_disk::lost::remove(target);
+            true
+        }
+        _ => false,
+    }
 }

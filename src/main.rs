@@ -112,7 +112,7 @@ enum Command {
 enum DaemonAction {
     /// Start the daemon if none runs
     Start,
-    /// Ask the daemon to exit (held locks stay with their holders)
+    /// Ask the daemon to exit (Linux: held locks stay with their holders' copies; elsewhere they end)
     Stop,
     /// Is a daemon running, and what is it doing
     Status,

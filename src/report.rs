@@ -96,6 +96,9 @@ fn print_status(s: &LockStatus) {
         println!("  holder: {h}");
     }
     println!("  {}", s.detail);
+    if let Some(lost) = &s.lost {
+        println!("  LOST: {lost}");
+    }
 }
 
 fn status_json(s: &LockStatus) -> Value {
@@ -106,6 +109,14 @@ fn status_json(s: &LockStatus) -> Value {
         "kind": s.kind,
         "detail": s.detail,
         "holder": s.holder.as_ref().map(holder_json),
+        "lost": s.lost.as_ref().map(|l| json!({
+            "pid": l.pid,
+            "command": l.command,
+            "operation": l.operation,
+            "at": l.at.to_string(),
+            "reason": l.reason,
+            "description": l.to_string(),
+        })),
     })
 }
 
@@ -119,6 +130,9 @@ fn holder_json(h: &Holder) -> Value {
         "since": h.since().map(|t| t.to_string()),
         "operation": m.map(|m| &m.operation),
         "note": h.note,
+        "via_pid": m.and_then(|m| m.via_pid),
+        "orphaned_by": h.orphaned_by,
+        "inheritors": h.inheritors,
         "description": h.to_string(),
     })
 }

@@ -9,6 +9,7 @@ mod daemon;
 mod exclusion;
 mod hostile;
 mod interop;
+mod recovery;
 mod run;
 mod service;
 mod soft;

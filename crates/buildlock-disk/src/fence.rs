@@ -23,7 +23,12 @@ pub fn fence_path(target: &LockTarget) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// The last token, or 0 when the file is missing or unusable (a link, a FIFO, garbage).
+/// The last token issued for `target`, or 0 when the file is missing or unusable (a link, a
+/// FIFO, garbage).
+pub fn current(target: &LockTarget) -> u64 {
+    read(target)
+}
+
 fn read(target: &LockTarget) -> u64 {
     use std::io::Read;
     let mut text = String::new();

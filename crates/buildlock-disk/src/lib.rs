@@ -47,6 +47,7 @@ use jiff::Timestamp;
 
 pub mod fence;
 mod guard;
+pub mod lost;
 pub mod meta;
 mod os;
 mod soft;
@@ -340,6 +341,8 @@ pub struct LockStatus {
     pub holder: Option<Holder>,
     /// A sentence explaining the state (why stale, what leftover metadata means).
     pub detail: String,
+    /// A lease on this lock lost while its script lived (see [`lost`]).
+    pub lost: Option<lost::LostLease>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -363,12 +366,19 @@ impl LockState {
 
 /// Who holds `target`, without taking it or creating any file.
 pub fn status(target: &LockTarget, opts: &LockOptions) -> Result<LockStatus, Error> {
+    let mut status = status_of_lock(target, opts)?;
+    status.lost = lost::read(target);
+    Ok(status)
+}
+
+fn status_of_lock(target: &LockTarget, opts: &LockOptions) -> Result<LockStatus, Error> {
     let free = |detail: String| LockStatus {
         target: target.clone(),
         state: LockState::Free,
         kind: "os",
         holder: None,
         detail,
+        lost: None,
     };
     if !target.path.exists() {
         return Ok(free("no lock file".into()));
@@ -384,6 +394,7 @@ pub fn status(target: &LockTarget, opts: &LockOptions) -> Result<LockStatus, Err
             kind: "os",
             detail: "an OS lock is held on the lock file".into(),
             holder: Some(holder),
+            lost: None,
         }),
         os::ProbeOutcome::Unsupported => soft::status(target, opts),
     }

@@ -276,6 +276,7 @@ pub(crate) fn status(target: &LockTarget, opts: &LockOptions) -> Result<LockStat
             kind: "soft",
             holder: None,
             detail: "no lock file".into(),
+            lost: None,
         });
     };
     let state = if seen.verdict.is_stale() { LockState::Stale } else { LockState::Held };
@@ -285,6 +286,7 @@ pub(crate) fn status(target: &LockTarget, opts: &LockOptions) -> Result<LockStat
         kind: "soft",
         holder: Some(holder_from(&seen)),
         detail: seen.verdict.reason().to_owned(),
+        lost: None,
     })
 }
 

@@ -217,6 +217,18 @@ pub fn stdio_to_null() -> io::Result<()> {
     Ok(())
 }
 
+/// Whether the other end of stream socket `sock` has closed it (end of stream), looked at
+/// without waiting and without consuming anything that is queued.
+pub fn peer_closed(sock: BorrowedFd<'_>) -> bool {
+    let mut byte = [0u8; 1];
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+    match nix::sys::socket::recv(sock.as_raw_fd(), &mut byte, flags) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(e, nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR),
+    }
+}
+
 /// Waits until one of `fds` is readable (or `timeout` passes: `Ok(None)`); returns its index.
 pub fn wait_readable(fds: &[BorrowedFd<'_>], timeout: Option<std::time::Duration>) -> io::Result<Option<usize>> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -362,6 +374,20 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn a_closed_peer_is_seen_without_consuming_what_is_queued() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        assert!(!peer_closed(b.as_fd()));
+        a.write_all(b"x").unwrap();
+        assert!(!peer_closed(b.as_fd()));
+        drop(a);
+        // The byte still queued is not lost by looking, and hides the end until it is read.
+        assert!(!peer_closed(b.as_fd()));
+        let mut buf = [0u8; 1];
+        assert_eq!(std::io::Read::read(&mut &b, &mut buf).unwrap(), 1);
+        assert!(peer_closed(b.as_fd()));
+    }
 
     #[test]
     fn a_descriptor_travels_with_its_bytes() {

@@ -110,6 +110,11 @@ impl Client {
         Ok(client)
     }
 
+    /// Whether the daemon has closed this connection (it died or stopped).
+    pub(crate) fn daemon_gone(&self) -> bool {
+        buildlock_sys::ipc::peer_closed(self.stream.as_fd())
+    }
+
     /// The daemon's pid.
     pub fn daemon_pid(&self) -> u32 {
         self.welcome.pid

@@ -175,7 +175,16 @@ enum Inner {
 }
 
 /// Takes the lock `target`. While waiting, `on_wait` is called about once a second.
+///
+/// If a lease on this lock was lost while its script still ran (`buildlock_disk::lost`), the new
+/// holder is warned: that script may still be inside the lock.
 pub fn acquire(target: &LockTarget, opts: &Options, on_wait: &mut dyn FnMut(&WaitInfo)) -> Result<Lease, Error> {
+    let lease = acquire_any(target, opts, on_wait)?;
+    buildlock_disk::lost::warn_new_holder(target);
+    Ok(lease)
+}
+
+fn acquire_any(target: &LockTarget, opts: &Options, on_wait: &mut dyn FnMut(&WaitInfo)) -> Result<Lease, Error> {
     #[cfg(not(unix))]
     {
         // No daemon on this platform yet (a named-pipe daemon is future work).
@@ -359,9 +368,18 @@ impl Lease {
         }
     }
 
-    /// Checks that the lock file is still the one locked (another tool may have deleted it).
+    /// Checks that the lock is still held: the lock file is still the one locked (another tool
+    /// may have deleted it), and, where the daemon alone holds the lock (platforms that cannot
+    /// hand over the descriptor), that the daemon is still there to hold it.
     pub fn check(&self) -> Result<(), Error> {
         match &self.inner {
+            #[cfg(unix)]
+            Some(Inner::Daemon { file: None, client, path, .. }) if client.daemon_gone() => Err(Error::Lost {
+                path: PathBuf::from(path),
+                reason: "buildlockd, which alone held the lock on this platform, has exited; another process may \
+                         hold it now"
+                    .into(),
+            }),
             Some(Inner::Direct(g)) => g.check().map_err(Error::from),
             #[cfg(unix)]
             Some(Inner::Daemon { id: Some(id), path, .. }) => match buildlock_sys::path_id(Path::new(path)) {

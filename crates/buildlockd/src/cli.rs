@@ -168,6 +168,9 @@ fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     rt.block_on(async {
         let listener = tokio::net::UnixListener::from_std(listener).map_err(|e| e.to_string())?;
+        // Bound leases a crashed predecessor journaled, before anyone is served: clients that
+        // connect meanwhile wait in the listen backlog.
+        daemon.recover();
         if manager == Some("systemd") {
             notify_systemd(&[sd_notify::NotifyState::Ready]);
         }

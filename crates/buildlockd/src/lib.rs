@@ -39,6 +39,8 @@ use std::time::Duration;
 #[cfg(unix)]
 mod conn;
 #[cfg(unix)]
+mod journal;
+#[cfg(unix)]
 mod server;
 #[cfg(unix)]
 mod state;

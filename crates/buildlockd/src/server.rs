@@ -15,6 +15,8 @@ pub struct Daemon {
     pub(crate) config: Config,
     pub(crate) started: SystemTime,
     pub(crate) state: Mutex<State>,
+    /// Bound leases, for recovery after a double crash (see `journal`).
+    pub(crate) journal: crate::journal::Journal,
     /// Woken when the queue's next deadline may have changed.
     pub(crate) timer: Notify,
     stopping: AtomicBool,
@@ -24,7 +26,9 @@ pub struct Daemon {
 impl Daemon {
     pub fn new(config: Config) -> Arc<Daemon> {
         let state = State::new();
+        let journal = crate::journal::Journal::new(&config.runtime_dir);
         Arc::new(Daemon {
+            journal,
             config,
             started: SystemTime::now(),
             state: Mutex::new(state),

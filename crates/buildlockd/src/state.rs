@@ -75,6 +75,8 @@ struct Lease {
     /// How long the client will wait, which also bounds waiting for an outside holder.
     wait: Wait,
     phase: Phase,
+    /// Its entry in the journal of bound leases, while it is bound and held.
+    journal_key: Option<String>,
 }
 
 enum Phase {
@@ -249,6 +251,7 @@ impl Daemon {
                 requested: now,
                 wait,
                 phase: Phase::Waiting,
+                journal_key: None,
             },
         );
         if let Some(c) = st.conns.get_mut(&owner) {
@@ -434,6 +437,9 @@ impl Daemon {
                 let fd_attached = fd.is_some();
                 Self::send(&st, owner, Reply::Granted { path, token, fd_attached }, fd);
                 if let Some(pid) = bind {
+                    if let Some(l) = st.leases.get_mut(&lease) {
+                        self.journal_lease(l);
+                    }
                     self.watch_pid(lease, pid);
                 }
                 if !conn_open {
@@ -466,6 +472,9 @@ impl Daemon {
         let l = st.leases.remove(&lease).expect("checked above");
         if let Some(c) = st.conns.get_mut(&l.owner) {
             c.leases.remove(&lease);
+        }
+        if let Some(key) = &l.journal_key {
+            self.journal.forget(key);
         }
         if let Phase::Held { hold, released, .. } = l.phase {
             // Metadata first, then the lock. Released by the client: unlocked for every copy
@@ -561,8 +570,125 @@ impl Daemon {
                 tracing::warn!("{e}");
             }
         }
+        self.journal_lease(l);
         self.watch_pid(lease, pid);
         Self::send(&st, owner, Reply::Bound { path: path.to_owned(), pid }, None);
+    }
+
+    /// Journals a held, bound lease (or updates its entry), so that a daemon started after
+    /// both its client and this one died can recover it.
+    fn journal_lease(&self, l: &mut Lease) {
+        if let Phase::Held { hold, .. } = &l.phase {
+            l.journal_key = self.journal.record(l.journal_key.as_deref(), &l.target.path, hold.metadata());
+        }
+    }
+
+    /// Before serving anyone: the bound leases a crashed daemon journaled. For each whose bound
+    /// process still lives, the lock is re-taken for it, unless a copy of the old descriptor
+    /// still holds it (its keeper, or the processes `run`'s command passed it to, survived).
+    /// When another process took the lock meanwhile, or holds it now, the loss is recorded
+    /// beside the lock (`buildlock_disk::lost`) for `status`, acquirers and the script's
+    /// `release`, and logged.
+    pub(crate) fn recover(self: &Arc<Self>) {
+        for entry in self.journal.entries() {
+            self.recover_one(entry);
+        }
+    }
+
+    fn recover_one(self: &Arc<Self>, entry: crate::journal::Entry) {
+        let crate::journal::Entry { key, path, meta } = entry;
+        let Ok(target) = validate_path(&path.display().to_string()) else {
+            return self.journal.forget(&key);
+        };
+        if buildlock_sys::process_state(&meta.process()) == buildlock_sys::ProcessState::Dead {
+            return self.journal.forget(&key);
+        }
+        let mode = meta.mode.unwrap_or(LockMode::Exclusive);
+        let last_token = buildlock_disk::fence::current(&target);
+        let lost = |reason: String| {
+            tracing::warn!("lease on {} bound to pid {} was lost: {reason}", target.path.display(), meta.pid);
+            let record = buildlock_disk::lost::LostLease::of(&meta, reason);
+            if let Err(e) = buildlock_disk::lost::record(&target, &record) {
+                tracing::warn!("cannot record the loss beside {}: {e}", target.path.display());
+            }
+        };
+        let both_died = "its client and the daemon both died while it was held";
+        match buildlock_disk::try_lock_for(&target, mode, meta.clone()) {
+            Ok(Some(hold)) => {
+                if meta.token.is_some_and(|t| last_token > t) {
+                    lost(format!(
+                        "{both_died}, and another process held the lock before a new daemon took it back for pid {} \
+                         (fencing token {last_token} > {})",
+                        meta.pid,
+                        meta.token.unwrap_or(0)
+                    ));
+                } else {
+                    tracing::info!(
+                        "recovered the lease on {} bound to pid {} ({both_died}; nobody took it meanwhile)",
+                        target.path.display(),
+                        meta.pid
+                    );
+                }
+                self.adopt(target, key, meta, hold);
+            }
+            Ok(None) => match buildlock_disk::meta::read(&target.meta_path) {
+                // A surviving copy of the old descriptor holds it: nothing was lost.
+                buildlock_disk::MetaRead::Valid(now) if now.id.is_some() && now.id == meta.id => {
+                    tracing::info!("the lease on {} bound to pid {} is still held", target.path.display(), meta.pid);
+                }
+                _ => {
+                    let holder = buildlock_disk::describe_holder(&target);
+                    lost(format!("{both_died}, and {holder} took the lock before a new daemon started"));
+                    self.journal.forget(&key);
+                }
+            },
+            Err(e) => {
+                lost(format!("{both_died}, and a new daemon could not take the lock back: {e}"));
+                self.journal.forget(&key);
+            }
+        }
+    }
+
+    /// Books a recovered lease as held for its bound process, with no connection.
+    fn adopt(self: &Arc<Self>, target: LockTarget, key: String, meta: Metadata, hold: OsHold) {
+        let mut st = self.state();
+        st.next_owner += 1;
+        let owner = st.next_owner;
+        let now = Instant::now();
+        let mode = match meta.mode {
+            Some(LockMode::Shared) => Mode::Shared,
+            _ => Mode::Exclusive,
+        };
+        let pid = meta.pid;
+        let lease = st
+            .queue
+            .acquire(now, buildlock_queue::Request::new(target.path.clone(), owner, queue_mode(mode), Wait::NoWait));
+        let mut granted = false;
+        while let Some(ev) = st.queue.poll_event() {
+            granted |= matches!(ev, Event::Granted { lease: l, .. } if l == lease);
+        }
+        if !granted {
+            // Two journaled leases that cannot both hold (the OS lock said they can): keep the
+            // OS lock for this one's process, but say so.
+            tracing::warn!("the recovered lease on {} conflicts with another recovered lease", target.path.display());
+        }
+        let mut l = Lease {
+            target,
+            owner,
+            holder_pid: pid,
+            mode,
+            operation: meta.operation.clone(),
+            command: meta.command.clone().unwrap_or_default(),
+            bind_pid: Some(pid),
+            requested: now,
+            wait: Wait::NoWait,
+            phase: Phase::Held { hold: Box::new(hold), conn_open: false, pid_running: true, released: false },
+            journal_key: Some(key),
+        };
+        self.journal_lease(&mut l);
+        st.leases.insert(lease, l);
+        st.idle_since = None;
+        self.watch_pid(lease, pid);
     }
 
     /// Watches `pid` (pidfd on Linux, else polling) and releases the lease once it has exited

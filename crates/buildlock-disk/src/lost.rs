@@ -1,0 +1,152 @@
+//! `X.lock.lost`: the record of a lease that was lost while the process it was bound to lived.
+//!
+//! A lease bound to a process (`acquire --pid`) is held by its keeper and the daemon. If both
+//! die, no process holds the lock while the script goes on: a daemon started later re-takes it
+//! from its journal, unless another process took the lock meanwhile. Either way the script's
+//! exclusion was broken or at risk, and nobody may learn it silently: the daemon writes this file,
+//! `status` shows it, every acquirer of the lock is warned while the script lives, and the
+//! script's own `release` reports it and fails.
+//!
+//! The file is JSON (`pid`, `start_time`, `command`, `operation`, `at`, `reason`), created by
+//! rename and read without following links or blocking, like every file beside a lock.
+
+use std::path::PathBuf;
+
+use jiff::Timestamp;
+use serde_json::{json, Value};
+
+use crate::{meta, LockTarget};
+
+/// What was lost, whose, when and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LostLease {
+    /// The process the lease was bound to (the script).
+    pub pid: u32,
+    pub start_time: Option<u64>,
+    pub command: Option<String>,
+    pub operation: String,
+    /// When the loss was found.
+    pub at: Timestamp,
+    /// What happened, in a sentence.
+    pub reason: String,
+}
+
+impl LostLease {
+    /// The loss, found now, of the lease whose holder `meta` names.
+    pub fn of(meta: &crate::Metadata, reason: String) -> LostLease {
+        LostLease {
+            pid: meta.pid,
+            start_time: meta.start_time,
+            command: meta.command.clone(),
+            operation: meta.operation.clone(),
+            at: Timestamp::now(),
+            reason,
+        }
+    }
+
+    /// Whether the process the lease was bound to still runs (so its script may still rely on
+    /// the lock); an unreadable state counts as running.
+    pub fn owner_alive(&self) -> bool {
+        let id = buildlock_sys::ProcessIdentity { pid: self.pid, start_time: self.start_time, boot_id: None };
+        buildlock_sys::process_state(&id) != buildlock_sys::ProcessState::Dead
+    }
+}
+
+impl std::fmt::Display for LostLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the lease of pid {}", self.pid)?;
+        if let Some(cmd) = &self.command {
+            write!(f, " ({})", crate::shorten(cmd, 60))?;
+        }
+        if !self.operation.is_empty() {
+            write!(f, ", operation '{}'", crate::shorten(&self.operation, 60))?;
+        }
+        write!(f, " was lost at {}: {}", crate::describe_time(self.at), self.reason)
+    }
+}
+
+/// The record's path: the lock file's plus `.lost`.
+pub fn lost_path(target: &LockTarget) -> PathBuf {
+    let mut p = target.path.clone().into_os_string();
+    p.push(".lost");
+    PathBuf::from(p)
+}
+
+/// Records `lost` for `target`, replacing any earlier record.
+pub fn record(target: &LockTarget, lost: &LostLease) -> std::io::Result<()> {
+    let v = json!({
+        "pid": lost.pid,
+        "start_time": lost.start_time,
+        "command": lost.command,
+        "operation": lost.operation,
+        "at": lost.at.to_string(),
+        "reason": lost.reason,
+    });
+    buildlock_sys::fs::replace_file(&lost_path(target), v.to_string().as_bytes())
+}
+
+/// The record for `target`, if there is a readable one.
+pub fn read(target: &LockTarget) -> Option<LostLease> {
+    use std::io::Read;
+    let file = buildlock_sys::fs::open_regular_nonblocking(&lost_path(target), meta::MAX_METADATA_BYTES).ok()?;
+    let mut text = String::new();
+    (&file).read_to_string(&mut text).ok()?;
+    let v: Value = serde_json::from_str(&text).ok()?;
+    Some(LostLease {
+        pid: v.get("pid")?.as_u64().and_then(|p| u32::try_from(p).ok())?,
+        start_time: v.get("start_time").and_then(Value::as_u64),
+        command: v.get("command").and_then(Value::as_str).map(str::to_owned),
+        operation: v.get("operation").and_then(Value::as_str).unwrap_or_default().to_owned(),
+        at: v.get("at").and_then(Value::as_str).and_then(|s| s.parse().ok())?,
+        reason: v.get("reason").and_then(Value::as_str).unwrap_or_default().to_owned(),
+    })
+}
+
+/// Removes the record if it is one (never another kind of file planted at its path).
+pub fn remove(target: &LockTarget) {
+    if read(target).is_some() {
+        let _ = std::fs::remove_file(lost_path(target));
+    }
+}
+
+/// For a new holder of `target`: warns of a lost lease whose script may still run, once per
+/// acquisition; a record whose script has ended has been seen enough and is removed.
+pub fn warn_new_holder(target: &LockTarget) {
+    let Some(lost) = read(target) else { return };
+    tracing::warn!(
+        "lock {} ({}): {lost}; it may have been used by two processes at once",
+        target.name,
+        target.path.display()
+    );
+    if !lost.owner_alive() {
+        remove(target);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_reads_back_and_is_removed_only_if_it_is_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = LockTarget::resolve("x", dir.path()).unwrap();
+        assert_eq!(read(&t), None);
+        let lost = LostLease {
+            pid: 4242,
+            start_time: Some(7),
+            command: Some("sh deploy.sh".into()),
+            operation: "deploy".into(),
+            at: Timestamp::now(),
+            reason: "its keeper and the daemon both died".into(),
+        };
+        record(&t, &lost).unwrap();
+        assert_eq!(read(&t).unwrap().pid, 4242);
+        assert!(read(&t).unwrap().to_string().contains("the lease of pid 4242 (sh deploy.sh), operation 'deploy'"));
+        remove(&t);
+        assert!(!lost_path(&t).exists());
+        std::fs::write(lost_path(&t), "not a record").unwrap();
+        remove(&t);
+        assert!(lost_path(&t).exists(), "a file that is not a record was removed");
+    }
+}

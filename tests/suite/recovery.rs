@@ -1,0 +1,113 @@
+//! Leases that outlive a crash: after the keeper of `acquire --pid` *and* the daemon die while
+//! the script lives, a new daemon re-takes the lock for the script from its journal, or, when
+//! another process took it meanwhile, says the lease was lost: in `status`, to the next holder
+//! and to the script's own `release`.
+
+use crate::util::{wait_dead, Env, Proc};
+
+/// A script stand-in (`sleep`) holding lock `x` through `acquire --pid` and the daemon; returns
+/// the script, its keeper's pid and the daemon's pid.
+fn script_holding_x(env: &Env) -> (Proc, u32, u32) {
+    let script = Proc::spawn({
+        let mut c = std::process::Command::new("sleep");
+        c.arg("1000");
+        c
+    });
+    let pid = script.pid().to_string();
+    env.run(&["acquire", "--pid", &pid, "-o", "deploy", "x"]).assert_code(0);
+    let keeper_file = env.locks().join(format!("x.lock.keeper-{pid}"));
+    let keeper: u32 = std::fs::read_to_string(keeper_file).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    let daemon = env.daemon_pid().expect("a daemon serves the lease");
+    (script, keeper, daemon)
+}
+
+fn kill9(pid: u32) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL).unwrap();
+    wait_dead(pid);
+}
+
+/// Kills the keeper and the daemon: from now on no process holds the lock.
+fn double_crash(keeper: u32, daemon: u32) {
+    kill9(keeper);
+    kill9(daemon);
+}
+
+#[test]
+fn a_new_daemon_takes_back_the_lease_of_a_live_script_after_its_keeper_and_the_daemon_died() {
+    let env = Env::daemon();
+    let (script, keeper, daemon) = script_holding_x(&env);
+    double_crash(keeper, daemon);
+    // The next client starts a new daemon, which recovers the lease before serving it.
+    let busy = env.run(&["run", "-n", "x", "--", "echo", "SECOND-HOLDER"]);
+    busy.assert_code(1).assert_stderr_has(&format!("pid {} (sleep 1000)", script.pid()));
+    assert!(!busy.stdout.contains("SECOND-HOLDER"));
+    let new = env.daemon_pid().expect("a new daemon");
+    assert_ne!(new, daemon);
+    // Direct-mode clients are excluded too: the new daemon holds the OS lock.
+    env.run(&["--no-daemon", "run", "-n", "x", "--", "true"]).assert_code(1);
+    let status = env.run(&["status", "x"]);
+    status.assert_code(0).assert_stdout_has("held");
+    assert!(!status.stdout.contains("LOST"), "{}", status.stdout);
+    // The script releases as usual, and nothing was lost.
+    env.run(&["release", "--pid", &script.pid().to_string(), "x"]).assert_code(0);
+    env.run(&["run", "-n", "x", "--", "true"]).assert_code(0);
+}
+
+#[test]
+fn a_lease_another_process_held_meanwhile_is_reported_lost_to_status_holders_and_the_script() {
+    let env = Env::daemon();
+    let (script, keeper, daemon) = script_holding_x(&env);
+    double_crash(keeper, daemon);
+    // Before any daemon runs again, a direct-mode client takes the free lock and lets it go.
+    env.run(&["--no-daemon", "run", "-n", "x", "--", "echo", "intruder"]).assert_code(0).assert_stdout_has("intruder");
+    // The new daemon takes the lock back for the live script, and records the loss.
+    env.run(&["run", "-n", "x", "--", "true"]).assert_code(1);
+    assert_ne!(env.daemon_pid().expect("a new daemon"), daemon);
+    let status = env.run(&["status", "x"]);
+    status.assert_stdout_has("LOST: the lease of pid").assert_stdout_has("another process held the lock");
+    let v: serde_json::Value = serde_json::from_str(&env.run(&["status", "--json", "x"]).stdout).unwrap();
+    assert_eq!(v["lost"]["pid"], script.pid());
+    // The script learns it at release, which fails; the record is then gone.
+    env.run(&["release", "--pid", &script.pid().to_string(), "x"])
+        .assert_code(1)
+        .assert_stderr_has("was lost")
+        .assert_stderr_has("may have overlapped");
+    assert!(!env.run(&["status", "x"]).stdout.contains("LOST"));
+    env.run(&["run", "-n", "x", "--", "true"]).assert_code(0);
+}
+
+#[test]
+fn a_lease_another_process_holds_when_the_daemon_returns_is_lost_and_every_new_holder_is_warned() {
+    let env = Env::daemon();
+    let (script, keeper, daemon) = script_holding_x(&env);
+    double_crash(keeper, daemon);
+    let mut intruder = env.spawn(&["--no-daemon", "run", "x", "--", "sh", "-c", "echo locked; read x"]);
+    intruder.expect_line("locked");
+    // A new daemon cannot take it back: lost, and said so with who has it.
+    env.run(&["daemon", "start"]).assert_code(0);
+    let status = env.run(&["status", "x"]);
+    status.assert_stdout_has("LOST: the lease of pid").assert_stdout_has("took the lock before a new daemon started");
+    intruder.send_line();
+    assert!(intruder.wait().success());
+    // Every new holder is warned while the script lives.
+    env.run(&["run", "x", "--", "true"])
+        .assert_code(0)
+        .assert_stderr_has("may have been used by two processes at once");
+    env.run(&["release", "--pid", &script.pid().to_string(), "x"]).assert_code(1).assert_stderr_has("was lost");
+    let quiet = env.run(&["run", "x", "--", "true"]);
+    quiet.assert_code(0);
+    assert!(!quiet.stderr.contains("two processes"), "{}", quiet.stderr);
+}
+
+#[test]
+fn a_journaled_lease_whose_script_has_ended_is_forgotten() {
+    let env = Env::daemon();
+    let (mut script, keeper, daemon) = script_holding_x(&env);
+    double_crash(keeper, daemon);
+    script.kill9();
+    script.wait();
+    env.run(&["run", "-n", "x", "--", "echo", "free"]).assert_code(0).assert_stdout_has("free");
+    assert!(!env.run(&["status", "x"]).stdout.contains("LOST"));
+    let leases = std::fs::read_dir(env.runtime().join("leases")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(leases, 0, "the journal keeps an entry for a script that has ended");
+}
