@@ -297,7 +297,8 @@ pub fn acquire(
     wait: Wait,
     on_wait: &mut dyn FnMut(&Holder, Duration),
 ) -> Result<Guard, Error> {
-    std::fs::create_dir_all(target.dir()).map_err(|e| Error::io("create the lock directory", target.dir(), e))?;
+    buildlock_sys::fs::create_dir_all(target.dir())
+        .map_err(|e| Error::io("create the lock directory", target.dir(), e))?;
     if opts.backend == Backend::Soft {
         return soft::acquire(target, opts, wait, on_wait);
     }
@@ -317,7 +318,8 @@ pub fn acquire(
 /// (the daemon's grants): writes `meta` (with a fencing token) as the lock's metadata.
 /// `Ok(None)` when somebody else holds it.
 pub fn try_lock_for(target: &LockTarget, mode: LockMode, meta: Metadata) -> Result<Option<OsHold>, Error> {
-    std::fs::create_dir_all(target.dir()).map_err(|e| Error::io("create the lock directory", target.dir(), e))?;
+    buildlock_sys::fs::create_dir_all(target.dir())
+        .map_err(|e| Error::io("create the lock directory", target.dir(), e))?;
     os::try_lock_for(target, mode, meta)
 }
 

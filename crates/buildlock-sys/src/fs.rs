@@ -10,6 +10,14 @@
 //! - [`replace_file`]: writes a new file next to the path (`O_EXCL`, which never follows a link)
 //!   and renames it over the path, so whatever was planted there is replaced, not written through.
 //!
+//! - [`create_dir_all`]: a lock directory and its parents, `rwxr-xr-x` at most.
+//!
+//! Modes are explicit, never just "whatever the umask leaves of 0666" (the daemon runs with a
+//! umask of 0, not its starter's): a lock or fence file is as shared as its directory (read for
+//! all, write for the group or others only where they may write the directory: a team's
+//! group-writable directory, `/tmp`), and a file replaced by rename is `rw-r--r--`, or
+//! `rw-------` where the caller asks for private.
+//!
 //! The errors say what was found (`it is a FIFO (named pipe), not a regular file`); callers add
 //! the path and what to do.
 
@@ -42,6 +50,9 @@ pub fn open_regular_nonblocking(path: &Path, max_len: u64) -> io::Result<File> {
 pub fn open_regular_rw(path: &Path, create: bool, single_link: bool) -> io::Result<File> {
     let mut opts = OpenOptions::new();
     opts.read(true).write(true).create(create).truncate(false);
+    if create {
+        imp::set_mode(&mut opts, shared_mode(path));
+    }
     let file = imp::open(path, &mut opts)?;
     let meta = file.metadata()?;
     check_regular(&meta)?;
@@ -59,9 +70,17 @@ pub fn open_regular_rw(path: &Path, create: bool, single_link: bool) -> io::Resu
 /// same directory (created exclusively, so a planted link is never followed), then renamed over
 /// `path`. Readers see the old file or the whole new one.
 pub fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    replace_file_with_mode(path, bytes, 0o644)
+}
+
+/// [`replace_file`], the new file getting permission bits `mode` (e.g. `0o600` for a private one).
+pub fn replace_file_with_mode(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let tmp = temp_path(path);
     let result = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        let mut opts = OpenOptions::new();
+        opts.write(true).create_new(true);
+        imp::set_mode(&mut opts, mode);
+        let mut f = opts.open(&tmp)?;
         f.write_all(bytes)?;
         drop(f);
         std::fs::rename(&tmp, path)
@@ -70,6 +89,18 @@ pub fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Creates directory `dir` and its missing parents with mode `rwxr-xr-x` (less the umask).
+pub fn create_dir_all(dir: &Path) -> io::Result<()> {
+    imp::create_dir_all(dir)
+}
+
+/// The mode for a lock or fence file created at `path`: `rw-r--r--`, plus write for the group
+/// and for others where they may write the directory (so that a team shares the lock).
+fn shared_mode(path: &Path) -> u32 {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    0o644 | imp::dir_mode(dir) & 0o022
 }
 
 /// A temporary name next to `path`, unique to this process and call.
@@ -101,11 +132,23 @@ fn check_regular(meta: &std::fs::Metadata) -> io::Result<()> {
 mod imp {
     use std::fs::{File, FileType, OpenOptions};
     use std::io;
-    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
     use std::path::Path;
 
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
     use nix::libc;
+
+    pub(super) fn set_mode(opts: &mut OpenOptions, mode: u32) {
+        opts.mode(mode);
+    }
+
+    pub(super) fn dir_mode(dir: &Path) -> u32 {
+        std::fs::metadata(dir).map_or(0, |m| m.mode())
+    }
+
+    pub(super) fn create_dir_all(dir: &Path) -> io::Result<()> {
+        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(dir)
+    }
 
     pub(super) fn open(path: &Path, opts: &mut OpenOptions) -> io::Result<File> {
         // std adds O_CLOEXEC.
@@ -156,6 +199,16 @@ mod imp {
     use std::fs::{File, FileType, OpenOptions};
     use std::io;
     use std::path::Path;
+
+    pub(super) fn set_mode(_opts: &mut OpenOptions, _mode: u32) {}
+
+    pub(super) fn dir_mode(_dir: &Path) -> u32 {
+        0
+    }
+
+    pub(super) fn create_dir_all(dir: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(dir)
+    }
 
     pub(super) fn open(path: &Path, opts: &mut OpenOptions) -> io::Result<File> {
         if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {

@@ -188,11 +188,18 @@ pub fn detach(cmd: &mut Command) {
 
 /// Forks this process into the background, for a daemon started on demand. The parent gets
 /// `Some(child pid)` and should report and exit; the child gets `None`, runs in a new session
-/// with stdin and stdout on `/dev/null` (stderr stays: it is the log), and carries on.
+/// with stdin and stdout on `/dev/null` (stderr stays: it is the log), in `/`, with every other
+/// descriptor it inherited closed except `keep`, and carries on.
+///
+/// Closing matters: a daemon started from inside a build (a nested `buildlock-client run`)
+/// would otherwise keep whatever the build inherited, such as the outer lock's descriptor, for
+/// as long as it lives. Leaving the starter's directory behind means the daemon never keeps a
+/// file system busy (or a deleted directory alive).
 ///
 /// Must be called while the process has a single thread (before any runtime or signal thread
 /// starts): only the calling thread survives a fork.
-pub fn fork_into_background() -> io::Result<Option<u32>> {
+pub fn fork_into_background(keep: &[BorrowedFd<'_>]) -> io::Result<Option<u32>> {
+    let keep: Vec<RawFd> = keep.iter().map(AsRawFd::as_raw_fd).collect();
     // SAFETY: documented precondition: the process is single-threaded here, so the child
     // inherits no lock held by a vanished thread.
     match unsafe { nix::unistd::fork() }? {
@@ -202,9 +209,34 @@ pub fn fork_into_background() -> io::Result<Option<u32>> {
             let null = fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
             nix::unistd::dup2_stdin(&null)?;
             nix::unistd::dup2_stdout(&null)?;
+            drop(null);
+            std::env::set_current_dir("/")?;
+            close_inherited(&keep)?;
             Ok(None)
         }
     }
+}
+
+/// Closes every descriptor above stderr that is not in `keep`.
+fn close_inherited(keep: &[RawFd]) -> io::Result<()> {
+    let dir = if cfg!(target_os = "linux") { "/proc/self/fd" } else { "/dev/fd" };
+    // Listed first, closed after: the listing's own descriptor is gone by then.
+    let open: Vec<RawFd> =
+        fs::read_dir(dir)?.flatten().filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok())).collect();
+    for fd in open.into_iter().filter(|fd| *fd > 2 && !keep.contains(fd)) {
+        // SAFETY: nothing in this freshly forked, single-threaded child owns these descriptors
+        // (the caller passed the ones it still uses in `keep`), so no owner will use or close
+        // them again; one already closed (the listing's own) only makes close fail with EBADF,
+        // which is ignored. (A raw close: dropping an `OwnedFd` for it would abort on EBADF.)
+        let _ = unsafe { nix::libc::close(fd) };
+    }
+    Ok(())
+}
+
+/// Sets the process's file mode creation mask to `mask`; returns the previous one.
+pub fn set_umask(mask: u32) -> u32 {
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask as nix::libc::mode_t));
+    old.bits() as u32
 }
 
 /// Points stdin, stdout and stderr at `/dev/null`, so a process that lives on in the background

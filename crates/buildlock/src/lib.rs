@@ -239,7 +239,7 @@ fn effective_wait(wait: Wait) -> Wait {
 /// so two spellings of one lock meet in one queue).
 fn daemon_path(target: &LockTarget) -> Result<PathBuf, Error> {
     let dir = target.dir();
-    std::fs::create_dir_all(dir).map_err(|e| buildlock_disk::Error::Io {
+    buildlock_sys::fs::create_dir_all(dir).map_err(|e| buildlock_disk::Error::Io {
         action: "create the lock directory",
         path: dir.to_owned(),
         source: e,

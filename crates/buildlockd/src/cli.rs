@@ -76,7 +76,16 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Writes one of the daemon's own files (pid file, marker): `rw-------`, by rename.
+fn write_private(path: &std::path::Path, text: &str) -> Result<(), String> {
+    buildlock_sys::fs::replace_file_with_mode(path, text.as_bytes(), 0o600)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
 fn run(args: Args) -> Result<(), String> {
+    // Whatever umask our starter had is not ours to inherit: every file this daemon creates
+    // gets an explicit mode (its own files private, lock files as shared as their directory).
+    buildlock_sys::ipc::set_umask(0);
     let runtime_dir = args.runtime_dir.unwrap_or_else(buildlock_sys::ipc::default_runtime_dir);
     buildlock_sys::ipc::ensure_private_dir(&runtime_dir)?;
     let config = Config {
@@ -96,16 +105,14 @@ fn run(args: Args) -> Result<(), String> {
         println!("running pid={other}");
         return Ok(());
     }
-    std::fs::write(&pid_path, format!("{}\n", std::process::id()))
-        .map_err(|e| format!("cannot write {}: {e}", pid_path.display()))?;
+    write_private(&pid_path, &format!("{}\n", std::process::id()))?;
     let socket = config.socket_path();
     let (listener, manager) = match activated_listener()? {
         // The service manager owns the socket: use it, never remove it, and leave a note so
         // that clients do not start a second daemon beside it.
         Some((listener, manager)) => {
             let marker = runtime_dir.join(buildlock_proto::transport::MANAGED_MARKER);
-            std::fs::write(&marker, format!("{manager}\n"))
-                .map_err(|e| format!("cannot write {}: {e}", marker.display()))?;
+            write_private(&marker, &format!("{manager}\n"))?;
             tracing::info!("using the socket {manager} passed us");
             (listener, Some(manager))
         }
@@ -126,7 +133,9 @@ fn run(args: Args) -> Result<(), String> {
     if args.daemonize && manager.is_none() {
         // Single-threaded still: no runtime, no signal thread yet. The socket is listening, so
         // clients may connect as soon as the parent says "ready"; they queue in the backlog.
-        if let Some(child) = buildlock_sys::ipc::fork_into_background().map_err(|e| format!("cannot fork: {e}"))? {
+        use std::os::fd::AsFd;
+        let keep = [listener.as_fd(), instance.file().as_fd()];
+        if let Some(child) = buildlock_sys::ipc::fork_into_background(&keep).map_err(|e| format!("cannot fork: {e}"))? {
             println!("ready pid={child} socket={}", socket.display());
             std::process::exit(0);
         }
@@ -135,8 +144,7 @@ fn run(args: Args) -> Result<(), String> {
         // inherited: take it again (untested).
         #[cfg(not(target_os = "linux"))]
         instance.lock(LockMode::Exclusive).map_err(|e| format!("cannot lock {}: {e}", instance_path.display()))?;
-        std::fs::write(&pid_path, format!("{}\n", std::process::id()))
-            .map_err(|e| format!("cannot write {}: {e}", pid_path.display()))?;
+        write_private(&pid_path, &format!("{}\n", std::process::id()))?;
     }
     // One descriptor per held lease (and per client): thousands of leases need more than the
     // usual soft limit of 1024.

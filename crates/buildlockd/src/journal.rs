@@ -51,7 +51,7 @@ impl Journal {
         let text = json!({ "path": path, "meta": meta.to_json() }).to_string();
         let written = buildlock_sys::ipc::ensure_private_dir(&self.dir)
             .map_err(std::io::Error::other)
-            .and_then(|()| buildlock_sys::fs::replace_file(&self.file(&key), text.as_bytes()));
+            .and_then(|()| buildlock_sys::fs::replace_file_with_mode(&self.file(&key), text.as_bytes(), 0o600));
         match written {
             Ok(()) => Some(key),
             Err(e) => {
