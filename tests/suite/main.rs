@@ -10,6 +10,7 @@ mod daemonize;
 mod exclusion;
 mod hostile;
 mod interop;
+mod protocol;
 mod recovery;
 mod run;
 mod service;

@@ -73,6 +73,8 @@ fn killed_run_keeps_the_lock_for_its_command_and_children(env: &Env) {
         env.spawn(&["run", "x", "--", "sh", "-c", "sleep 1000 </dev/null >/dev/null 2>&1 & echo $$; echo $!; wait"]);
     let cmd: u32 = holder.next_line().unwrap().parse().unwrap();
     let grandchild: u32 = holder.next_line().unwrap().parse().unwrap();
+    // `run` names its command as the holder a moment after starting it.
+    env.wait_for_handover("x", holder.pid());
     // A waiter that, once it runs, says whether the grandchild still had files open then.
     let check = format!("if ls /proc/{grandchild}/fd 2>/dev/null | grep -q .; then echo TOO-EARLY; fi; echo got it");
     let mut waiter = env.spawn(&["run", "x", "--", "sh", "-c", &check]);
@@ -261,6 +263,7 @@ fn killed_run_keeps_the_lock_for_a_file_capability_command(env: &Env) {
     c.args(["run", "x", "--", "sh", "-c"]).arg(format!("echo $$; exec {} 1000", capsleep.display()));
     let mut holder = crate::util::Proc::spawn(c);
     let cmd: u32 = holder.next_line().unwrap().parse().unwrap();
+    env.wait_for_handover("x", holder.pid());
     // Until the exec is done, CMD is still the shell.
     crate::util::wait_until(|| {
         std::fs::read_to_string(format!("/proc/{cmd}/comm")).is_ok_and(|c| c.trim() == "capsleep")

@@ -107,7 +107,26 @@ impl Env {
         args.extend_from_slice(&[name, "--", "sh", "-c", "echo locked; read x; echo released"]);
         let mut p = self.spawn(&args);
         p.expect_line("locked");
+        if !extra.contains(&"--soft") {
+            self.wait_for_handover(name, p.pid());
+        }
         p
+    }
+
+    /// Waits until the metadata of lock `name` no longer names `run_pid`, the `run` process: it
+    /// names `run`'s command once `run` has handed the lock over, a moment after starting it
+    /// (or another holder: a shared lock keeps its first reader's). A missing or unreadable
+    /// metadata file ends the wait too.
+    pub fn wait_for_handover(&self, name: &str, run_pid: u32) {
+        let meta = self.locks().join(format!("{name}.lock.pid"));
+        let names_run = || {
+            let is_file = std::fs::symlink_metadata(&meta).is_ok_and(|m| m.is_file());
+            is_file
+                && std::fs::read_to_string(&meta).is_ok_and(|text| {
+                    serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|v| v["pid"] == run_pid)
+                })
+        };
+        wait_until(|| !names_run());
     }
 
     /// The Python interpreter with `fasteners` (`BUILDLOCK_TEST_PYTHON`, else `python3`),

@@ -261,7 +261,8 @@ impl Daemon {
         // Still queued behind daemon clients: say so, and who holds it.
         if let Some(l) = st.leases.get(&lease) {
             if matches!(l.phase, Phase::Waiting) {
-                let position = st.queue.lease(lease).and_then(|v| v.position).unwrap_or(0) as u32;
+                // 1 = next; 0 is kept for "granted by the queue, waiting for an outside holder".
+                let position = st.queue.lease(lease).and_then(|v| v.position).map_or(0, |p| p as u32 + 1);
                 let holder = Self::current_holder(&st, &l.target.path);
                 let path = l.target.path.display().to_string();
                 Self::send(&st, owner, Reply::Waiting { path, position, holder }, None);
