@@ -20,10 +20,17 @@ pub(crate) fn status(cx: &Context, target: Option<&str>) -> ExitCode {
         },
     };
     let mut statuses = Vec::new();
+    let mut failed = false;
     for t in &targets {
         match buildlock_disk::status(t, &cx.opts) {
             Ok(s) => statuses.push((s, daemon_view(cx, t))),
-            Err(e) => return fail(&e),
+            // One lock: its error is the answer.
+            Err(e) if target.is_some() => return fail(&e),
+            // Listing them all: one file that is not a lock (or unreadable) hides no other.
+            Err(e) => {
+                eprintln!("buildlock-client: error: {e}");
+                failed = true;
+            }
         }
     }
     if cx.json {
@@ -59,7 +66,11 @@ pub(crate) fn status(cx: &Context, target: Option<&str>) -> ExitCode {
             }
         }
     }
-    ExitCode::SUCCESS
+    if failed {
+        ExitCode::from(crate::EXIT_USAGE)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 /// What the daemon knows of `target` (its leases and waiters), if a daemon is running.

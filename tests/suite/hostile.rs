@@ -226,3 +226,17 @@ fn another_users_leftover_metadata_in_a_sticky_directory_does_not_block_a_free_l
     // And again: the lock is free every time, not only once.
     run_within_hang(as_nobody(&c), "run as nobody").assert_code(0).assert_stdout_has("ran");
 }
+
+#[test]
+fn status_of_every_lock_lists_them_all_past_a_file_that_is_not_a_lock() {
+    let env = Env::new();
+    let holder = env.hold(&[], "b");
+    let victim = env.path("Makefile");
+    std::fs::write(&victim, "all: build\n").unwrap();
+    std::os::unix::fs::symlink(&victim, env.locks().join("a.lock")).unwrap();
+    let out = env.run(&["status"]);
+    // The link that is not a lock is named, and does not hide the held lock after it.
+    out.assert_code(2).assert_stderr_has("a.lock").assert_stdout_has("b (").assert_stdout_has("held");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "all: build\n");
+    holder.release();
+}
