@@ -203,6 +203,10 @@ pub enum ErrorCode {
     ShuttingDown,
     /// A bug in the daemon.
     Internal,
+    /// One of the daemon's limits (leases, locks waited for in the kernel) is reached; the
+    /// message names the limit and the setting that raises it. Added after protocol 1 was
+    /// published: a client from before it cannot decode this code (see PROTOCOL.md).
+    LimitExceeded,
 }
 
 impl fmt::Display for ErrorCode {
@@ -221,6 +225,7 @@ impl fmt::Display for ErrorCode {
             ErrorCode::PermissionDenied => "permission-denied",
             ErrorCode::ShuttingDown => "shutting-down",
             ErrorCode::Internal => "internal",
+            ErrorCode::LimitExceeded => "limit-exceeded",
         })
     }
 }
