@@ -11,7 +11,7 @@
 //! - `conn`: one connection: handshake, frames in, replies (with descriptors) out.
 //! - `state`: the shared state and every request's effect: the queue, the leases, the OS locks.
 //!   The queue decides *who* is next; this layer takes the OS lock for them (waiting for an
-//!   outside holder in a blocking thread) and hands it over.
+//!   outside holder in that lock file's waiter thread, `outside`) and hands it over.
 //! - `outside`: waiting for a process outside the daemon to let go of a lock file: one thread
 //!   blocked in the kernel per lock file, shared by every lease waiting for it.
 //! - `server`: the accept loop, connection admission (limits), timers (deadlines, idle exit) and
