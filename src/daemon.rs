@@ -1,6 +1,8 @@
 //! `daemon start|stop|status` (and `install|uninstall`, in `service.rs`).
 
+use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use buildlock_proto::{Reply, Request};
 use serde_json::json;
@@ -25,7 +27,17 @@ pub(crate) fn daemon(cx: &Context, action: DaemonAction) -> ExitCode {
             let pid = match buildlock::ask_daemon(rt, &Request::DaemonStatus) {
                 Ok(Reply::DaemonStatus(info)) => info.pid,
                 Ok(other) => return fail(&format!("unexpected reply from buildlockd: {other:?}")),
-                Err(buildlock::Error::NoDaemon(_)) => {
+                Err(buildlock::Error::NoDaemon(why)) => {
+                    // Nothing answered; but a daemon holding the instance lock is alive all the
+                    // same (stopped, or stuck), and saying "not running" would be a lie.
+                    if let Some(pid) = unresponsive_daemon(&cx.runtime_dir) {
+                        return fail(&format!(
+                            "buildlockd (pid {pid}) is running for {} but does not answer ({why}); it may be \
+                             stopped (SIGSTOP) or hung: resume it with `kill -CONT {pid}`, or end it with \
+                             `kill -9 {pid}` (its holders keep their locks)",
+                            cx.runtime_dir.display()
+                        ));
+                    }
                     println!("no buildlockd is running for {}", cx.runtime_dir.display());
                     return ExitCode::SUCCESS;
                 }
@@ -34,9 +46,18 @@ pub(crate) fn daemon(cx: &Context, action: DaemonAction) -> ExitCode {
             if let Err(e) = buildlock::ask_daemon(rt, &Request::Shutdown) {
                 return fail(&e);
             }
-            let _ = buildlock_sys::ipc::wait_exit(pid, Some(std::time::Duration::from_secs(30)));
-            println!("stopped buildlockd (pid {pid})");
-            ExitCode::SUCCESS
+            match buildlock_sys::ipc::wait_exit(pid, Some(STOP_TIMEOUT)) {
+                Ok(true) => {
+                    println!("stopped buildlockd (pid {pid})");
+                    ExitCode::SUCCESS
+                }
+                Ok(false) => fail(&format!(
+                    "asked buildlockd (pid {pid}) to stop, but it is still running after {} s; it may be stopped \
+                     (SIGSTOP) or stuck: end it with `kill -9 {pid}` (its holders keep their locks)",
+                    STOP_TIMEOUT.as_secs()
+                )),
+                Err(e) => fail(&format!("asked buildlockd (pid {pid}) to stop, but cannot tell whether it did: {e}")),
+            }
         }
         DaemonAction::Status => match buildlock::ask_daemon(rt, &Request::DaemonStatus) {
             Ok(Reply::DaemonStatus(i)) => {
@@ -68,5 +89,19 @@ pub(crate) fn daemon(cx: &Context, action: DaemonAction) -> ExitCode {
             }
             Err(e) => fail(&e),
         },
+    }
+}
+
+/// How long `daemon stop` waits for the daemon to exit; it promises to within 2 s.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The pid of a daemon that holds `runtime_dir`'s instance lock (so is alive), from its pid file.
+fn unresponsive_daemon(runtime_dir: &Path) -> Option<u32> {
+    let lock = buildlock_sys::LockFile::open_existing(&runtime_dir.join("buildlockd.lock")).ok()?;
+    match lock.probe() {
+        Ok(buildlock_sys::Probe::Held { .. }) => {
+            std::fs::read_to_string(runtime_dir.join("buildlockd.pid")).ok()?.trim().parse().ok()
+        }
+        _ => None,
     }
 }

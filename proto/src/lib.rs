@@ -72,12 +72,15 @@ pub const MAGIC: [u8; 4] = *b"BLCK";
 
 /// The version of the message layout. Two peers talk only if theirs are equal.
 ///
-/// Bump it on any change to the encoding of an existing message (a field added, removed,
-/// reordered or retyped, a variant reordered or removed), and regenerate the golden fixture in
-/// `tests/golden.rs`. Appending a new variant at the end of [`Request`] or [`Reply`] is
-/// the one change an old peer tolerates without a bump, as long as the sender only uses it with
-/// peers it knows understand it; bump anyway when in doubt.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Bump it on any change to the encoding of a message (a field added, removed, reordered or
+/// retyped, a variant reordered or removed) and on any new variant of any wire enum, then
+/// regenerate the golden fixture in `tests/golden.rs`: peers talk only at equal versions, which
+/// is what keeps either side from receiving a message it cannot decode. `tests/versioning.rs`
+/// fails when an enum gains a variant without a bump.
+///
+/// Version 2 added `ErrorCode::LimitExceeded`, and `Waiting`'s queue positions count from 1 as
+/// version 1 documented (its daemons sent them from 0).
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The largest payload a frame may carry, in bytes. Every message buildlock sends is far smaller
 /// (a status of a few hundred locks fits); the limit exists so a broken or hostile peer cannot

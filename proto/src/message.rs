@@ -203,6 +203,9 @@ pub enum ErrorCode {
     ShuttingDown,
     /// A bug in the daemon.
     Internal,
+    /// One of the daemon's limits (leases, locks waited for in the kernel) is reached; the
+    /// message names the limit and the setting that raises it. Added in protocol 2.
+    LimitExceeded,
 }
 
 impl fmt::Display for ErrorCode {
@@ -221,6 +224,7 @@ impl fmt::Display for ErrorCode {
             ErrorCode::PermissionDenied => "permission-denied",
             ErrorCode::ShuttingDown => "shutting-down",
             ErrorCode::Internal => "internal",
+            ErrorCode::LimitExceeded => "limit-exceeded",
         })
     }
 }

@@ -15,13 +15,13 @@ use buildlock_proto::{
 use common::{from_hex, reply_variant, request_variant, to_hex, REPLY_VARIANTS, REQUEST_VARIANTS};
 
 /// The protocol version the fixture was generated for.
-const FIXTURE_PROTOCOL_VERSION: u16 = 1;
+const FIXTURE_PROTOCOL_VERSION: u16 = 2;
 
 /// (name, whole frame as hex: 4-byte little-endian length, then the postcard payload).
 const FIXTURE: &[(&str, &str)] = &[
-    ("Hello", "0d000000424c434b0105302e312e30d209"),
-    ("Welcome", "0d000000424c434b0105302e312e306300"),
-    ("Welcome(refused)", "10000000424c434b0105302e312e306301026e6f"),
+    ("Hello", "0d000000424c434b0205302e312e30d209"),
+    ("Welcome", "0d000000424c434b0205302e312e306300"),
+    ("Welcome(refused)", "10000000424c434b0205302e312e306301026e6f"),
     ("Request::Acquire", "1600000000072f6c2e6c6f636b0001e807026f7003636d640107"),
     ("Request::Release", "0d000000010b2f746d702f612e6c6f636b"),
     ("Request::ReleasePid", "0c00000002072f6c2e6c6f636b808004"),

@@ -134,6 +134,7 @@ fn display_names() {
         (ErrorCode::PermissionDenied, "permission-denied"),
         (ErrorCode::ShuttingDown, "shutting-down"),
         (ErrorCode::Internal, "internal"),
+        (ErrorCode::LimitExceeded, "limit-exceeded"),
     ];
     for (code, name) in codes {
         assert_eq!(code.to_string(), name);

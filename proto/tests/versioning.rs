@@ -1,8 +1,8 @@
 //! How the protocol grows: every enum's set of variants is pinned to `PROTOCOL_VERSION`.
 //!
 //! Two sides talk only when their versions are equal (there is no capability negotiation), so a
-//! message a peer cannot decode never reaches it: a daemon of version 1 never receives a request
-//! of version 2 and closes the connection (dropping that client's leases) as malformed. That
+//! message a peer cannot decode never reaches it: a daemon of version 2 never receives a request
+//! of version 3 and closes the connection (dropping that client's leases) as malformed. That
 //! holds only if every new variant comes with a version bump. These tests fail when a variant is
 //! added without one: bump `PROTOCOL_VERSION`, update the golden fixtures and `PROTOCOL.md`, then
 //! the numbers below.
@@ -10,8 +10,19 @@
 use buildlock_proto::{decode, Mode, Reply, Request, WaitFor, PROTOCOL_VERSION};
 
 /// The number of variants of each wire enum in this protocol version.
-const VARIANTS: &[(u16, &str, u8)] =
-    &[(1, "Request", 7), (1, "Reply", 9), (1, "ErrorCode", 13), (1, "Mode", 2), (1, "WaitFor", 3)];
+const VARIANTS: &[(u16, &str, u8)] = &[
+    (1, "Request", 7),
+    (1, "Reply", 9),
+    (1, "ErrorCode", 13),
+    (1, "Mode", 2),
+    (1, "WaitFor", 3),
+    // 2: ErrorCode::LimitExceeded.
+    (2, "Request", 7),
+    (2, "Reply", 9),
+    (2, "ErrorCode", 14),
+    (2, "Mode", 2),
+    (2, "WaitFor", 3),
+];
 
 /// Whether a payload starting with variant index `i` (and padded with zeros for its content)
 /// decodes as `T`: unknown indices fail whatever follows.

@@ -6,6 +6,7 @@
 
 mod bad_input;
 mod daemon;
+mod daemon_limits;
 mod daemonize;
 mod exclusion;
 mod hostile;

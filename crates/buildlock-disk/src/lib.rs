@@ -56,7 +56,7 @@ mod target;
 
 pub use guard::Guard;
 pub use meta::{MetaRead, Metadata};
-pub use os::OsHold;
+pub use os::{OsHold, OsLocked};
 pub use stale::{Verdict, DEFAULT_STALE_AFTER};
 pub use target::{lock_dir, LockTarget, MAX_NAME_BYTES};
 
@@ -323,9 +323,12 @@ pub fn try_lock_for(target: &LockTarget, mode: LockMode, meta: Metadata) -> Resu
     os::try_lock_for(target, mode, meta)
 }
 
-/// Like [`try_lock_for`], but blocks (woken by the kernel) until the lock is free.
-pub fn lock_for(target: &LockTarget, mode: LockMode, meta: Metadata) -> Result<OsHold, Error> {
-    os::lock_for(target, mode, meta)
+/// Blocks (in the kernel, woken the moment the lock is free) until the OS lock on `target` is
+/// taken in `mode`, with no metadata written yet: the daemon decides whose it is only once it
+/// has it ([`OsLocked::claim_for`]). Dropping the result unlocks at once.
+pub fn wait_lock(target: &LockTarget, mode: LockMode) -> Result<OsLocked, Error> {
+    std::fs::create_dir_all(target.dir()).map_err(|e| Error::io("create the lock directory", target.dir(), e))?;
+    os::wait_lock(target, mode)
 }
 
 /// Who holds `target` now, as well as can be told (OS lock, metadata, soft lock).

@@ -7,7 +7,8 @@
 //! Waiting: a helper thread blocks in the kernel (`F_OFD_SETLKW`), so a waiter is woken the
 //! moment the holder releases or dies, without polling. The calling thread keeps the clock: it
 //! reports the holder about once a second and gives up at the deadline. A helper abandoned at a
-//! timeout stays blocked in the kernel until the lock is next free, then lets go at once.
+//! timeout stays blocked in the kernel until the lock is next free, then lets go at once. (The
+//! daemon, which waits for many clients, shares one such thread per lock: [`crate::wait_lock`].)
 
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -77,6 +78,7 @@ fn try_lock(target: &LockTarget, opts: &LockOptions) -> Result<Attempt, Error> {
 }
 
 /// A lock file with our OS lock on it, and its identity as checked against the path.
+#[derive(Debug)]
 struct Locked {
     file: LockFile,
     id: FileId,
@@ -307,11 +309,33 @@ pub(crate) fn try_lock_for(target: &LockTarget, mode: LockMode, meta: Metadata) 
     }
 }
 
-/// Takes the OS lock, blocking until it is free, for the process `meta` names.
-pub(crate) fn lock_for(target: &LockTarget, mode: LockMode, meta: Metadata) -> Result<OsHold, Error> {
+/// An OS lock taken on a lock file by [`crate::wait_lock`], not yet claimed for anyone: no
+/// metadata written, no fencing token drawn. Dropping it unlocks.
+#[derive(Debug)]
+pub struct OsLocked {
+    target: LockTarget,
+    mode: LockMode,
+    locked: Locked,
+}
+
+impl OsLocked {
+    /// The mode the lock was taken in.
+    pub fn mode(&self) -> LockMode {
+        self.mode
+    }
+
+    /// Makes the lock the holding of the process `meta` names: writes its metadata (with a
+    /// fencing token), as [`crate::try_lock_for`] does.
+    pub fn claim_for(self, meta: Metadata) -> Result<OsHold, Error> {
+        claim(&self.target, self.mode, self.locked, meta)
+    }
+}
+
+/// Takes the OS lock, blocking in the kernel until it is free.
+pub(crate) fn wait_lock(target: &LockTarget, mode: LockMode) -> Result<OsLocked, Error> {
     let opts = LockOptions { mode, ..LockOptions::default() };
-    let file = block_until_locked(target, &opts)?;
-    claim(target, mode, file, meta)
+    let locked = block_until_locked(target, &opts)?;
+    Ok(OsLocked { target: target.clone(), mode, locked })
 }
 
 /// With the lock taken exclusively, any metadata present was left by a holder that is gone.

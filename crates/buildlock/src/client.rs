@@ -15,6 +15,9 @@ use crate::Error;
 
 /// How long to wait for a daemon started on demand to say it is ready.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long after starting a daemon that answered "running" (another one holds the instance
+/// lock) before starting one again if still nothing listens.
+const RESTART_AFTER: Duration = Duration::from_millis(100);
 
 /// A connection to the daemon.
 #[derive(Debug)]
@@ -36,6 +39,9 @@ pub(crate) enum ConnectError {
     /// The runtime directory or the process listening in it is not this user's own: nothing
     /// was sent, and no daemon may be started there. The text names the path and what to do.
     Untrusted(String),
+    /// The daemon closed the connection (or reset it) before its `Welcome`: it is on its way
+    /// out (idle exit, `daemon stop`), and the next one can be started once it is gone.
+    Closing(String),
     Other(String),
 }
 
@@ -43,7 +49,10 @@ impl std::fmt::Display for ConnectError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ConnectError::NotRunning(e) => write!(f, "no daemon is running ({e})"),
-            ConnectError::Refused(m) | ConnectError::Untrusted(m) | ConnectError::Other(m) => f.write_str(m),
+            ConnectError::Refused(m)
+            | ConnectError::Untrusted(m)
+            | ConnectError::Closing(m)
+            | ConnectError::Other(m) => f.write_str(m),
         }
     }
 }
@@ -97,11 +106,14 @@ impl Client {
         };
         let hello = buildlock_proto::encode(&buildlock_proto::Hello::new(std::process::id()))
             .map_err(|e| ConnectError::Other(e.to_string()))?;
-        client.stream.write_all(&hello).map_err(|e| ConnectError::Other(format!("cannot talk to buildlockd: {e}")))?;
+        client
+            .stream
+            .write_all(&hello)
+            .map_err(|e| ConnectError::Closing(format!("cannot talk to buildlockd: {e}")))?;
         let frame = match client.next_frame(Some(Duration::from_secs(10))) {
             Ok(Some(f)) => f,
             Ok(None) => return Err(ConnectError::Other("buildlockd did not answer within 10 s".into())),
-            Err(e) => return Err(ConnectError::Other(format!("buildlockd closed the connection: {e}"))),
+            Err(e) => return Err(ConnectError::Closing(format!("buildlockd closed the connection: {e}"))),
         };
         client.welcome = buildlock_proto::check_welcome(&frame).map_err(|e| ConnectError::Refused(e.to_string()))?;
         if let Some(refusal) = &client.welcome.error {
@@ -167,42 +179,58 @@ impl Client {
 }
 
 /// Connects to the daemon, starting it first if none runs (`autostart`).
+///
+/// A daemon on its way out (idle exit, `daemon stop`) closes connections before their
+/// handshake, and then its socket: this waits for it to go and starts (or, without
+/// `autostart`, looks for) the next one, rather than giving up on the daemon. The same when a
+/// daemon just started says another one runs (a rival won the race, or one is exiting).
 pub(crate) fn connect_or_start(runtime_dir: &Path, autostart: bool) -> Result<Client, String> {
-    match Client::connect(runtime_dir) {
-        Ok(c) => return Ok(c),
-        Err(ConnectError::NotRunning(e)) if autostart => {
-            // A service manager owns the socket: starting our own daemon would fight it.
-            let marker = runtime_dir.join(buildlock_proto::transport::MANAGED_MARKER);
-            if let Ok(manager) = std::fs::read_to_string(&marker) {
-                let manager = manager.trim();
-                let how = match manager {
-                    "systemd" => "systemctl --user start buildlockd.socket",
-                    "launchd" => "launchctl kickstart gui/$(id -u)/dev.buildlock.buildlockd",
-                    _ => "start it with your service manager",
-                };
-                return Err(format!(
-                    "buildlockd is managed by {manager} ({}) but its socket does not answer ({e}); run `{how}`, or \
-                     `buildlock-client daemon uninstall` to let clients start it on demand",
-                    marker.display()
-                ));
-            }
-            tracing::debug!("no daemon yet ({e}); starting one")
-        }
-        Err(e) => return Err(e.to_string()),
-    }
-    start_daemon(runtime_dir)?;
-    // Ours is listening now. When a rival won the race ("running"), the winner may hold the
-    // instance lock but not be listening yet: give it a moment.
     let deadline = Instant::now() + START_TIMEOUT;
     let mut pause = Duration::from_millis(1);
+    // When a daemon was last started: a rival's answer ("running") is given a moment to start
+    // listening (or, if it is exiting, to go) before another start is tried.
+    let mut started: Option<Instant> = None;
     loop {
         match Client::connect(runtime_dir) {
             Ok(c) => return Ok(c),
-            Err(ConnectError::NotRunning(_)) if Instant::now() < deadline => {
+            Err(ConnectError::NotRunning(e)) if autostart => {
+                // A service manager owns the socket: starting our own daemon would fight it.
+                let marker = runtime_dir.join(buildlock_proto::transport::MANAGED_MARKER);
+                if let Ok(manager) = std::fs::read_to_string(&marker) {
+                    let manager = manager.trim();
+                    let how = match manager {
+                        "systemd" => "systemctl --user start buildlockd.socket",
+                        "launchd" => "launchctl kickstart gui/$(id -u)/dev.buildlock.buildlockd",
+                        _ => "start it with your service manager",
+                    };
+                    return Err(format!(
+                        "buildlockd is managed by {manager} ({}) but its socket does not answer ({e}); run `{how}`, \
+                         or `buildlock-client daemon uninstall` to let clients start it on demand",
+                        marker.display()
+                    ));
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!("started buildlockd but cannot connect: {e}"));
+                }
+                if started.is_none_or(|t| t.elapsed() >= RESTART_AFTER) {
+                    tracing::debug!("no daemon listening ({e}); starting one");
+                    // Ours is listening when this returns. When a rival won the race
+                    // ("running"), the winner may not be listening yet, or may be a daemon
+                    // on its way out that still holds the instance lock.
+                    start_daemon(runtime_dir)?;
+                    started = Some(Instant::now());
+                } else {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                }
+            }
+            Err(ConnectError::Closing(e)) if Instant::now() < deadline => {
+                tracing::debug!("buildlockd is closing ({e}); waiting for the next one");
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(50));
             }
-            Err(e) => return Err(format!("started buildlockd but cannot connect: {e}")),
+            Err(e) if started.is_some() => return Err(format!("started buildlockd but cannot connect: {e}")),
+            Err(e) => return Err(e.to_string()),
         }
     }
 }

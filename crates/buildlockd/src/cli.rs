@@ -14,7 +14,7 @@ use std::time::Duration;
 use buildlock_sys::{LockFile, LockMode};
 use clap::Parser;
 
-use crate::{serve, Config, Daemon};
+use crate::{serve, Config, Daemon, Limits};
 
 #[derive(Parser, Debug)]
 #[command(name = "buildlockd", version, about = "The buildlock per-user lock daemon")]
@@ -30,6 +30,48 @@ struct Args {
     /// the starting process return; how clients start the daemon on demand
     #[arg(long)]
     daemonize: bool,
+    /// Refuse client connections past N open at once (clients then use the lock files directly)
+    #[arg(long, value_name = "N", env = "BUILDLOCKD_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections,
+          value_parser = positive)]
+    max_connections: usize,
+    /// Refuse leases past N held or waited for, all clients together
+    #[arg(long, value_name = "N", env = "BUILDLOCKD_MAX_LEASES", default_value_t = Limits::default().max_leases,
+          value_parser = positive)]
+    max_leases: usize,
+    /// Refuse to wait for more than N lock files at once that processes outside the daemon hold
+    /// (fasteners, direct mode); each costs a thread
+    #[arg(long, value_name = "N", env = "BUILDLOCKD_MAX_OUTSIDE_WAITS",
+          default_value_t = Limits::default().max_outside_waits, value_parser = positive)]
+    max_outside_waits: usize,
+}
+
+/// A limit: a whole number of at least 1.
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s:?} is not a whole number of at least 1")),
+    }
+}
+
+/// Descriptors kept free of the limits' budget: the socket, the instance lock, logs, pidfds.
+const FD_RESERVE: u64 = 64;
+
+/// Fits the lease limit into the open-file limit `fds`, so that past it clients get the
+/// limit's message rather than the daemon failing to open files: every connection, held lease
+/// and waiter thread costs a descriptor (a lease waiting in the queue costs none, but the
+/// limit counts it too).
+fn fit_limits(mut limits: Limits, fds: u64) -> Limits {
+    let fixed = (limits.max_connections + limits.max_outside_waits) as u64 + FD_RESERVE;
+    let room = usize::try_from(fds.saturating_sub(fixed)).unwrap_or(usize::MAX).max(1);
+    if limits.max_leases > room {
+        tracing::warn!(
+            "the open-file limit ({fds}) leaves room for {room} leases, not the {} asked for: leases are \
+             limited to {room}; raise the limit (`ulimit -n`, LimitNOFILE=) or lower --max-connections",
+            limits.max_leases
+        );
+        limits.max_leases = room;
+    }
+    limits
 }
 
 /// The listening socket a service manager passed us, and which manager it was.
@@ -91,6 +133,11 @@ fn run(args: Args) -> Result<(), String> {
     let config = Config {
         runtime_dir: runtime_dir.clone(),
         idle_exit: (args.idle_exit > 0).then(|| Duration::from_secs(args.idle_exit)),
+        limits: Limits {
+            max_connections: args.max_connections,
+            max_leases: args.max_leases,
+            max_outside_waits: args.max_outside_waits,
+        },
     };
     // One daemon per runtime directory: whoever holds this lock is it. Taken before the socket
     // is touched, so a stale socket is only ever removed by the one daemon allowed to bind.
@@ -148,10 +195,15 @@ fn run(args: Args) -> Result<(), String> {
     }
     // One descriptor per held lease (and per client): thousands of leases need more than the
     // usual soft limit of 1024.
+    let mut config = config;
     match buildlock_sys::ipc::raise_fd_limit() {
-        Ok(n) => tracing::debug!("open-file limit: {n}"),
+        Ok(n) => {
+            tracing::debug!("open-file limit: {n}");
+            config.limits = fit_limits(config.limits, n);
+        }
         Err(e) => tracing::warn!("cannot read the open-file limit: {e}"),
     }
+    tracing::debug!("limits: {:?}", config.limits);
     let daemon = Daemon::new(config);
     let d = daemon.clone();
     if let Err(e) = ctrlc::set_handler(move || d.shutdown()) {
@@ -185,6 +237,10 @@ fn run(args: Args) -> Result<(), String> {
         serve(listener, daemon).await;
         Ok::<(), String>(())
     })?;
+    // Dropping a runtime waits for its blocking tasks. The daemon has none (threads waiting in
+    // the kernel for an outside holder are its own, and end with the process), but never let
+    // one hold the exit up.
+    rt.shutdown_timeout(Duration::from_millis(200));
     if manager == Some("systemd") {
         notify_systemd(&[sd_notify::NotifyState::Stopping]);
     }

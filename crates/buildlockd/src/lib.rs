@@ -11,8 +11,11 @@
 //! - `conn`: one connection: handshake, frames in, replies (with descriptors) out.
 //! - `state`: the shared state and every request's effect: the queue, the leases, the OS locks.
 //!   The queue decides *who* is next; this layer takes the OS lock for them (waiting for an
-//!   outside holder in a blocking thread) and hands it over.
-//! - `server`: the accept loop, timers (deadlines, idle exit) and shutdown.
+//!   outside holder in that lock file's waiter thread, `outside`) and hands it over.
+//! - `outside`: waiting for a process outside the daemon to let go of a lock file: one thread
+//!   blocked in the kernel per lock file, shared by every lease waiting for it.
+//! - `server`: the accept loop, connection admission (limits), timers (deadlines, idle exit) and
+//!   shutdown.
 //! - [`main`]: the `buildlockd` command: runtime directory checks, the single-instance lock,
 //!   binding the socket.
 //!
@@ -47,6 +50,8 @@ mod state;
 
 #[cfg(unix)]
 pub use server::{serve, Daemon};
+#[cfg(unix)]
+mod outside;
 
 /// What a daemon needs to know at start.
 #[derive(Clone, Debug)]
@@ -55,6 +60,30 @@ pub struct Config {
     pub runtime_dir: PathBuf,
     /// Exit after this long with no connection and no lease; `None`: never.
     pub idle_exit: Option<Duration>,
+    /// How much one user's clients may ask of the daemon.
+    pub limits: Limits,
+}
+
+/// The daemon's caps, so that a runaway script cannot wear it down for every other build of its
+/// user. Past each one the request gets an error naming the limit and the setting that raises
+/// it; everything already granted carries on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Open client connections (`--max-connections`, `BUILDLOCKD_MAX_CONNECTIONS`).
+    pub max_connections: usize,
+    /// Leases held or waited for, all connections together (`--max-leases`,
+    /// `BUILDLOCKD_MAX_LEASES`).
+    pub max_leases: usize,
+    /// Lock files waited for at once while a process outside the daemon holds them
+    /// (`--max-outside-waits`, `BUILDLOCKD_MAX_OUTSIDE_WAITS`). Each costs one thread blocked in
+    /// the kernel, shared by every lease waiting for that file.
+    pub max_outside_waits: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits { max_connections: 4096, max_leases: 65_536, max_outside_waits: 256 }
+    }
 }
 
 impl Config {

@@ -1,10 +1,13 @@
-//! The accept loop, the deadline timer, idle exit and shutdown.
+//! The accept loop (with admission: the connection limit, and no new connection once
+//! stopping), the deadline timer, idle exit and shutdown.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::net::UnixListener;
+use buildlock_proto::{FrameDecoder, Welcome};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
 
 use crate::state::State;
@@ -38,10 +41,34 @@ impl Daemon {
         })
     }
 
-    /// Asks the daemon to stop (from a request, a signal or idleness).
+    /// Asks the daemon to stop (from a request, a signal or idleness). Takes no lock, so a
+    /// signal stops the daemon whatever else is stuck.
     pub fn shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         self.stop.notify_waiters();
+    }
+
+    /// Counts a just-accepted connection, from before its handshake until it closes, or says
+    /// why it is not served: the daemon is stopping (`None`: close it, its client will start the
+    /// next daemon) or the connection limit is reached (`Some(message)` for the client).
+    fn admit(self: &Arc<Self>) -> Result<ConnSlot, Option<String>> {
+        let mut st = self.state();
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(None);
+        }
+        let max = self.config.limits.max_connections;
+        if st.live_conns >= max {
+            let msg = format!(
+                "buildlockd already serves {max} connections for this user (its limit): close some clients, or \
+                 raise the limit with `buildlockd --max-connections N` (BUILDLOCKD_MAX_CONNECTIONS) and restart \
+                 the daemon (`buildlock-client daemon stop`)"
+            );
+            tracing::warn!("refused a connection: {msg}");
+            return Err(Some(msg));
+        }
+        st.live_conns += 1;
+        st.note_activity();
+        Ok(ConnSlot(self.clone()))
     }
 
     async fn stopped(&self) {
@@ -63,9 +90,21 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(crate::conn::handle(daemon.clone(), stream));
-                }
+                Ok((stream, _)) => match daemon.admit() {
+                    Ok(slot) => {
+                        let d = daemon.clone();
+                        tokio::spawn(async move {
+                            crate::conn::handle(d, stream).await;
+                            drop(slot);
+                        });
+                    }
+                    // Stopping: closed before the handshake, which its client takes for a
+                    // daemon on its way out.
+                    Err(None) => drop(stream),
+                    Err(Some(msg)) => {
+                        tokio::spawn(refuse(stream, msg));
+                    }
+                },
                 Err(e) => {
                     // EMFILE and friends: say so, breathe, keep serving the others.
                     tracing::warn!("accept failed: {e}");
@@ -102,10 +141,50 @@ async fn watch_idle(daemon: Arc<Daemon>, idle: Duration) {
     let step = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
     loop {
         tokio::time::sleep(step).await;
-        if daemon.idle_for(idle) {
+        if daemon.stop_if_idle(idle) {
             tracing::info!("idle for {}s: exiting", idle.as_secs());
-            daemon.shutdown();
             return;
         }
+    }
+}
+
+/// A connection counted from its accept to its close (`State::live_conns`).
+struct ConnSlot(Arc<Daemon>);
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut st = self.0.state();
+        st.live_conns -= 1;
+        st.note_activity();
+    }
+}
+
+/// How long a refused connection may take to say hello before it is just closed.
+const REFUSE_HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Answers a connection the daemon will not serve: reads its hello (so that the client is
+/// reading when the answer comes, rather than writing into a closed socket), then sends a
+/// refusing `Welcome` carrying `msg`, and closes.
+async fn refuse(mut stream: UnixStream, msg: String) {
+    let mut decoder = FrameDecoder::new();
+    let mut buf = [0u8; 512];
+    let hello = async {
+        loop {
+            match decoder.next_frame() {
+                Ok(Some(_)) => return true,
+                Ok(None) => {}
+                Err(_) => return false,
+            }
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => decoder.push(&buf[..n]),
+            }
+        }
+    };
+    if !matches!(tokio::time::timeout(REFUSE_HELLO_TIMEOUT, hello).await, Ok(true)) {
+        return;
+    }
+    if let Ok(bytes) = buildlock_proto::encode(&Welcome::refused(std::process::id(), msg)) {
+        let _ = stream.write_all(&bytes).await;
     }
 }

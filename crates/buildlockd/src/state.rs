@@ -1,21 +1,22 @@
 //! The daemon's shared state and what every request does to it.
 //!
 //! The queue (`buildlock-queue`) decides whose turn it is; this module carries the decision out:
-//! takes the OS lock for the lease (in a blocking thread when an outside process holds it),
-//! writes the holder's metadata, hands the client a duplicate of the locked descriptor, watches
-//! bound processes, and releases leases when their connection and process are both gone.
+//! takes the OS lock for the lease (through the lock file's waiter thread, `outside.rs`, when an
+//! outside process holds it), writes the holder's metadata, hands the client a duplicate of the
+//! locked descriptor, watches bound processes, and releases leases when their connection and
+//! process are both gone. It also keeps the books for limits and idle exit.
 //!
 //! One `std::sync::Mutex` guards it all: every critical section is short and never awaits (the
-//! blocking file work runs in `spawn_blocking`), so an async mutex would only add cost.
+//! only blocking call, waiting for an outside holder, runs in a waiter thread without it), so an
+//! async mutex would only add cost.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use buildlock_disk::{LockTarget, Metadata, OsHold};
+use buildlock_disk::{LockTarget, Metadata, OsHold, OsLocked};
 use buildlock_proto::{
     AcquireRequest, DaemonInfo, ErrorCode, ErrorReply, Holder, LockInfo, Mode, Reply, Request, WaitFor, Waiter,
 };
@@ -39,8 +40,16 @@ pub(crate) struct State {
     conns: HashMap<OwnerId, ConnEntry>,
     leases: HashMap<LeaseId, Lease>,
     next_owner: OwnerId,
-    /// When the daemon last had no connection and no lease (for idle exit).
+    /// Connections accepted and not yet closed, those still in their handshake included (for
+    /// the connection limit and idle exit; `conns` holds only those past the handshake).
+    pub(crate) live_conns: usize,
+    /// Since when the daemon has had no connection and no lease (bound processes included), for
+    /// idle exit; `None` while it has any.
     pub(crate) idle_since: Option<Instant>,
+    /// The lock files a waiter thread waits on for an outside holder (`outside.rs`), each with
+    /// the leases waiting for it, first come first. An entry exists exactly while its thread
+    /// runs.
+    pub(crate) outside: HashMap<PathBuf, BTreeSet<LeaseId>>,
 }
 
 impl State {
@@ -50,7 +59,45 @@ impl State {
             conns: HashMap::new(),
             leases: HashMap::new(),
             next_owner: 0,
+            live_conns: 0,
             idle_since: Some(Instant::now()),
+            outside: HashMap::new(),
+        }
+    }
+
+    /// Starts or stops the idle clock after a change: it runs only while there is no
+    /// connection (not even one in its handshake) and no lease (not even one kept for a bound
+    /// process whose client has gone).
+    pub(crate) fn note_activity(&mut self) {
+        if self.live_conns > 0 || !self.leases.is_empty() {
+            self.idle_since = None;
+        } else if self.idle_since.is_none() {
+            self.idle_since = Some(Instant::now());
+        }
+    }
+
+    /// Takes `lease` out of every book (the lease map, its connection's set, the waiter
+    /// thread's set), stopping its expiry timer. Not the queue: callers release it there.
+    fn remove_lease(&mut self, lease: LeaseId) -> Option<Lease> {
+        self.leave_outside(lease);
+        let l = self.leases.remove(&lease)?;
+        if let Some(c) = self.conns.get_mut(&l.owner) {
+            c.leases.remove(&lease);
+        }
+        Some(l)
+    }
+
+    /// A lease stops waiting for an outside holder (given the lock, given up, refused).
+    fn leave_outside(&mut self, lease: LeaseId) {
+        let Some(l) = self.leases.get_mut(&lease) else { return };
+        if let Phase::Outside { expiry } = &mut l.phase {
+            if let Some(timer) = expiry.take() {
+                timer.abort();
+            }
+            l.phase = Phase::Locking;
+            if let Some(set) = self.outside.get_mut(&l.target.path) {
+                set.remove(&lease);
+            }
         }
     }
 }
@@ -81,9 +128,13 @@ struct Lease {
 
 enum Phase {
     Waiting,
-    /// The queue granted it; the OS lock is being taken (perhaps waiting for an outside holder).
-    Locking {
-        cancel: Arc<AtomicBool>,
+    /// The queue granted it; the OS lock is being taken without waiting, or claimed.
+    Locking,
+    /// The queue granted it, but a process outside the daemon holds the OS lock: the lock
+    /// file's waiter thread gets it for the lease when the kernel says it is free.
+    Outside {
+        /// Refuses the lease at its deadline.
+        expiry: Option<tokio::task::AbortHandle>,
     },
     Held {
         hold: Box<OsHold>,
@@ -172,7 +223,7 @@ impl Lease {
 }
 
 impl Daemon {
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+    pub(crate) fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -231,6 +282,17 @@ impl Daemon {
         };
         let mut st = self.state();
         let Some(client_pid) = st.conns.get(&owner).map(|c| c.pid) else { return };
+        let max = self.config.limits.max_leases;
+        if st.leases.len() >= max {
+            let msg = format!(
+                "buildlockd already holds or queues {max} leases for this user (its limit), so lock {} was not \
+                 queued: release some, or raise the limit with `buildlockd --max-leases N` \
+                 (BUILDLOCKD_MAX_LEASES) and restart the daemon (`buildlock-client daemon stop`)",
+                a.path
+            );
+            tracing::warn!("{msg}");
+            return Self::send(&st, owner, error(ErrorCode::LimitExceeded, msg, None), None);
+        }
         let already = st.leases.values().any(|l| l.owner == owner && l.target.path == target.path);
         if already {
             let msg = format!("this connection already holds or waits for {}; release it first", a.path);
@@ -278,7 +340,9 @@ impl Daemon {
     fn current_holder(st: &State, path: &Path) -> Option<Holder> {
         let lease = st.queue.holders(&path.to_path_buf()).first().and_then(|v| st.leases.get(&v.id))?;
         match lease.phase {
-            Phase::Locking { .. } => Some(holder_from_disk(&buildlock_disk::describe_holder(&lease.target), true)),
+            Phase::Locking | Phase::Outside { .. } => {
+                Some(holder_from_disk(&buildlock_disk::describe_holder(&lease.target), true))
+            }
             _ => Some(lease.holder()),
         }
     }
@@ -289,25 +353,22 @@ impl Daemon {
             match ev {
                 Event::Granted { lease, .. } => {
                     let Some(l) = st.leases.get_mut(&lease) else { continue };
-                    let cancel = Arc::new(AtomicBool::new(false));
-                    l.phase = Phase::Locking { cancel: cancel.clone() };
+                    l.phase = Phase::Locking;
                     let (target, mode, meta, wait) = (l.target.clone(), lock_mode(l.mode), l.metadata(), l.wait);
                     let d = self.clone();
-                    tokio::spawn(async move { d.lock_and_grant(lease, target, mode, meta, wait, cancel).await });
+                    tokio::spawn(async move { d.lock_and_grant(lease, target, mode, meta, wait) });
                 }
                 Event::Denied { lease, owner, key } => Self::refuse(st, lease, owner, &key, false),
                 Event::Expired { lease, owner, key } => Self::refuse(st, lease, owner, &key, true),
             }
         }
+        st.note_activity();
         self.timer.notify_one();
     }
 
     /// Answers a request that could not wait (`-n`) or waited too long, naming the holder.
     fn refuse(st: &mut State, lease: LeaseId, owner: OwnerId, key: &Path, timed_out: bool) {
-        let Some(l) = st.leases.remove(&lease) else { return };
-        if let Some(c) = st.conns.get_mut(&owner) {
-            c.leases.remove(&lease);
-        }
+        let Some(l) = st.remove_lease(lease) else { return };
         let holder = Self::current_holder(st, key)
             .unwrap_or_else(|| holder_from_disk(&buildlock_disk::describe_holder(&l.target), true));
         let who = holder.description.clone();
@@ -324,83 +385,163 @@ impl Daemon {
         Self::send(st, owner, reply, None);
     }
 
-    /// Takes the OS lock for a lease the queue granted, then hands it to the client. A holder
-    /// outside the daemon (fasteners, direct mode) is waited for in a blocking thread, within
-    /// the client's own deadline; `NoWait` is refused at once.
-    async fn lock_and_grant(
-        self: Arc<Self>,
-        lease: LeaseId,
-        target: LockTarget,
-        mode: LockMode,
-        meta: Metadata,
-        wait: Wait,
-        cancel: Arc<AtomicBool>,
-    ) {
+    /// Takes the OS lock for a lease the queue granted, then hands it to the client. When a
+    /// holder outside the daemon (fasteners, direct mode, an inherited descriptor) has it,
+    /// `NoWait` is refused at once; anything else waits for the lock file's waiter thread.
+    fn lock_and_grant(self: Arc<Self>, lease: LeaseId, target: LockTarget, mode: LockMode, meta: Metadata, wait: Wait) {
         // The non-blocking attempt runs inline: a few tens of microseconds of file system
-        // calls, cheaper than a hop to the blocking pool and back.
-        let first = buildlock_disk::try_lock_for(&target, mode, meta.clone());
-        let result = match first {
+        // calls, cheaper than a hop to another thread and back.
+        let result = match buildlock_disk::try_lock_for(&target, mode, meta) {
             Ok(Some(hold)) => Ok(hold),
             Ok(None) => {
                 let outside = holder_from_disk(&buildlock_disk::describe_holder(&target), true);
+                let mut st = self.state();
                 if wait == Wait::NoWait {
-                    return self.refuse_outside(lease, &target, outside, false);
+                    return self.refuse_outside(&mut st, lease, &target, outside, false);
                 }
-                {
-                    let st = self.state();
-                    if let Some(l) = st.leases.get(&lease) {
-                        let path = target.path.display().to_string();
-                        let reply = Reply::Waiting { path, position: 0, holder: Some(outside.clone()) };
-                        Self::send(&st, l.owner, reply, None);
-                    }
-                }
-                let (t, c) = (target.clone(), cancel.clone());
-                let blocked = tokio::task::spawn_blocking(move || {
-                    let hold = buildlock_disk::lock_for(&t, mode, meta);
-                    // Abandoned meanwhile (deadline, client gone): let go at once.
-                    match hold {
-                        Ok(h) if c.load(Ordering::SeqCst) => {
-                            release_hold(h);
-                            None
-                        }
-                        other => Some(other),
-                    }
-                });
-                let deadline = wait.deadline().map(tokio::time::Instant::from_std);
-                let outcome = match deadline {
-                    Some(at) => tokio::time::timeout_at(at, blocked).await.ok(),
-                    None => Some(blocked.await),
-                };
-                match outcome {
-                    None => {
-                        cancel.store(true, Ordering::SeqCst);
-                        let outside = holder_from_disk(&buildlock_disk::describe_holder(&target), true);
-                        return self.refuse_outside(lease, &target, outside, true);
-                    }
-                    Some(Ok(Some(r))) => r,
-                    Some(Ok(None)) => return,
-                    Some(Err(e)) => Err(join_error(&target, e)),
-                }
+                return self.wait_outside(&mut st, lease, &target, wait, outside);
             }
             Err(e) => Err(e),
         };
-        if cancel.load(Ordering::SeqCst) {
-            if let Ok(hold) = result {
-                release_hold(hold);
-            }
-            return;
-        }
         self.deliver(lease, result);
     }
 
-    /// Refuses a lease the queue granted because a holder outside the daemon has the lock.
-    fn refuse_outside(self: &Arc<Self>, lease: LeaseId, target: &LockTarget, holder: Holder, timed_out: bool) {
-        let mut st = self.state();
-        let Some(l) = st.leases.remove(&lease) else { return };
-        if let Some(c) = st.conns.get_mut(&l.owner) {
-            c.leases.remove(&lease);
+    /// Puts a granted lease in line for the OS lock of `target`, which `outside` holds:
+    /// starts the file's waiter thread if none runs (within the limit), arms the deadline, and
+    /// tells the client who it waits for.
+    fn wait_outside(
+        self: &Arc<Self>,
+        st: &mut State,
+        lease: LeaseId,
+        target: &LockTarget,
+        wait: Wait,
+        outside: Holder,
+    ) {
+        // Gone meanwhile (its client closed): nothing to wait for.
+        if !st.leases.get(&lease).is_some_and(|l| matches!(l.phase, Phase::Locking)) {
+            return;
         }
-        st.queue.release(lease, Instant::now());
+        let path = &target.path;
+        if !st.outside.contains_key(path) {
+            let max = self.config.limits.max_outside_waits;
+            if st.outside.len() >= max {
+                let msg = format!(
+                    "lock {} is held by {}, and buildlockd already waits for {max} lock files held by \
+                     processes outside it (its limit; each costs a thread): try again once some are \
+                     released, or raise the limit with `buildlockd --max-outside-waits N` \
+                     (BUILDLOCKD_MAX_OUTSIDE_WAITS) and restart the daemon",
+                    path.display(),
+                    outside.description
+                );
+                tracing::warn!("{msg}");
+                return self.refuse_with(st, lease, error(ErrorCode::LimitExceeded, msg, Some(outside)));
+            }
+            if let Err(e) = crate::outside::spawn_waiter(self.clone(), target.clone()) {
+                let msg = format!(
+                    "lock {} is held by {}, and buildlockd cannot start a thread to wait for it: {e}",
+                    path.display(),
+                    outside.description
+                );
+                tracing::warn!("{msg}");
+                return self.refuse_with(st, lease, error(ErrorCode::Io, msg, Some(outside)));
+            }
+            st.outside.insert(path.clone(), BTreeSet::new());
+        }
+        st.outside.get_mut(path).expect("ensured above").insert(lease);
+        let expiry = wait.deadline().map(|at| {
+            let d = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(at.into()).await;
+                d.outside_expired(lease);
+            })
+            .abort_handle()
+        });
+        let l = st.leases.get_mut(&lease).expect("checked above");
+        l.phase = Phase::Outside { expiry };
+        let owner = l.owner;
+        let reply = Reply::Waiting { path: path.display().to_string(), position: 0, holder: Some(outside) };
+        Self::send(st, owner, reply, None);
+    }
+
+    /// A lease waiting for an outside holder reached its deadline.
+    fn outside_expired(self: &Arc<Self>, lease: LeaseId) {
+        let mut st = self.state();
+        let Some(l) = st.leases.get(&lease) else { return };
+        if !matches!(l.phase, Phase::Outside { .. }) {
+            return;
+        }
+        let target = l.target.clone();
+        let outside = holder_from_disk(&buildlock_disk::describe_holder(&target), true);
+        self.refuse_outside(&mut st, lease, &target, outside, true);
+    }
+
+    /// For the waiter thread of `path`: the mode to wait for next (the first waiting lease's);
+    /// `None` when no lease waits any more, and then the thread's entry is gone and it ends.
+    pub(crate) fn outside_wanted(&self, path: &Path) -> Option<LockMode> {
+        let mut st = self.state();
+        loop {
+            let first = st.outside.get(path).and_then(|set| set.first().copied());
+            let Some(first) = first else {
+                st.outside.remove(path);
+                return None;
+            };
+            match st.leases.get(&first) {
+                Some(l) if matches!(l.phase, Phase::Outside { .. }) => return Some(lock_mode(l.mode)),
+                _ => {
+                    if let Some(set) = st.outside.get_mut(path) {
+                        set.remove(&first);
+                    }
+                }
+            }
+        }
+    }
+
+    /// For the waiter thread of `target`: the kernel gave it the OS lock (in the mode it asked
+    /// for). The first lease still waiting in that mode gets it; with none, it is dropped (and
+    /// so unlocked) at once.
+    pub(crate) fn outside_locked(
+        self: &Arc<Self>,
+        target: &LockTarget,
+        locked: Result<OsLocked, buildlock_disk::Error>,
+    ) {
+        let mut st = self.state();
+        let locked = match locked {
+            Ok(locked) => locked,
+            Err(e) => {
+                tracing::warn!("cannot wait for lock {}: {e}", target.path.display());
+                let waiting: Vec<LeaseId> =
+                    st.outside.get(&target.path).map(|set| set.iter().copied().collect()).unwrap_or_default();
+                for lease in waiting {
+                    self.refuse_with(&mut st, lease, error(ErrorCode::Io, e.to_string(), None));
+                }
+                return;
+            }
+        };
+        let mode = match locked.mode() {
+            LockMode::Shared => Mode::Shared,
+            LockMode::Exclusive => Mode::Exclusive,
+        };
+        let taker = st
+            .outside
+            .get(&target.path)
+            .and_then(|set| set.iter().copied().find(|id| st.leases.get(id).is_some_and(|l| l.mode == mode)));
+        let Some(lease) = taker else { return };
+        st.leave_outside(lease);
+        let meta = st.leases.get(&lease).expect("in the waiting set").metadata();
+        drop(st);
+        self.deliver(lease, locked.claim_for(meta));
+    }
+
+    /// Refuses a lease the queue granted because a holder outside the daemon has the lock.
+    fn refuse_outside(
+        self: &Arc<Self>,
+        st: &mut State,
+        lease: LeaseId,
+        target: &LockTarget,
+        holder: Holder,
+        timed_out: bool,
+    ) {
+        let Some(l) = st.leases.get(&lease) else { return };
         let who = holder.description.clone();
         let path = target.path.display();
         let reply = if timed_out {
@@ -413,19 +554,26 @@ impl Daemon {
         } else {
             error(ErrorCode::WouldBlock, format!("lock {path} is held by {who}"), Some(holder))
         };
-        Self::send(&st, l.owner, reply, None);
-        self.pump(&mut st);
+        self.refuse_with(st, lease, reply);
+    }
+
+    /// Ends a lease the queue granted but the daemon could not give, answering `reply`.
+    fn refuse_with(self: &Arc<Self>, st: &mut State, lease: LeaseId, reply: Reply) {
+        let Some(l) = st.remove_lease(lease) else { return };
+        st.queue.release(lease, Instant::now());
+        Self::send(st, l.owner, reply, None);
+        self.pump(st);
     }
 
     fn deliver(self: &Arc<Self>, lease: LeaseId, result: Result<OsHold, buildlock_disk::Error>) {
         let mut st = self.state();
-        let Some(l) = st.leases.get_mut(&lease) else {
+        // Given up meanwhile (its client closed): let go at once.
+        let Some(owner) = st.leases.get(&lease).filter(|l| matches!(l.phase, Phase::Locking)).map(|l| l.owner) else {
             if let Ok(hold) = result {
                 release_hold(hold);
             }
             return;
         };
-        let owner = l.owner;
         match result {
             Ok(hold) => {
                 let fd = hand_over(&hold);
@@ -449,13 +597,7 @@ impl Daemon {
             }
             Err(e) => {
                 tracing::warn!("cannot take the OS lock for a client: {e}");
-                st.leases.remove(&lease);
-                st.queue.release(lease, Instant::now());
-                if let Some(c) = st.conns.get_mut(&owner) {
-                    c.leases.remove(&lease);
-                }
-                Self::send(&st, owner, error(ErrorCode::Io, e.to_string(), None), None);
-                self.pump(&mut st);
+                self.refuse_with(&mut st, lease, error(ErrorCode::Io, e.to_string(), None));
             }
         }
     }
@@ -470,10 +612,7 @@ impl Daemon {
         if !done {
             return;
         }
-        let l = st.leases.remove(&lease).expect("checked above");
-        if let Some(c) = st.conns.get_mut(&l.owner) {
-            c.leases.remove(&lease);
-        }
+        let l = st.remove_lease(lease).expect("checked above");
         if let Some(key) = &l.journal_key {
             self.journal.forget(key);
         }
@@ -509,15 +648,10 @@ impl Daemon {
     fn drop_lease(self: &Arc<Self>, st: &mut State, lease: LeaseId, explicit: bool) {
         let Some(l) = st.leases.get_mut(&lease) else { return };
         match &mut l.phase {
-            Phase::Waiting | Phase::Locking { .. } => {
-                if let Phase::Locking { cancel } = &l.phase {
-                    cancel.store(true, Ordering::SeqCst);
-                }
-                let owner = l.owner;
-                st.leases.remove(&lease);
-                if let Some(c) = st.conns.get_mut(&owner) {
-                    c.leases.remove(&lease);
-                }
+            // A lock being taken inline is let go by `deliver`; a waiter thread finds the
+            // lease gone from its set.
+            Phase::Waiting | Phase::Locking | Phase::Outside { .. } => {
+                st.remove_lease(lease);
                 st.queue.release(lease, Instant::now());
                 self.pump(st);
             }
@@ -688,7 +822,7 @@ impl Daemon {
         };
         self.journal_lease(&mut l);
         st.leases.insert(lease, l);
-        st.idle_since = None;
+        st.note_activity();
         self.watch_pid(lease, pid);
     }
 
@@ -717,9 +851,7 @@ impl Daemon {
         for lease in conn.leases {
             self.drop_lease(&mut st, lease, false);
         }
-        if st.conns.is_empty() && st.leases.is_empty() {
-            st.idle_since = Some(Instant::now());
-        }
+        st.note_activity();
     }
 
     /// Expires waiters whose deadline passed; returns the next deadline.
@@ -751,7 +883,7 @@ impl Daemon {
                     .holders(key)
                     .into_iter()
                     .filter_map(|v| st.leases.get(&v.id).map(|l| (v, l)))
-                    .partition(|(_, l)| !matches!(l.phase, Phase::Locking { .. }));
+                    .partition(|(_, l)| !matches!(l.phase, Phase::Locking | Phase::Outside { .. }));
                 let mut holders: Vec<Holder> = held.iter().map(|(_, l)| l.holder()).collect();
                 if holders.is_empty() && (path.is_some() || !locking.is_empty()) {
                     if let Ok(t) = validate_path(&key.display().to_string()) {
@@ -793,10 +925,17 @@ impl Daemon {
         }
     }
 
-    /// Whether the daemon has had no connection and no lease for `idle`.
-    pub(crate) fn idle_for(&self, idle: std::time::Duration) -> bool {
+    /// Stops the daemon if it has had no connection (not even one in its handshake) and no
+    /// lease (not even one kept for a bound process) for `idle`. Decided under the state lock,
+    /// as admission is (`Daemon::admit`): a connection is either admitted first, and the daemon
+    /// stays, or finds it stopping and is closed, and its client starts the next daemon.
+    pub(crate) fn stop_if_idle(&self, idle: std::time::Duration) -> bool {
         let st = self.state();
-        st.conns.is_empty() && st.leases.is_empty() && st.idle_since.is_some_and(|t| t.elapsed() >= idle)
+        let idle = st.live_conns == 0 && st.leases.is_empty() && st.idle_since.is_some_and(|t| t.elapsed() >= idle);
+        if idle {
+            self.shutdown();
+        }
+        idle
     }
 }
 
@@ -806,14 +945,6 @@ fn validate_path(path: &str) -> Result<LockTarget, String> {
         return Err(format!("lock path {path:?} is not absolute; clients send absolute paths"));
     }
     LockTarget::resolve(path, Path::new("/")).map_err(|e| e.to_string())
-}
-
-fn join_error(target: &LockTarget, e: tokio::task::JoinError) -> buildlock_disk::Error {
-    buildlock_disk::Error::Io {
-        action: "lock",
-        path: target.path.clone(),
-        source: std::io::Error::other(format!("the locking thread failed: {e}")),
-    }
 }
 
 /// The descriptor to hand the client: a duplicate sharing the lock (Linux). Elsewhere the
