@@ -8,6 +8,7 @@ mod bad_input;
 mod daemon;
 mod exclusion;
 mod interop;
+mod promises;
 mod run;
 mod service;
 mod soft;
