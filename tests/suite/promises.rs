@@ -140,3 +140,38 @@ fn a_waiter_does_not_run_on_a_lock_file_replaced_while_it_waited() {
     assert_eq!(waiter.next_line().as_deref(), Some("the new file was released"), "{}", waiter.stderr());
     assert!(waiter.wait().success(), "{}", waiter.stderr());
 }
+
+#[test]
+fn the_daemon_itself_refuses_a_peer_of_another_uid() {
+    if !nix::unistd::getuid().is_root() {
+        println!("skipped: connecting as another uid needs root (setpriv)");
+        return;
+    }
+    let env = Env::daemon();
+    env.run(&["daemon", "start"]).assert_code(0);
+    // Open the walls the daemon's own check stands behind: another uid may traverse the runtime
+    // directory and connect to the socket.
+    let socket = env.runtime().join("buildlockd.sock");
+    for dir in [env.tmp.path().to_owned(), env.runtime()] {
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
+    }
+    std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    // The system Python (not a private checkout's venv, which uid 65534 may not reach): connect,
+    // send nothing, print every byte the daemon sends.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--", "/usr/bin/python3", "-c"])
+        .arg(
+            "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); \
+             b=b''\nwhile True:\n    c=s.recv(4096)\n    if not c: break\n    b+=c\nsys.stdout.buffer.write(b)",
+        )
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the other user could not connect: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout.len() > 4, "the daemon sent nothing: {out:?}");
+    let welcome: buildlock_proto::Welcome = buildlock_proto::decode(&out.stdout[4..]).unwrap();
+    let msg = welcome.error.expect("the daemon refused the connection");
+    assert_eq!(msg, "buildlockd of uid 0 serves only its own user, not uid 65534");
+    // And it still serves its own user.
+    env.run(&["run", "-n", "x", "--", "true"]).assert_code(0);
+}
