@@ -4,7 +4,7 @@
 
 use std::process::Stdio;
 
-use crate::util::{wait_dead, Env, Proc};
+use crate::util::{output_bounded, wait_dead, Env, Proc};
 
 /// A `sh` that prints its pid and lives until a line arrives on its stdin.
 fn script_process() -> (Proc, u32) {
@@ -40,8 +40,9 @@ fn same_daemon(env: &Env, pid: u32, what: &str) {
 fn a_lease_bound_to_a_live_process_outlives_its_connection_and_keeps_the_daemon() {
     let env = Env::daemon();
     let (mut script, pid) = script_process();
-    let out = env.cli().args(["acquire", "--pid", &pid.to_string(), "x"]).env("BUILDLOCKD_IDLE_EXIT", "1").output();
-    assert!(out.unwrap().status.success());
+    let mut c = env.cli();
+    c.args(["acquire", "--pid", &pid.to_string(), "x"]).env("BUILDLOCKD_IDLE_EXIT", "1");
+    output_bounded(c, "acquire --pid").assert_code(0);
     let daemon = env.daemon_pid().expect("a daemon was started");
     // The keeper's connection goes; the lease stays, bound to the script's process alone.
     let keeper = keeper_of(&env, "x", pid);
@@ -157,19 +158,20 @@ fn the_daemon_itself_refuses_a_peer_of_another_uid() {
     }
     std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     // The system Python (not a private checkout's venv, which uid 65534 may not reach): connect,
-    // send nothing, print every byte the daemon sends.
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--", "/usr/bin/python3", "-c"])
+    // send nothing, print every byte the daemon sends (in hex).
+    let mut c = std::process::Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--", "/usr/bin/python3", "-c"])
         .arg(
             "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); \
-             b=b''\nwhile True:\n    c=s.recv(4096)\n    if not c: break\n    b+=c\nsys.stdout.buffer.write(b)",
+             b=b''\nwhile True:\n    c=s.recv(4096)\n    if not c: break\n    b+=c\nprint(b.hex())",
         )
-        .arg(&socket)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "the other user could not connect: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.stdout.len() > 4, "the daemon sent nothing: {out:?}");
-    let welcome: buildlock_proto::Welcome = buildlock_proto::decode(&out.stdout[4..]).unwrap();
+        .arg(&socket);
+    let out = output_bounded(c, "python connecting as uid 65534");
+    assert!(out.status.success(), "the other user could not connect: {}", out.stderr);
+    let hex = out.stdout.trim();
+    let stdout: Vec<u8> = (0..hex.len() / 2).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap()).collect();
+    assert!(stdout.len() > 4, "the daemon sent nothing: {}", out.stderr);
+    let welcome: buildlock_proto::Welcome = buildlock_proto::decode(&stdout[4..]).unwrap();
     let msg = welcome.error.expect("the daemon refused the connection");
     assert_eq!(msg, "buildlockd of uid 0 serves only its own user, not uid 65534");
     // And it still serves its own user.
