@@ -153,6 +153,8 @@ struct Worker {
     incarnation: String,
     checks: Vec<std::fs::File>,
     rng: Rng,
+    /// The kind, logged with each grant (a `run` grandchild logs `run`).
+    kind: String,
 }
 
 impl Worker {
@@ -173,7 +175,9 @@ impl Worker {
         let checks = (0..LOCKS)
             .map(|i| OpenOptions::new().create(true).append(true).open(dir.join(format!("check{i}"))).unwrap())
             .collect();
+        let kind = std::env::var("CHAOS_KIND").unwrap_or_default().replace("section", "run");
         Worker {
+            kind,
             daemon: std::env::var("CHAOS_DAEMON").is_ok(),
             rng: Rng::new(now_us() ^ u64::from(me) << 20),
             dir,
@@ -190,7 +194,7 @@ impl Worker {
     /// The critical section, run while holding `lock` (see the crate doc for the order).
     fn section(&mut self, lock: usize, shared: bool, max_sleep_us: u64) {
         let (inc, tag) = (self.incarnation.clone(), if shared { "s" } else { "x" });
-        self.event(&format!("G {inc} {lock} {} {tag}", now_us()));
+        self.event(&format!("G {inc} {lock} {} {tag} {}", now_us(), self.kind));
         let marker = self.dir.join(format!("inside-{lock}/{inc}.{tag}"));
         std::fs::write(&marker, "").expect("write the inside marker");
         let arg =
@@ -253,6 +257,9 @@ fn chaos_worker() {
     let opts = Options {
         connect: if w.daemon && kind != Kind::Soft { Connect::DaemonOnly } else { Connect::Direct },
         backend: if kind == Kind::Soft { Backend::Soft } else { Backend::Auto },
+        // An OS-lock user leaves an empty lock file behind, which a soft user takes for a lock
+        // until it is older than this: the default (120 s) would stall soft workers for the run.
+        stale_after: if kind == Kind::Soft { Duration::from_secs(1) } else { buildlock::DEFAULT_STALE_AFTER },
         runtime_dir: Some(w.dir.join("rt")),
         operation: format!("chaos worker {}", w.incarnation),
         ..Options::default()
@@ -402,6 +409,8 @@ fn worker_command(dir: &Path, s: &Scenario, kind: Kind, millis: u64) -> Command 
 #[derive(Default)]
 struct Report {
     operations: usize,
+    /// Grants by worker kind.
+    by_kind: std::collections::BTreeMap<String, usize>,
     /// Kills of pool workers that held a lock (by the log), of other workers, of `run`
     /// processes, of keepers, of the daemon.
     holder_kills: usize,
@@ -637,6 +646,7 @@ fn analyse(events: &str) -> Report {
         match f[0] {
             "G" => {
                 report.operations += 1;
+                *report.by_kind.entry(f.get(5).unwrap_or(&"?").to_string()).or_default() += 1;
                 open.insert(f[1], (f[2], f.get(4) == Some(&"x"), t(f)));
                 let now = t(f);
                 pending.retain(|(lock, victim, at)| {
@@ -761,11 +771,12 @@ fn ms(d: Option<Duration>) -> String {
 
 fn print(name: &str, r: &Report) {
     println!(
-        "chaos[{name}]: {} operations; kills: {} holders, {} waiters, {} run, {} keepers, {} daemon; \
+        "chaos[{name}]: {} operations ({}); kills: {} holders, {} waiters, {} run, {} keepers, {} daemon; \
          {} violations, {} overlapping spans; {} failed checks excused (a killed holder not yet reaped: {} \
          holders); {} acquire errors, {} release errors, {} bad exits, {} panics, {} unclosed spans, {} hangs; \
          worst holder-kill-to-grant {}, worst daemon-kill-to-grant {}",
         r.operations,
+        r.by_kind.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", "),
         r.holder_kills,
         r.waiter_kills,
         r.run_kills,

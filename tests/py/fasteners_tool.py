@@ -93,7 +93,7 @@ def chaos(d, locks, millis):
         kind = "read" if shared else random.choice(["plain", "write"])
         _, ok, release = acquire(kind, os.path.join(d, "locks", f"l{lock}.lock"), blocking=True)
         assert ok
-        event(f"G {inc} {lock} {now_us()} {tag}")
+        event(f"G {inc} {lock} {now_us()} {tag} fasteners")
         marker = os.path.join(d, f"inside-{lock}", f"{inc}.{tag}")
         open(marker, "w").close()
         try:
