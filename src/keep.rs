@@ -219,14 +219,17 @@ pub(crate) fn release(cx: &Context, pid: Option<u32>, target: &str) -> ExitCode 
     };
     let pid = pid.unwrap_or_else(parent_pid);
     let file = keeper_file(&target, pid);
+    // A keeper that was stopped here: the lock is released, unless it died (killed) before it
+    // could let go of its daemon lease, which the request to the daemon below then releases.
+    let mut stopped_keeper = false;
     match read_keeper_file(&file) {
         Ok(Some(k)) => match is_our_keeper(&k, pid) {
             Ok(()) => {
                 if let Err(e) = buildlock_sys::send_signal(k.pid, signal_hook::consts::SIGTERM) {
                     return fail(&format!("cannot stop the keeper (pid {}) of lock {}: {e}", k.pid, target.name));
                 }
-                return match buildlock_sys::ipc::wait_exit(k.pid, Some(KEEPER_EXIT_WAIT)) {
-                    Ok(true) | Err(_) => ExitCode::SUCCESS,
+                match buildlock_sys::ipc::wait_exit(k.pid, Some(KEEPER_EXIT_WAIT)) {
+                    Ok(true) | Err(_) => stopped_keeper = true,
                     Ok(false) => {
                         eprintln!(
                             "buildlock-client: the keeper (pid {}) of lock {} did not exit within {}s of being \
@@ -236,9 +239,9 @@ pub(crate) fn release(cx: &Context, pid: Option<u32>, target: &str) -> ExitCode 
                             KEEPER_EXIT_WAIT.as_secs(),
                             target.name
                         );
-                        ExitCode::from(1)
+                        return ExitCode::from(1);
                     }
-                };
+                }
             }
             Err(why) if buildlock_sys::process_state(&k) == ProcessState::Dead => {
                 tracing::debug!("keeper file {} names pid {}: {why}", file.display(), k.pid);
@@ -260,8 +263,9 @@ pub(crate) fn release(cx: &Context, pid: Option<u32>, target: &str) -> ExitCode 
             eprintln!("buildlock-client: warning: {} is not a keeper file ({why}); it is left alone", file.display())
         }
     }
-    // Perhaps another client bound it to PID through the daemon (or a daemon recovered it from
-    // its journal after the keeper and its predecessor died).
+    // Perhaps another client bound it to PID through the daemon, its keeper died before it
+    // released it, or a daemon recovered it from its journal after the keeper and its
+    // predecessor died.
     let mut released = false;
     if cx.connect != buildlock::Connect::Direct {
         // As the lock was named when taken: the directory resolved, a link at the lock never followed.
@@ -273,7 +277,7 @@ pub(crate) fn release(cx: &Context, pid: Option<u32>, target: &str) -> ExitCode 
     if report_lost(&target, pid) {
         return ExitCode::from(1);
     }
-    if released {
+    if released || stopped_keeper {
         return ExitCode::SUCCESS;
     }
     eprintln!("buildlock-client: lock {} is not held for pid {pid}", target.name);

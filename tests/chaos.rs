@@ -1,42 +1,67 @@
 //! The chaos harness: many processes taking and releasing the same locks, shared and
-//! exclusive, while a killer SIGKILLs random workers (holders and waiters alike) and, in daemon
-//! mode, the daemon itself. Every holder checks inside its critical section that nobody else is.
+//! exclusive, while killers SIGKILL random workers (holders and waiters alike), `run` processes,
+//! `acquire --pid` keepers or the daemon. Every holder checks inside its critical section that
+//! nobody else is, and every holder logs when it is inside; the analysis of the log judges.
 //!
-//! The check uses a second, independent lock: `flock(2)` on a per-lock check file, taken
-//! non-blocking (exclusive by exclusive holders, shared by shared ones). `flock` locks never
-//! conflict with the OFD/fcntl locks buildlock takes, and the kernel drops them when a process
-//! dies, so a killed holder leaves nothing stale behind; a failed non-blocking `flock` while we
-//! hold the buildlock lock is two holders at once. The check file is opened first, so it has the
-//! A dying process releases its files in no guaranteed order, so a killed holder may still hold
-//! its check lock for a moment after its buildlock lock is gone. Each holder therefore also
-//! leaves a marker (`inside-L/PID-START.MODE`) while inside; a failed check lists the markers,
-//! and counts as a violation unless every other holder it conflicts with (any, for a writer;
-//! writers, for a reader) had already been SIGKILLed (or died of a panic) before we were
-//! granted the lock (a killed process runs no more code, so it cannot be inside a critical
-//! section). A failed check with no marker to explain it counts as a violation too.
+//! Workers come in kinds, mixed in one run: `lib` (the library, in the worker's own process),
+//! `soft` (the library with soft locks), `run` (a loop over `buildlock-client run L -- sh -c
+//! 'SECTION & wait'`: the critical section lives in a grandchild of `run`), `keeper` (a loop over
+//! `acquire --pid SELF`, the section, `release --pid SELF`) and `fasteners` (the Python
+//! `fasteners` package, `tests/py/fasteners_tool.py chaos`; skipped with a notice when
+//! `BUILDLOCK_TEST_PYTHON` is unset).
 //!
-//! Short runs (a few seconds per mode) are part of the test suite. The long run:
+//! A critical section (the same in every kind): log `G` (granted; after the lock is ours, so the
+//! logged time is inside the true hold), write the marker `inside-L/PID-START.MODE`, take a
+//! second, independent lock non-blocking (`flock(2)` on a per-lock check file: exclusive by
+//! exclusive holders, shared by shared ones; `flock` never conflicts with the OFD/fcntl locks
+//! buildlock and fasteners take, and the kernel drops it when a process dies), sleep a little,
+//! unlock the check lock, remove the marker, log `R` (before the lock is released). So whenever a
+//! process holds a check lock its marker exists. A failed check lists the markers and logs `V`.
+//!
+//! Two judgements, both over the whole log:
+//!
+//! - **Overlap:** each holder's logged span runs from its `G` to its `R`, or to the time the
+//!   killer took just before sending SIGKILL (or to its panic). Every logged span lies inside the
+//!   true hold, so two overlapping spans on one lock, one of them exclusive, are two holders at
+//!   once: a violation, never excused.
+//! - **Check:** a failed check is excused only when every conflicting marker belongs to a worker
+//!   the killer had already sent SIGKILL to and the harness had not yet reaped (a dying process
+//!   releases its files in no set order: its buildlock lock may go before its check lock). The
+//!   harness logs the reap (`Q`), not just the kill. Markers of workers reaped before the check
+//!   are left-overs and ignored; a failed check with nothing else to explain it is a violation.
+//!   Every excusing worker must have been killed while holding that lock, and excused checks are
+//!   at most the holder kills (both asserted).
+//!
+//! Release errors ("lost while held"), acquire errors and workers that exited badly are counted
+//! and reported; the test fails on release errors, bad exits and panics.
+//!
+//! Short runs (a few seconds per scenario) are part of the test suite. The long run:
 //!
 //! ```text
-//! BUILDLOCK_CHAOS_SECS=600 BUILDLOCK_CHAOS_WORKERS=12 cargo test --release --test chaos -- --nocapture
+//! BUILDLOCK_CHAOS_SECS=600 BUILDLOCK_CHAOS_WORKERS=12 cargo test --release --test chaos -- --nocapture --test-threads=1
 //! ```
-//!
-//! Each run prints: operations, kills (of holders, of waiters, of the daemon), violations (must
-//! be 0) and the worst time from a holder's (or the daemon's) death to the next grant.
-// The independent check takes flock(2) locks on purpose, and the killer sends real signals.
+// The independent check takes flock(2) locks on purpose, and the killers send real signals.
 #![allow(clippy::disallowed_methods)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::fd::AsRawFd;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use buildlock::{Connect, LockMode, LockTarget, Options, Wait};
+use buildlock::{Backend, Connect, LockMode, LockTarget, Options, Wait};
 
 const LOCKS: usize = 2;
+
+/// Bounds every wait of the harness on a process: past it, the process is killed and the test
+/// fails naming it. A bound on a failure, not a performance expectation
+/// (`BUILDLOCK_CHAOS_HANG_SECS`, default 60).
+fn hang() -> Duration {
+    Duration::from_secs(env_num("BUILDLOCK_CHAOS_HANG_SECS", 60))
+}
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -68,73 +93,236 @@ fn log_event(log: &Path, line: &str) {
     f.write_all(format!("{line}\n").as_bytes()).unwrap();
 }
 
+/// Waits for `child` at most [`hang`]; past it, kills it and says so, naming `what` and the
+/// processes it was waiting for.
+fn wait_bounded(child: &mut Child, what: &str) -> Result<ExitStatus, String> {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return Ok(st);
+        }
+        if start.elapsed() > hang() {
+            let processes = tree(child.id(), 2);
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "{what} (pid {}) did not exit within {:?}: killed it; its processes were:\n{processes}",
+                child.id(),
+                hang()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The kinds of worker; see the crate doc.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    Lib,
+    Soft,
+    Run,
+    Keeper,
+    Fasteners,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Lib => "lib",
+            Kind::Soft => "soft",
+            Kind::Run => "run",
+            Kind::Keeper => "keeper",
+            Kind::Fasteners => "fasteners",
+        }
+    }
+
+    fn parse(s: &str) -> Kind {
+        [Kind::Lib, Kind::Soft, Kind::Run, Kind::Keeper, Kind::Fasteners]
+            .into_iter()
+            .find(|k| k.name() == s)
+            .unwrap_or_else(|| panic!("unknown worker kind {s:?}"))
+    }
+}
+
+/// What a worker process needs to know, from its environment.
+struct Worker {
+    dir: PathBuf,
+    log: PathBuf,
+    daemon: bool,
+    /// This process: pid and start time (pids are reused within a long run).
+    incarnation: String,
+    checks: Vec<std::fs::File>,
+    rng: Rng,
+    /// The kind, logged with each grant (a `run` grandchild logs `run`).
+    kind: String,
+}
+
+impl Worker {
+    fn from_env() -> Worker {
+        let dir = PathBuf::from(std::env::var("CHAOS_DIR").expect("started by the harness"));
+        let me = std::process::id();
+        let incarnation = format!("{me}-{}", now_us());
+        let log = dir.join("events");
+        // A worker that dies of a panic must say so (with the time, before it is gone): it may
+        // leave a marker behind, and the harness must know the process is no longer inside.
+        {
+            let (log, incarnation) = (log.clone(), incarnation.clone());
+            std::panic::set_hook(Box::new(move |info| {
+                let msg = info.to_string().replace('\n', " ");
+                log_event(&log, &format!("X {incarnation} {} {msg}", now_us()));
+            }));
+        }
+        let checks = (0..LOCKS)
+            .map(|i| OpenOptions::new().create(true).append(true).open(dir.join(format!("check{i}"))).unwrap())
+            .collect();
+        let kind = std::env::var("CHAOS_KIND").unwrap_or_default().replace("section", "run");
+        Worker {
+            kind,
+            daemon: std::env::var("CHAOS_DAEMON").is_ok(),
+            rng: Rng::new(now_us() ^ u64::from(me) << 20),
+            dir,
+            log,
+            incarnation,
+            checks,
+        }
+    }
+
+    fn event(&self, what: &str) {
+        log_event(&self.log, what);
+    }
+
+    /// The critical section, run while holding `lock` (see the crate doc for the order).
+    fn section(&mut self, lock: usize, shared: bool, max_sleep_us: u64) {
+        let (inc, tag) = (self.incarnation.clone(), if shared { "s" } else { "x" });
+        self.event(&format!("G {inc} {lock} {} {tag} {}", now_us(), self.kind));
+        let marker = self.dir.join(format!("inside-{lock}/{inc}.{tag}"));
+        std::fs::write(&marker, "").expect("write the inside marker");
+        let arg =
+            if shared { nix::fcntl::FlockArg::LockSharedNonblock } else { nix::fcntl::FlockArg::LockExclusiveNonblock };
+        #[allow(deprecated)]
+        let alone = nix::fcntl::flock(self.checks[lock].as_raw_fd(), arg).is_ok();
+        if !alone {
+            let others = others_inside(&self.dir, lock, &format!("{inc}.{tag}"));
+            self.event(&format!("V {inc} {lock} {} {others} {tag}", now_us()));
+        }
+        std::thread::sleep(Duration::from_micros(self.rng.below(max_sleep_us)));
+        #[allow(deprecated)]
+        let _ = nix::fcntl::flock(self.checks[lock].as_raw_fd(), nix::fcntl::FlockArg::Unlock);
+        std::fs::remove_file(&marker).expect("remove the inside marker");
+        self.event(&format!("R {inc} {lock} {}", now_us()));
+    }
+
+    fn pick(&mut self) -> (usize, bool) {
+        (self.rng.below(LOCKS as u64) as usize, self.rng.below(10) < 3)
+    }
+
+    /// `buildlock-client` for this run's directories and mode.
+    fn cli(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_buildlock-client"));
+        c.env("BUILDLOCK_DIR", self.dir.join("locks"))
+            .env("BUILDLOCK_RUNTIME_DIR", self.dir.join("rt"))
+            .env("BUILDLOCKD", env!("CARGO_BIN_EXE_buildlockd"))
+            .env_remove("BUILDLOCK_NO_DAEMON")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if !self.daemon {
+            c.env("BUILDLOCK_NO_DAEMON", "1");
+        }
+        c
+    }
+
+    fn error(&self, what: &str) {
+        let what = what.replace('\n', " ");
+        self.event(&format!("E {} {} {what}", self.incarnation, now_us()));
+    }
+}
+
 /// The worker: run as `chaos_worker` in a child process (see `spawn_worker`).
 #[test]
 #[ignore = "run by the chaos harness in its worker processes"]
 fn chaos_worker() {
-    let dir = PathBuf::from(std::env::var("CHAOS_DIR").expect("started by the harness"));
-    let daemon = std::env::var("CHAOS_DAEMON").is_ok();
-    let deadline = Instant::now() + Duration::from_millis(env_num("CHAOS_MILLIS", 1000));
-    let log = dir.join("events");
-    let me = std::process::id();
-    // Pids are reused within a long run: markers name this incarnation (pid and start time).
-    let incarnation = format!("{me}-{}", now_us());
-    // A worker that dies of a panic must say so (with the time, before it is gone): it may
-    // leave a marker behind, and the harness must know the process is no longer inside.
-    {
-        let (log, incarnation) = (log.clone(), incarnation.clone());
-        std::panic::set_hook(Box::new(move |info| {
-            let msg = info.to_string().replace('\n', " ");
-            log_event(&log, &format!("X {incarnation} {} {msg}", now_us()));
-        }));
+    let kind = std::env::var("CHAOS_KIND").expect("started by the harness");
+    let mut w = Worker::from_env();
+    // A grandchild of `run`: one critical section.
+    if kind == "section" {
+        let s = std::env::var("CHAOS_SECTION").unwrap();
+        let (lock, mode) = s.split_once(' ').unwrap();
+        w.section(lock.parse().unwrap(), mode == "s", 5000);
+        return;
     }
-    // The check files first: lowest descriptors, dropped first when we die.
-    let checks: Vec<_> = (0..LOCKS)
-        .map(|i| OpenOptions::new().create(true).append(true).open(dir.join(format!("check{i}"))).unwrap())
-        .collect();
+    let kind = Kind::parse(&kind);
+    let deadline = Instant::now() + Duration::from_millis(env_num("CHAOS_MILLIS", 1000));
+    let unlocked = std::env::var("CHAOS_NO_LOCK").is_ok();
     let opts = Options {
-        connect: if daemon { Connect::DaemonOnly } else { Connect::Direct },
-        runtime_dir: Some(dir.join("rt")),
-        operation: format!("chaos worker {me}"),
+        connect: if w.daemon && kind != Kind::Soft { Connect::DaemonOnly } else { Connect::Direct },
+        backend: if kind == Kind::Soft { Backend::Soft } else { Backend::Auto },
+        // An OS-lock user leaves an empty lock file behind, which a soft user takes for a lock
+        // until it is older than this: the default (120 s) would stall soft workers for the run.
+        stale_after: if kind == Kind::Soft { Duration::from_secs(1) } else { buildlock::DEFAULT_STALE_AFTER },
+        runtime_dir: Some(w.dir.join("rt")),
+        operation: format!("chaos worker {}", w.incarnation),
         ..Options::default()
     };
-    let mut rng = Rng::new(now_us() ^ u64::from(me) << 20);
     while Instant::now() < deadline {
-        let lock = rng.below(LOCKS as u64) as usize;
-        let shared = rng.below(10) < 3;
-        let target = LockTarget::resolve(&format!("l{lock}"), &dir.join("locks")).unwrap();
-        let mode = if shared { LockMode::Shared } else { LockMode::Exclusive };
-        let opts = Options { mode, wait: Wait::Forever, ..opts.clone() };
-        // The checker's own test: without the lock, it must see two holders.
-        let unlocked = std::env::var("CHAOS_NO_LOCK").is_ok();
-        let lease = match if unlocked { Ok(None) } else { buildlock::acquire(&target, &opts, &mut |_| {}).map(Some) } {
-            Ok(l) => l,
-            Err(e) => {
-                // The daemon was killed under us: say so and try again (a new one starts).
-                log_event(&log, &format!("E {me} {lock} {} {e}", now_us()));
-                continue;
+        let (lock, shared) = w.pick();
+        let name = format!("l{lock}");
+        let mode = if shared { "-s" } else { "-x" };
+        match kind {
+            Kind::Lib | Kind::Soft => {
+                let target = LockTarget::resolve(&name, &w.dir.join("locks")).unwrap();
+                let mode = if shared { LockMode::Shared } else { LockMode::Exclusive };
+                let opts = Options { mode, wait: Wait::Forever, ..opts.clone() };
+                // The checker's own test: without the lock, it must see two holders.
+                let lease = if unlocked {
+                    None
+                } else {
+                    match buildlock::acquire(&target, &opts, &mut |_| {}) {
+                        Ok(l) => Some(l),
+                        Err(e) => {
+                            // The daemon was killed under us: say so and try again.
+                            w.error(&format!("acquire: {e}"));
+                            continue;
+                        }
+                    }
+                };
+                w.section(lock, shared, 3000);
+                if let Some(Err(e)) = lease.map(|l| l.release()) {
+                    w.error(&format!("release: {e}"));
+                }
             }
-        };
-        log_event(&log, &format!("G {me} {lock} {} {}", now_us(), if shared { "s" } else { "x" }));
-        let arg =
-            if shared { nix::fcntl::FlockArg::LockSharedNonblock } else { nix::fcntl::FlockArg::LockExclusiveNonblock };
-        #[allow(deprecated)]
-        let inside_alone = nix::fcntl::flock(checks[lock].as_raw_fd(), arg).is_ok();
-        // Named `pid-start.mode`: readers may legitimately be inside together.
-        let mode_tag = if shared { "s" } else { "x" };
-        let marker = dir.join(format!("inside-{lock}/{incarnation}.{mode_tag}"));
-        if !inside_alone {
-            let others = others_inside(&dir, lock, &format!("{incarnation}.{mode_tag}"));
-            log_event(&log, &format!("V {me} {lock} {} {others} {mode_tag}", now_us()));
-        }
-        std::fs::write(&marker, "").expect("write the inside marker");
-        std::thread::sleep(Duration::from_micros(rng.below(3000)));
-        std::fs::remove_file(&marker).expect("remove the inside marker");
-        #[allow(deprecated)]
-        let _ = nix::fcntl::flock(checks[lock].as_raw_fd(), nix::fcntl::FlockArg::Unlock);
-        log_event(&log, &format!("R {me} {lock} {}", now_us()));
-        if let Some(Err(e)) = lease.map(|l| l.release()) {
-            log_event(&log, &format!("E {me} {lock} {} release: {e}", now_us()));
+            Kind::Run => {
+                let section = format!("{lock} {}", if shared { "s" } else { "x" });
+                let exe = std::env::current_exe().unwrap();
+                let out = w
+                    .cli()
+                    .args(["run", mode, &name, "--", "sh", "-c"])
+                    .arg("\"$0\" chaos_worker --exact --ignored --nocapture --test-threads=1 & wait")
+                    .arg(exe)
+                    .env("CHAOS_KIND", "section")
+                    .env("CHAOS_SECTION", section)
+                    .output()
+                    .unwrap();
+                // Killed by the run-killer: expected. Anything else is worth a look.
+                if out.status.signal().is_none() && !out.status.success() {
+                    w.error(&format!("run: {}: {}", out.status, String::from_utf8_lossy(&out.stderr)));
+                }
+            }
+            Kind::Keeper => {
+                let me = std::process::id().to_string();
+                let out = w.cli().args(["acquire", mode, "--pid", &me, &name]).output().unwrap();
+                if !out.status.success() {
+                    // A keeper killed before it took the lock.
+                    w.error(&format!("acquire: {}: {}", out.status, String::from_utf8_lossy(&out.stderr)));
+                    continue;
+                }
+                w.section(lock, shared, 3000);
+                let out = w.cli().args(["release", "--pid", &me, &name]).output().unwrap();
+                if !out.status.success() {
+                    w.error(&format!("release: {}: {}", out.status, String::from_utf8_lossy(&out.stderr)));
+                }
+            }
+            Kind::Fasteners => unreachable!("a Python process"),
         }
     }
 }
@@ -152,45 +340,158 @@ fn others_inside(dir: &Path, lock: usize, me: &str) -> String {
     }
 }
 
-fn worker_command(dir: &Path, daemon: bool, millis: u64) -> Command {
-    let mut c = Command::new(std::env::current_exe().unwrap());
-    c.args(["chaos_worker", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
-        .env("CHAOS_DIR", dir)
+/// Which processes the killer may SIGKILL.
+#[derive(Clone, Copy, Default)]
+struct Killers {
+    /// Pool workers (holders and waiters of every kind).
+    workers: bool,
+    /// `buildlock-client run` processes (children of `run` workers), not their commands.
+    runs: bool,
+    /// `acquire --pid` keepers.
+    keepers: bool,
+    /// The daemon.
+    daemon: bool,
+}
+
+struct Scenario {
+    name: &'static str,
+    daemon: bool,
+    kinds: Vec<Kind>,
+    killers: Killers,
+    /// Workers take no lock: the checker's self-test.
+    no_lock: bool,
+    secs: u64,
+}
+
+impl Scenario {
+    fn new(name: &'static str, daemon: bool, kinds: &[Kind], killers: Killers) -> Scenario {
+        let mut kinds = kinds.to_vec();
+        if kinds.contains(&Kind::Fasteners) && std::env::var_os("BUILDLOCK_TEST_PYTHON").is_none() {
+            println!("chaos[{name}]: BUILDLOCK_TEST_PYTHON is unset: no fasteners workers in this run");
+            kinds.retain(|k| *k != Kind::Fasteners);
+        }
+        Scenario { name, daemon, kinds, killers, no_lock: false, secs: env_num("BUILDLOCK_CHAOS_SECS", 4) }
+    }
+}
+
+fn worker_command(dir: &Path, s: &Scenario, kind: Kind, millis: u64) -> Command {
+    let mut c = if kind == Kind::Fasteners {
+        let mut c = Command::new(std::env::var_os("BUILDLOCK_TEST_PYTHON").unwrap());
+        c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/fasteners_tool.py")).args([
+            "chaos",
+            &dir.display().to_string(),
+            &LOCKS.to_string(),
+            &millis.to_string(),
+        ]);
+        c
+    } else {
+        let mut c = Command::new(std::env::current_exe().unwrap());
+        c.args(["chaos_worker", "--exact", "--ignored", "--nocapture", "--test-threads=1"]);
+        c
+    };
+    c.env("CHAOS_DIR", dir)
+        .env("CHAOS_KIND", kind.name())
         .env("CHAOS_MILLIS", millis.to_string())
         .env("BUILDLOCKD", env!("CARGO_BIN_EXE_buildlockd"))
         .env_remove("BUILDLOCK_NO_DAEMON")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    if daemon {
+    if s.daemon {
         c.env("CHAOS_DAEMON", "1");
+    }
+    if s.no_lock {
+        c.env("CHAOS_NO_LOCK", "1");
     }
     c
 }
 
+#[derive(Default)]
 struct Report {
     operations: usize,
+    /// Grants by worker kind.
+    by_kind: std::collections::BTreeMap<String, usize>,
+    /// Kills of pool workers that held a lock (by the log), of other workers, of `run`
+    /// processes, of keepers, of the daemon.
     holder_kills: usize,
     waiter_kills: usize,
+    run_kills: usize,
+    keeper_kills: usize,
     daemon_kills: usize,
+    /// Failed checks no dying holder explains.
     violations: Vec<String>,
+    /// Overlapping logged spans on one lock, one of them exclusive.
+    overlaps: Vec<String>,
+    /// Failed checks explained by a killed, not yet reaped holder, and those holders.
+    excused: usize,
+    excusing: BTreeSet<String>,
+    /// Excusing holders the log does not show as killed while holding that lock.
+    bad_excuses: Vec<String>,
     /// Worst time from a holder's death to the next grant of its lock.
     worst_holder_kill_to_grant: Option<Duration>,
-    /// Failed checks explained by a holder that was already SIGKILLed and still releasing.
-    dying_overlaps: usize,
     /// Worst time from the daemon's death to the next grant of any lock.
     worst_kill_to_grant: Option<Duration>,
-    /// The events within 20 ms of the first violation, for diagnosis.
+    /// The events around the first violation, for diagnosis.
     context: String,
     /// Workers that died of a panic (a harness or library bug), with the message.
     panics: Vec<String>,
+    /// `E` lines: failed acquires and failed releases.
+    acquire_errors: Vec<String>,
+    release_errors: Vec<String>,
+    /// Workers the killer did not kill that exited other than with success.
+    bad_exits: Vec<String>,
+    /// Spans never closed by a release, a kill or a panic.
+    unclosed: usize,
+    /// Workers that did not exit when they should have (killed after [`hang`]).
+    hangs: Vec<String>,
 }
 
-fn run_chaos(daemon: bool) -> Report {
-    run_chaos_with(daemon, env_num("BUILDLOCK_CHAOS_SECS", 4), true, false)
+fn daemon_pid(dir: &Path) -> Option<i32> {
+    std::fs::read_to_string(dir.join("rt/buildlockd.pid")).ok().and_then(|p| p.trim().parse::<i32>().ok())
 }
 
-fn run_chaos_with(daemon: bool, secs: u64, kill: bool, no_lock: bool) -> Report {
+/// The pids of the children of `pid`, of all its threads (`/proc/PID/task/*/children`).
+fn children(pid: u32) -> Vec<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| c.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<i32>>())
+        .collect()
+}
+
+/// `pid` and its descendants with their command lines, for a hang report.
+fn tree(pid: u32, depth: usize) -> String {
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let mut out = format!("{:depth$}{pid} {}\n", "", String::from_utf8_lossy(&cmd).replace('\0', " "));
+    for c in children(pid) {
+        out.push_str(&tree(c as u32, depth + 2));
+    }
+    out
+}
+
+/// The pids of the live `acquire --pid` keepers (from their `*.keeper-PID` files).
+fn keepers(dir: &Path) -> Vec<i32> {
+    std::fs::read_dir(dir.join("locks"))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().contains(".keeper-"))
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok()?.split_whitespace().next()?.parse().ok())
+                .filter(|pid: &i32| {
+                    std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| String::from_utf8_lossy(&c).contains("__keep"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn sigkill(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).is_ok()
+}
+
+fn run_chaos(s: &Scenario) -> Report {
     let workers = env_num("BUILDLOCK_CHAOS_WORKERS", 6) as usize;
     let tmp = tempfile::Builder::new().prefix("buildlock-chaos").tempdir().unwrap();
     let dir = tmp.path().to_owned();
@@ -199,105 +500,154 @@ fn run_chaos_with(daemon: bool, secs: u64, kill: bool, no_lock: bool) -> Report 
         std::fs::create_dir(dir.join(format!("inside-{i}"))).unwrap();
     }
     let log = dir.join("events");
-    let end = Instant::now() + Duration::from_secs(secs);
+    let end = Instant::now() + Duration::from_secs(s.secs);
     let left = || end.saturating_duration_since(Instant::now()).as_millis() as u64;
-    let spawn = |millis| {
-        let mut c = worker_command(&dir, daemon, millis);
-        if no_lock {
-            c.env("CHAOS_NO_LOCK", "1");
-        }
-        c.spawn().unwrap()
-    };
-    let mut pool: Vec<Child> = (0..workers).map(|_| spawn(left())).collect();
+    let spawn = |kind: Kind| (worker_command(&dir, s, kind, left()).spawn().unwrap(), kind);
+    let mut pool: Vec<(Child, Kind)> = (0..workers).map(|i| spawn(s.kinds[i % s.kinds.len()])).collect();
     let mut rng = Rng::new(now_us());
     let mut next_daemon_kill = Instant::now() + Duration::from_millis(700);
-    while kill && Instant::now() < end {
+    let k = s.killers;
+    let mut hangs = Vec::new();
+    while (k.workers || k.runs || k.keepers || k.daemon) && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(20 + rng.below(80)));
-        // SIGKILL a random worker, holder or waiter, and replace it.
-        let i = rng.below(pool.len() as u64) as usize;
-        let pid = pool[i].id();
-        // The time is taken before the signal is sent: the victim is dead by then at the latest.
-        let at = now_us();
-        if pool[i].kill().is_ok() {
-            log_event(&log, &format!("K {pid} {at}"));
+        if k.workers {
+            // SIGKILL a random worker, holder or waiter, reap it and replace it. The time is
+            // taken before the signal is sent: the victim is dead by then at the latest.
+            // Half the time a worker inside a critical section (by its marker), if any.
+            let inside: Vec<usize> = (0..LOCKS)
+                .flat_map(|l| std::fs::read_dir(dir.join(format!("inside-{l}"))).into_iter().flatten().flatten())
+                .filter_map(|e| e.file_name().to_string_lossy().split('-').next()?.parse::<u32>().ok())
+                .filter_map(|pid| pool.iter().position(|w| w.0.id() == pid))
+                .collect();
+            let i = if !inside.is_empty() && rng.below(2) == 0 {
+                inside[rng.below(inside.len() as u64) as usize]
+            } else {
+                rng.below(pool.len() as u64) as usize
+            };
+            let pid = pool[i].0.id();
+            let at = now_us();
+            if pool[i].0.kill().is_ok() {
+                log_event(&log, &format!("K {pid} {at} worker"));
+            }
+            match wait_bounded(&mut pool[i].0, "a killed worker") {
+                Ok(st) => log_event(&log, &format!("Q {pid} {} {st}", now_us())),
+                Err(e) => hangs.push(e),
+            }
+            pool[i] = spawn(pool[i].1);
         }
-        let _ = pool[i].wait();
-        pool[i] = spawn(left());
-        if daemon && Instant::now() >= next_daemon_kill {
-            next_daemon_kill = Instant::now() + Duration::from_millis(500 + rng.below(1000));
-            if let Some(d) =
-                std::fs::read_to_string(dir.join("rt/buildlockd.pid")).ok().and_then(|p| p.trim().parse::<i32>().ok())
-            {
+        if k.runs {
+            let runs: Vec<i32> = pool.iter().filter(|w| w.1 == Kind::Run).flat_map(|w| children(w.0.id())).collect();
+            if !runs.is_empty() {
+                let pid = runs[rng.below(runs.len() as u64) as usize];
                 let at = now_us();
-                if nix::sys::signal::kill(nix::unistd::Pid::from_raw(d), nix::sys::signal::SIGKILL).is_ok() {
-                    log_event(&log, &format!("D {d} {at}"));
+                if sigkill(pid) {
+                    log_event(&log, &format!("K {pid} {at} run"));
+                }
+            }
+        }
+        if k.keepers {
+            let ks = keepers(&dir);
+            if !ks.is_empty() {
+                let pid = ks[rng.below(ks.len() as u64) as usize];
+                let at = now_us();
+                if sigkill(pid) {
+                    log_event(&log, &format!("K {pid} {at} keeper"));
+                }
+            }
+        }
+        if k.daemon && s.daemon && Instant::now() >= next_daemon_kill {
+            next_daemon_kill = Instant::now() + Duration::from_millis(500 + rng.below(1000));
+            if let Some(d) = daemon_pid(&dir) {
+                let at = now_us();
+                if sigkill(d) {
+                    log_event(&log, &format!("K {d} {at} daemon"));
                 }
             }
         }
     }
-    for mut w in pool {
-        let _ = w.wait();
+    for (mut w, kind) in pool {
+        let pid = w.id();
+        match wait_bounded(&mut w, &format!("a {} worker at the end of the run", kind.name())) {
+            Ok(st) => log_event(&log, &format!("Q {pid} {} {st}", now_us())),
+            Err(e) => hangs.push(e),
+        }
     }
-    if let Some(d) =
-        std::fs::read_to_string(dir.join("rt/buildlockd.pid")).ok().and_then(|p| p.trim().parse::<i32>().ok())
-    {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(d), nix::sys::signal::SIGKILL);
+    if let Some(d) = daemon_pid(&dir) {
+        sigkill(d);
     }
     let events = std::fs::read_to_string(&log).unwrap_or_default();
     if let Ok(keep) = std::env::var("CHAOS_KEEP_LOG") {
-        let _ = std::fs::write(keep, &events);
+        let _ = std::fs::write(format!("{keep}.{}", s.name), &events);
     }
-    analyse(&events)
+    Report { hangs, ..analyse(&events) }
 }
 
-/// Reads the event log: `G pid lock t mode`, `R pid lock t`, `V pid lock t`, `K pid t`,
-/// `D pid t`, `E ...`.
+/// One holder's logged hold of a lock.
+struct Span<'a> {
+    who: &'a str,
+    lock: &'a str,
+    exclusive: bool,
+    from: u64,
+    to: u64,
+}
+
+/// Reads the event log (see the crate doc): `G inc lock t mode`, `R inc lock t`,
+/// `V inc lock t markers mode`, `X inc t msg`, `E inc t msg`, `K pid t what`, `Q pid t status`.
 fn analyse(events: &str) -> Report {
     let mut lines: Vec<Vec<&str>> = events.lines().map(|l| l.split(' ').collect()).collect();
     let t = |f: &Vec<&str>| -> u64 {
-        let i = if matches!(f[0], "K" | "D" | "X") { 2 } else { 3 };
+        let i = if matches!(f[0], "K" | "Q" | "X" | "E") { 2 } else { 3 };
         f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0)
     };
     lines.sort_by_key(|f| t(f));
-    let mut holding: HashMap<&str, &str> = HashMap::new(); // pid -> lock
-    let mut report = Report {
-        operations: 0,
-        holder_kills: 0,
-        waiter_kills: 0,
-        daemon_kills: 0,
-        violations: Vec::new(),
-        worst_holder_kill_to_grant: None,
-        dying_overlaps: 0,
-        worst_kill_to_grant: None,
-        context: String::new(),
-        panics: Vec::new(),
-    };
-    let mut kills: HashMap<&str, Vec<u64>> = HashMap::new();
-    for f in lines.iter().filter(|f| f[0] == "K") {
-        kills.entry(f[1]).or_default().push(f.get(2).and_then(|t| t.parse().ok()).unwrap_or(u64::MAX));
+    let mut report = Report::default();
+    // Incarnations (`pid-start`) by pid, to name the process a `K` or `Q` (by pid) hit: the
+    // latest one started before it.
+    let mut incarnations: HashMap<&str, Vec<(u64, &str)>> = HashMap::new();
+    for f in lines.iter().filter(|f| matches!(f[0], "G" | "R" | "V" | "X" | "E")) {
+        if let Some((pid, start)) = f[1].split_once('-') {
+            let v = incarnations.entry(pid).or_default();
+            if !v.iter().any(|(_, i)| *i == f[1]) {
+                v.push((start.parse().unwrap_or(0), f[1]));
+            }
+        }
     }
-    // Workers that died of a panic (`X incarnation t message`): gone from that time on.
-    let mut panicked: HashMap<&str, u64> = HashMap::new();
-    for f in lines.iter().filter(|f| f[0] == "X") {
-        panicked.insert(f[1], f.get(2).and_then(|t| t.parse().ok()).unwrap_or(u64::MAX));
-        report.panics.push(f.join(" "));
-    }
-    // Whether incarnation `pid-start` was SIGKILLed after it started and before `before`.
-    let killed_before = |incarnation: &str, before: u64| -> bool {
-        let Some((pid, start)) = incarnation.split_once('-') else { return false };
-        let start: u64 = start.parse().unwrap_or(u64::MAX);
-        kills.get(pid).is_some_and(|ks| ks.iter().any(|&k| k >= start && k < before))
-            || panicked.get(incarnation).is_some_and(|&p| p < before)
+    let incarnation_at = |pid: &str, at: u64| -> Option<&str> {
+        incarnations.get(pid)?.iter().filter(|(start, _)| *start <= at).max_by_key(|(start, _)| *start).map(|(_, i)| *i)
     };
-    let mut granted_at: HashMap<&str, u64> = HashMap::new();
-    // (lock or "*" for any, time of death) awaiting the next grant.
+    let mut killed_at: HashMap<&str, u64> = HashMap::new();
+    let mut reaped_at: HashMap<&str, u64> = HashMap::new();
+    for f in &lines {
+        match (f[0], f.get(3)) {
+            ("K", Some(&"worker")) => {
+                if let Some(i) = incarnation_at(f[1], t(f)) {
+                    killed_at.insert(i, t(f));
+                }
+            }
+            ("Q", _) => {
+                if let Some(i) = incarnation_at(f[1], t(f)) {
+                    reaped_at.insert(i, t(f));
+                }
+                // Only the killer sends SIGKILL to pool workers.
+                let status = f[3..].join(" ");
+                if !status.contains("exit status: 0") && !status.contains("SIGKILL") {
+                    report.bad_exits.push(f.join(" "));
+                }
+            }
+            _ => {}
+        }
+    }
+    // Spans, and the holders killed while holding: (incarnation, lock).
+    let mut open: HashMap<&str, (&str, bool, u64)> = HashMap::new();
+    let mut spans: Vec<Span> = Vec::new();
+    let mut killed_holding: BTreeSet<(String, String)> = BTreeSet::new();
     let mut pending: Vec<(Option<&str>, &str, u64)> = Vec::new();
     for f in &lines {
         match f[0] {
             "G" => {
                 report.operations += 1;
-                holding.insert(f[1], f[2]);
-                granted_at.insert(f[1], t(f));
+                *report.by_kind.entry(f.get(5).unwrap_or(&"?").to_string()).or_default() += 1;
+                open.insert(f[1], (f[2], f.get(4) == Some(&"x"), t(f)));
                 let now = t(f);
                 pending.retain(|(lock, victim, at)| {
                     let matches = lock.is_none_or(|l| l == f[2]) && *victim != f[1];
@@ -313,43 +663,103 @@ fn analyse(events: &str) -> Report {
                     !matches
                 });
             }
-            "R" => {
-                holding.remove(f[1]);
+            "R" | "X" => {
+                if f[0] == "X" {
+                    report.panics.push(f.join(" "));
+                }
+                if let Some((lock, exclusive, from)) = open.remove(f[1]) {
+                    spans.push(Span { who: f[1], lock, exclusive, from, to: t(f) });
+                }
             }
-            "V" => {
-                // Two holders, unless every other holder that conflicts with us (any, for a
-                // writer; writers, for a reader) had been killed before our grant.
-                let granted = granted_at.get(f[1]).copied().unwrap_or(u64::MAX);
-                let reader = f.get(5) == Some(&"s");
-                let others: Vec<(&str, &str)> =
-                    f.get(4).map(|o| o.split(',').filter_map(|m| m.rsplit_once('.')).collect()).unwrap_or_default();
-                let conflicting: Vec<&str> =
-                    others.iter().filter(|(_, mode)| !reader || *mode == "x").map(|(inc, _)| *inc).collect();
-                let dying = !conflicting.is_empty() && conflicting.iter().all(|o| killed_before(o, granted));
-                if dying {
-                    report.dying_overlaps += 1;
-                } else {
-                    if report.violations.is_empty() {
-                        let at = t(f);
-                        for g in lines.iter().filter(|g| t(g).abs_diff(at) < 20_000) {
-                            report.context.push_str(&format!("  {:+8} us  {}\n", t(g) as i64 - at as i64, g.join(" ")));
-                        }
+            "K" => match f.get(3).copied() {
+                Some("worker") => match incarnation_at(f[1], t(f)).and_then(|i| open.remove_entry(i)) {
+                    Some((who, (lock, exclusive, from))) => {
+                        report.holder_kills += 1;
+                        killed_holding.insert((who.to_owned(), lock.to_owned()));
+                        spans.push(Span { who, lock, exclusive, from, to: t(f) });
+                        pending.push((Some(lock), who, t(f)));
                     }
-                    report.violations.push(f.join(" "));
+                    None => report.waiter_kills += 1,
+                },
+                Some("run") => report.run_kills += 1,
+                Some("keeper") => report.keeper_kills += 1,
+                Some("daemon") => {
+                    report.daemon_kills += 1;
+                    pending.push((None, "", t(f)));
                 }
-            }
-            "K" => match holding.remove(f[1]) {
-                Some(lock) => {
-                    report.holder_kills += 1;
-                    pending.push((Some(lock), f[1], t(f)));
-                }
-                None => report.waiter_kills += 1,
+                _ => {}
             },
-            "D" => {
-                report.daemon_kills += 1;
-                pending.push((None, "", t(f)));
+            "E" => {
+                let msg = f[3..].join(" ");
+                if msg.starts_with("release") {
+                    report.release_errors.push(f.join(" "));
+                } else {
+                    report.acquire_errors.push(f.join(" "));
+                }
             }
             _ => {}
+        }
+    }
+    report.unclosed = open.len();
+    // Overlap: any two spans on one lock, one exclusive, that share a moment.
+    let mut context_at = None;
+    for lock in 0..LOCKS {
+        let lock = lock.to_string();
+        let mut mine: Vec<&Span> = spans.iter().filter(|s| s.lock == lock).collect();
+        mine.sort_by_key(|s| s.from);
+        let mut active: Vec<&Span> = Vec::new();
+        for s in mine {
+            active.retain(|a| a.to > s.from);
+            for a in &active {
+                if a.exclusive || s.exclusive {
+                    context_at.get_or_insert(s.from);
+                    report.overlaps.push(format!(
+                        "lock {lock}: {} {} [{}, {}] and {} {} [{}, {}]",
+                        a.who,
+                        if a.exclusive { "x" } else { "s" },
+                        a.from,
+                        a.to,
+                        s.who,
+                        if s.exclusive { "x" } else { "s" },
+                        s.from,
+                        s.to
+                    ));
+                }
+            }
+            active.push(s);
+        }
+    }
+    // Failed checks.
+    for f in lines.iter().filter(|f| f[0] == "V") {
+        let at = t(f);
+        let reader = f.get(5) == Some(&"s");
+        let others: Vec<(&str, &str)> =
+            f.get(4).map(|o| o.split(',').filter_map(|m| m.rsplit_once('.')).collect()).unwrap_or_default();
+        // Conflicting (any, for a writer; writers, for a reader), not left over by a worker
+        // reaped before the check.
+        let conflicting: Vec<&str> = others
+            .iter()
+            .filter(|(_, mode)| !reader || *mode == "x")
+            .map(|(inc, _)| *inc)
+            .filter(|inc| reaped_at.get(inc).is_none_or(|&r| r > at))
+            .collect();
+        let dying = |inc: &&str| killed_at.get(inc).is_some_and(|&k| k <= at);
+        if !conflicting.is_empty() && conflicting.iter().all(dying) {
+            report.excused += 1;
+            for inc in conflicting {
+                report.excusing.insert(inc.to_owned());
+                if !killed_holding.contains(&(inc.to_owned(), f[2].to_owned())) {
+                    report.bad_excuses.push(format!("{inc} (for {})", f.join(" ")));
+                }
+            }
+        } else {
+            context_at.get_or_insert(at);
+            report.violations.push(f.join(" "));
+        }
+    }
+    if let Some(at) = context_at {
+        for g in lines.iter().filter(|g| t(g).abs_diff(at) < 30_000) {
+            report.context.push_str(&format!("  {:+8} us  {}\n", t(g) as i64 - at as i64, g.join(" ")));
         }
     }
     report
@@ -359,50 +769,160 @@ fn ms(d: Option<Duration>) -> String {
     d.map_or("n/a".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
 }
 
-fn check(mode: &str, r: &Report) {
+fn print(name: &str, r: &Report) {
     println!(
-        "chaos[{mode}]: {} operations, {} kills ({} holders, {} waiters, {} daemon), {} violations \
-         ({} checks overlapped a killed holder still releasing), worst holder-kill-to-grant {}, \
-         worst daemon-kill-to-grant {}",
+        "chaos[{name}]: {} operations ({}); kills: {} holders, {} waiters, {} run, {} keepers, {} daemon; \
+         {} violations, {} overlapping spans; {} failed checks excused (a killed holder not yet reaped: {} \
+         holders); {} acquire errors, {} release errors, {} bad exits, {} panics, {} unclosed spans, {} hangs; \
+         worst holder-kill-to-grant {}, worst daemon-kill-to-grant {}",
         r.operations,
-        r.holder_kills + r.waiter_kills + r.daemon_kills,
+        r.by_kind.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", "),
         r.holder_kills,
         r.waiter_kills,
+        r.run_kills,
+        r.keeper_kills,
         r.daemon_kills,
         r.violations.len(),
-        r.dying_overlaps,
+        r.overlaps.len(),
+        r.excused,
+        r.excusing.len(),
+        r.acquire_errors.len(),
+        r.release_errors.len(),
+        r.bad_exits.len(),
+        r.panics.len(),
+        r.unclosed,
+        r.hangs.len(),
         ms(r.worst_holder_kill_to_grant),
         ms(r.worst_kill_to_grant),
     );
+    for (what, list) in
+        [("release errors", &r.release_errors), ("acquire errors", &r.acquire_errors), ("bad exits", &r.bad_exits)]
+    {
+        if !list.is_empty() {
+            println!("chaos[{name}]: {what} (first 5 of {}): {:#?}", list.len(), &list[..list.len().min(5)]);
+        }
+    }
+}
+
+fn first<T: std::fmt::Debug>(v: &[T]) -> &[T] {
+    &v[..v.len().min(10)]
+}
+
+#[track_caller]
+fn check(s: &Scenario, r: &Report) {
+    print(s.name, r);
+    assert!(r.hangs.is_empty(), "{}", r.hangs.join("\n"));
     assert!(r.panics.is_empty(), "workers panicked: {:?}", r.panics);
     assert!(
-        r.violations.is_empty(),
-        "two holders at once: {:?}\nevents around the first:\n{}",
-        r.violations,
+        r.violations.is_empty() && r.overlaps.is_empty(),
+        "two holders at once: {} failed checks {:?}, {} overlapping spans {:?}\nevents around the first:\n{}",
+        r.violations.len(),
+        first(&r.violations),
+        r.overlaps.len(),
+        first(&r.overlaps),
         r.context
     );
+    assert!(r.bad_excuses.is_empty(), "failed checks excused by holders not killed holding: {:?}", r.bad_excuses);
+    assert!(r.excused <= r.holder_kills, "{} failed checks excused by only {} holder kills", r.excused, r.holder_kills);
+    assert!(r.release_errors.is_empty(), "locks lost while held: {:?}", first(&r.release_errors));
+    assert!(r.bad_exits.is_empty(), "workers exited badly: {:?}", first(&r.bad_exits));
+    assert_eq!(r.unclosed, 0, "spans never closed");
     assert!(r.operations > 0, "no lock was ever granted");
-    assert!(r.holder_kills > 0, "the killer never hit a holder");
+    let k = s.killers;
+    assert!(!k.workers || r.holder_kills > 0, "the killer never hit a holder");
+    assert!(!k.runs || r.run_kills > 0, "the killer never hit a run process");
+    assert!(!k.keepers || r.keeper_kills > 0, "the killer never hit a keeper");
+    assert!(!(k.daemon && s.daemon) || r.daemon_kills > 0, "the daemon was never killed");
 }
+
+const ALL_KILLERS: Killers = Killers { workers: true, runs: false, keepers: false, daemon: true };
 
 #[test]
 fn the_checker_sees_two_holders_when_there_is_no_lock() {
-    let r = run_chaos_with(false, 1, false, true);
-    assert!(
-        !r.violations.is_empty(),
-        "the check never fired although nothing was locked ({} operations)",
-        r.operations
-    );
+    // With the killer on, as in the real runs: its excuses must not hide the second holders.
+    // Both judgements must fire; a run too loaded to make any is run again, longer.
+    let mut secs = 1;
+    loop {
+        let mut s = Scenario::new("no lock", false, &[Kind::Lib], Killers { workers: true, ..Killers::default() });
+        s.no_lock = true;
+        s.secs = secs;
+        let r = run_chaos(&s);
+        print(s.name, &r);
+        if r.operations >= 200 || secs >= 16 {
+            assert!(!r.violations.is_empty(), "the check never fired although nothing was locked");
+            assert!(!r.overlaps.is_empty(), "no overlapping spans although nothing was locked");
+            assert!(r.excused <= r.holder_kills);
+            return;
+        }
+        secs *= 2;
+    }
 }
 
 #[test]
 fn chaos_direct_mode() {
-    check("direct", &run_chaos(false));
+    let s = Scenario::new(
+        "direct",
+        false,
+        &[Kind::Lib, Kind::Run, Kind::Keeper, Kind::Fasteners],
+        Killers { workers: true, ..Killers::default() },
+    );
+    check(&s, &run_chaos(&s));
 }
 
 #[test]
 fn chaos_through_the_daemon_with_daemon_kills() {
-    let r = run_chaos(true);
-    assert!(r.daemon_kills > 0, "the daemon was never killed");
-    check("daemon", &r);
+    let s = Scenario::new("daemon", true, &[Kind::Lib, Kind::Run, Kind::Keeper, Kind::Fasteners], ALL_KILLERS);
+    check(&s, &run_chaos(&s));
+}
+
+#[test]
+fn chaos_kill_only_the_daemon() {
+    let s = Scenario::new(
+        "daemon only",
+        true,
+        &[Kind::Lib, Kind::Run, Kind::Keeper, Kind::Fasteners],
+        Killers { daemon: true, ..Killers::default() },
+    );
+    check(&s, &run_chaos(&s));
+}
+
+/// Killing `run` alone must not free the lock while its command's children still run
+/// (issue 8, section 1).
+#[test]
+fn chaos_kill_run_processes() {
+    for daemon in [false, true] {
+        let s = Scenario::new(
+            if daemon { "run killer, daemon" } else { "run killer, direct" },
+            daemon,
+            &[Kind::Run, Kind::Lib],
+            Killers { runs: true, ..Killers::default() },
+        );
+        check(&s, &run_chaos(&s));
+    }
+}
+
+/// Killing an `acquire --pid` keeper must not free the lock while its bound process lives.
+#[test]
+fn chaos_kill_keepers() {
+    for daemon in [true, false] {
+        let s = Scenario::new(
+            if daemon { "keeper killer, daemon" } else { "keeper killer, direct" },
+            daemon,
+            &[Kind::Keeper, Kind::Lib],
+            Killers { keepers: true, ..Killers::default() },
+        );
+        check(&s, &run_chaos(&s));
+    }
+}
+
+/// Soft-lock users and OS-lock users on one lock (issue 8, section 7).
+#[test]
+fn chaos_soft_and_os_locks_mixed() {
+    let s = Scenario::new(
+        "soft and os",
+        false,
+        &[Kind::Soft, Kind::Lib, Kind::Soft, Kind::Run],
+        Killers { workers: true, ..Killers::default() },
+    );
+    check(&s, &run_chaos(&s));
 }

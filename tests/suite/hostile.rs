@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use crate::stale::hostname;
-use crate::util::{dead_pid, run_within_hang, Env};
+use crate::util::{dead_pid, output_bounded, Env};
 
 const PRECIOUS: &str = "precious contents\n";
 
@@ -72,9 +72,9 @@ fn links_at_the_metadata_and_fence_files_are_never_written_through() {
         symlink(&victim, &meta).unwrap();
         symlink(&victim, &fence).unwrap();
         for _ in 0..2 {
-            env.run_bounded(&["run", "-n", "x", "--", "echo", "ran"]).assert_code(0).assert_stdout_has("ran");
+            env.run(&["run", "-n", "x", "--", "echo", "ran"]).assert_code(0).assert_stdout_has("ran");
         }
-        env.run_bounded(&["break", "x"]).assert_code(2).assert_stderr_has("symbolic link");
+        env.run(&["break", "x"]).assert_code(2).assert_stderr_has("symbolic link");
         assert_untouched(&victim);
         assert!(is_symlink(&meta) && is_symlink(&fence), "a planted link was removed");
     }
@@ -86,17 +86,17 @@ fn a_link_at_the_lock_file_is_refused_and_never_locked_or_written() {
         let victim = victim(&env);
         std::fs::create_dir_all(env.locks()).unwrap();
         symlink(&victim, env.lock_file("x")).unwrap();
-        let out = env.run_bounded(&["run", "-n", "x", "--", "echo", "ran"]);
+        let out = env.run(&["run", "-n", "x", "--", "echo", "ran"]);
         assert_ne!(out.code(), 0, "locked through a link:\n{}", out.stderr);
         out.assert_stderr_has("symbolic link");
         assert!(!out.stdout.contains("ran"));
-        env.run_bounded(&["--soft", "run", "-n", "x", "--", "true"]).assert_code(2).assert_stderr_has("symbolic link");
-        env.run_bounded(&["--soft", "break", "--force", "x"]).assert_code(2).assert_stderr_has("symbolic link");
-        env.run_bounded(&["break", "x"]).assert_code(2).assert_stderr_has("symbolic link");
+        env.run(&["--soft", "run", "-n", "x", "--", "true"]).assert_code(2).assert_stderr_has("symbolic link");
+        env.run(&["--soft", "break", "--force", "x"]).assert_code(2).assert_stderr_has("symbolic link");
+        env.run(&["break", "x"]).assert_code(2).assert_stderr_has("symbolic link");
         assert_untouched(&victim);
         assert!(is_symlink(&env.lock_file("x")));
         // Another lock in the same directory is served as usual.
-        env.run_bounded(&["run", "-n", "y", "--", "true"]).assert_code(0);
+        env.run(&["run", "-n", "y", "--", "true"]).assert_code(0);
     }
 }
 
@@ -108,12 +108,12 @@ fn a_link_at_the_keeper_file_is_replaced_not_written_through() {
     std::fs::create_dir_all(env.locks()).unwrap();
     let keeper = env.locks().join(format!("x.lock.keeper-{}", script.pid()));
     symlink(&victim, &keeper).unwrap();
-    env.run_bounded(&["acquire", "--pid", &script.pid().to_string(), "x"]).assert_code(0);
+    env.run(&["acquire", "--pid", &script.pid().to_string(), "x"]).assert_code(0);
     assert_untouched(&victim);
     assert!(!is_symlink(&keeper), "the keeper wrote through its link");
-    env.run_bounded(&["run", "-n", "x", "--", "true"]).assert_code(1);
-    env.run_bounded(&["release", "--pid", &script.pid().to_string(), "x"]).assert_code(0);
-    env.run_bounded(&["run", "-n", "x", "--", "true"]).assert_code(0);
+    env.run(&["run", "-n", "x", "--", "true"]).assert_code(1);
+    env.run(&["release", "--pid", &script.pid().to_string(), "x"]).assert_code(0);
+    env.run(&["run", "-n", "x", "--", "true"]).assert_code(0);
     assert_untouched(&victim);
 }
 
@@ -127,7 +127,7 @@ fn a_forged_keeper_file_never_gets_an_unrelated_process_signalled() {
     // Naming the live process exactly (pid and start time), and with no start time.
     for forged in [format!("{pid} {}\n", start_time(sleeper.pid())), format!("{pid} 0\n")] {
         std::fs::write(&keeper, &forged).unwrap();
-        env.run_bounded(&["release", "--pid", &pid, "x"])
+        env.run(&["release", "--pid", &pid, "x"])
             .assert_code(1)
             .assert_stderr_has("that process is left alone")
             .assert_stderr_has("is not held for pid");
@@ -137,7 +137,7 @@ fn a_forged_keeper_file_never_gets_an_unrelated_process_signalled() {
     // A FIFO there never hangs `release`.
     std::fs::remove_file(&keeper).unwrap();
     mkfifo(&keeper);
-    env.run_bounded(&["release", "--pid", &pid, "x"]).assert_code(1).assert_stderr_has("is not a keeper file");
+    env.run(&["release", "--pid", &pid, "x"]).assert_code(1).assert_stderr_has("is not a keeper file");
     sleeper.assert_alive();
 }
 
@@ -151,17 +151,17 @@ fn a_fifo_or_directory_at_the_metadata_path_never_hangs_nor_blocks_the_lock() {
             "fifo" => mkfifo(&meta),
             _ => std::fs::create_dir(&meta).unwrap(),
         }
-        env.run_bounded(&["run", "-n", "x", "--", "echo", "ran"])
+        env.run(&["run", "-n", "x", "--", "echo", "ran"])
             .assert_code(0)
             .assert_stdout_has("ran")
             .assert_stderr_has("is not lock metadata");
         let holder = env.hold(&[], "x");
-        env.run_bounded(&["run", "-n", "x", "--", "true"]).assert_code(1);
-        env.run_bounded(&["status", "x"]).assert_code(0).assert_stdout_has("held");
+        env.run(&["run", "-n", "x", "--", "true"]).assert_code(1);
+        env.run(&["status", "x"]).assert_code(0).assert_stdout_has("held");
         holder.release();
-        env.run_bounded(&["status", "x"]).assert_code(0).assert_stdout_has("unreadable");
-        env.run_bounded(&["break", "x"]).assert_code(2).assert_stderr_has("is not lock metadata");
-        env.run_bounded(&["--soft", "run", "-n", "x", "--", "true"]).assert_code(2).assert_stderr_has("x.lock.pid");
+        env.run(&["status", "x"]).assert_code(0).assert_stdout_has("unreadable");
+        env.run(&["break", "x"]).assert_code(2).assert_stderr_has("is not lock metadata");
+        env.run(&["--soft", "run", "-n", "x", "--", "true"]).assert_code(2).assert_stderr_has("x.lock.pid");
         let ft = std::fs::symlink_metadata(&meta).unwrap().file_type();
         assert!(if kind == "fifo" { ft.is_fifo() } else { ft.is_dir() }, "{kind} was replaced");
     }
@@ -173,15 +173,15 @@ fn a_fifo_at_one_locks_metadata_never_stalls_the_daemon_for_another() {
     std::fs::create_dir_all(env.locks()).unwrap();
     let meta = env.locks().join("a.lock.pid");
     mkfifo(&meta);
-    env.run_bounded(&["run", "-n", "a", "--", "echo", "ran"]).assert_code(0).assert_stdout_has("ran");
+    env.run(&["run", "-n", "a", "--", "echo", "ran"]).assert_code(0).assert_stdout_has("ran");
     let holder = env.hold(&[], "b");
-    env.run_bounded(&["run", "-n", "b", "--", "true"]).assert_code(1);
+    env.run(&["run", "-n", "b", "--", "true"]).assert_code(1);
     let a = env.hold(&[], "a");
-    env.run_bounded(&["status", "a"]).assert_code(0).assert_stdout_has("held");
-    env.run_bounded(&["run", "-n", "a", "--", "true"]).assert_code(1);
+    env.run(&["status", "a"]).assert_code(0).assert_stdout_has("held");
+    env.run(&["run", "-n", "a", "--", "true"]).assert_code(1);
     a.release();
     holder.release();
-    env.run_bounded(&["run", "-n", "b", "--", "echo", "ran"]).assert_code(0).assert_stdout_has("ran");
+    env.run(&["run", "-n", "b", "--", "echo", "ran"]).assert_code(0).assert_stdout_has("ran");
     assert!(std::fs::symlink_metadata(&meta).unwrap().file_type().is_fifo());
 }
 
@@ -218,13 +218,13 @@ fn another_users_leftover_metadata_in_a_sticky_directory_does_not_block_a_free_l
     let meta = env.locks().join("x.lock.pid");
     let mut c = env.cli();
     c.args(["run", "-n", "x", "--", "echo", "ran"]);
-    run_within_hang(as_nobody(&c), "run as nobody")
+    output_bounded(as_nobody(&c), "run as nobody")
         .assert_code(0)
         .assert_stdout_has("ran")
         .assert_stderr_has(&format!("cannot write the metadata file {}", meta.display()));
     assert_eq!(std::fs::read_to_string(&meta).unwrap(), leftover);
     // And again: the lock is free every time, not only once.
-    run_within_hang(as_nobody(&c), "run as nobody").assert_code(0).assert_stdout_has("ran");
+    output_bounded(as_nobody(&c), "run as nobody").assert_code(0).assert_stdout_has("ran");
 }
 
 #[test]

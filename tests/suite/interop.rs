@@ -3,12 +3,12 @@
 
 use std::process::Stdio;
 
-use crate::util::{Env, Proc};
+use crate::util::{output_bounded, wait_bounded, Env, Proc};
 
 fn try_fasteners(env: &Env, kind: &str, name: &str) -> String {
-    let out = env.fasteners(&["try", kind, env.lock_file(name).to_str().unwrap()]).output().unwrap();
-    assert!(out.status.success(), "fasteners failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    let out = output_bounded(env.fasteners(&["try", kind, env.lock_file(name).to_str().unwrap()]), "fasteners try");
+    assert!(out.status.success(), "fasteners failed: {}", out.stderr);
+    out.stdout.trim().to_owned()
 }
 
 fn hold_fasteners(env: &Env, kind: &str, name: &str) -> Proc {
@@ -91,7 +91,8 @@ fn fasteners_and_buildlock_incrementing_one_counter_lose_nothing() {
         }
     });
     for mut p in py {
-        assert!(p.wait().unwrap().success(), "a fasteners process saw two holders or failed");
+        let st = wait_bounded(&mut p).unwrap_or_else(|e| panic!("a fasteners incrementer: {e}"));
+        assert!(st.success(), "a fasteners process saw two holders or failed");
     }
     assert_eq!(std::fs::read_to_string(&counter).unwrap().trim(), (4 * N).to_string());
 }

@@ -11,6 +11,7 @@ mod daemonize;
 mod exclusion;
 mod hostile;
 mod interop;
+mod promises;
 mod protocol;
 mod recovery;
 mod run;

@@ -1,9 +1,9 @@
 //! Service managers: the systemd units (verified by the real `systemd-analyze`), socket
 //! activation through the real `systemd-socket-activate`, the launchd plist, install/uninstall.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use crate::util::{wait_dead, Env, Proc};
+use crate::util::{output_bounded, wait_dead, Env, Proc};
 
 fn unit_dir(env: &Env) -> std::path::PathBuf {
     env.path("home/.config/systemd/user")
@@ -12,23 +12,18 @@ fn unit_dir(env: &Env) -> std::path::PathBuf {
 /// `daemon ACTION` with the service manager's tool switched off (or set to `tool`).
 fn manage(env: &Env, args: &[&str], tool: &str) -> crate::util::Out {
     let mut c = env.cli();
-    c.args(args).env("BUILDLOCK_SYSTEMCTL", tool).env("BUILDLOCK_LAUNCHCTL", tool).stdin(Stdio::null());
-    c.output().unwrap().into()
+    c.args(args).env("BUILDLOCK_SYSTEMCTL", tool).env("BUILDLOCK_LAUNCHCTL", tool);
+    output_bounded(c, &format!("buildlock-client {}", args.join(" ")))
 }
 
 /// Runs `systemd-analyze --user verify` on `files`; returns everything it printed.
 fn verify(env: &Env, files: &[std::path::PathBuf]) -> (bool, String) {
     let rt = env.path("systemd-rt");
     std::fs::create_dir_all(&rt).unwrap();
-    let out = Command::new("systemd-analyze")
-        .args(["--user", "verify"])
-        .args(files)
-        .env("XDG_RUNTIME_DIR", &rt)
-        .env("HOME", env.path("home"))
-        .output()
-        .expect("systemd-analyze (Debian package systemd) is installed");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text)
+    let mut c = Command::new("systemd-analyze");
+    c.args(["--user", "verify"]).args(files).env("XDG_RUNTIME_DIR", &rt).env("HOME", env.path("home"));
+    let out = output_bounded(c, "systemd-analyze (Debian package systemd)");
+    (out.status.success(), format!("{}{}", out.stdout, out.stderr))
 }
 
 #[test]
@@ -112,15 +107,17 @@ fn launchd_plist_has_the_keys_launchd_needs() {
     let env = Env::daemon();
     // No launchctl here: the plist is written and the command to load it printed.
     let mut c = env.cli();
-    c.args(["daemon", "install", "--launchd"]).stdin(Stdio::null());
-    let out: crate::util::Out = c.output().unwrap().into();
+    c.args(["daemon", "install", "--launchd"]);
+    let out = output_bounded(c, "daemon install --launchd");
     out.assert_code(0).assert_stdout_has("launchctl bootstrap gui/");
     let plist = env.path("home/Library/LaunchAgents/dev.buildlock.buildlockd.plist");
     let script = "import json, plistlib, sys; print(json.dumps(plistlib.load(open(sys.argv[1], 'rb'))))";
     let parsed = env.fasteners(&[]).get_program().to_owned();
-    let parsed = Command::new(parsed).args(["-c", script]).arg(&plist).output().unwrap();
-    assert!(parsed.status.success(), "{}", String::from_utf8_lossy(&parsed.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&parsed.stdout).unwrap();
+    let mut c = Command::new(parsed);
+    c.args(["-c", script]).arg(&plist);
+    let parsed = output_bounded(c, "python reading the plist");
+    assert!(parsed.status.success(), "{}", parsed.stderr);
+    let v: serde_json::Value = serde_json::from_str(&parsed.stdout).unwrap();
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_buildlockd")).canonicalize().unwrap();
     let rt = env.runtime();
     assert_eq!(v["Label"], "dev.buildlock.buildlockd");
@@ -129,8 +126,8 @@ fn launchd_plist_has_the_keys_launchd_needs() {
     assert_eq!(v["Sockets"]["Listeners"]["SockPathMode"], 0o600);
     assert_eq!(v["EnvironmentVariables"]["BUILDLOCKD_IDLE_EXIT"], "300");
     let mut c = env.cli();
-    c.args(["daemon", "uninstall", "--launchd"]).stdin(Stdio::null());
-    let out: crate::util::Out = c.output().unwrap().into();
+    c.args(["daemon", "uninstall", "--launchd"]);
+    let out = output_bounded(c, "daemon uninstall --launchd");
     out.assert_code(0).assert_stdout_has("removed");
     assert!(!plist.exists());
 }

@@ -77,20 +77,12 @@ impl Env {
         c
     }
 
-    /// Runs the CLI to completion with no input.
-    pub fn run(&self, args: &[&str]) -> Out {
-        let out = self.cli().args(args).stdin(Stdio::null()).output().unwrap();
-        Out::from(out)
-    }
-
-    /// Runs the CLI to completion like [`Env::run`], but fails the test (killing the CLI) if it
-    /// has not exited within [`HANG`]: for inputs that used to hang it (a FIFO where a file
-    /// should be, a keeper that never exits).
+    /// Runs the CLI to completion with no input (bounded by [`HANG`]: a hang fails the test).
     #[track_caller]
-    pub fn run_bounded(&self, args: &[&str]) -> Out {
+    pub fn run(&self, args: &[&str]) -> Out {
         let mut c = self.cli();
         c.args(args);
-        run_within_hang(c, &format!("{args:?}"))
+        output_bounded(c, &format!("buildlock-client {}", args.join(" ")))
     }
 
     /// Starts the CLI with piped stdin, stdout and stderr.
@@ -304,10 +296,14 @@ impl Proc {
         self.child.kill().unwrap();
     }
 
-    /// Waits for exit; hangs are bounded by the test's own events, so this just waits.
+    /// Waits for exit (bounded by [`HANG`]: past it, kills the child and fails the test).
+    #[track_caller]
     pub fn wait(&mut self) -> ExitStatus {
         self.stdin.take();
-        self.child.wait().unwrap()
+        match wait_bounded(&mut self.child) {
+            Ok(st) => st,
+            Err(e) => panic!("waiting for pid {} to exit: {e}; stderr:\n{}", self.child.id(), self.stderr()),
+        }
     }
 
     /// Releases a `hold`er and waits for it to exit successfully.
@@ -327,23 +323,54 @@ impl Drop for Proc {
     }
 }
 
-/// Runs `c` to completion with no input; panics (after killing it) if it runs past [`HANG`].
-#[track_caller]
-pub fn run_within_hang(mut c: Command, what: &str) -> Out {
-    let child = c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(HANG) {
-        Ok(out) => Out::from(out.unwrap()),
-        Err(_) => {
-            // Not reaped yet (the waiting thread still waits), so the pid is still the child's.
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
-            panic!("{what} hung: still running after {HANG:?}");
+/// Waits for `child` to exit, at most [`HANG`]; past it, kills it and says so.
+pub fn wait_bounded(child: &mut Child) -> Result<ExitStatus, String> {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return Ok(st);
         }
+        if start.elapsed() > HANG {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("still running after {HANG:?}: killed"));
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+/// Runs `c` with no input to completion, output collected, bounded by [`HANG`]: a hang kills it
+/// and fails the test naming `what`.
+#[track_caller]
+pub fn output_bounded(mut c: Command, what: &str) -> Out {
+    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let read = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = read(child.stdout.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
+    let stderr = read(child.stderr.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
+    let status = match wait_bounded(&mut child) {
+        Ok(st) => st,
+        Err(e) => panic!("{what}: {e}"),
+    };
+    // A grandchild may keep the pipes open after the child exits: that is not ours to wait for
+    // past the bound either.
+    let join = |h: std::thread::JoinHandle<Vec<u8>>| {
+        let start = std::time::Instant::now();
+        while !h.is_finished() {
+            assert!(start.elapsed() < HANG, "{what}: its output was still open {HANG:?} after it exited");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        h.join().unwrap()
+    };
+    Out::from(Output { status, stdout: join(stdout), stderr: join(stderr) })
 }
 
 /// Whether a process is gone (exited and reaped, or a zombie).
