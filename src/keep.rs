@@ -34,22 +34,35 @@ fn keeper_file(target: &buildlock_disk::LockTarget, pid: u32) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// What a keeper file says: the keeper's pid and start time. `Ok(None)`: no file. `Err`: a file
-/// that is not a keeper file (a link, a FIFO, garbage), which is left alone.
-fn read_keeper_file(file: &Path) -> Result<Option<ProcessIdentity>, String> {
+/// What a keeper file says: the keeper's pid and start time, then its shadow's if it has one
+/// (one `pid start` line each). Empty: no file. `Err`: a file that is not a keeper file (a
+/// link, a FIFO, garbage), which is left alone.
+fn read_keeper_file(file: &Path) -> Result<Vec<ProcessIdentity>, String> {
     let mut text = String::new();
     match buildlock_sys::fs::open_regular_nonblocking(file, 4096) {
         Ok(f) => (&f).read_to_string(&mut text).map_err(|e| e.to_string())?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e.to_string()),
     };
-    let mut it = text.split_whitespace().map(|w| w.parse::<u64>().ok());
-    match (it.next().flatten(), it.next().flatten(), it.next()) {
-        (Some(pid), Some(start), None) if pid > 0 && pid <= u64::from(u32::MAX) => {
-            Ok(Some(ProcessIdentity { pid: pid as u32, start_time: (start != 0).then_some(start), boot_id: None }))
-        }
-        _ => Err("it does not hold a keeper's pid and start time".into()),
+    let not_ours = || "it does not hold a keeper's pid and start time".to_owned();
+    let nums: Vec<u64> =
+        text.split_whitespace().map(|w| w.parse::<u64>().map_err(|_| not_ours())).collect::<Result<_, _>>()?;
+    if nums.is_empty() || nums.len() > 4 || !nums.len().is_multiple_of(2) {
+        return Err(not_ours());
     }
+    nums.chunks(2)
+        .map(|pair| match (pair[0], pair[1]) {
+            (pid, start) if pid > 0 && pid <= u64::from(u32::MAX) => {
+                Ok(ProcessIdentity { pid: pid as u32, start_time: (start != 0).then_some(start), boot_id: None })
+            }
+            _ => Err(not_ours()),
+        })
+        .collect()
+}
+
+/// Whether the keeper file at `file` names this process first (it is the keeper on record).
+fn names_me(file: &Path) -> bool {
+    read_keeper_file(file).is_ok_and(|ks| ks.first().is_some_and(|k| k.pid == std::process::id()))
 }
 
 /// Whether `k` is, provably, the keeper of a lock for `pid`: the very process recorded (its
@@ -65,7 +78,8 @@ fn is_our_keeper(k: &ProcessIdentity, pid: u32) -> Result<(), String> {
     }
     let args = buildlock_sys::command_args(k.pid).ok_or("its command line cannot be read")?;
     let pid_arg = pid.to_string();
-    let keeps = args.iter().any(|a| a == "__keep") && args.windows(2).any(|w| w[0] == "--pid" && w[1] == pid_arg);
+    let keeps = args.iter().any(|a| a == "__keep" || a == "__keep-shadow")
+        && args.windows(2).any(|w| w[0] == "--pid" && w[1] == pid_arg);
     if keeps {
         Ok(())
     } else {
@@ -133,7 +147,49 @@ pub(crate) fn acquire(cx: &Context, args: AcquireArgs) -> ExitCode {
     let _ = relay.join();
     match status.ok().and_then(|s| s.code()) {
         Some(code) => ExitCode::from(code as u8),
-        None => fail(&"the keeper process died before taking the lock"),
+        None => {
+            // Killed before it said "ok": whatever it may have handed over (a shadow holding a
+            // copy, a daemon lease bound to PID) must not outlive our answer that it failed.
+            undo_failed_keeper(cx, &args.target, pid, keeper.id());
+            fail(&"the keeper process died before taking the lock")
+        }
+    }
+}
+
+/// After a keeper died before saying "ok": stops its shadow, and releases a daemon lease it
+/// bound to `pid`, waiting (a bounded time) for the daemon to have read everything the keeper
+/// sent before it died.
+fn undo_failed_keeper(cx: &Context, target: &str, pid: u32, keeper: u32) {
+    let Ok(target) = cx.target(target) else { return };
+    let file = keeper_file(&target, pid);
+    for k in read_keeper_file(&file).unwrap_or_default() {
+        if is_our_keeper(&k, pid).is_ok() && buildlock_sys::send_signal(k.pid, signal_hook::consts::SIGTERM).is_ok() {
+            let _ = buildlock_sys::ipc::wait_exit(k.pid, Some(KEEPER_EXIT_WAIT));
+        }
+    }
+    if read_keeper_file(&file).is_ok_and(|ks| ks.iter().all(|k| buildlock_sys::process_state(k) == ProcessState::Dead))
+    {
+        let _ = std::fs::remove_file(&file);
+    }
+    if cx.connect == buildlock::Connect::Direct {
+        return;
+    }
+    let path = buildlock::daemon_key(&target).unwrap_or(target.path.clone()).display().to_string();
+    let rt = Some(cx.runtime_dir.as_path());
+    for _ in 0..50 {
+        let req = buildlock_proto::Request::ReleasePid { path: path.clone(), pid };
+        if let Ok(buildlock_proto::Reply::Released { .. }) = buildlock::ask_daemon(rt, &req) {
+            return;
+        }
+        // Not (yet) bound: done, unless the daemon still holds a lease for the keeper or PID on
+        // this lock (it has not read the dead keeper's last frames, a `Bind` perhaps, yet).
+        let status = buildlock::ask_daemon(rt, &buildlock_proto::Request::Status { path: Some(path.clone()) });
+        let held_for_pid = matches!(status, Ok(buildlock_proto::Reply::Status { locks })
+            if locks.iter().any(|l| l.holders.iter().any(|h| h.pid == Some(pid) || h.pid == Some(keeper))));
+        if !held_for_pid {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
@@ -145,18 +201,15 @@ pub(crate) fn keep(cx: &Context, args: AcquireArgs) -> ExitCode {
     };
     let Some(pid) = args.pid else { return fail(&"__keep needs --pid") };
     let who = buildlock_sys::command_line(pid).unwrap_or_else(|| format!("pid {pid}"));
-    let mut opts = args.lock.options(cx, who);
-    opts.bind_pid = Some(pid);
+    // The lease is bound to PID only once it is certain to be handed over (below): bound at
+    // once, a keeper killed before it says "ok" would leave PID holding a lock that `acquire`
+    // reported as not taken.
+    let opts = args.lock.options(cx, who);
     // Signals that ask us to let go (release sends SIGTERM); registered before the lock is ours.
-    let (sig_rd, sig_wr) = match std::os::unix::net::UnixStream::pair() {
-        Ok(p) => p,
-        Err(e) => return fail(&format!("cannot create a signal pipe: {e}")),
+    let sig_rd = match release_signals() {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
     };
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT, signal_hook::consts::SIGHUP] {
-        if let Err(e) = signal_hook::low_level::pipe::register(sig, sig_wr.try_clone().expect("dup")) {
-            return fail(&format!("cannot handle signals: {e}"));
-        }
-    }
     let lease = match buildlock::acquire(&target, &opts, &mut |w| {
         eprintln!(
             "buildlock-client: waiting for lock {} ({}), held by {}",
@@ -172,35 +225,40 @@ pub(crate) fn keep(cx: &Context, args: AcquireArgs) -> ExitCode {
         }
         Err(e) => return fail(&e),
     };
+    let mut lease = lease;
+    // The script is named as the holder (and, through the daemon, the lease bound to it, which
+    // the daemon confirms before we go on). Taken directly, the lock has no daemon to keep it
+    // if we are killed: a second process gets a copy of the locked descriptor.
+    if let Err(e) = lease.bind_pid_confirmed(pid) {
+        return fail(&format!("cannot bind lock {} to pid {pid}: {e}", target.name));
+    }
+    let mut shadow = if lease.via_daemon() { None } else { start_shadow(cx, &args.target, pid, &lease) };
     let me = buildlock_sys::current_process();
     let file = keeper_file(&target, pid);
-    let record = format!("{} {}\n", me.pid, me.start_time.unwrap_or(0));
-    if let Err(e) = buildlock_sys::fs::replace_file(&file, record.as_bytes()) {
+    let mut keepers = vec![me];
+    keepers.extend(shadow.as_ref().map(|(child, _)| buildlock_sys::identify(child.id())));
+    if let Err(e) = write_keeper_file(&file, &keepers) {
         drop(lease);
-        return fail(&format!("cannot write {}: {e}", file.display()));
+        return fail(&e);
+    }
+    // Committed: from here the shadow keeps the lock if we die (and `acquire`, if it never sees
+    // our "ok", finds the shadow in the keeper file and stops it).
+    if let Some((_, tell)) = &mut shadow {
+        let _ = tell.write_all(SHADOW_HELD);
     }
     println!("ok token={}", lease.token());
     let _ = std::io::stdout().flush();
     // From here on we hold no pipe or terminal of the caller's.
     let _ = buildlock_sys::ipc::stdio_to_null();
-    let pidfd = buildlock_sys::ipc::pidfd_open(pid).ok().flatten();
-    let target_pid = buildlock_sys::identify(pid);
-    loop {
-        let mut fds = vec![sig_rd.as_fd()];
-        if let Some(p) = &pidfd {
-            fds.push(p.as_fd());
-        }
-        // Without a pidfd, look at the process every 200 ms.
-        let step = pidfd.is_none().then(|| std::time::Duration::from_millis(200));
-        match buildlock_sys::ipc::wait_readable(&fds, step) {
-            Ok(Some(_)) => break,
-            Ok(None) if buildlock_sys::process_state(&target_pid) == ProcessState::Dead => break,
-            Ok(None) => {}
-            Err(_) => break,
-        }
-    }
+    let _ = wait_for_release(&sig_rd, None, pid);
+    // Released for every copy, the shadow's included; then the shadow is told it may go.
     let result = lease.release();
-    if read_keeper_file(&file).is_ok_and(|k| k.is_some_and(|k| k.pid == me.pid)) {
+    if let Some((mut child, mut tell)) = shadow {
+        let _ = tell.write_all(SHADOW_RELEASED);
+        drop(tell);
+        let _ = child.wait();
+    }
+    if names_me(&file) {
         let _ = std::fs::remove_file(&file);
     }
     match result {
@@ -210,6 +268,166 @@ pub(crate) fn keep(cx: &Context, args: AcquireArgs) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// What a keeper writes to its shadow once the lock is handed over to the script (from then on
+/// the shadow keeps it if the keeper dies), and once it has released it.
+const SHADOW_HELD: &[u8] = b"held\n";
+const SHADOW_RELEASED: &[u8] = b"released\n";
+
+fn write_keeper_file(file: &Path, keepers: &[ProcessIdentity]) -> Result<(), String> {
+    let record: String = keepers.iter().map(|k| format!("{} {}\n", k.pid, k.start_time.unwrap_or(0))).collect();
+    buildlock_sys::fs::replace_file(file, record.as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", file.display()))
+}
+
+/// What ended a keeper's wait.
+#[derive(PartialEq)]
+enum Woke {
+    /// A signal asking it to let go (`release`).
+    Signal,
+    /// The other descriptor it watched became readable.
+    Other,
+    /// The process it holds the lock for has exited.
+    Gone,
+}
+
+/// Waits until we are asked to let go (a signal on `sig_rd`), `other` is readable, or `pid`
+/// has exited.
+fn wait_for_release(
+    sig_rd: &std::os::unix::net::UnixStream,
+    other: Option<std::os::fd::BorrowedFd<'_>>,
+    pid: u32,
+) -> Woke {
+    let pidfd = buildlock_sys::ipc::pidfd_open(pid).ok().flatten();
+    let target_pid = buildlock_sys::identify(pid);
+    loop {
+        let mut fds = vec![sig_rd.as_fd()];
+        fds.extend(other);
+        if let Some(p) = &pidfd {
+            fds.push(p.as_fd());
+        }
+        // Without a pidfd, look at the process every 200 ms.
+        let step = pidfd.is_none().then(|| std::time::Duration::from_millis(200));
+        match buildlock_sys::ipc::wait_readable(&fds, step) {
+            Ok(Some(0)) => return Woke::Signal,
+            Ok(Some(1)) if other.is_some() => return Woke::Other,
+            Ok(Some(_)) => return Woke::Gone,
+            Ok(None) if buildlock_sys::process_state(&target_pid) == ProcessState::Dead => return Woke::Gone,
+            Ok(None) => {}
+            Err(_) => return Woke::Gone,
+        }
+    }
+}
+
+/// Signals that ask a keeper to let go (`release` sends SIGTERM), as a readable socket.
+fn release_signals() -> Result<std::os::unix::net::UnixStream, String> {
+    let (sig_rd, sig_wr) =
+        std::os::unix::net::UnixStream::pair().map_err(|e| format!("cannot create a signal pipe: {e}"))?;
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT, signal_hook::consts::SIGHUP] {
+        let wr = sig_wr.try_clone().map_err(|e| format!("cannot create a signal pipe: {e}"))?;
+        signal_hook::low_level::pipe::register(sig, wr).map_err(|e| format!("cannot handle signals: {e}"))?;
+    }
+    Ok(sig_rd)
+}
+
+/// Starts the shadow of a keeper that took its lock directly (Linux, OS locks): a second
+/// process holding a copy of the locked descriptor, so that a keeper killed while its script
+/// runs does not free the lock. `None` where no copy can be passed (soft locks, other systems).
+fn start_shadow(
+    cx: &Context,
+    target: &str,
+    pid: u32,
+    lease: &buildlock::Lease,
+) -> Option<(std::process::Child, std::io::PipeWriter)> {
+    use std::os::fd::AsRawFd;
+    let file = lease.os_file()?;
+    let exe = std::env::current_exe().ok()?;
+    let (rd, wr) = std::io::pipe().ok()?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--dir").arg(&cx.dir).arg("--runtime-dir").arg(&cx.runtime_dir).arg("--no-daemon");
+    cmd.args(["__keep-shadow", "--pid", &pid.to_string(), "--fd", &file.as_raw_fd().to_string(), target]);
+    cmd.stdin(rd).stdout(Stdio::null()).stderr(Stdio::null());
+    if !buildlock_sys::pass_to_child(&mut cmd, file) {
+        return None;
+    }
+    buildlock_sys::ipc::detach(&mut cmd);
+    match cmd.spawn() {
+        Ok(child) => Some((child, wr)),
+        Err(e) => {
+            tracing::warn!("cannot start a second holder of the lock: {e}; if this keeper is killed, the lock is free");
+            None
+        }
+    }
+}
+
+/// The shadow (`__keep-shadow`): holds the inherited descriptor `fd` of the lock its keeper
+/// took for `pid`. When the keeper says it released, or `pid` exits, it goes. When the keeper
+/// dies without saying so, it takes the keeper's place (the keeper file names it, `release`
+/// stops it) and holds the lock until `pid` exits or it is asked to let go.
+pub(crate) fn shadow(cx: &Context, pid: u32, fd: i32, target: &str) -> ExitCode {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    let target = match cx.target(target) {
+        Ok(t) => t,
+        Err(e) => return fail(&e),
+    };
+    // SAFETY: the keeper passed us this descriptor (`pass_to_child`) and named it in `--fd`;
+    // nothing else in this process owns it.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    // The metadata the keeper wrote, naming `pid`: removed on release only if still the same.
+    let meta_id =
+        buildlock_disk::meta::read(&target.meta_path).valid().filter(|m| m.pid == pid).and_then(|m| m.id.clone());
+    let sig_rd = match release_signals() {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    let stdin = std::io::stdin();
+    let keeper = keeper_file(&target, pid);
+    let mut said = Vec::new();
+    loop {
+        match wait_for_release(&sig_rd, Some(stdin.as_fd()), pid) {
+            // The script is gone: its keeper releases, or, if dead, our exit frees the last copy.
+            Woke::Gone => return ExitCode::SUCCESS,
+            // `release` (or `acquire` cleaning up) asks us only once the keeper is dead: let go.
+            Woke::Signal => break,
+            Woke::Other => {
+                let mut buf = [0u8; 64];
+                let n = (&stdin).read(&mut buf).unwrap_or(0);
+                said.extend_from_slice(&buf[..n]);
+                if said.windows(SHADOW_RELEASED.len()).any(|w| w == SHADOW_RELEASED) {
+                    return ExitCode::SUCCESS;
+                }
+                if n > 0 {
+                    continue;
+                }
+                // The keeper is gone without releasing. Before it handed the lock over, the
+                // script was told it failed: our exit frees the lock. After: ours now.
+                let committed = said.windows(SHADOW_HELD.len()).any(|w| w == SHADOW_HELD);
+                if !committed || !buildlock_sys::holds_lock(&file) {
+                    return ExitCode::SUCCESS;
+                }
+                tracing::warn!(
+                    "the keeper of lock {} for pid {pid} died; its second holder keeps the lock",
+                    target.name
+                );
+                let _ = write_keeper_file(&keeper, &[buildlock_sys::current_process()]);
+                let _ = wait_for_release(&sig_rd, None, pid);
+                break;
+            }
+        }
+    }
+    if let Some(id) = meta_id {
+        let _ = buildlock_disk::meta::remove_if_ours(&target.meta_path, &id);
+    }
+    #[cfg(target_os = "linux")]
+    if let Err(e) = buildlock_sys::LockFile::from_inherited(file).unlock() {
+        tracing::warn!("cannot unlock {}: {e}", target.path.display());
+    }
+    if names_me(&keeper) {
+        let _ = std::fs::remove_file(&keeper);
+    }
+    ExitCode::SUCCESS
 }
 
 pub(crate) fn release(cx: &Context, pid: Option<u32>, target: &str) -> ExitCode {
@@ -223,42 +441,56 @@ pub(crate) fn release(cx: &Context, pid: Option<u32>, target: &str) -> ExitCode 
     // could let go of its daemon lease, which the request to the daemon below then releases.
     let mut stopped_keeper = false;
     match read_keeper_file(&file) {
-        Ok(Some(k)) => match is_our_keeper(&k, pid) {
-            Ok(()) => {
-                if let Err(e) = buildlock_sys::send_signal(k.pid, signal_hook::consts::SIGTERM) {
-                    return fail(&format!("cannot stop the keeper (pid {}) of lock {}: {e}", k.pid, target.name));
-                }
-                match buildlock_sys::ipc::wait_exit(k.pid, Some(KEEPER_EXIT_WAIT)) {
-                    Ok(true) | Err(_) => stopped_keeper = true,
-                    Ok(false) => {
+        // The keeper, then its shadow: every live one that is provably ours.
+        Ok(keepers) => {
+            let mut all_dead = !keepers.is_empty();
+            for k in &keepers {
+                match is_our_keeper(k, pid) {
+                    Ok(()) => {
+                        all_dead = false;
+                        if let Err(e) = buildlock_sys::send_signal(k.pid, signal_hook::consts::SIGTERM) {
+                            return fail(&format!(
+                                "cannot stop the keeper (pid {}) of lock {}: {e}",
+                                k.pid, target.name
+                            ));
+                        }
+                        match buildlock_sys::ipc::wait_exit(k.pid, Some(KEEPER_EXIT_WAIT)) {
+                            Ok(true) | Err(_) => stopped_keeper = true,
+                            Ok(false) => {
+                                eprintln!(
+                                    "buildlock-client: the keeper (pid {}) of lock {} did not exit within {}s of \
+                                     being asked to; the lock may still be held: see `buildlock-client status {}`",
+                                    k.pid,
+                                    target.name,
+                                    KEEPER_EXIT_WAIT.as_secs(),
+                                    target.name
+                                );
+                                return ExitCode::from(1);
+                            }
+                        }
+                        // And its shadow, if the keeper was killed before it let go: the shadow
+                        // took the lock over (a keeper that released told its shadow to go).
+                    }
+                    Err(why) if buildlock_sys::process_state(k) == ProcessState::Dead => {
+                        tracing::debug!("keeper file {} names pid {}: {why}", file.display(), k.pid);
+                    }
+                    Err(why) => {
+                        all_dead = false;
+                        // Somebody else's process: never signalled. The file stays for a human to judge.
                         eprintln!(
-                            "buildlock-client: the keeper (pid {}) of lock {} did not exit within {}s of being \
-                             asked to; the lock may still be held: see `buildlock-client status {}`",
+                            "buildlock-client: warning: {} names pid {} as the keeper of lock {}, but {why}; \
+                             that process is left alone",
+                            file.display(),
                             k.pid,
-                            target.name,
-                            KEEPER_EXIT_WAIT.as_secs(),
                             target.name
                         );
-                        return ExitCode::from(1);
                     }
                 }
             }
-            Err(why) if buildlock_sys::process_state(&k) == ProcessState::Dead => {
-                tracing::debug!("keeper file {} names pid {}: {why}", file.display(), k.pid);
+            if all_dead {
                 let _ = std::fs::remove_file(&file);
             }
-            Err(why) => {
-                // Somebody else's process: never signalled. The file stays for a human to judge.
-                eprintln!(
-                    "buildlock-client: warning: {} names pid {} as the keeper of lock {}, but {why}; \
-                     that process is left alone",
-                    file.display(),
-                    k.pid,
-                    target.name
-                );
-            }
-        },
-        Ok(None) => {}
+        }
         Err(why) => {
             eprintln!("buildlock-client: warning: {} is not a keeper file ({why}); it is left alone", file.display())
         }

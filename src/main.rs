@@ -93,6 +93,16 @@ enum Command {
     /// (internal) hold a lock for a process; started by `acquire`
     #[command(name = "__keep", hide = true)]
     Keep(AcquireArgs),
+    /// (internal) a keeper's second holder of a lock taken directly; started by `__keep`
+    #[command(name = "__keep-shadow", hide = true)]
+    KeepShadow {
+        #[arg(long)]
+        pid: u32,
+        /// The inherited descriptor of the locked file
+        #[arg(long)]
+        fd: i32,
+        target: String,
+    },
     /// Show who holds TARGET, or every lock in the lock directory
     Status {
         /// A lock name (in the lock directory) or a path to a .lock file
@@ -234,13 +244,17 @@ fn main() -> ExitCode {
         #[cfg(unix)]
         Command::Keep(args) => keep::keep(&cx, args),
         #[cfg(unix)]
+        Command::KeepShadow { pid, fd, target } => keep::shadow(&cx, pid, fd, &target),
+        #[cfg(unix)]
         Command::Release { pid, target } => keep::release(&cx, pid, &target),
         #[cfg(unix)]
         Command::Daemon { action } => daemon::daemon(&cx, action),
         #[cfg(not(unix))]
-        Command::Acquire(_) | Command::Keep(_) | Command::Release { .. } | Command::Daemon { .. } => {
-            fail(&"this command needs the daemon, which is not available on this platform yet")
-        }
+        Command::Acquire(_)
+        | Command::Keep(_)
+        | Command::KeepShadow { .. }
+        | Command::Release { .. }
+        | Command::Daemon { .. } => fail(&"this command needs the daemon, which is not available on this platform yet"),
         Command::Status { target } => report::status(&cx, target.as_deref()),
         Command::Break { target, force } => report::break_lock(&cx, &target, force),
     }

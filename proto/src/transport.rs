@@ -22,6 +22,24 @@ pub fn socket_path(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join(SOCKET_NAME)
 }
 
+/// The daemon's journal of bound leases, one file per lease, inside the runtime directory.
+pub const JOURNAL_DIR: &str = "leases";
+
+/// The journal entry of the lease on lock file `path` with fencing token `token`, bound to
+/// process `pid`. Both sides compute it: the daemon writes and removes it, and a client that
+/// releases the lease while the daemon is gone removes it, so that a later daemon does not
+/// take back a lock that was released.
+pub fn journal_entry(runtime_dir: &Path, path: &Path, token: u64, pid: u32) -> PathBuf {
+    let name: String = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .collect();
+    runtime_dir.join(JOURNAL_DIR).join(format!("{name}-{token}-{pid}.json"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -111,3 +111,53 @@ fn a_journaled_lease_whose_script_has_ended_is_forgotten() {
     let leases = std::fs::read_dir(env.runtime().join("leases")).map(|d| d.count()).unwrap_or(0);
     assert_eq!(leases, 0, "the journal keeps an entry for a script that has ended");
 }
+
+#[test]
+fn in_direct_mode_a_killed_keeper_leaves_the_lock_to_its_second_holder_until_the_script_releases() {
+    let env = Env::new();
+    let mut script = Proc::spawn({
+        let mut c = std::process::Command::new("sleep");
+        c.arg("1000");
+        c
+    });
+    let pid = script.pid().to_string();
+    env.run(&["acquire", "--pid", &pid, "x"]).assert_code(0);
+    let keeper_file = env.locks().join(format!("x.lock.keeper-{pid}"));
+    let keeper: u32 =
+        std::fs::read_to_string(&keeper_file).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    kill9(keeper);
+    // One crash: the lock is still held for the script, and named as the script's.
+    env.run(&["run", "-n", "x", "--", "echo", "SECOND-HOLDER"])
+        .assert_code(1)
+        .assert_stderr_has(&format!("pid {pid} (sleep 1000)"));
+    // The script's release finds the second holder (in the keeper file) and ends the lock.
+    env.run(&["release", "--pid", &pid, "x"]).assert_code(0);
+    env.run(&["run", "-n", "x", "--", "true"]).assert_code(0);
+    // And with no release, the script's exit ends it too.
+    env.run(&["acquire", "--pid", &pid, "x"]).assert_code(0);
+    let keeper: u32 =
+        std::fs::read_to_string(&keeper_file).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    kill9(keeper);
+    env.run(&["run", "-n", "x", "--", "true"]).assert_code(1);
+    script.kill9();
+    script.wait();
+    env.run(&["run", "-w", "60", "x", "--", "echo", "free"]).assert_code(0).assert_stdout_has("free");
+}
+
+#[test]
+fn a_waiter_whose_daemon_dies_asks_the_next_one_and_gets_the_lock() {
+    let env = Env::daemon();
+    let holder = env.hold(&[], "x");
+    let mut waiter = env.spawn(&["run", "-w", "120", "x", "--", "echo", "got it"]);
+    waiter.expect_stderr("waiting for lock x");
+    let daemon = env.daemon_pid().expect("a daemon");
+    kill9(daemon);
+    // The holder keeps its copy of the lock; the waiter must neither fail nor get it yet.
+    env.run(&["--no-daemon", "run", "-n", "x", "--", "true"]).assert_code(1);
+    holder.release();
+    waiter.expect_line("got it");
+    let st = waiter.wait();
+    assert!(st.success(), "{st}: {}", waiter.stderr());
+    assert!(!waiter.stderr().contains("closed the connection"), "{}", waiter.stderr());
+    assert_ne!(env.daemon_pid().expect("the next daemon"), daemon);
+}

@@ -42,6 +42,12 @@ pub fn pass_to_child(_cmd: &mut Command, _file: &std::fs::File) -> bool {
     false
 }
 
+/// Whether `file`'s open file description carries a lock (Linux: its `/proc/self/fdinfo` entry
+/// lists one). Elsewhere, and when it cannot be told, `true`.
+pub fn holds_lock(file: &std::fs::File) -> bool {
+    imp::holds_lock(file)
+}
+
 /// The live processes (other than this one) that hold a lock through a descriptor on the file
 /// at `path`, found by scanning `/proc/*/fdinfo` (Linux; only processes this user may inspect).
 /// Empty where the platform cannot tell.
@@ -57,6 +63,14 @@ mod imp {
     use std::io;
     use std::os::unix::fs::MetadataExt;
     use std::path::Path;
+
+    pub(super) fn holds_lock(file: &std::fs::File) -> bool {
+        use std::os::fd::AsRawFd;
+        match std::fs::read_to_string(format!("/proc/self/fdinfo/{}", file.as_raw_fd())) {
+            Ok(text) => text.lines().any(|l| l.starts_with("lock:")),
+            Err(_) => true,
+        }
+    }
 
     pub(super) fn lock_holders(path: &Path) -> io::Result<Vec<u32>> {
         let target = std::fs::metadata(path)?;
@@ -94,6 +108,10 @@ mod imp {
     use std::io;
     use std::path::Path;
 
+    pub(super) fn holds_lock(_file: &std::fs::File) -> bool {
+        true
+    }
+
     pub(super) fn lock_holders(_path: &Path) -> io::Result<Vec<u32>> {
         Ok(Vec::new())
     }
@@ -125,6 +143,7 @@ mod tests {
         let other = LockFile::open(&path).unwrap();
         assert!(!other.try_lock(LockMode::Exclusive).unwrap());
         assert_eq!(lock_holders(&path).unwrap(), vec![child.id()]);
+        assert!(!holds_lock(other.file()));
         drop(child.stdin.take());
         child.wait().unwrap();
         assert!(other.try_lock(LockMode::Exclusive).unwrap());
@@ -136,6 +155,7 @@ mod tests {
         let path = dir.path().join("x.lock");
         let file = LockFile::open(&path).unwrap();
         assert!(file.try_lock(LockMode::Exclusive).unwrap());
+        assert!(holds_lock(file.file()));
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo started; read line"]).stdin(Stdio::piped()).stdout(Stdio::piped());
         pass_to_child(&mut cmd, file.file());
@@ -143,6 +163,7 @@ mod tests {
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         file.unlock().unwrap();
+        assert!(!holds_lock(file.file()));
         assert!(LockFile::open(&path).unwrap().try_lock(LockMode::Exclusive).unwrap());
         drop(child.stdin.take());
         child.wait().unwrap();

@@ -54,7 +54,7 @@ mod lock_imp;
 #[path = "lock_windows.rs"]
 mod lock_imp;
 
-pub use inherit::{lock_holders, pass_to_child};
+pub use inherit::{holds_lock, lock_holders, pass_to_child};
 pub use process::{
     command_args, command_line, current_process, hostname, identify, kill_on_parent_death, process_state, send_signal,
     ProcessIdentity, ProcessState,
@@ -150,6 +150,14 @@ impl LockFile {
     /// The open file, for reading its size, contents or times.
     pub fn file(&self) -> &File {
         self.inner.file()
+    }
+
+    /// Takes over an open lock file whose lock this process shares through an inherited
+    /// descriptor (Linux: the lock belongs to the open file description), so that it can be
+    /// unlocked for every copy.
+    #[cfg(target_os = "linux")]
+    pub fn from_inherited(file: File) -> LockFile {
+        LockFile { inner: lock_imp::LockFile::from_file(file) }
     }
 
     /// Consumes the handle, returning the open file with its lock.

@@ -90,6 +90,10 @@ impl LockFile {
         &self.file
     }
 
+    pub(crate) fn from_file(file: File) -> LockFile {
+        LockFile { file }
+    }
+
     pub(crate) fn into_file(self) -> File {
         self.file
     }

@@ -138,6 +138,10 @@ pub enum Error {
     Protocol(String),
     #[error("lock {path} was lost while held: {reason}")]
     Lost { path: PathBuf, reason: String },
+    /// The daemon went away (killed, stopped) while we waited for it; `acquire` asks the next
+    /// one, so this is seen only when that keeps failing.
+    #[error("buildlockd went away while we waited for it: {0}")]
+    DaemonGone(String),
 }
 
 impl Error {
@@ -170,6 +174,10 @@ enum Inner {
         id: Option<buildlock_sys::FileId>,
         /// A `Bind` was sent whose answer has not been read yet.
         bind_pending: bool,
+        /// The process the lease is bound to (`bind_pid`, or at acquire), and the runtime
+        /// directory: with the token they name the daemon's journal entry for the lease.
+        bound: Option<u32>,
+        runtime_dir: PathBuf,
     },
     Direct(buildlock_disk::Guard),
 }
@@ -196,18 +204,47 @@ fn acquire_any(target: &LockTarget, opts: &Options, on_wait: &mut dyn FnMut(&Wai
     #[cfg(unix)]
     match opts.connect {
         Connect::Direct => acquire_direct(target, opts, on_wait),
-        Connect::DaemonOnly => {
-            let client = client::connect_or_start(&opts.runtime_dir(), true).map_err(Error::NoDaemon)?;
-            acquire_daemon(client, target, opts, on_wait)
-        }
-        Connect::Auto => match client::connect_or_start(&opts.runtime_dir(), true) {
-            Ok(client) => acquire_daemon(client, target, opts, on_wait),
-            Err(why) => {
-                tracing::warn!("no buildlockd ({why}); using the lock files directly");
-                acquire_direct(target, opts, on_wait)
-            }
-        },
+        Connect::DaemonOnly | Connect::Auto => acquire_through_daemon(target, opts, on_wait),
     }
+}
+
+/// Through the daemon (started on demand). A daemon that goes away while we wait (killed,
+/// stopped, idle exit racing us) is not the end: the next one is asked, within the same
+/// deadline. With no daemon to be had, `Auto` uses the lock files directly (one warning).
+#[cfg(unix)]
+fn acquire_through_daemon(
+    target: &LockTarget,
+    opts: &Options,
+    on_wait: &mut dyn FnMut(&WaitInfo),
+) -> Result<Lease, Error> {
+    /// How many times a daemon that went away is replaced during one acquisition.
+    const MAX_DAEMONS: usize = 20;
+    let started = Instant::now();
+    let deadline = match effective_wait(opts.wait) {
+        Wait::Timeout(t) => started.checked_add(t),
+        _ => None,
+    };
+    for _ in 0..MAX_DAEMONS {
+        let client = match client::connect_or_start(&opts.runtime_dir(), true) {
+            Ok(c) => c,
+            Err(why) if opts.connect == Connect::Auto => {
+                tracing::warn!("no buildlockd ({why}); using the lock files directly");
+                let mut left = opts.clone();
+                if let Some(d) = deadline {
+                    left.wait = Wait::Timeout(d.saturating_duration_since(Instant::now()));
+                }
+                return acquire_direct(target, &left, on_wait);
+            }
+            Err(why) => return Err(Error::NoDaemon(why)),
+        };
+        match acquire_daemon(client, target, opts, started, deadline, on_wait) {
+            Err(Error::DaemonGone(why)) if deadline.is_none_or(|d| Instant::now() < d) => {
+                tracing::info!("buildlockd went away while we waited ({why}); asking the next one");
+            }
+            other => return other,
+        }
+    }
+    Err(Error::DaemonGone(format!("{MAX_DAEMONS} daemons in a row went away; see its log in the runtime directory")))
 }
 
 fn acquire_direct(target: &LockTarget, opts: &Options, on_wait: &mut dyn FnMut(&WaitInfo)) -> Result<Lease, Error> {
@@ -263,30 +300,41 @@ fn acquire_daemon(
     mut client: Client,
     target: &LockTarget,
     opts: &Options,
+    start: Instant,
+    deadline: Option<Instant>,
     on_wait: &mut dyn FnMut(&WaitInfo),
 ) -> Result<Lease, Error> {
     let path = daemon_path(target)?.display().to_string();
-    let wait = match effective_wait(opts.wait) {
-        Wait::NoWait => WaitFor::NoWait,
-        Wait::Timeout(t) => u64::try_from(t.as_millis()).map_or(WaitFor::Forever, WaitFor::Millis),
-        Wait::Forever => WaitFor::Forever,
+    let wait = match (effective_wait(opts.wait), deadline) {
+        (Wait::NoWait, _) => WaitFor::NoWait,
+        // What is left of the caller's wait (a daemon that went away took some).
+        (Wait::Timeout(_), Some(d)) => {
+            let left = d.saturating_duration_since(Instant::now());
+            u64::try_from(left.as_millis()).map_or(WaitFor::Forever, WaitFor::Millis)
+        }
+        _ => WaitFor::Forever,
+    };
+    let gone = |e: Error| match e {
+        Error::Protocol(why) => Error::DaemonGone(why),
+        other => other,
     };
     let mode = match opts.mode {
         LockMode::Shared => buildlock_proto::Mode::Shared,
         LockMode::Exclusive => buildlock_proto::Mode::Exclusive,
     };
-    client.send(&Request::Acquire(AcquireRequest {
-        path: path.clone(),
-        mode,
-        wait,
-        operation: opts.operation.clone(),
-        command: opts.command.clone().unwrap_or_default(),
-        bind_pid: opts.bind_pid,
-    }))?;
-    let start = Instant::now();
+    client
+        .send(&Request::Acquire(AcquireRequest {
+            path: path.clone(),
+            mode,
+            wait,
+            operation: opts.operation.clone(),
+            command: opts.command.clone().unwrap_or_default(),
+            bind_pid: opts.bind_pid,
+        }))
+        .map_err(gone)?;
     let mut holder: Option<buildlock_proto::Holder> = None;
     loop {
-        match client.recv(Some(Duration::from_secs(1)))? {
+        match client.recv(Some(Duration::from_secs(1))).map_err(gone)? {
             None => on_wait(&WaitInfo {
                 holder: holder.as_ref().map_or_else(|| "another process".into(), |h| h.description.clone()),
                 holder_pid: holder.as_ref().and_then(|h| h.pid),
@@ -296,7 +344,8 @@ fn acquire_daemon(
             Some((Reply::Granted { token, .. }, fd)) => {
                 let file = fd.map(File::from);
                 let id = file.as_ref().and_then(file_id);
-                let inner = Inner::Daemon { client, path, file, id, bind_pending: false };
+                let (bound, runtime_dir) = (opts.bind_pid, opts.runtime_dir());
+                let inner = Inner::Daemon { client, path, file, id, bind_pending: false, bound, runtime_dir };
                 return Ok(Lease { target: target.clone(), token, inner: Some(inner) });
             }
             Some((Reply::Error(e), _)) => {
@@ -345,13 +394,38 @@ impl Lease {
     pub fn bind_pid(&mut self, pid: u32) -> Result<(), Error> {
         match &mut self.inner {
             #[cfg(unix)]
-            Some(Inner::Daemon { client, path, bind_pending, .. }) => {
+            Some(Inner::Daemon { client, path, bind_pending, bound, .. }) => {
                 client.send(&Request::Bind { path: path.clone(), pid })?;
                 *bind_pending = true;
+                *bound = Some(pid);
                 Ok(())
             }
             Some(Inner::Direct(guard)) => guard.hand_over_to(pid, None).map_err(Error::from),
             None => Ok(()),
+        }
+    }
+
+    /// [`Lease::bind_pid`], and waits for the daemon to confirm it: once this returns, the lease
+    /// outlives this process for as long as `pid` runs (what a keeper needs before it tells its
+    /// script the lock is held).
+    pub fn bind_pid_confirmed(&mut self, pid: u32) -> Result<(), Error> {
+        self.bind_pid(pid)?;
+        match &mut self.inner {
+            #[cfg(unix)]
+            Some(Inner::Daemon { client, bind_pending, .. }) if *bind_pending => loop {
+                match client.recv(None)? {
+                    Some((Reply::Bound { .. }, _)) => {
+                        *bind_pending = false;
+                        return Ok(());
+                    }
+                    Some((Reply::Error(e), _)) => {
+                        *bind_pending = false;
+                        return Err(Error::Daemon { code: e.code, message: e.message });
+                    }
+                    _ => {}
+                }
+            },
+            _ => Ok(()),
         }
     }
 
@@ -405,7 +479,7 @@ impl Lease {
         match inner {
             Inner::Direct(guard) => guard.release().map_err(Error::from),
             #[cfg(unix)]
-            Inner::Daemon { mut client, path, file, id, mut bind_pending } => {
+            Inner::Daemon { mut client, path, file, id, mut bind_pending, bound, runtime_dir } => {
                 let lost = match id {
                     Some(id) => !buildlock_sys::path_id(Path::new(&path)).is_ok_and(|now| now == id),
                     None => false,
@@ -431,6 +505,12 @@ impl Lease {
                     // metadata naming us, if it still does.
                     tracing::debug!("releasing without the daemon: {e}");
                     remove_own_metadata(&self.target, self.token);
+                    // And tell the next daemon not to take the lock back for the bound process.
+                    if let Some(pid) = bound {
+                        let entry =
+                            buildlock_proto::transport::journal_entry(&runtime_dir, Path::new(&path), self.token, pid);
+                        let _ = std::fs::remove_file(entry);
+                    }
                 }
                 if lost {
                     return Err(Error::Lost {
@@ -452,11 +532,13 @@ impl Drop for Lease {
     }
 }
 
-/// Removes `.lock.pid` if it names this process with our token (daemon gone before release).
+/// Removes `.lock.pid` if it names this process, or the process it handed the lock to, with our
+/// token (daemon gone before release).
 #[cfg(unix)]
 fn remove_own_metadata(target: &LockTarget, token: u64) {
     if let buildlock_disk::MetaRead::Valid(m) = buildlock_disk::meta::read(&target.meta_path) {
-        if m.pid == std::process::id() && m.token == Some(token) {
+        let me = std::process::id();
+        if (m.pid == me || m.via_pid == Some(me)) && m.token == Some(token) {
             let _ = std::fs::remove_file(&target.meta_path);
         }
     }

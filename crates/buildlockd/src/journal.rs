@@ -28,30 +28,29 @@ pub(crate) struct Entry {
 
 impl Journal {
     pub(crate) fn new(runtime_dir: &Path) -> Journal {
-        Journal { dir: runtime_dir.join("leases") }
+        Journal { dir: runtime_dir.join(buildlock_proto::transport::JOURNAL_DIR) }
     }
 
     fn file(&self, key: &str) -> PathBuf {
         self.dir.join(format!("{key}.json"))
     }
 
-    /// Records (or updates) the bound lease on `path` whose holder is `meta`. Returns its key,
-    /// or `None` (with a warning) when it cannot be written: the lease stands, unjournaled.
-    pub(crate) fn record(&self, key: Option<&str>, path: &Path, meta: &Metadata) -> Option<String> {
-        let key = match key {
-            Some(k) => k.to_owned(),
-            None => meta
-                .id
-                .clone()
-                .unwrap_or_else(buildlock_disk::meta::unique_id)
-                .chars()
-                .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
-                .collect(),
-        };
+    /// Records (or updates) the bound lease on `path` whose holder is `meta` (the bound process,
+    /// with the lease's token). Returns its key (the entry's file name, which a client that
+    /// releases the lease without the daemon computes too), or `None` (with a warning) when it
+    /// cannot be written: the lease stands, unjournaled.
+    pub(crate) fn record(&self, path: &Path, meta: &Metadata) -> Option<String> {
+        let file = buildlock_proto::transport::journal_entry(
+            self.dir.parent().unwrap_or(&self.dir),
+            path,
+            meta.token.unwrap_or(0),
+            meta.pid,
+        );
+        let key = file.file_stem()?.to_string_lossy().into_owned();
         let text = json!({ "path": path, "meta": meta.to_json() }).to_string();
         let written = buildlock_sys::ipc::ensure_private_dir(&self.dir)
             .map_err(std::io::Error::other)
-            .and_then(|()| buildlock_sys::fs::replace_file_with_mode(&self.file(&key), text.as_bytes(), 0o600));
+            .and_then(|()| buildlock_sys::fs::replace_file_with_mode(&file, text.as_bytes(), 0o600));
         match written {
             Ok(()) => Some(key),
             Err(e) => {
@@ -117,7 +116,7 @@ mod tests {
         std::fs::set_permissions(&rt, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
         let j = Journal::new(&rt);
         let meta = Metadata::for_current_process(buildlock_sys::LockMode::Exclusive, "os", "deploy", None);
-        let key = j.record(None, Path::new("/locks/x.lock"), &meta).unwrap();
+        let key = j.record(Path::new("/locks/x.lock"), &meta).unwrap();
         std::fs::write(j.dir.join("junk.json"), "{").unwrap();
         let entries = j.entries();
         assert_eq!(entries.len(), 1);

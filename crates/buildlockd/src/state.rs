@@ -714,7 +714,12 @@ impl Daemon {
     /// both its client and this one died can recover it.
     fn journal_lease(&self, l: &mut Lease) {
         if let Phase::Held { hold, .. } = &l.phase {
-            l.journal_key = self.journal.record(l.journal_key.as_deref(), &l.target.path, hold.metadata());
+            let key = self.journal.record(&l.target.path, hold.metadata());
+            // Its key follows its holder and token: an entry for the old ones is stale.
+            if let Some(old) = l.journal_key.take().filter(|old| Some(old) != key.as_ref()) {
+                self.journal.forget(&old);
+            }
+            l.journal_key = key;
         }
     }
 
