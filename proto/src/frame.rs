@@ -178,6 +178,17 @@ mod tests {
         frame
     }
 
+    #[test]
+    fn undecodable_payloads_are_described_for_a_person() {
+        let why = |payload: &[u8]| match decode::<crate::Request>(payload) {
+            Err(ProtoError::Malformed(why)) => why,
+            other => panic!("{payload:?} decoded as {other:?}"),
+        };
+        assert_eq!(why(&[]), "the message ends too early");
+        assert_eq!(why(&[0x7f]), "unknown message kind or enum variant, or a value out of range");
+        assert_eq!(why(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff]), "an integer is out of range or badly encoded");
+    }
+
     /// The documented memory bound: bytes already returned are dropped by the next `push`, so a
     /// peer whose reads always end inside a frame does not make the buffer grow forever.
     #[test]
