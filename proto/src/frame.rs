@@ -167,3 +167,45 @@ pub(crate) fn describe_postcard_error(e: &postcard::Error) -> String {
         other => other.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw_frame(payload: &[u8]) -> Vec<u8> {
+        let mut frame = (payload.len() as u32).to_le_bytes().to_vec();
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    #[test]
+    fn undecodable_payloads_are_described_for_a_person() {
+        let why = |payload: &[u8]| match decode::<crate::Request>(payload) {
+            Err(ProtoError::Malformed(why)) => why,
+            other => panic!("{payload:?} decoded as {other:?}"),
+        };
+        assert_eq!(why(&[]), "the message ends too early");
+        assert_eq!(why(&[0x7f]), "unknown message kind or enum variant, or a value out of range");
+        assert_eq!(why(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff]), "an integer is out of range or badly encoded");
+    }
+
+    /// The documented memory bound: bytes already returned are dropped by the next `push`, so a
+    /// peer whose reads always end inside a frame does not make the buffer grow forever.
+    #[test]
+    fn push_drops_the_bytes_of_frames_already_returned() {
+        let frame = raw_frame(b"payload");
+        let mut d = FrameDecoder::new();
+        d.push(&frame[..3]);
+        for _ in 0..100 {
+            // The rest of one frame and the start of the next, as a read might bring them.
+            let mut read = frame[3..].to_vec();
+            read.extend_from_slice(&frame[..3]);
+            d.push(&read);
+            assert_eq!(d.buf.len(), d.buffered(), "bytes already returned are still buffered");
+            assert_eq!(d.buffered(), frame.len() + 3);
+            assert_eq!(d.next_frame().unwrap().as_deref(), Some(&b"payload"[..]));
+            assert_eq!(d.next_frame().unwrap(), None);
+            assert_eq!(d.buffered(), 3);
+        }
+    }
+}

@@ -303,3 +303,14 @@ pub enum Reply {
         pid: u32,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_reply_prints_its_message_then_its_code() {
+        let reply = ErrorReply { code: ErrorCode::WouldBlock, message: "lock x is held by pid 7".into(), holder: None };
+        assert_eq!(reply.to_string(), "lock x is held by pid 7 (would-block)");
+    }
+}

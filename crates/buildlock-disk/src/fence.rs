@@ -86,9 +86,12 @@ mod tests {
     fn tokens_grow_and_survive_corruption() {
         let dir = tempfile::tempdir().unwrap();
         let t = LockTarget::resolve("x", dir.path()).unwrap();
+        assert_eq!(current(&t), 0, "no fence file yet");
         let a = next_token(&t, true).unwrap();
+        assert_eq!(current(&t), a, "the token issued is the one recorded");
         let b = next_token(&t, true).unwrap();
         assert!(b > a);
+        assert_eq!(current(&t), b);
         assert_eq!(next_token(&t, false).unwrap(), b);
         // A corrupt file falls back to the clock, which is past the last (clock-based) token.
         let last = next_token(&t, true).unwrap();

@@ -149,4 +149,48 @@ mod tests {
         remove(&t);
         assert!(lost_path(&t).exists(), "a file that is not a record was removed");
     }
+
+    fn lost_by(pid: u32, start_time: Option<u64>) -> LostLease {
+        LostLease {
+            pid,
+            start_time,
+            command: None,
+            operation: String::new(),
+            at: Timestamp::now(),
+            reason: "its keeper and the daemon both died".into(),
+        }
+    }
+
+    /// A process that has exited and been reaped; its start time cannot match a later process
+    /// given the same pid.
+    fn a_dead_process() -> (u32, Option<u64>) {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        (pid, Some(u64::MAX))
+    }
+
+    #[test]
+    fn owner_alive_is_false_only_for_a_dead_owner() {
+        let me = buildlock_sys::current_process();
+        assert!(lost_by(me.pid, me.start_time).owner_alive());
+        let (pid, start) = a_dead_process();
+        assert!(!lost_by(pid, start).owner_alive());
+        // A pid the OS cannot be asked about counts as running.
+        assert!(lost_by(u32::MAX, None).owner_alive());
+    }
+
+    #[test]
+    fn a_new_holder_removes_the_record_once_its_script_has_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = LockTarget::resolve("x", dir.path()).unwrap();
+        let me = buildlock_sys::current_process();
+        record(&t, &lost_by(me.pid, me.start_time)).unwrap();
+        warn_new_holder(&t);
+        assert_eq!(read(&t).map(|l| l.pid), Some(me.pid), "the script still runs: the record stays");
+        let (pid, start) = a_dead_process();
+        record(&t, &lost_by(pid, start)).unwrap();
+        warn_new_holder(&t);
+        assert!(!lost_path(&t).exists(), "the script has ended: the record goes");
+    }
 }

@@ -392,6 +392,97 @@ mod tests {
         assert!(delta.as_secs_f64().abs() < 1e-5);
     }
 
+    const PADDED_HEAD: &[u8] = br#"{"pid": 7, "command": ""#;
+    const PADDED_TAIL: &[u8] = br#""}"#;
+
+    /// Valid metadata padded with a long command to exactly `len` bytes.
+    fn metadata_of_len(len: usize) -> Vec<u8> {
+        let mut text = PADDED_HEAD.to_vec();
+        text.resize(len - PADDED_TAIL.len(), b'x');
+        text.extend_from_slice(PADDED_TAIL);
+        text
+    }
+
+    #[test]
+    fn metadata_up_to_the_size_limit_is_read_and_one_byte_more_is_not() {
+        let max = MAX_METADATA_BYTES as usize;
+        assert_eq!(max, 65_536);
+        let at_limit = metadata_of_len(max);
+        assert_eq!(
+            Metadata::parse(&at_limit).unwrap().command.unwrap().len(),
+            max - PADDED_HEAD.len() - PADDED_TAIL.len()
+        );
+        assert!(matches!(read_from(&at_limit[..]), MetaRead::Valid(m) if m.pid == 7));
+        // One trailing space too many: still JSON, but past the limit, so not metadata.
+        let mut over = at_limit.clone();
+        over.push(b' ');
+        assert!(Metadata::parse(&over).unwrap_err().contains("65537 bytes"));
+        assert!(matches!(read_from(&over[..]), MetaRead::Corrupt(why) if why.contains("more than")));
+        // Through a path, an oversized file is refused before it is read, and said to be.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.lock.pid");
+        fs::write(&path, &at_limit).unwrap();
+        assert!(read(&path).valid().is_some());
+        fs::write(&path, &over).unwrap();
+        assert!(matches!(read(&path), MetaRead::Corrupt(why) if why.contains("too big for lock metadata")));
+    }
+
+    #[test]
+    fn something_other_than_a_file_is_corrupt_not_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.lock.pid");
+        fs::create_dir(&path).unwrap();
+        let found = read(&path);
+        assert!(matches!(&found, MetaRead::Corrupt(why) if why.contains("cannot read")), "{found:?}");
+        assert!(!found.is_recognised(), "a directory is not ours to remove");
+    }
+
+    #[test]
+    fn only_corrupt_metadata_is_unrecognised() {
+        assert!(MetaRead::Missing.is_recognised());
+        assert!(!MetaRead::Corrupt("x".into()).is_recognised());
+        let m = Metadata::for_current_process(LockMode::Exclusive, "soft", "build", None);
+        assert!(MetaRead::Valid(m).is_recognised());
+    }
+
+    #[test]
+    fn exclusive_soft_metadata_round_trips() {
+        let m = Metadata::for_current_process(LockMode::Exclusive, "soft", "build:x", None);
+        assert!(m.is_soft());
+        let back = Metadata::parse(m.to_json().as_bytes()).unwrap();
+        assert_eq!(back.mode, Some(LockMode::Exclusive));
+        assert!(back.is_soft());
+    }
+
+    #[test]
+    fn a_handed_over_lock_names_the_new_holder_and_who_handed_it() {
+        let m = Metadata::for_current_process(LockMode::Exclusive, "os", "build:x", Some("run make".into()));
+        let m = Metadata { token: Some(42), ..m };
+        let to = ProcessIdentity { pid: 999_999, start_time: Some(5), boot_id: Some("other-boot".into()) };
+        let h = m.handed_over(to.clone(), Some("make -j8".into()), m.pid);
+        assert_eq!(h.process(), to);
+        assert_eq!((h.command.as_deref(), h.via_pid), (Some("make -j8"), Some(m.pid)));
+        // The same acquisition: id, token, time, operation and mode are kept.
+        assert_eq!(
+            (&h.id, h.token, h.timestamp, &h.operation, h.mode),
+            (&m.id, m.token, m.timestamp, &m.operation, m.mode)
+        );
+        // Without a command of its own, the holder keeps the one recorded.
+        assert_eq!(m.handed_over(to, None, 1).command.as_deref(), Some("run make"));
+    }
+
+    #[test]
+    fn temporary_files_are_hidden_unique_and_beside_the_target() {
+        let path = Path::new("/locks/x.lock");
+        let (a, b) = (temp_path(path), temp_path(path));
+        assert_ne!(a, b);
+        for t in [&a, &b] {
+            assert_eq!(t.parent(), path.parent());
+            let name = t.file_name().unwrap().to_str().unwrap();
+            assert!(name.starts_with(".x.lock.") && name.ends_with(".tmp"), "{name}");
+        }
+    }
+
     #[test]
     fn write_is_atomic_and_remove_only_takes_ours() {
         let dir = tempfile::tempdir().unwrap();

@@ -143,6 +143,17 @@ mod tests {
         assert!(judge_with(&MetaRead::Missing, 180, ProcessState::Alive).is_stale());
         assert!(judge_with(&MetaRead::Corrupt("x".into()), 120, ProcessState::Alive).is_stale());
         assert!(!judge_with(&MetaRead::Corrupt("x".into()), 119, ProcessState::Alive).is_stale());
+        // Unreadable metadata is named as such, with why, not as missing.
+        let v = judge_with(&MetaRead::Corrupt("not JSON".into()), 180, ProcessState::Alive);
+        assert_eq!(v.reason(), "unreadable metadata (not JSON) and the lock is 3m00s old, past the 2m00s limit");
+    }
+
+    #[test]
+    fn the_reason_is_the_verdicts_text_either_way() {
+        assert_eq!(Verdict::Stale("gone".into()).reason(), "gone");
+        assert_eq!(Verdict::Active("alive".into()).reason(), "alive");
+        let v = judge_with(&meta("here"), 0, ProcessState::Alive);
+        assert_eq!(v.reason(), "holder pid 4242 is alive");
     }
 
     #[test]
@@ -169,6 +180,10 @@ mod tests {
     #[test]
     fn human_durations() {
         assert_eq!(secs(Duration::from_millis(1500)), "1.5s");
+        // Tenths only below 10 s, and only when there are some.
+        assert_eq!(secs(Duration::from_secs(3)), "3s");
+        assert_eq!(secs(Duration::from_millis(9_900)), "9.9s");
+        assert_eq!(secs(Duration::from_millis(12_500)), "12s");
         assert_eq!(secs(Duration::from_secs(42)), "42s");
         assert_eq!(secs(Duration::from_secs(125)), "2m05s");
         assert_eq!(secs(Duration::from_secs(3720)), "1h02m");

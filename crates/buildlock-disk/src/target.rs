@@ -1,5 +1,6 @@
 //! Turning what a user typed (`libfastled_build`, `.build/x.lock`) into lock and metadata paths.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use crate::Error;
@@ -85,10 +86,15 @@ fn invisible(c: char) -> bool {
 /// The lock directory: `explicit` (from `--dir`), else `BUILDLOCK_DIR`, else the per-user data
 /// directory (`~/.local/share/buildlock/locks` on Linux).
 pub fn lock_dir(explicit: Option<&Path>) -> Result<PathBuf, Error> {
+    choose_lock_dir(explicit, std::env::var_os("BUILDLOCK_DIR"))
+}
+
+/// [`lock_dir`] with the value of `BUILDLOCK_DIR` passed in (an empty one counts as unset).
+fn choose_lock_dir(explicit: Option<&Path>, from_env: Option<OsString>) -> Result<PathBuf, Error> {
     if let Some(d) = explicit {
         return Ok(d.to_owned());
     }
-    if let Some(d) = std::env::var_os("BUILDLOCK_DIR").filter(|d| !d.is_empty()) {
+    if let Some(d) = from_env.filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(d));
     }
     directories::ProjectDirs::from("", "", "buildlock").map(|p| p.data_dir().join("locks")).ok_or(Error::NoLockDir)
@@ -112,12 +118,47 @@ mod tests {
         assert_eq!(resolve("a.lock").unwrap().path, Path::new("a.lock"));
         assert_eq!(resolve("/tmp/some/file").unwrap().meta_path, Path::new("/tmp/some/file.pid"));
         assert_eq!(resolve("a.lock").unwrap().dir(), Path::new("."));
+        assert_eq!(resolve("libfastled_build").unwrap().dir(), Path::new("/locks"));
+        assert_eq!(resolve(".build/a.lock").unwrap().dir(), Path::new(".build"));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_backslash_makes_a_name_not_a_path_on_unix() {
+        let err = resolve("dir\\x").unwrap_err().to_string();
+        assert!(err.contains("character"), "{err}");
+    }
+
+    #[test]
+    fn a_path_with_a_too_long_file_name_is_refused() {
+        let limit = MAX_NAME_BYTES + ".lock".len();
+        let ok = format!("/tmp/{}", "x".repeat(limit));
+        assert_eq!(resolve(&ok).unwrap().path, Path::new(&ok));
+        let err = resolve(&format!("/tmp/{}", "x".repeat(limit + 1))).unwrap_err().to_string();
+        assert!(err.contains(&format!("{} bytes long; the limit is {limit}", limit + 1)), "{err}");
+    }
+
+    #[test]
+    fn lock_dir_prefers_the_option_then_a_non_empty_variable() {
+        let opt = Path::new("/from/option");
+        let env = || Some(OsString::from("/from/env"));
+        assert_eq!(choose_lock_dir(Some(opt), env()).unwrap(), opt);
+        assert_eq!(lock_dir(Some(opt)).unwrap(), opt);
+        assert_eq!(choose_lock_dir(None, env()).unwrap(), Path::new("/from/env"));
+        // Empty or unset: the per-user default, never the empty path.
+        let default = choose_lock_dir(None, None);
+        assert_eq!(choose_lock_dir(None, Some(OsString::new())).ok(), default.as_ref().ok().cloned());
+        match default {
+            Ok(d) => assert!(d.ends_with("buildlock/locks"), "{}", d.display()),
+            Err(e) => assert!(matches!(e, Error::NoLockDir), "{e}"),
+        }
     }
 
     #[test]
     fn bad_names_are_refused_with_a_reason() {
         for (arg, why) in [
             ("", "empty"),
+            (".", ".."),
             ("..", ".."),
             ("a..b", ".."),
             ("a\0b", "NUL"),

@@ -1,5 +1,5 @@
-//! Tests: one unit test per rule, a simulated-time scenario, a 10,000-lease smoke test, and
-//! property tests over random operation sequences.
+//! Tests: one unit test per rule, a simulated-time scenario, a 10,000-lease smoke test,
+//! property tests over random operation sequences, and the small parts of the interface.
 
 use std::time::{Duration, Instant};
 
@@ -8,6 +8,7 @@ use crate::{Event, LeaseId, Mode, OwnerId, Queue, Request, Wait};
 mod props;
 mod rules;
 mod sim;
+mod surface;
 
 /// A fixed origin for the tests' time; everything else is `base() + Duration`.
 fn base() -> Instant {
