@@ -13,8 +13,10 @@ use buildlock_proto::{FrameDecoder, Reply, Request, Welcome};
 
 use crate::Error;
 
-/// How long to wait for a daemon started on demand to say it is ready.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for a daemon started on demand to say it is ready. A bound on a failure
+/// (a daemon that hangs before listening), not an expectation: on a loaded machine a dozen
+/// clients starting debug builds at once can take seconds, so it is generous.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long after starting a daemon that answered "running" (another one holds the instance
 /// lock) before starting one again if still nothing listens.
 const RESTART_AFTER: Duration = Duration::from_millis(100);
