@@ -210,28 +210,38 @@ pub(crate) fn keep(cx: &Context, args: AcquireArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(&e),
     };
-    let lease = match buildlock::acquire(&target, &opts, &mut |w| {
-        eprintln!(
-            "buildlock-client: waiting for lock {} ({}), held by {}",
-            target.name,
-            target.path.display(),
-            w.holder
-        )
-    }) {
-        Ok(l) => l,
-        Err(e) if e.is_conflict() => {
-            eprintln!("buildlock-client: {e}");
-            return ExitCode::from(args.lock.conflict_exit_code);
-        }
-        Err(e) => return fail(&e),
-    };
-    let mut lease = lease;
     // The script is named as the holder (and, through the daemon, the lease bound to it, which
-    // the daemon confirms before we go on). Taken directly, the lock has no daemon to keep it
-    // if we are killed: a second process gets a copy of the locked descriptor.
-    if let Err(e) = lease.bind_pid_confirmed(pid) {
-        return fail(&format!("cannot bind lock {} to pid {pid}: {e}", target.name));
-    }
+    // the daemon confirms before we go on). A daemon that dies between the grant and the
+    // binding leaves a lease that cannot be bound: let it go and ask again (the next daemon).
+    let mut attempts = 0;
+    let lease = loop {
+        let mut lease = match buildlock::acquire(&target, &opts, &mut |w| {
+            eprintln!(
+                "buildlock-client: waiting for lock {} ({}), held by {}",
+                target.name,
+                target.path.display(),
+                w.holder
+            )
+        }) {
+            Ok(l) => l,
+            Err(e) if e.is_conflict() => {
+                eprintln!("buildlock-client: {e}");
+                return ExitCode::from(args.lock.conflict_exit_code);
+            }
+            Err(e) => return fail(&e),
+        };
+        match lease.bind_pid_confirmed(pid) {
+            Ok(()) => break lease,
+            Err(e @ (buildlock::Error::Protocol(_) | buildlock::Error::DaemonGone(_))) if attempts < 5 => {
+                attempts += 1;
+                tracing::info!("the daemon went away before lock {} was bound to pid {pid} ({e}); again", target.name);
+                drop(lease);
+            }
+            Err(e) => return fail(&format!("cannot bind lock {} to pid {pid}: {e}", target.name)),
+        }
+    };
+    // Taken directly, the lock has no daemon to keep it if we are killed: a second process gets
+    // a copy of the locked descriptor.
     let mut shadow = if lease.via_daemon() { None } else { start_shadow(cx, &args.target, pid, &lease) };
     let me = buildlock_sys::current_process();
     let file = keeper_file(&target, pid);
