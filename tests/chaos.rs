@@ -619,14 +619,18 @@ fn analyse(events: &str) -> Report {
     let mut reaped_at: HashMap<&str, u64> = HashMap::new();
     for f in &lines {
         match (f[0], f.get(3)) {
+            // An incarnation dies once: its first kill and reap are its own. A later `K` or `Q`
+            // for the same pid is a recycled pid's, whose process logged no event of its own (a
+            // `run` worker's critical sections are its grandchildren's): it must not move the
+            // older incarnation's reap past checks its left-over marker has nothing to do with.
             ("K", Some(&"worker")) => {
                 if let Some(i) = incarnation_at(f[1], t(f)) {
-                    killed_at.insert(i, t(f));
+                    killed_at.entry(i).or_insert(t(f));
                 }
             }
             ("Q", _) => {
                 if let Some(i) = incarnation_at(f[1], t(f)) {
-                    reaped_at.insert(i, t(f));
+                    reaped_at.entry(i).or_insert(t(f));
                 }
                 // Only the killer sends SIGKILL to pool workers.
                 let status = f[3..].join(" ");
