@@ -185,22 +185,6 @@ fn a_fifo_at_one_locks_metadata_never_stalls_the_daemon_for_another() {
     assert!(std::fs::symlink_metadata(&meta).unwrap().file_type().is_fifo());
 }
 
-/// `c`, run as user and group 65534 (nobody) through `setpriv`.
-fn as_nobody(c: &Command) -> Command {
-    let mut s = Command::new("setpriv");
-    s.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).arg(c.get_program()).args(c.get_args());
-    s.env_clear();
-    for (k, v) in c.get_envs() {
-        if let Some(v) = v {
-            s.env(k, v);
-        }
-    }
-    if let Some(dir) = c.get_current_dir() {
-        s.current_dir(dir);
-    }
-    s
-}
-
 #[test]
 fn another_users_leftover_metadata_in_a_sticky_directory_does_not_block_a_free_lock() {
     if !nix::unistd::getuid().is_root() {
@@ -216,15 +200,18 @@ fn another_users_leftover_metadata_in_a_sticky_directory_does_not_block_a_free_l
     env.write_meta("x", &leftover);
     std::fs::write(env.locks().join("x.lock.fence"), "00000000000000000042\n").unwrap();
     let meta = env.locks().join("x.lock.pid");
-    let mut c = env.cli();
-    c.args(["run", "-n", "x", "--", "echo", "ran"]);
-    output_bounded(as_nobody(&c), "run as nobody")
+    let as_nobody = || {
+        let mut c = env.cli_as_user(65534);
+        c.args(["run", "-n", "x", "--", "echo", "ran"]);
+        c
+    };
+    output_bounded(as_nobody(), "run as nobody")
         .assert_code(0)
         .assert_stdout_has("ran")
         .assert_stderr_has(&format!("cannot write the metadata file {}", meta.display()));
     assert_eq!(std::fs::read_to_string(&meta).unwrap(), leftover);
     // And again: the lock is free every time, not only once.
-    output_bounded(as_nobody(&c), "run as nobody").assert_code(0).assert_stdout_has("ran");
+    output_bounded(as_nobody(), "run as nobody").assert_code(0).assert_stdout_has("ran");
 }
 
 #[test]

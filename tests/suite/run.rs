@@ -218,23 +218,6 @@ fn lock_file_deleted_under_its_holder_is_reported() {
     out.assert_code(1).assert_stderr_has("lost while held").assert_stderr_has("deleted or replaced");
 }
 
-/// `buildlock-client` run as uid 65534 (nobody) in `env`, whose directories it may use.
-fn cli_as_nobody(env: &Env) -> std::process::Command {
-    let mut c = std::process::Command::new("setpriv");
-    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--", env!("CARGO_BIN_EXE_buildlock-client")])
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", env.path("home"))
-        .env("BUILDLOCK_DIR", env.locks())
-        .env("BUILDLOCK_RUNTIME_DIR", env.runtime())
-        .env("BUILDLOCKD", env!("CARGO_BIN_EXE_buildlockd"))
-        .current_dir(env.tmp.path());
-    if !env.daemon {
-        c.env("BUILDLOCK_NO_DAEMON", "1");
-    }
-    c
-}
-
 /// CMD is a binary with file capabilities, started by an unprivileged user: the kernel clears
 /// the parent-death signal on such an exec, so stopping CMD when `run` dies could never be
 /// relied on. The inherited descriptor survives the exec: `run` killed, the lock stays with CMD.
@@ -259,7 +242,7 @@ fn killed_run_keeps_the_lock_for_a_file_capability_command(env: &Env) {
         nix::unistd::chown(&dir, Some(nix::unistd::Uid::from_raw(65534)), Some(nix::unistd::Gid::from_raw(65534)))
             .unwrap();
     }
-    let mut c = cli_as_nobody(env);
+    let mut c = env.cli_as_user(65534);
     c.args(["run", "x", "--", "sh", "-c"]).arg(format!("echo $$; exec {} 1000", capsleep.display()));
     let mut holder = crate::util::Proc::spawn(c);
     let cmd: u32 = holder.next_line().unwrap().parse().unwrap();

@@ -63,7 +63,20 @@ impl Env {
 
     /// `buildlock-client` with only the environment the test sets.
     pub fn cli(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_buildlock-client"));
+        self.scrubbed(Command::new(env!("CARGO_BIN_EXE_buildlock-client")))
+    }
+
+    /// [`Env::cli`], run as user `uid` (and group `uid`) through `setpriv`; the test makes the
+    /// directories that user needs reachable.
+    pub fn cli_as_user(&self, uid: u32) -> Command {
+        let mut c = Command::new("setpriv");
+        c.arg(format!("--reuid={uid}")).arg(format!("--regid={uid}")).args(["--clear-groups", "--"]);
+        c.arg(env!("CARGO_BIN_EXE_buildlock-client"));
+        self.scrubbed(c)
+    }
+
+    /// `c` with only the environment the test sets, in the test's directory.
+    fn scrubbed(&self, mut c: Command) -> Command {
         c.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", self.path("home"))
