@@ -39,14 +39,18 @@ pub fn fmt(d: Duration) -> String {
 }
 
 /// Starts `holder` (a `buildlock-client … run NAME` command; the command to run is appended
-/// here and prints "locked" once it holds the lock), then `waiter` in a thread (it must block
-/// until it is granted the same lock, returning whatever keeps it held), SIGKILLs the holder
-/// once the waiter has had time to queue, reaps it at once (as the shell that started a build
-/// would), and returns the time from the kill to the grant.
+/// here and prints "locked" once it holds the lock) in a process group of its own, then `waiter`
+/// in a thread (it must block until it is granted the same lock, returning whatever keeps it
+/// held), SIGKILLs the holder's whole process group (`run` and its command, as a CI timeout or
+/// Ctrl+C does: `run` alone killed leaves the lock to its command, which goes on) once the
+/// waiter has had time to queue, reaps it at once (as the shell that started a build would), and
+/// returns the time from the kill to the grant.
 pub fn kill_to_grant<G: Send + 'static>(mut holder: Command, waiter: impl FnOnce() -> G + Send + 'static) -> Duration {
+    use std::os::unix::process::CommandExt;
     let mut holder = holder
         .args(["--", "sh", "-c", "echo locked; exec sleep 1000"])
         .stdout(Stdio::piped())
+        .process_group(0)
         .spawn()
         .expect("start the holder");
     let mut line = String::new();
@@ -61,7 +65,9 @@ pub fn kill_to_grant<G: Send + 'static>(mut holder: Command, waiter: impl FnOnce
     // Let the waiter reach its blocking wait (a bench may sleep; tests may not).
     std::thread::sleep(Duration::from_millis(100));
     let killed = Instant::now();
-    holder.kill().expect("SIGKILL the holder");
+    #[allow(clippy::disallowed_methods)] // a bench's own signal, not locking code
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(holder.id() as i32), nix::sys::signal::SIGKILL)
+        .expect("SIGKILL the holder's process group");
     holder.wait().expect("reap the holder");
     let granted = rx.recv().expect("the waiter was granted");
     thread.join().expect("waiter thread");
