@@ -161,29 +161,21 @@ pub(crate) fn acquire(cx: &Context, args: AcquireArgs) -> ExitCode {
 /// sent before it died.
 fn undo_failed_keeper(cx: &Context, target: &str, pid: u32, keeper: u32) {
     let Ok(target) = cx.target(target) else { return };
-    let file = keeper_file(&target, pid);
-    for k in read_keeper_file(&file).unwrap_or_default() {
-        if is_our_keeper(&k, pid).is_ok() && buildlock_sys::send_signal(k.pid, signal_hook::consts::SIGTERM).is_ok() {
-            let _ = buildlock_sys::ipc::wait_exit(k.pid, Some(KEEPER_EXIT_WAIT));
-        }
-    }
-    if read_keeper_file(&file).is_ok_and(|ks| ks.iter().all(|k| buildlock_sys::process_state(k) == ProcessState::Dead))
-    {
-        let _ = std::fs::remove_file(&file);
+    if let Err((_, why)) = stop_keepers(&target, pid) {
+        eprintln!("buildlock-client: {why}");
     }
     if cx.connect == buildlock::Connect::Direct {
         return;
     }
-    let path = buildlock::daemon_key(&target).unwrap_or(target.path.clone()).display().to_string();
     let rt = Some(cx.runtime_dir.as_path());
     for _ in 0..50 {
-        let req = buildlock_proto::Request::ReleasePid { path: path.clone(), pid };
-        if let Ok(buildlock_proto::Reply::Released { .. }) = buildlock::ask_daemon(rt, &req) {
+        if release_pid_through_daemon(cx, &target, pid) {
             return;
         }
         // Not (yet) bound: done, unless the daemon still holds a lease for the keeper or PID on
         // this lock (it has not read the dead keeper's last frames, a `Bind` perhaps, yet).
-        let status = buildlock::ask_daemon(rt, &buildlock_proto::Request::Status { path: Some(path.clone()) });
+        let path = daemon_path(&target);
+        let status = buildlock::ask_daemon(rt, &buildlock_proto::Request::Status { path: Some(path) });
         let held_for_pid = matches!(status, Ok(buildlock_proto::Reply::Status { locks })
             if locks.iter().any(|l| l.holders.iter().any(|h| h.pid == Some(pid) || h.pid == Some(keeper))));
         if !held_for_pid {
@@ -191,6 +183,80 @@ fn undo_failed_keeper(cx: &Context, target: &str, pid: u32, keeper: u32) {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+/// The path the daemon knows `target` by, as it was named when taken: the directory resolved, a
+/// link at the lock never followed.
+fn daemon_path(target: &buildlock_disk::LockTarget) -> String {
+    buildlock::daemon_key(target).unwrap_or(target.path.clone()).display().to_string()
+}
+
+/// Asks the daemon (never starting one) to release a lease on `target` bound to `pid`; whether
+/// it did.
+fn release_pid_through_daemon(cx: &Context, target: &buildlock_disk::LockTarget, pid: u32) -> bool {
+    let req = buildlock_proto::Request::ReleasePid { path: daemon_path(target), pid };
+    matches!(buildlock::ask_daemon(Some(&cx.runtime_dir), &req), Ok(buildlock_proto::Reply::Released { .. }))
+}
+
+/// Stops every live process that the keeper file of `target` for `pid` names and that is
+/// provably ours: the keeper, then its shadow (which took the lock over if the keeper was killed
+/// before it let go; a keeper that released told its shadow to go). Processes that are not ours
+/// are never signalled (a warning names them); the file goes once all it names are dead.
+/// `Ok(true)`: one was stopped. `Err((exit code, message))`: one could not be.
+fn stop_keepers(target: &buildlock_disk::LockTarget, pid: u32) -> Result<bool, (u8, String)> {
+    let file = keeper_file(target, pid);
+    let keepers = match read_keeper_file(&file) {
+        Ok(k) => k,
+        Err(why) => {
+            eprintln!("buildlock-client: warning: {} is not a keeper file ({why}); it is left alone", file.display());
+            return Ok(false);
+        }
+    };
+    let mut stopped = false;
+    let mut all_dead = !keepers.is_empty();
+    for k in &keepers {
+        match is_our_keeper(k, pid) {
+            Ok(()) => {
+                all_dead = false;
+                if let Err(e) = buildlock_sys::send_signal(k.pid, signal_hook::consts::SIGTERM) {
+                    let why = format!("error: cannot stop the keeper (pid {}) of lock {}: {e}", k.pid, target.name);
+                    return Err((crate::EXIT_USAGE, why));
+                }
+                match buildlock_sys::ipc::wait_exit(k.pid, Some(KEEPER_EXIT_WAIT)) {
+                    Ok(true) | Err(_) => stopped = true,
+                    Ok(false) => {
+                        let why = format!(
+                            "the keeper (pid {}) of lock {} did not exit within {}s of being asked to; the lock \
+                             may still be held: see `buildlock-client status {}`",
+                            k.pid,
+                            target.name,
+                            KEEPER_EXIT_WAIT.as_secs(),
+                            target.name
+                        );
+                        return Err((1, why));
+                    }
+                }
+            }
+            Err(why) if buildlock_sys::process_state(k) == ProcessState::Dead => {
+                tracing::debug!("keeper file {} names pid {}: {why}", file.display(), k.pid);
+            }
+            Err(why) => {
+                all_dead = false;
+                // Somebody else's process: never signalled. The file stays for a human to judge.
+                eprintln!(
+                    "buildlock-client: warning: {} names pid {} as the keeper of lock {}, but {why}; that \
+                     process is left alone",
+                    file.display(),
+                    k.pid,
+                    target.name
+                );
+            }
+        }
+    }
+    if all_dead {
+        let _ = std::fs::remove_file(&file);
+    }
+    Ok(stopped)
 }
 
 /// The keeper itself (`__keep`).
@@ -446,76 +512,19 @@ pub(crate) fn release(cx: &Context, pid: Option<u32>, target: &str) -> ExitCode 
         Err(e) => return fail(&e),
     };
     let pid = pid.unwrap_or_else(parent_pid);
-    let file = keeper_file(&target, pid);
     // A keeper that was stopped here: the lock is released, unless it died (killed) before it
     // could let go of its daemon lease, which the request to the daemon below then releases.
-    let mut stopped_keeper = false;
-    match read_keeper_file(&file) {
-        // The keeper, then its shadow: every live one that is provably ours.
-        Ok(keepers) => {
-            let mut all_dead = !keepers.is_empty();
-            for k in &keepers {
-                match is_our_keeper(k, pid) {
-                    Ok(()) => {
-                        all_dead = false;
-                        if let Err(e) = buildlock_sys::send_signal(k.pid, signal_hook::consts::SIGTERM) {
-                            return fail(&format!(
-                                "cannot stop the keeper (pid {}) of lock {}: {e}",
-                                k.pid, target.name
-                            ));
-                        }
-                        match buildlock_sys::ipc::wait_exit(k.pid, Some(KEEPER_EXIT_WAIT)) {
-                            Ok(true) | Err(_) => stopped_keeper = true,
-                            Ok(false) => {
-                                eprintln!(
-                                    "buildlock-client: the keeper (pid {}) of lock {} did not exit within {}s of \
-                                     being asked to; the lock may still be held: see `buildlock-client status {}`",
-                                    k.pid,
-                                    target.name,
-                                    KEEPER_EXIT_WAIT.as_secs(),
-                                    target.name
-                                );
-                                return ExitCode::from(1);
-                            }
-                        }
-                        // And its shadow, if the keeper was killed before it let go: the shadow
-                        // took the lock over (a keeper that released told its shadow to go).
-                    }
-                    Err(why) if buildlock_sys::process_state(k) == ProcessState::Dead => {
-                        tracing::debug!("keeper file {} names pid {}: {why}", file.display(), k.pid);
-                    }
-                    Err(why) => {
-                        all_dead = false;
-                        // Somebody else's process: never signalled. The file stays for a human to judge.
-                        eprintln!(
-                            "buildlock-client: warning: {} names pid {} as the keeper of lock {}, but {why}; \
-                             that process is left alone",
-                            file.display(),
-                            k.pid,
-                            target.name
-                        );
-                    }
-                }
-            }
-            if all_dead {
-                let _ = std::fs::remove_file(&file);
-            }
+    let stopped_keeper = match stop_keepers(&target, pid) {
+        Ok(stopped) => stopped,
+        Err((code, why)) => {
+            eprintln!("buildlock-client: {why}");
+            return ExitCode::from(code);
         }
-        Err(why) => {
-            eprintln!("buildlock-client: warning: {} is not a keeper file ({why}); it is left alone", file.display())
-        }
-    }
+    };
     // Perhaps another client bound it to PID through the daemon, its keeper died before it
     // released it, or a daemon recovered it from its journal after the keeper and its
     // predecessor died.
-    let mut released = false;
-    if cx.connect != buildlock::Connect::Direct {
-        // As the lock was named when taken: the directory resolved, a link at the lock never followed.
-        let path = buildlock::daemon_key(&target).unwrap_or(target.path.clone()).display().to_string();
-        let req = buildlock_proto::Request::ReleasePid { path, pid };
-        released =
-            matches!(buildlock::ask_daemon(Some(&cx.runtime_dir), &req), Ok(buildlock_proto::Reply::Released { .. }));
-    }
+    let released = cx.connect != buildlock::Connect::Direct && release_pid_through_daemon(cx, &target, pid);
     if report_lost(&target, pid) {
         return ExitCode::from(1);
     }
