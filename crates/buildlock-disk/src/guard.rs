@@ -101,14 +101,10 @@ impl Guard {
     /// one that handed the lock over (`run`, after passing the lock to its command). Does nothing
     /// when the metadata on disk is another holder's (a shared lock kept by an earlier reader).
     pub fn hand_over_to(&mut self, pid: u32, command: Option<String>) -> Result<(), Error> {
-        if self.meta.id.is_none() || !matches!(self.held, Some(Held::Os(_))) {
+        if !matches!(self.held, Some(Held::Os(_))) {
             return Ok(());
         }
-        let meta = self.meta.handed_over(buildlock_sys::identify(pid), command, std::process::id());
-        meta::write_atomic(&self.target.meta_path, &meta)
-            .map_err(|e| Error::io("write the metadata file", &self.target.meta_path, e))?;
-        self.meta = meta;
-        Ok(())
+        hand_over_metadata(&self.target, &mut self.meta, pid, command, std::process::id())
     }
 
     /// `"os"` or `"soft"`.
@@ -172,12 +168,39 @@ impl Guard {
             }
         }
         if let Held::Os(file) = &held {
-            if let Err(e) = file.unlock() {
-                tracing::debug!("unlocking {}: {e}; closing it instead", self.target.path.display());
-            }
+            unlock_every_copy(&self.target, file);
         }
         drop(held);
         result
+    }
+}
+
+/// Rewrites the metadata `meta` of a held lock to name process `to` (with `command`) as its
+/// holder and `via` as the process that handed it over. Does nothing when the metadata on disk
+/// is another holder's (`meta` has no id: a shared lock kept by an earlier reader).
+pub(crate) fn hand_over_metadata(
+    target: &LockTarget,
+    meta: &mut Metadata,
+    to: u32,
+    command: Option<String>,
+    via: u32,
+) -> Result<(), Error> {
+    if meta.id.is_none() {
+        return Ok(());
+    }
+    let handed = meta.handed_over(buildlock_sys::identify(to), command, via);
+    meta::write_atomic(&target.meta_path, &handed)
+        .map_err(|e| Error::io("write the metadata file", &target.meta_path, e))?;
+    *meta = handed;
+    Ok(())
+}
+
+/// Unlocks the open file description of `file`, which ends the lock for every descriptor that
+/// shares it (those a command passed to its children included). Closing would not: a copy
+/// elsewhere keeps it.
+pub(crate) fn unlock_every_copy(target: &LockTarget, file: &LockFile) {
+    if let Err(e) = file.unlock() {
+        tracing::debug!("unlocking {}: {e}; closing it instead", target.path.display());
     }
 }
 

@@ -215,14 +215,7 @@ impl OsHold {
     /// Does nothing when the metadata on disk is another holder's (a shared lock kept by an
     /// earlier reader).
     pub fn hand_over_to(&mut self, to: u32, command: Option<String>, via: u32) -> Result<(), Error> {
-        if self.meta.id.is_none() {
-            return Ok(());
-        }
-        let meta = self.meta.handed_over(buildlock_sys::identify(to), command, via);
-        meta::write_atomic(&self.target.meta_path, &meta)
-            .map_err(|e| Error::io("write the metadata file", &self.target.meta_path, e))?;
-        self.meta = meta;
-        Ok(())
+        crate::guard::hand_over_metadata(&self.target, &mut self.meta, to, command, via)
     }
 
     /// Lets go of our copy: removes the holder's metadata, then closes the file. Copies handed
@@ -242,9 +235,7 @@ impl OsHold {
     pub fn release_all(self) -> Result<(), Error> {
         let removed =
             if self.is_intact() { crate::guard::remove_own_metadata(&self.target, &self.meta) } else { Ok(()) };
-        if let Err(e) = self.file.unlock() {
-            tracing::debug!("unlocking {}: {e}; closing it instead", self.target.path.display());
-        }
+        crate::guard::unlock_every_copy(&self.target, &self.file);
         removed
     }
 }
