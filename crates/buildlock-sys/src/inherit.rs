@@ -142,7 +142,9 @@ mod tests {
         // Our copy is closed, the child's is not: the lock is still held, and by the child.
         let other = LockFile::open(&path).unwrap();
         assert!(!other.try_lock(LockMode::Exclusive).unwrap());
-        assert_eq!(lock_holders(&path).unwrap(), vec![child.id()]);
+        // (Other tests of this binary fork meanwhile; a fork of theirs holds our descriptor for
+        // a moment before its exec closes it, so the list may name that child too.)
+        assert!(lock_holders(&path).unwrap().contains(&child.id()));
         assert!(!holds_lock(other.file()));
         drop(child.stdin.take());
         child.wait().unwrap();
@@ -176,7 +178,7 @@ mod tests {
         let file = LockFile::open(&path).unwrap();
         assert!(file.try_lock(LockMode::Exclusive).unwrap());
         let mut child = Command::new("sleep").arg("30").spawn().unwrap();
-        assert!(lock_holders(&path).unwrap().is_empty());
+        assert!(!lock_holders(&path).unwrap().contains(&child.id()));
         drop(file);
         assert!(LockFile::open(&path).unwrap().try_lock(LockMode::Exclusive).unwrap());
         child.kill().unwrap();
