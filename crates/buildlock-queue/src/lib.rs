@@ -20,6 +20,8 @@
 //!   order they happened; [`Queue::poll_timeout`] says when `handle_timeout` is next due.
 //! - Views: [`Queue::lease`], [`Queue::holders`], [`Queue::waiters`], [`Queue::keys`] and
 //!   [`Queue::counts`] describe the current state ([`LeaseView`], [`State`]) for status displays.
+//! - The wait-for graph: [`Queue::deadlock`] says whether a request would close a cycle of waits
+//!   (and which [`Link`]s make it), from the queue's state and the driver's naming of parties.
 //!
 //! Each request gets a [`LeaseId`] at once, whatever becomes of it; ids grow with arrival order.
 //! A key with no holders and no waiters is forgotten, so memory stays proportional to the live
@@ -89,9 +91,11 @@
 //! assert_eq!(q.poll_timeout(), None);
 //! ```
 
+mod deadlock;
 mod queue;
 mod types;
 
+pub use deadlock::Link;
 pub use queue::Queue;
 pub use types::{Event, LeaseId, LeaseView, Mode, OwnerId, Request, State, Wait};
 

@@ -9,11 +9,11 @@ use crate::types::{Event, LeaseId, LeaseView, Mode, OwnerId, Request, State, Wai
 
 /// One live lease (held or waiting).
 #[derive(Debug)]
-struct Entry<K> {
-    key: K,
+pub(crate) struct Entry<K> {
+    pub(crate) key: K,
     owner: OwnerId,
-    mode: Mode,
-    state: State,
+    pub(crate) mode: Mode,
+    pub(crate) state: State,
     /// Requested at while waiting, granted at once held.
     since: Instant,
     /// The `Until` deadline while waiting; cleared when granted (it no longer matters).
@@ -22,18 +22,18 @@ struct Entry<K> {
 
 /// Holders and waiters of one key. Exists only while at least one of the two sets is non-empty.
 #[derive(Debug, Default)]
-struct KeyState {
-    holders: BTreeSet<LeaseId>,
+pub(crate) struct KeyState {
+    pub(crate) holders: BTreeSet<LeaseId>,
     /// The single holder is exclusive. Meaningless (and kept `false`) when `holders` is empty.
     exclusive: bool,
     /// The wait queue. Lease ids grow with arrival order, so id order is FIFO order, and a
     /// waiter leaving from the middle costs O(log n).
-    waiters: BTreeSet<LeaseId>,
+    pub(crate) waiters: BTreeSet<LeaseId>,
 }
 
 impl KeyState {
     /// Whether a lease in `mode` is compatible with the current holders (ignoring the queue).
-    fn admits(&self, mode: Mode) -> bool {
+    pub(crate) fn admits(&self, mode: Mode) -> bool {
         self.holders.is_empty() || (!self.exclusive && mode == Mode::Shared)
     }
 
@@ -47,8 +47,8 @@ impl KeyState {
 /// See the [crate documentation](crate) for the rules and the driving loop.
 pub struct Queue<K> {
     next_id: u64,
-    leases: HashMap<LeaseId, Entry<K>>,
-    keys: HashMap<K, KeyState>,
+    pub(crate) leases: HashMap<LeaseId, Entry<K>>,
+    pub(crate) keys: HashMap<K, KeyState>,
     owners: HashMap<OwnerId, BTreeSet<LeaseId>>,
     /// `(deadline, lease)` of every waiter with a `Wait::Until`.
     deadlines: BTreeSet<(Instant, LeaseId)>,

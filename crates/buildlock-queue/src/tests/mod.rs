@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::{Event, LeaseId, Mode, OwnerId, Queue, Request, Wait};
 
+mod deadlock;
 mod props;
 mod rules;
 mod sim;
