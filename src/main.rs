@@ -15,8 +15,9 @@
 //!
 //! Exit codes:
 //! - `run`: CMD's own exit status, or 128+N if CMD died of signal N; 1 (or the `-E` value) when
-//!   the lock is busy with `-n` or `-w` ran out; 126 if CMD could not be executed, 127 if it was
-//!   not found.
+//!   the lock is busy with `-n` or `-w` ran out; 124 when CMD was stopped for holding the lock
+//!   past `--max-hold` (as `timeout(1)`); 126 if CMD could not be executed, 127 if it was not
+//!   found.
 //! - `acquire`: 0 once the lock is held for PID; 1 (or `-E`) when busy or timed out.
 //! - `release`: 0 when released, 1 when PID held no such lock.
 //! - `break`: 0 when the lock is free afterwards, 1 when it was refused (a live holder).
@@ -183,9 +184,30 @@ struct RunArgs {
     lock: LockArgs,
     /// A lock name (in the lock directory) or a path to a .lock file
     target: String,
+    /// Stop CMD if it holds the lock longer than this (seconds, or `90s`, `30m`, `1h30m`):
+    /// SIGTERM to its process group, SIGKILL after `--kill-after`; the lock is released once
+    /// they are gone, and `run` exits with 124. CMD runs in its own process group then (like
+    /// `timeout(1)`); `run` passes Ctrl+C on to it.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    max_hold: Option<Duration>,
+    /// With `--max-hold`: how long CMD has after SIGTERM before SIGKILL [default: 10 s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "max_hold")]
+    kill_after: Option<Duration>,
     /// The command to run and its arguments, after `--`
     #[arg(last = true, required = true, value_name = "CMD", action = ArgAction::Append)]
     cmd: Vec<OsString>,
+}
+
+/// A duration: seconds (`90`, `2.5`), or a friendly span (`90s`, `30m`, `1h30m`, `2 hours`).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    if let Ok(d) = parse_secs(s) {
+        return Ok(d);
+    }
+    let d: jiff::SignedDuration = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: give seconds (`90`) or a span such as `90s`, `30m`, `1h30m`"))?;
+    Duration::try_from(d).map_err(|_| format!("{s:?} is negative: give a duration from 0 up"))
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {

@@ -16,12 +16,30 @@
 //! Signals: Ctrl+C reaches CMD from the terminal directly (same process group); `run` ignores
 //! SIGINT and releases the lock once CMD has exited. SIGTERM, SIGHUP and SIGQUIT sent to `run`
 //! are passed on to CMD. No helper thread is started: each costs more than the lock itself.
+//!
+//! `--max-hold`: a wedged CMD is stopped, never robbed. CMD then runs in a process group of its
+//! own (as under `timeout(1)`), and `run` passes Ctrl+C on to it as well. Past the limit the
+//! group gets SIGTERM, and SIGKILL after `--kill-after`; the lock is released only once CMD and
+//! its group are gone, and `run` exits with [`EXIT_MAX_HOLD`].
 
 use std::io::{IsTerminal, Write};
-use std::process::{Command, ExitCode};
-use std::time::Duration;
+use std::process::{Child, Command, ExitCode, ExitStatus};
+use std::time::{Duration, Instant};
 
 use crate::{fail, Context, RunArgs};
+
+/// `run`'s exit code when CMD was stopped for holding the lock past `--max-hold`, as `timeout(1)`.
+pub(crate) const EXIT_MAX_HOLD: u8 = 124;
+/// How long CMD has between SIGTERM and SIGKILL when `--kill-after` is not given.
+const DEFAULT_KILL_AFTER: Duration = Duration::from_secs(10);
+/// How often the lock file is checked while CMD runs (Linux).
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// The `--max-hold` limit of one `run`.
+struct MaxHold {
+    limit: Duration,
+    kill_after: Duration,
+}
 
 pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
     let target = match cx.target(&args.target) {
@@ -54,6 +72,18 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
     if !passed && !buildlock_sys::kill_on_parent_death(&mut cmd) {
         tracing::debug!("this platform cannot stop CMD if buildlock-client is killed");
     }
+    #[cfg(not(unix))]
+    if args.max_hold.is_some() {
+        eprintln!("buildlock-client: --max-hold is not supported on this platform yet (it stops process groups)");
+        return ExitCode::from(crate::EXIT_USAGE);
+    }
+    let max_hold =
+        args.max_hold.map(|limit| MaxHold { limit, kill_after: args.kill_after.unwrap_or(DEFAULT_KILL_AFTER) });
+    #[cfg(unix)]
+    if max_hold.is_some() {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+    }
     let forward = signals::Forwarder::install();
     let mut child = match cmd.spawn() {
         Ok(c) => c,
@@ -63,15 +93,16 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
             return ExitCode::from(if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 });
         }
     };
-    forward.set_child(child.id());
+    forward.set_child(child.id(), max_hold.is_some());
     // CMD holds the lock now (its inherited descriptor; through the daemon, the binding too):
     // the metadata names it, so that nobody takes a killed `run` for a dead holder.
     if let Err(e) = lease.bind_pid(child.id()) {
         tracing::warn!("cannot name the command's process as the lock's holder: {e}");
     }
-    let status = wait_for(&mut child, &lease);
+    let (status, stopped) = wait_for(&mut child, &lease, max_hold.as_ref(), &target.name);
     forward.set_child_exited();
     let code = match status {
+        Ok(_) if stopped => EXIT_MAX_HOLD,
         Ok(s) => exit_code(&s),
         Err(e) => {
             eprintln!("buildlock-client: cannot wait for {}: {e}", args.cmd[0].to_string_lossy());
@@ -88,28 +119,205 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
 }
 
 /// Waits for CMD, checking meanwhile (Linux: every second, on a pidfd) that the lock file was
-/// not deleted or replaced under us, and saying so at once if it was.
-fn wait_for(child: &mut std::process::Child, lease: &buildlock::Lease) -> std::io::Result<std::process::ExitStatus> {
-    #[cfg(target_os = "linux")]
-    if let Ok(Some(pidfd)) = buildlock_sys::ipc::pidfd_open(child.id()) {
-        use std::os::fd::AsFd;
-        let mut reported = false;
-        loop {
-            match buildlock_sys::ipc::wait_readable(&[pidfd.as_fd()], Some(Duration::from_secs(1))) {
-                Ok(None) if !reported => {
-                    if let Err(e) = lease.check() {
-                        eprintln!("buildlock-client: error: {e}");
-                        reported = true;
-                    }
+/// not deleted or replaced under us, and saying so at once if it was. With `--max-hold`, stops
+/// CMD's process group past the limit and returns only once the group is gone; the `bool` says
+/// whether it was stopped.
+fn wait_for(
+    child: &mut Child,
+    lease: &buildlock::Lease,
+    max_hold: Option<&MaxHold>,
+    name: &str,
+) -> (std::io::Result<ExitStatus>, bool) {
+    let mut waiter = ChildWaiter::new(child, max_hold.is_some());
+    if !waiter.can_wait_in_steps() {
+        return (child.wait(), false);
+    }
+    let started = Instant::now();
+    let pid = child.id();
+    let mut reported = false;
+    let mut stopping: Option<Stopping> = None;
+    let status = loop {
+        let mut step = CHECK_EVERY;
+        if let Some(m) = max_hold {
+            let now = Instant::now();
+            match &mut stopping {
+                None if now.duration_since(started) >= m.limit => {
+                    stopping = Some(Stopping::start(pid, name, m));
+                    continue;
                 }
-                Ok(None) => {}
-                Ok(Some(_)) | Err(_) => break,
+                None => step = step.min(m.limit - now.duration_since(started)),
+                Some(s) => step = step.min(s.step()),
             }
         }
+        match waiter.wait(child, step) {
+            Ok(Some(status)) => break Ok(status),
+            Ok(None) if !reported => {
+                if let Err(e) = lease.check() {
+                    eprintln!("buildlock-client: error: {e}");
+                    reported = true;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => break Err(e),
+        }
+    };
+    match stopping {
+        // CMD is gone; what it started in its group goes too before the lock is released.
+        Some(mut s) => {
+            s.wait_for_group();
+            (status, true)
+        }
+        None => (status, false),
     }
-    #[cfg(not(target_os = "linux"))]
-    let _ = lease;
-    child.wait()
+}
+
+/// CMD past its `--max-hold`: SIGTERM sent to its process group, SIGKILL due at `kill_at`.
+struct Stopping {
+    pgid: u32,
+    kill_at: Instant,
+    killed: bool,
+}
+
+impl Stopping {
+    fn start(pid: u32, name: &str, m: &MaxHold) -> Stopping {
+        eprintln!(
+            "buildlock-client: the command (pid {pid}) has held lock {name} for {}, its --max-hold: stopping it \
+             (SIGTERM to its process group, SIGKILL after {}); the lock is released once it is gone",
+            human(m.limit),
+            human(m.kill_after)
+        );
+        signal(pid, SIGTERM);
+        Stopping { pgid: pid, kill_at: Instant::now() + m.kill_after, killed: false }
+    }
+
+    /// How long until the next thing to do (SIGKILL), at most a second.
+    fn step(&mut self) -> Duration {
+        if !self.killed && Instant::now() >= self.kill_at {
+            self.kill();
+        }
+        match self.killed {
+            true => CHECK_EVERY,
+            false => self.kill_at.saturating_duration_since(Instant::now()).min(CHECK_EVERY),
+        }
+    }
+
+    fn kill(&mut self) {
+        eprintln!("buildlock-client: the command's process group {} did not stop after SIGTERM: SIGKILL", self.pgid);
+        signal(self.pgid, SIGKILL);
+        self.killed = true;
+    }
+
+    /// Waits until no process of the group is left (SIGKILL at `kill_at` if any still runs).
+    /// A process that survives SIGKILL for long (stuck in the kernel) is reported, and the lock
+    /// is released anyway: a release ends the lock for every copy of the descriptor.
+    fn wait_for_group(&mut self) {
+        let mut pause = Duration::from_millis(1);
+        let mut killed_at = None;
+        while group_alive(self.pgid) {
+            if Instant::now() >= self.kill_at && !self.killed {
+                self.kill();
+            }
+            if self.killed {
+                let since = *killed_at.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_secs(5) {
+                    eprintln!(
+                        "buildlock-client: processes of the command's group {} outlive SIGKILL (stuck in the kernel?); \
+                         releasing the lock anyway",
+                        self.pgid
+                    );
+                    return;
+                }
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+}
+
+#[cfg(unix)]
+use signal_hook::consts::{SIGKILL, SIGTERM};
+#[cfg(not(unix))]
+const SIGTERM: i32 = 15;
+#[cfg(not(unix))]
+const SIGKILL: i32 = 9;
+
+fn signal(pgid: u32, sig: i32) {
+    if let Err(e) = buildlock_sys::signal_group(pgid, Some(sig)) {
+        eprintln!("buildlock-client: cannot signal the command's process group {pgid}: {e}");
+    }
+}
+
+fn group_alive(pgid: u32) -> bool {
+    buildlock_sys::signal_group(pgid, None).unwrap_or(false)
+}
+
+/// Waits for CMD in steps, so that `run` can act between them: on a pidfd (Linux), else by
+/// polling `try_wait` (only with `--max-hold`: otherwise a plain blocking wait).
+struct ChildWaiter {
+    #[cfg(target_os = "linux")]
+    pidfd: Option<std::os::fd::OwnedFd>,
+    poll: bool,
+}
+
+impl ChildWaiter {
+    fn new(child: &Child, poll: bool) -> ChildWaiter {
+        #[cfg(target_os = "linux")]
+        let pidfd = buildlock_sys::ipc::pidfd_open(child.id()).ok().flatten();
+        #[cfg(not(target_os = "linux"))]
+        let _ = child;
+        ChildWaiter {
+            #[cfg(target_os = "linux")]
+            pidfd,
+            poll,
+        }
+    }
+
+    fn can_wait_in_steps(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        if self.pidfd.is_some() {
+            return true;
+        }
+        self.poll
+    }
+
+    /// CMD's status if it exited within `step`.
+    fn wait(&mut self, child: &mut Child, step: Duration) -> std::io::Result<Option<ExitStatus>> {
+        #[cfg(target_os = "linux")]
+        if let Some(pidfd) = &self.pidfd {
+            use std::os::fd::AsFd;
+            return match buildlock_sys::ipc::wait_readable(&[pidfd.as_fd()], Some(step)) {
+                Ok(None) => Ok(None),
+                Ok(Some(_)) | Err(_) => child.wait().map(Some),
+            };
+        }
+        let until = Instant::now() + step;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(Some(status));
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            std::thread::sleep(left.min(Duration::from_millis(20)));
+        }
+    }
+}
+
+/// `90s`, `2m5s`, `1h30m`: a duration as people write it.
+fn human(d: Duration) -> String {
+    let secs = d.as_secs();
+    if secs == 0 {
+        return format!("{}ms", d.as_millis());
+    }
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    let mut out = String::new();
+    for (n, unit) in [(h, "h"), (m, "m"), (s, "s")] {
+        if n > 0 {
+            out.push_str(&format!("{n}{unit}"));
+        }
+    }
+    out
 }
 
 /// CMD's exit status as a shell reports it: its code, or 128+N for death by signal N.
@@ -166,12 +374,15 @@ mod signals {
     //! to CMD (kill(2) is async-signal-safe) and swallow SIGINT, which the terminal delivers to
     //! CMD itself. Signals that come before CMD starts are kept and passed on once it has.
 
-    use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
     use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 
     /// CMD's pid while it runs, else 0.
     static CHILD: AtomicU32 = AtomicU32::new(0);
+    /// CMD leads a process group of its own (`--max-hold`): signals go to the whole group, and
+    /// SIGINT too, which the terminal no longer delivers to it.
+    static GROUP: AtomicBool = AtomicBool::new(false);
     /// Signals (as bits) that came while no CMD ran.
     static PENDING: AtomicU64 = AtomicU64::new(0);
 
@@ -184,16 +395,15 @@ mod signals {
                 // async-signal-safe; it allocates nothing and takes no lock.
                 let registered = unsafe {
                     signal_hook::low_level::register(sig, move || {
-                        if sig == SIGINT {
+                        let group = GROUP.load(Ordering::SeqCst);
+                        if sig == SIGINT && !group {
                             return;
                         }
                         match CHILD.load(Ordering::SeqCst) {
                             0 => {
                                 PENDING.fetch_or(1 << sig, Ordering::SeqCst);
                             }
-                            pid => {
-                                let _ = buildlock_sys::send_signal(pid, sig);
-                            }
+                            pid => send(pid, sig, group),
                         }
                     })
                 };
@@ -204,14 +414,16 @@ mod signals {
             Forwarder
         }
 
-        /// CMD runs: pass on what came before. (Single-threaded: a handler runs either before
-        /// the store, and its signal is in PENDING, or after it, and forwards it itself.)
-        pub(super) fn set_child(&self, pid: u32) {
+        /// CMD runs (leading its own process group if `group`): pass on what came before.
+        /// (Single-threaded: a handler runs either before the store, and its signal is in
+        /// PENDING, or after it, and forwards it itself.)
+        pub(super) fn set_child(&self, pid: u32, group: bool) {
+            GROUP.store(group, Ordering::SeqCst);
             CHILD.store(pid, Ordering::SeqCst);
             let pending = PENDING.swap(0, Ordering::SeqCst);
             for sig in 1..64 {
-                if pending & (1 << sig) != 0 {
-                    let _ = buildlock_sys::send_signal(pid, sig);
+                if pending & (1 << sig) != 0 && (sig != SIGINT || group) {
+                    send(pid, sig, group);
                 }
             }
         }
@@ -220,6 +432,14 @@ mod signals {
         pub(super) fn set_child_exited(&self) {
             CHILD.store(0, Ordering::SeqCst);
         }
+    }
+
+    /// Async-signal-safe: kill(2) or killpg(3), nothing else.
+    fn send(pid: u32, sig: i32, group: bool) {
+        let _ = match group {
+            true => buildlock_sys::signal_group(pid, Some(sig)).map(drop),
+            false => buildlock_sys::send_signal(pid, sig),
+        };
     }
 }
 
@@ -237,7 +457,7 @@ mod signals {
             Forwarder
         }
 
-        pub(super) fn set_child(&self, _pid: u32) {}
+        pub(super) fn set_child(&self, _pid: u32, _group: bool) {}
 
         pub(super) fn set_child_exited(&self) {}
     }

@@ -275,3 +275,59 @@ fn killed_run_keeps_the_lock_for_a_file_capability_command_direct() {
 fn killed_run_keeps_the_lock_for_a_file_capability_command_through_the_daemon() {
     killed_run_keeps_the_lock_for_a_file_capability_command(&Env::daemon());
 }
+
+/// `--max-hold`: a command past its limit is stopped, and the lock goes to the next waiter only
+/// once its whole process group is gone. Here SIGTERM ends the command at once, but its
+/// background child ignores it and lives until SIGKILL, `--kill-after` later.
+fn max_hold_stops_a_wedged_command_and_its_group(env: &Env) {
+    let script = "(trap '' TERM; exec sleep 1000) </dev/null >/dev/null 2>&1 & echo $$; echo $!; wait";
+    let mut holder = env.spawn(&["run", "--max-hold", "0.3", "--kill-after", "1", "x", "--", "sh", "-c", script]);
+    let cmd: u32 = holder.next_line().unwrap().parse().unwrap();
+    let child: u32 = holder.next_line().unwrap().parse().unwrap();
+    // Once it runs, the waiter says whether either was still alive (not a zombie) then.
+    let check = format!(
+        "for p in {cmd} {child}; do if [ -d /proc/$p ] && ! grep -q '^State:.*Z' /proc/$p/status; then echo TOO-EARLY $p; fi; \
+         done; echo got it"
+    );
+    let mut waiter = env.spawn(&["run", "x", "--", "sh", "-c", &check]);
+    let status = holder.wait();
+    assert_eq!(status.code(), Some(124), "{}", holder.stderr());
+    let err = holder.stderr();
+    assert!(err.contains("its --max-hold: stopping it"), "{err}");
+    assert!(err.contains(&format!("process group {cmd} did not stop after SIGTERM: SIGKILL")), "{err}");
+    assert_eq!(waiter.next_line().as_deref(), Some("got it"), "{}", waiter.stderr());
+    assert!(waiter.wait().success());
+    assert!(is_dead(cmd) && is_dead(child));
+}
+
+#[test]
+fn max_hold_stops_a_wedged_command_and_its_group_direct() {
+    max_hold_stops_a_wedged_command_and_its_group(&Env::new());
+}
+
+#[test]
+fn max_hold_stops_a_wedged_command_and_its_group_through_the_daemon() {
+    max_hold_stops_a_wedged_command_and_its_group(&Env::daemon());
+}
+
+#[test]
+fn max_hold_leaves_a_command_that_finishes_in_time_alone() {
+    let env = Env::new();
+    env.run(&["run", "--max-hold", "1h", "x", "--", "sh", "-c", "exit 3"]).assert_code(3);
+    env.run(&["run", "--max-hold", "soon", "x", "--", "true"]).assert_code(2).assert_stderr_has("is not a duration");
+    env.run(&["run", "--kill-after", "1", "x", "--", "true"]).assert_code(2).assert_stderr_has("--max-hold");
+}
+
+/// Under `--max-hold` the command leads its own process group, which the terminal no longer
+/// sends Ctrl+C to: `run` passes SIGINT on itself.
+#[test]
+fn max_hold_passes_ctrl_c_on_to_the_command() {
+    let env = Env::new();
+    let script = "trap 'echo got INT; kill $!; exit 7' INT; sleep 1000 & echo ready; wait";
+    let mut holder = env.spawn(&["run", "--max-hold", "1h", "x", "--", "sh", "-c", script]);
+    holder.expect_line("ready");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(holder.pid() as i32), nix::sys::signal::SIGINT).unwrap();
+    holder.expect_line("got INT");
+    assert_eq!(holder.wait().code(), Some(7), "{}", holder.stderr());
+    env.run(&["run", "-n", "x", "--", "true"]).assert_code(0);
+}

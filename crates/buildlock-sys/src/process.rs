@@ -121,6 +121,36 @@ pub fn send_signal(pid: u32, signal: i32) -> io::Result<()> {
     imp::send_signal(pid, signal)
 }
 
+/// Sends `signal` (a Unix signal number; `None` only asks) to every process of process group
+/// `pgid`. `Ok(false)` when the group has no process left. Async-signal-safe with a signal.
+/// Windows: unsupported.
+///
+/// Asking (`None`) on Linux does not count zombies, which hold no descriptor and may wait long
+/// for an init that reaps slowly; elsewhere they count until reaped.
+pub fn signal_group(pgid: u32, signal: Option<i32>) -> io::Result<bool> {
+    #[cfg(target_os = "linux")]
+    if signal.is_none() && imp::group_has_live_process(pgid) == Some(false) {
+        return Ok(false);
+    }
+    #[cfg(unix)]
+    {
+        use nix::errno::Errno;
+        use nix::sys::signal::{killpg, Signal};
+        use nix::unistd::Pid;
+        let sig = signal.map(Signal::try_from).transpose()?;
+        match killpg(Pid::from_raw(pgid as i32), sig) {
+            Ok(()) | Err(Errno::EPERM) => Ok(true),
+            Err(Errno::ESRCH) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (pgid, signal);
+        Err(io::Error::new(io::ErrorKind::Unsupported, "process groups are not supported on Windows"))
+    }
+}
+
 /// Process facts through `sysinfo`, for platforms without `/proc`. Compiled everywhere so that
 /// Linux CI type-checks it and compares it against `/proc`.
 #[cfg_attr(target_os = "linux", allow(dead_code))]
@@ -185,6 +215,25 @@ mod imp {
 
     pub(super) fn start_time(pid: u32) -> io::Result<Option<u64>> {
         Ok(Some(stat(pid)?.1))
+    }
+
+    /// Whether a process that is not a zombie is in group `pgid`, from `/proc/*/stat`; `None`
+    /// if `/proc` cannot be read.
+    pub(super) fn group_has_live_process(pgid: u32) -> Option<bool> {
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+            let Some(close) = text.rfind(')') else { continue };
+            // After the command: state (field 3), ppid, pgrp (field 5).
+            let mut fields = text[close + 1..].split_whitespace();
+            let state = fields.next().and_then(|s| s.chars().next());
+            let pgrp = fields.nth(1).and_then(|s| s.parse::<u32>().ok());
+            if pgrp == Some(pgid) && !matches!(state, Some('Z' | 'X')) {
+                return Some(true);
+            }
+        }
+        Some(false)
     }
 
     pub(super) fn boot_id() -> Option<String> {
