@@ -1,9 +1,10 @@
 //! The wait-for graph: would a request close a cycle of waits that can never end?
 //!
-//! The queue knows leases, keys and owners; who *waits* for whom is a question about parties
-//! (a thread of a client process, or the process a lease is bound to), which only the driver can
-//! name. So the driver passes a function from lease to party, and the graph is walked from the
-//! queue's own state at the moment of asking: nothing is stored, nothing can go stale.
+//! The queue knows leases, keys and owners; *who acts for whom* is for the driver to say: a
+//! thread of a client, the process a lease is bound to, and, since nested `run`s inside a build
+//! recipe are how builds deadlock, any process started below a holder, which acts for it. So the
+//! driver passes two functions, and the graph is walked from the queue's own state at the moment
+//! of asking: nothing is stored, nothing can go stale.
 //!
 //! A lease waits for the leases that must leave before it can be granted. Under strict FIFO
 //! (the crate's rule 1) these are the holders and everybody queued ahead; it is enough to follow
@@ -14,11 +15,12 @@
 //! - a shared waiter waits for the nearest exclusive waiter ahead of it, or, with none, for the
 //!   (exclusive) holder.
 //!
-//! Each of these edges is a real wait, so a cycle found is a real deadlock: no false positives.
-//! A party that holds a lease waits for whatever its own waiting leases wait for. A request
-//! closes a cycle when following its waits reaches a lease that its own party holds: a thread
-//! asking for a lock it holds exclusively, two readers that both ask to upgrade (the first to ask
-//! already waits for its own shared hold), or the classic A→B, B→A across processes.
+//! A held lease waits for whatever the waiting leases that act for its holder wait for. A
+//! request closes a cycle when following its waits reaches a lease held by (or for) the asker:
+//! a thread asking for a lock it holds exclusively, two readers that both ask to upgrade (the
+//! first to ask already waits for its own shared hold), a nested `run` asking for what a waiter
+//! of its parent's lock holds, or the classic A→B, B→A across processes. Each edge is a real
+//! wait, so a cycle found is a real deadlock, as far as the driver's "acts for" is true.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::Hash;
@@ -26,12 +28,14 @@ use std::hash::Hash;
 use crate::queue::Queue;
 use crate::types::{LeaseId, Mode, State};
 
-/// One party in a deadlock cycle: it holds `holds` and waits for `waits_for`, which the next
-/// party in the cycle holds (the last one's is held by the first).
+/// One step of a deadlock cycle: the holder of lease `held` (on `holds`) waits, through the
+/// lease `waiting` that acts for it (`None`: the request being asked), for `waits_for`, which
+/// the next step's `held` holds (the last step's is held by the first).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Link<K, P> {
-    pub party: P,
+pub struct Link<K> {
+    pub held: LeaseId,
     pub holds: K,
+    pub waiting: Option<LeaseId>,
     pub waits_for: K,
 }
 
@@ -43,31 +47,28 @@ enum Node {
 }
 
 impl<K: Eq + Hash + Clone> Queue<K> {
-    /// The cycle that a request by `asking` for `key` in `mode` would close if it were queued
-    /// now, or `None` if it would not (including when it would be granted at once).
-    /// `party_of` names the party of each live lease.
+    /// The cycle that a request for `key` in `mode` would close if it were queued now, or `None`
+    /// if it would not (including when it would be granted at once).
     ///
-    /// The cycle starts with `asking` (what it holds, and `key`) and follows the waits round.
-    /// Costs one pass over the waiting leases plus the walk: call it only for a request that
-    /// must wait.
-    pub fn deadlock<P: Eq + Hash + Clone>(
+    /// `mine(held)`: the held lease is held by the asker, or by a process the asker acts for.
+    /// `acts_for(waiting, held)`: the waiting lease waits on behalf of the holder of `held` (the
+    /// same thread or bound process, or a process started below it).
+    ///
+    /// The cycle starts with the asker's own hold and follows the waits round. Costs a walk over
+    /// the leases reached, each held one checked against every waiting lease: call it only for a
+    /// request that must wait.
+    pub fn deadlock(
         &self,
         key: &K,
         mode: Mode,
-        asking: &P,
-        party_of: impl Fn(LeaseId) -> P,
-    ) -> Option<Vec<Link<K, P>>> {
+        mine: impl Fn(LeaseId) -> bool,
+        acts_for: impl Fn(LeaseId, LeaseId) -> bool,
+    ) -> Option<Vec<Link<K>>> {
         let ks = self.keys.get(key)?;
         if ks.waiters.is_empty() && ks.admits(mode) {
             return None;
         }
-        // The waiting leases of each party: a holder waits for what they wait for.
-        let mut waiting: HashMap<P, Vec<LeaseId>> = HashMap::new();
-        for ks in self.keys.values() {
-            for &id in &ks.waiters {
-                waiting.entry(party_of(id)).or_default().push(id);
-            }
-        }
+        let waiting: Vec<LeaseId> = self.keys.values().flat_map(|ks| ks.waiters.iter().copied()).collect();
         // Breadth-first, so the cycle reported is a shortest one.
         let mut came_from: HashMap<Node, Node> = HashMap::new();
         let mut seen: HashSet<Node> = HashSet::from([Node::Request]);
@@ -79,13 +80,8 @@ impl<K: Eq + Hash + Clone> Queue<K> {
                     let entry = &self.leases[&id];
                     match entry.state {
                         State::Waiting => self.blockers(&entry.key, entry.mode, Some(id)),
-                        State::Held => {
-                            let party = party_of(id);
-                            if party == *asking {
-                                return Some(self.cycle(&came_from, id, key, &party_of));
-                            }
-                            waiting.get(&party).cloned().unwrap_or_default()
-                        }
+                        State::Held if mine(id) => return Some(self.cycle(&came_from, id, key)),
+                        State::Held => waiting.iter().copied().filter(|&w| acts_for(w, id)).collect(),
                     }
                 }
             };
@@ -119,17 +115,8 @@ impl<K: Eq + Hash + Clone> Queue<K> {
         }
     }
 
-    /// The cycle from the new request to `closing` (a lease held by the asking party), as links.
-    fn cycle<P>(
-        &self,
-        came_from: &HashMap<Node, Node>,
-        closing: LeaseId,
-        key: &K,
-        party_of: &impl Fn(LeaseId) -> P,
-    ) -> Vec<Link<K, P>> {
-        // The path back to the request, then forwards. Only held leases name a party's hold;
-        // waiting leases on the path are a key's queue (which stays on that key) or the wait of
-        // the party whose held lease came just before.
+    /// The cycle from the new request to `closing` (a lease held by or for the asker), as links.
+    fn cycle(&self, came_from: &HashMap<Node, Node>, closing: LeaseId, key: &K) -> Vec<Link<K>> {
         let mut path = vec![closing];
         let mut node = Node::Lease(closing);
         while let Some(&prev) = came_from.get(&node) {
@@ -139,18 +126,16 @@ impl<K: Eq + Hash + Clone> Queue<K> {
             node = prev;
         }
         path.reverse();
-        let held: Vec<LeaseId> = path.into_iter().filter(|id| self.leases[id].state == State::Held).collect();
-        // held[i]'s party waits for the key of held[i + 1]; the asking party (holder of the last)
-        // waits for `key`, which held[0] holds.
-        let last = *held.last().expect("the closing lease is held");
-        let mut links =
-            vec![Link { party: party_of(last), holds: self.leases[&last].key.clone(), waits_for: key.clone() }];
-        for pair in held.windows(2) {
-            links.push(Link {
-                party: party_of(pair[0]),
-                holds: self.leases[&pair[0]].key.clone(),
-                waits_for: self.leases[&pair[1]].key.clone(),
-            });
+        // Request -> (queue of `key`)... -> held h0 -> waiting w0 (acts for h0's holder) ->
+        // (queue of w0's key)... -> held h1 -> ... -> closing. A held lease is always followed by
+        // the waiting lease acting for it; waiting leases reached through a queue stay on its key.
+        let key_of = |id: &LeaseId| self.leases[id].key.clone();
+        let mut links = vec![Link { held: closing, holds: key_of(&closing), waiting: None, waits_for: key.clone() }];
+        for (i, id) in path.iter().enumerate() {
+            if self.leases[id].state == State::Held && *id != closing {
+                let w = path[i + 1];
+                links.push(Link { held: *id, holds: key_of(id), waiting: Some(w), waits_for: key_of(&w) });
+            }
         }
         links
     }

@@ -21,7 +21,7 @@
 //! - Views: [`Queue::lease`], [`Queue::holders`], [`Queue::waiters`], [`Queue::keys`] and
 //!   [`Queue::counts`] describe the current state ([`LeaseView`], [`State`]) for status displays.
 //! - The wait-for graph: [`Queue::deadlock`] says whether a request would close a cycle of waits
-//!   (and which [`Link`]s make it), from the queue's state and the driver's naming of parties.
+//!   (and which [`Link`]s make it), from the queue's state and the driver's word on who acts for whom.
 //!
 //! Each request gets a [`LeaseId`] at once, whatever becomes of it; ids grow with arrival order.
 //! A key with no holders and no waiters is forgotten, so memory stays proportional to the live

@@ -1,7 +1,7 @@
 //! The wait-for graph: the cycles it must find, the waits it must not call a deadlock, and a
 //! property test against a brute-force graph that follows every wait.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -9,17 +9,22 @@ use proptest::prelude::*;
 use super::{at, req};
 use crate::{LeaseId, Link, Mode, OwnerId, Queue, State, Wait};
 
-/// Parties are owners here (the daemon maps its leases to threads and bound processes).
-fn party<'a>(q: &'a Queue<&'static str>) -> impl Fn(LeaseId) -> OwnerId + 'a {
-    move |id| q.lease(id).expect("live").owner
+/// Parties are owners here (the daemon maps its leases to threads, bound processes and the
+/// processes started below them): the cycle `asking` would close, as `(owner, holds, waits_for)`.
+fn cycle_of(q: &Queue<&'static str>, key: &'static str, mode: Mode, asking: OwnerId) -> Option<Vec<Link3>> {
+    let owner = |id| q.lease(id).expect("live").owner;
+    let found = q.deadlock(&key, mode, |held| owner(held) == asking, |w, h| owner(w) == owner(h))?;
+    Some(found.into_iter().map(|l| (owner(l.held), l.holds, l.waits_for)).collect())
 }
+
+type Link3 = (OwnerId, &'static str, &'static str);
 
 fn take(q: &mut Queue<&'static str>, key: &'static str, owner: OwnerId, mode: Mode) -> LeaseId {
     q.acquire(at(0), req(key, owner, mode, Wait::Forever))
 }
 
-fn link(party: OwnerId, holds: &'static str, waits_for: &'static str) -> Link<&'static str, OwnerId> {
-    Link { party, holds, waits_for }
+fn link(party: OwnerId, holds: &'static str, waits_for: &'static str) -> Link3 {
+    (party, holds, waits_for)
 }
 
 #[test]
@@ -28,10 +33,10 @@ fn two_parties_each_holding_what_the_other_wants() {
     take(&mut q, "A", 1, Mode::Exclusive);
     take(&mut q, "B", 2, Mode::Exclusive);
     take(&mut q, "A", 2, Mode::Exclusive); // 2 waits for A
-    let cycle = q.deadlock(&"B", Mode::Exclusive, &1, party(&q));
+    let cycle = cycle_of(&q, "B", Mode::Exclusive, 1);
     assert_eq!(cycle, Some(vec![link(1, "A", "B"), link(2, "B", "A")]));
     // Shared asks close it as well: 2 holds B exclusively.
-    assert!(q.deadlock(&"B", Mode::Shared, &1, party(&q)).is_some());
+    assert!(cycle_of(&q, "B", Mode::Shared, 1).is_some());
 }
 
 #[test]
@@ -42,21 +47,21 @@ fn three_parties_in_a_ring() {
     take(&mut q, "C", 3, Mode::Shared);
     take(&mut q, "B", 1, Mode::Exclusive); // 1 waits for B
     take(&mut q, "C", 2, Mode::Exclusive); // 2 waits for C
-    let cycle = q.deadlock(&"A", Mode::Exclusive, &3, party(&q));
+    let cycle = cycle_of(&q, "A", Mode::Exclusive, 3);
     assert_eq!(cycle, Some(vec![link(3, "C", "A"), link(1, "A", "B"), link(2, "B", "C")]));
     // Another party asking for A only waits.
-    assert_eq!(q.deadlock(&"A", Mode::Exclusive, &4, party(&q)), None);
+    assert_eq!(cycle_of(&q, "A", Mode::Exclusive, 4), None);
 }
 
 #[test]
 fn a_party_asking_for_a_lock_it_holds() {
     let mut q = Queue::new();
     take(&mut q, "A", 1, Mode::Exclusive);
-    assert_eq!(q.deadlock(&"A", Mode::Exclusive, &1, party(&q)), Some(vec![link(1, "A", "A")]));
-    assert_eq!(q.deadlock(&"A", Mode::Shared, &1, party(&q)), Some(vec![link(1, "A", "A")]));
+    assert_eq!(cycle_of(&q, "A", Mode::Exclusive, 1), Some(vec![link(1, "A", "A")]));
+    assert_eq!(cycle_of(&q, "A", Mode::Shared, 1), Some(vec![link(1, "A", "A")]));
     // Behind another waiter too.
     take(&mut q, "A", 2, Mode::Exclusive);
-    assert_eq!(q.deadlock(&"A", Mode::Exclusive, &1, party(&q)), Some(vec![link(1, "A", "A")]));
+    assert_eq!(cycle_of(&q, "A", Mode::Exclusive, 1), Some(vec![link(1, "A", "A")]));
 }
 
 #[test]
@@ -65,12 +70,12 @@ fn two_readers_that_both_ask_to_upgrade() {
     take(&mut q, "A", 1, Mode::Shared);
     take(&mut q, "A", 2, Mode::Shared);
     // The first to ask waits for its own shared hold (and the other reader's).
-    assert_eq!(q.deadlock(&"A", Mode::Exclusive, &1, party(&q)), Some(vec![link(1, "A", "A")]));
-    assert_eq!(q.deadlock(&"A", Mode::Exclusive, &2, party(&q)), Some(vec![link(2, "A", "A")]));
+    assert_eq!(cycle_of(&q, "A", Mode::Exclusive, 1), Some(vec![link(1, "A", "A")]));
+    assert_eq!(cycle_of(&q, "A", Mode::Exclusive, 2), Some(vec![link(2, "A", "A")]));
     // A third reader joins without waiting: no cycle, nothing to wait for.
-    assert_eq!(q.deadlock(&"A", Mode::Shared, &3, party(&q)), None);
+    assert_eq!(cycle_of(&q, "A", Mode::Shared, 3), None);
     // A stranger's exclusive ask only waits.
-    assert_eq!(q.deadlock(&"A", Mode::Exclusive, &3, party(&q)), None);
+    assert_eq!(cycle_of(&q, "A", Mode::Exclusive, 3), None);
 }
 
 #[test]
@@ -81,9 +86,9 @@ fn a_cycle_through_the_queue_of_a_key() {
     take(&mut q, "A", 1, Mode::Exclusive);
     take(&mut q, "A", 3, Mode::Exclusive);
     take(&mut q, "B", 2, Mode::Exclusive);
-    assert_eq!(q.deadlock(&"B", Mode::Exclusive, &1, party(&q)), None);
+    assert_eq!(cycle_of(&q, "B", Mode::Exclusive, 1), None);
     take(&mut q, "B", 1, Mode::Exclusive);
-    let cycle = q.deadlock(&"A", Mode::Shared, &2, party(&q));
+    let cycle = cycle_of(&q, "A", Mode::Shared, 2);
     assert_eq!(cycle, Some(vec![link(2, "B", "A"), link(1, "A", "B")]));
 }
 
@@ -94,16 +99,82 @@ fn waits_that_end_are_not_deadlocks() {
     take(&mut q, "A", 1, Mode::Exclusive);
     take(&mut q, "B", 2, Mode::Exclusive);
     take(&mut q, "B", 1, Mode::Exclusive);
-    assert_eq!(q.deadlock(&"A", Mode::Exclusive, &3, party(&q)), None);
-    assert_eq!(q.deadlock(&"B", Mode::Exclusive, &3, party(&q)), None);
+    assert_eq!(cycle_of(&q, "A", Mode::Exclusive, 3), None);
+    assert_eq!(cycle_of(&q, "B", Mode::Exclusive, 3), None);
     // Readers sharing with readers never wait.
     take(&mut q, "C", 4, Mode::Shared);
-    assert_eq!(q.deadlock(&"C", Mode::Shared, &4, party(&q)), None);
+    assert_eq!(cycle_of(&q, "C", Mode::Shared, 4), None);
     // A free lock.
-    assert_eq!(q.deadlock(&"D", Mode::Exclusive, &1, party(&q)), None);
+    assert_eq!(cycle_of(&q, "D", Mode::Exclusive, 1), None);
     // A party that holds something nobody involved waits for.
     take(&mut q, "E", 5, Mode::Exclusive);
-    assert_eq!(q.deadlock(&"A", Mode::Exclusive, &5, party(&q)), None);
+    assert_eq!(cycle_of(&q, "A", Mode::Exclusive, 5), None);
+}
+
+// --- Process trees: a process started below a holder acts for it ------------------------------
+
+/// Owners as processes: 3 was started by 1, and 4 by 3.
+fn parent(owner: OwnerId) -> Option<OwnerId> {
+    match owner {
+        3 => Some(1),
+        4 => Some(3),
+        _ => None,
+    }
+}
+
+fn is_ancestor(a: OwnerId, mut of: OwnerId) -> bool {
+    while let Some(p) = parent(of) {
+        if p == a {
+            return true;
+        }
+        of = p;
+    }
+    false
+}
+
+fn mine<K>(q: &Queue<K>, asking: OwnerId) -> impl Fn(LeaseId) -> bool + '_
+where
+    K: Eq + std::hash::Hash + Clone,
+{
+    move |held| {
+        let o = q.lease(held).unwrap().owner;
+        o == asking || is_ancestor(o, asking)
+    }
+}
+
+fn acts_for<K>(q: &Queue<K>) -> impl Fn(LeaseId, LeaseId) -> bool + '_
+where
+    K: Eq + std::hash::Hash + Clone,
+{
+    move |w, h| {
+        let (w, h) = (q.lease(w).unwrap().owner, q.lease(h).unwrap().owner);
+        w == h || is_ancestor(h, w)
+    }
+}
+
+#[test]
+fn a_nested_run_acts_for_the_build_that_started_it() {
+    // 1 (make) holds A; 2 holds B and waits for A; 4, started below 1, asks for B.
+    let mut q = Queue::new();
+    let a = take(&mut q, "A", 1, Mode::Exclusive);
+    let b = take(&mut q, "B", 2, Mode::Exclusive);
+    let w = take(&mut q, "A", 2, Mode::Exclusive);
+    let found = q.deadlock(&"B", Mode::Exclusive, mine(&q, 4), acts_for(&q)).expect("a cycle");
+    assert_eq!(
+        found,
+        vec![
+            Link { held: a, holds: "A", waiting: None, waits_for: "B" },
+            Link { held: b, holds: "B", waiting: Some(w), waits_for: "A" },
+        ]
+    );
+    // 2 asking for what 4 (below 1) holds: 4's wait counts as 1's.
+    let mut q = Queue::new();
+    take(&mut q, "A", 2, Mode::Exclusive);
+    take(&mut q, "B", 1, Mode::Exclusive);
+    take(&mut q, "A", 4, Mode::Exclusive); // 4 waits for A on behalf of 1
+    assert!(q.deadlock(&"B", Mode::Exclusive, mine(&q, 2), acts_for(&q)).is_some());
+    // A process that is not below the holder only waits.
+    assert!(q.deadlock(&"B", Mode::Exclusive, mine(&q, 5), acts_for(&q)).is_none());
 }
 
 // --- Property test against a brute-force graph ---------------------------------------------
@@ -118,19 +189,15 @@ fn all_blockers(q: &Queue<u8>, key: u8, mode: Mode, me: Option<LeaseId>) -> Vec<
 }
 
 fn brute_force(q: &Queue<u8>, key: u8, mode: Mode, asking: OwnerId) -> bool {
+    let (mine, acts_for) = (mine(q, asking), acts_for(q));
     let mut todo: VecDeque<LeaseId> = all_blockers(q, key, mode, None).into();
     let mut seen: HashSet<LeaseId> = todo.iter().copied().collect();
-    let waiting: HashMap<OwnerId, Vec<LeaseId>> = q.keys().fold(HashMap::new(), |mut m, k| {
-        for w in q.waiters(k) {
-            m.entry(w.owner).or_default().push(w.id);
-        }
-        m
-    });
+    let waiting: Vec<LeaseId> = q.keys().flat_map(|k| q.waiters(k)).map(|w| w.id).collect();
     while let Some(id) = todo.pop_front() {
         let l = q.lease(id).unwrap();
         let next = match l.state {
-            State::Held if l.owner == asking => return true,
-            State::Held => waiting.get(&l.owner).cloned().unwrap_or_default(),
+            State::Held if mine(id) => return true,
+            State::Held => waiting.iter().copied().filter(|&w| acts_for(w, id)).collect(),
             State::Waiting => all_blockers(q, *l.key, l.mode, Some(id)),
         };
         todo.extend(next.into_iter().filter(|n| seen.insert(*n)));
@@ -139,24 +206,27 @@ fn brute_force(q: &Queue<u8>, key: u8, mode: Mode, asking: OwnerId) -> bool {
 }
 
 /// A reported cycle is made of real holds and waits.
-fn check_cycle(q: &Queue<u8>, key: u8, asking: OwnerId, cycle: &[Link<u8, OwnerId>]) {
-    assert_eq!(cycle[0].party, asking);
-    assert_eq!(cycle[0].waits_for, key);
+fn check_cycle(q: &Queue<u8>, key: u8, asking: OwnerId, cycle: &[Link<u8>]) {
+    assert!(mine(q, asking)(cycle[0].held) && cycle[0].waiting.is_none() && cycle[0].waits_for == key);
     for (i, l) in cycle.iter().enumerate() {
-        assert!(q.holders(&l.holds).iter().any(|h| h.owner == l.party), "{l:?} does not hold");
-        if i > 0 {
-            assert!(q.waiters(&l.waits_for).iter().any(|w| w.owner == l.party), "{l:?} does not wait");
+        let held = q.lease(l.held).unwrap();
+        assert!(held.state == State::Held && *held.key == l.holds, "{l:?}");
+        if let Some(w) = l.waiting {
+            let waiting = q.lease(w).unwrap();
+            assert!(waiting.state == State::Waiting && *waiting.key == l.waits_for, "{l:?}");
+            assert!(acts_for(q)(w, l.held), "{l:?}: the wait is not on behalf of the holder");
         }
+        assert_eq!(i == 0, l.waiting.is_none());
         let next = &cycle[(i + 1) % cycle.len()];
-        assert_eq!(next.holds, l.waits_for, "the next party holds what {l:?} waits for");
+        assert_eq!(next.holds, l.waits_for, "the next step holds what {l:?} waits for");
     }
 }
 
 proptest! {
     #[test]
     fn agrees_with_a_graph_of_every_wait(
-        ops in vec((0u8..4, 0u64..5, any::<bool>(), any::<bool>()), 1..40),
-        asks in vec((0u8..4, 0u64..5, any::<bool>()), 1..8),
+        ops in vec((0u8..4, 0u64..6, any::<bool>(), any::<bool>()), 1..40),
+        asks in vec((0u8..4, 0u64..6, any::<bool>()), 1..8),
     ) {
         let mut q: Queue<u8> = Queue::new();
         let mut live = Vec::new();
@@ -172,7 +242,7 @@ proptest! {
         }
         for (key, asking, exclusive) in asks {
             let mode = if exclusive { Mode::Exclusive } else { Mode::Shared };
-            let found = q.deadlock(&key, mode, &asking, |id| q.lease(id).unwrap().owner);
+            let found = q.deadlock(&key, mode, mine(&q, asking), acts_for(&q));
             prop_assert_eq!(found.is_some(), brute_force(&q, key, mode, asking), "ask {} {:?} by {}", key, mode, asking);
             if let Some(cycle) = found {
                 check_cycle(&q, key, asking, &cycle);
