@@ -26,8 +26,11 @@ pub struct Lock<'a> {
     spec: Spec,
     lock_dir: Option<PathBuf>,
     opts: Options,
-    on_wait: Option<Box<dyn FnMut(&WaitInfo) + Send + 'a>>,
+    on_wait: Option<OnWait<'a>>,
 }
+
+/// What [`Lock::on_wait`] was given.
+type OnWait<'a> = Box<dyn FnMut(&WaitInfo) + Send + 'a>;
 
 /// What the caller named.
 #[derive(Clone, Debug)]
