@@ -160,14 +160,16 @@ impl Lock {
             (true, Some(t)) => buildlock::Wait::Timeout(t),
             (true, None) => buildlock::Wait::Forever,
         };
-        let mut builder = self.spec.builder(wait);
-        if !blocking {
-            return match py.detach(|| builder.acquire()) {
-                Ok(lease) => Ok(Some(lease)),
-                Err(e) if e.is_conflict() => Ok(None),
-                Err(e) => Err(to_py(py, &e)),
-            };
+        // First without waiting, on this thread (no thread to start when the lock is free, as
+        // it mostly is); only a busy lock is waited for, in a helper thread.
+        let mut first = self.spec.builder(buildlock::Wait::NoWait);
+        match py.detach(|| first.acquire()) {
+            Ok(lease) => return Ok(Some(lease)),
+            Err(e) if e.is_conflict() && blocking => {}
+            Err(e) if e.is_conflict() => return Ok(None),
+            Err(e) => return Err(to_py(py, &e)),
         }
+        let mut builder = self.spec.builder(wait);
         let (tx, rx) = mpsc::channel::<Result<Lease, buildlock::Error>>();
         let (abandon_tx, abandon_rx) = mpsc::channel::<()>();
         std::thread::Builder::new()
