@@ -316,7 +316,12 @@ fn default_runtime_dir() -> PathBuf {
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("BUILDLOCK_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).event_format(LogFormat).try_init().ok();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .event_format(LogFormat)
+        .try_init()
+        .ok();
 }
 
 struct LogFormat;

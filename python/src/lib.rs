@@ -273,7 +273,18 @@ impl Lock {
         };
         // A bad name is an error now, not at the first acquire.
         spec.builder(buildlock::Wait::NoWait).target().map_err(|e| to_py(py, &e))?;
-        Ok(Lock { spec, state: Mutex::new(State { lease: None, count: 0, owner: None, taking: false, pid: std::process::id(), parents: None }), changed: Condvar::new() })
+        Ok(Lock {
+            spec,
+            state: Mutex::new(State {
+                lease: None,
+                count: 0,
+                owner: None,
+                taking: false,
+                pid: std::process::id(),
+                parents: None,
+            }),
+            changed: Condvar::new(),
+        })
     }
 
     /// Takes the lock; see `__init__.pyi`.
