@@ -57,7 +57,7 @@ awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += 
 pyline=$(grep -E '^=+ .*(passed|failed|error|no tests ran).* in [0-9.]+s' "$pylog" | tail -n 1 || true)
 read -r p f g <"$log.cargo"
 rm -f "$log.cargo"
-count() { echo "$pyline" | grep -oE "[0-9]+ ($1)" | awk '{ s += $1 } END { print s + 0 }'; }
+count() { echo "$pyline" | { grep -oE "[0-9]+ ($1)" || true; } | awk '{ s += $1 } END { print s + 0 }'; }
 pp=$(count passed)
 pf=$(count 'failed|errors?')
 pg=$(count skipped)
