@@ -23,6 +23,15 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
+/// The locks held through some [`Lock`] of this process, by lock file, with the thread that
+/// acquired each: a thread that waits for a lock it holds through another object would wait
+/// forever, so it is told instead.
+static HELD: Mutex<Vec<(PathBuf, ThreadId)>> = Mutex::new(Vec::new());
+
+fn held() -> MutexGuard<'static, Vec<(PathBuf, ThreadId)>> {
+    HELD.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// How often a waiting thread looks for a signal (`Ctrl+C`) or a cancellation.
 const SLICE: Duration = Duration::from_millis(20);
 
@@ -146,6 +155,11 @@ impl Lock {
         s
     }
 
+    /// The lock file, as the registry of held locks knows it.
+    fn lease_path(&self) -> Option<PathBuf> {
+        self.spec.builder(buildlock::Wait::NoWait).target().ok().map(|t| t.path)
+    }
+
     /// Takes the OS-level lock for this object (the caller has set `taking`), waiting in a helper
     /// thread while this one, without the GIL, looks for signals and `cancel` every slice.
     fn take(
@@ -165,7 +179,23 @@ impl Lock {
         let mut first = self.spec.builder(buildlock::Wait::NoWait);
         match py.detach(|| first.acquire()) {
             Ok(lease) => return Ok(Some(lease)),
-            Err(e) if e.is_conflict() && blocking => {}
+            Err(e) if e.is_conflict() && blocking => {
+                let me = std::thread::current().id();
+                if let Some(path) = self.lease_path() {
+                    if held().iter().any(|(p, t)| *p == path && *t == me) {
+                        return Err(raise(
+                            py,
+                            "Error",
+                            format!(
+                                "this thread already holds lock {} through another buildlock.Lock object, so waiting \
+                                 for it would never end; acquire the same Lock object again (it is re-entrant), or \
+                                 release the other one first",
+                                path.display()
+                            ),
+                        ));
+                    }
+                }
+            }
             Err(e) if e.is_conflict() => return Ok(None),
             Err(e) => return Err(to_py(py, &e)),
         }
@@ -351,6 +381,9 @@ impl Lock {
         s.taking = false;
         let result = match got {
             Ok(Some(lease)) => {
+                if let Some(path) = self.lease_path() {
+                    held().push((path, std::thread::current().id()));
+                }
                 s.lease = Some(lease);
                 s.count = 1;
                 s.pid = std::process::id();
@@ -383,9 +416,15 @@ impl Lock {
         if s.count > 0 {
             return Ok(());
         }
-        s.owner = None;
+        let owner = s.owner.take();
         let lease = s.lease.take();
         drop(s);
+        if let (Some(path), Some(owner)) = (self.lease_path(), owner) {
+            let mut h = held();
+            if let Some(i) = h.iter().position(|(p, t)| *p == path && *t == owner) {
+                h.remove(i);
+            }
+        }
         self.changed.notify_all();
         match lease {
             Some(l) => py.detach(|| l.release()).map_err(|e| to_py(py, &e)),
@@ -446,6 +485,22 @@ impl Lock {
             if self.spec.shared { "True" } else { "False" },
             if s.count > 0 && s.parents.is_none() { "True" } else { "False" }
         )
+    }
+}
+
+impl Drop for Lock {
+    /// A lock dropped while held (its lease released by `State`'s drop) leaves the registry.
+    fn drop(&mut self) {
+        let s = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        let (held_here, owner) = (s.lease.is_some() && s.pid == std::process::id(), s.owner);
+        if held_here {
+            if let (Some(path), Some(owner)) = (self.lease_path(), owner) {
+                let mut h = held();
+                if let Some(i) = h.iter().position(|(p, t)| *p == path && *t == owner) {
+                    h.remove(i);
+                }
+            }
+        }
     }
 }
 

@@ -300,3 +300,38 @@ def test_fencing_tokens_grow(env, mode):
         first = lock.token
     with lock:
         assert lock.token > first
+
+
+def test_two_objects_in_one_thread_fail_instead_of_deadlocking(env, mode):
+    path = env.path()
+    first = buildlock.Lock(path, mode=mode)
+    second = buildlock.Lock(path, mode=mode)
+    with first:
+        # No timeout: without the check this would wait forever.
+        with pytest.raises(buildlock.Error, match="already holds lock"):
+            second.acquire()
+        # Another thread just waits, as another process would (here until its timeout).
+        errors = []
+
+        def other():
+            try:
+                buildlock.Lock(path, mode=mode, timeout=0.1).acquire()
+            except buildlock.Timeout as e:
+                errors.append(e)
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join(HANG_GUARD)
+        assert len(errors) == 1 and f"pid {os.getpid()}" in str(errors[0]), errors
+    assert second.acquire(blocking=False) is True
+    second.release()
+
+
+def test_a_lock_dropped_while_held_leaves_no_trace(env):
+    path = env.path()
+    lock = buildlock.Lock(path, mode="direct")
+    lock.acquire()
+    del lock  # released by its finaliser
+    again = buildlock.Lock(path, mode="direct", timeout=HANG_GUARD)
+    assert again.acquire() is True
+    again.release()
