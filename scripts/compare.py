@@ -4,7 +4,8 @@
     python3 scripts/compare.py [--quick] [--only SCENARIO] [--out FILE]
 
 Makes (or reuses) the virtual environment .venv-bench with the packages pinned in
-tests/py/requirements-bench.txt, builds the release binaries and the `compare` bench, runs
+tests/py/requirements-bench.txt, builds the Python package's wheel (python/, with maturin) and
+installs it there, builds the release binaries and the `compare` bench, runs
 `cargo bench --bench compare` (buildlock's figures, one JSON object per line), measures the
 alternatives in the same run, prints one table per scenario and a "targets" block, and writes
 the raw results to target/compare.json (or --out).
@@ -20,7 +21,13 @@ The same file is also the measuring helper run inside the venv for the Python lo
     compare.py --helper hold IMPL PATH
     compare.py --helper wait IMPL PATH
     compare.py --helper contend IMPL PATH MARKER SECS
-IMPL is fasteners (InterProcessLock), filelock (FileLock) or softfilelock (SoftFileLock).
+IMPL is fasteners (InterProcessLock), filelock (FileLock), softfilelock (SoftFileLock), or
+pybuildlock-direct / pybuildlock-daemon (the Python package's buildlock.Lock, mode="direct" or
+"daemon"; the daemon is the package's own, in a runtime directory of this run).
+
+--no-rust-bench skips the Rust bench (and the cli_run scenario, which needs the release
+binaries): the Python measurements alone, e.g.
+    python3 scripts/compare.py --quick --no-rust-bench --only uncontended
 """
 
 from __future__ import annotations
@@ -43,7 +50,14 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-bench"
 REQUIREMENTS = ROOT / "tests" / "py" / "requirements-bench.txt"
 SCENARIOS = ["uncontended", "handoff", "kill_to_grant", "contention8", "cli_run"]
-IMPL_NAMES = {"fasteners": "fasteners", "filelock": "filelock FileLock", "softfilelock": "filelock SoftFileLock"}
+IMPL_NAMES = {
+    "fasteners": "fasteners",
+    "filelock": "filelock FileLock",
+    "softfilelock": "filelock SoftFileLock",
+    "pybuildlock-direct": "buildlock.Lock direct (Python)",
+    "pybuildlock-daemon": "buildlock.Lock daemon (Python)",
+}
+PYBUILDLOCK = ["pybuildlock-direct", "pybuildlock-daemon"]
 
 
 # --- the helper, run inside the venv --------------------------------------------------------------
@@ -54,6 +68,11 @@ def make_lock(impl, path):
         import fasteners
 
         lock = fasteners.InterProcessLock(path)
+        return lock.acquire, lock.release
+    if impl in PYBUILDLOCK:
+        import buildlock
+
+        lock = buildlock.Lock(path, mode=impl.rsplit("-", 1)[1])
         return lock.acquire, lock.release
     import filelock
 
@@ -226,6 +245,24 @@ def ensure_venv():
     return py
 
 
+def install_python_package(py):
+    """Builds python/'s wheel with maturin and installs it into the bench venv."""
+    wheels = ROOT / "python" / "target" / "bench-wheels"
+    shutil.rmtree(wheels, ignore_errors=True)
+    maturin = Path(py).parent / "maturin"
+    log("maturin build --release (python/)")
+    subprocess.run(
+        [maturin, "build", "--release", "--locked", "-m", ROOT / "python" / "Cargo.toml", "-i", py, "--out", wheels],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    [wheel] = wheels.glob("buildlock-*.whl")
+    subprocess.run(
+        [py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--force-reinstall", "--no-deps", wheel],
+        check=True,
+    )
+
+
 def build():
     log("cargo build --release --bins")
     subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
@@ -295,11 +332,22 @@ class Alternatives:
         self.work = Path(work)
         self.quick = quick
         self.failures = []
+        # The Python package's daemon: its own runtime directory, started on demand by the first
+        # helper (the package points BUILDLOCKD at its own buildlockd), stopped by close().
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDLOCK")}
+        self.env["BUILDLOCK_RUNTIME_DIR"] = str(self.work / "rt-py")
+        self.env["BUILDLOCKD_IDLE_EXIT"] = "30"
+
+    def close(self):
+        client = Path(self.py).parent / "buildlock-client"
+        if client.exists() and (self.work / "rt-py").exists():
+            subprocess.run([client, "daemon", "stop"], env=self.env, capture_output=True)
 
     def helper(self, *args, **kw):
         return subprocess.Popen(
             [self.py, str(Path(__file__).resolve()), "--helper", *map(str, args)],
             stdout=subprocess.PIPE,
+            env=self.env,
             **kw,
         )
 
@@ -309,13 +357,14 @@ class Alternatives:
     # uncontended: in-process acquire+release loops.
     def uncontended(self):
         rows = []
-        for impl in ["fasteners", "filelock"]:
+        for impl in ["fasteners", "filelock", *PYBUILDLOCK]:
             log(f"uncontended acquire+release, {IMPL_NAMES[impl]}")
             n = self.scale(20000, 2000)
             out = subprocess.run(
                 [self.py, str(Path(__file__).resolve()), "--helper", "uncontended", impl, self.work / f"u-{impl}.lock", str(n)],
                 capture_output=True,
                 text=True,
+                env=self.env,
             )
             if out.returncode != 0:
                 raise Failed(f"uncontended {impl}: {out.stderr.strip()}")
@@ -336,7 +385,7 @@ class Alternatives:
         n = self.scale(40, 6)
         if shutil.which("flock"):
             self.series(rows, "flock(1)", self.kill_flock, n)
-        for impl in ["fasteners", "filelock"]:
+        for impl in ["fasteners", "filelock", *PYBUILDLOCK]:
             self.series(rows, IMPL_NAMES[impl], self.kill_py, impl, n)
         self.series(rows, IMPL_NAMES["softfilelock"], self.kill_soft, n)
         return rows
@@ -637,6 +686,18 @@ def targets(rows):
             ours["median_us"] < theirs["median_us"],
             f"{fmt_us(ours['median_us'])} vs {fmt_us(theirs['median_us'])} = {ours['median_us'] / theirs['median_us']:.2f}×",
         )
+    ours = find(rows, "uncontended", IMPL_NAMES["pybuildlock-direct"])
+    if ours and theirs:
+        x = ours["median_us"] / theirs["median_us"]
+        add(
+            "Python buildlock.Lock acquire+release (direct) at most 1.5× fasteners",
+            x <= 1.5,
+            f"{fmt_us(ours['median_us'])} vs {fmt_us(theirs['median_us'])} = {x:.2f}×",
+        )
+    for impl in PYBUILDLOCK:
+        r = find(rows, "kill_to_grant", IMPL_NAMES[impl])
+        if r:
+            add(f"kill-to-grant, {IMPL_NAMES[impl]}, at most 2 ms median", r["median_us"] <= 2000, f"median {fmt_us(r['median_us'])}")
     r = find(rows, "kill_to_grant", "buildlock daemon")
     if r:
         add("kill-to-grant through the daemon under 2 ms median", r["median_us"] < 2000, f"median {fmt_us(r['median_us'])}")
@@ -666,18 +727,21 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples and shorter runs (under a minute)")
     ap.add_argument("--only", choices=SCENARIOS, help="measure one scenario")
+    ap.add_argument("--no-rust-bench", action="store_true", help="skip the Rust bench and cli_run: Python figures only")
     ap.add_argument("--out", type=Path, default=ROOT / "target" / "compare.json", help="raw results [%(default)s]")
     args = ap.parse_args()
     failures = []
 
     py = ensure_venv()
-    bindir = build()
+    install_python_package(py)
+    bindir = None if args.no_rust_bench else build()
     info = machine()
     rows = []
-    try:
-        rows += run_rust_bench(args.quick, args.only)
-    except (Failed, json.JSONDecodeError) as e:
-        failures.append(str(e))
+    if not args.no_rust_bench:
+        try:
+            rows += run_rust_bench(args.quick, args.only)
+        except (Failed, json.JSONDecodeError) as e:
+            failures.append(str(e))
     with tempfile.TemporaryDirectory(prefix="buildlock-compare-") as work:
         alt = Alternatives(py, bindir, work, args.quick)
         for scenario, measure in [
@@ -686,13 +750,14 @@ def main():
             ("contention8", alt.contention),
             ("cli_run", alt.cli_run),
         ]:
-            if args.only and args.only != scenario:
+            if (args.only and args.only != scenario) or (bindir is None and scenario == "cli_run"):
                 continue
             try:
                 rows += measure()
             except (Failed, OSError, subprocess.SubprocessError, ValueError) as e:
                 failures.append(f"{scenario}: {e}")
                 log(f"FAILED {scenario}: {e}")
+        alt.close()
         failures += alt.failures
 
     order = {s: i for i, s in enumerate(SCENARIOS)}

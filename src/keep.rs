@@ -13,7 +13,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
 use buildlock_sys::{ProcessIdentity, ProcessState};
@@ -95,8 +95,8 @@ pub(crate) fn acquire(cx: &Context, args: AcquireArgs) -> ExitCode {
     if buildlock_sys::process_state(&buildlock_sys::identify(pid)) == ProcessState::Dead {
         return fail(&format!("process {pid} does not exist; pass the pid of a running process with --pid"));
     }
-    let mut cmd = match std::env::current_exe() {
-        Ok(exe) => Command::new(exe),
+    let mut cmd = match crate::self_command() {
+        Ok(cmd) => cmd,
         Err(e) => return fail(&format!("cannot find this program to start a keeper: {e}")),
     };
     cmd.arg("--dir").arg(&cx.dir).arg("--runtime-dir").arg(&cx.runtime_dir);
@@ -418,9 +418,8 @@ fn start_shadow(
 ) -> Option<(std::process::Child, std::io::PipeWriter)> {
     use std::os::fd::AsRawFd;
     let file = lease.os_file()?;
-    let exe = std::env::current_exe().ok()?;
+    let mut cmd = crate::self_command().ok()?;
     let (rd, wr) = std::io::pipe().ok()?;
-    let mut cmd = Command::new(exe);
     cmd.arg("--dir").arg(&cx.dir).arg("--runtime-dir").arg(&cx.runtime_dir).arg("--no-daemon");
     cmd.args(["__keep-shadow", "--pid", &pid.to_string(), "--fd", &file.as_raw_fd().to_string(), target]);
     cmd.stdin(rd).stdout(Stdio::null()).stderr(Stdio::null());

@@ -1,5 +1,15 @@
 //! `buildlock`: locks for build tools.
 //!
+//! ```
+//! # let dir = tempfile::tempdir()?;
+//! # std::env::set_var("BUILDLOCK_DIR", dir.path());
+//! # std::env::set_var("BUILDLOCK_NO_DAEMON", "1");
+//! let lease = buildlock::Lock::named("libfastled_build").acquire()?;
+//! // ... build, holding the lock; `lease.token()` is its fencing token ...
+//! drop(lease); // or lease.release()?, which reports a lock lost meanwhile
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! A blocking API (no async runtime is forced on the caller): pick a lock by name or path,
 //! shared or exclusive, say what you are doing and how long you will wait, and get a [`Lease`]
 //! that releases on drop, tells its fencing token, and tells whether it was lost.
@@ -13,14 +23,32 @@
 //! Either way the lock is the same OS lock on the same `.lock` file, so daemon clients, direct
 //! clients and Python `fasteners` users all exclude one another.
 //!
-//! ```no_run
-//! use buildlock::{acquire, LockTarget, Options};
-//! let target = LockTarget::resolve("libfastled_build", &buildlock::lock_dir(None)?)?;
-//! let opts = Options { operation: "build:libfastled_build".into(), ..Options::default() };
-//! let lease = acquire(&target, &opts, &mut |w| eprintln!("waiting: {}", w.holder))?;
-//! println!("token {}", lease.token());
+//! [`Lock`] is the way to take a lock: [`Lock::named`] or [`Lock::path`], then `.shared()`,
+//! `.timeout(d)` or `.no_wait()`, `.operation(..)`, `.on_wait(|w| ..)`, `.lock_dir(..)`,
+//! `.connect(..)`, `.soft()`, `.stale_after(d)`, and `.acquire()`:
+//!
+//! ```
+//! use std::time::Duration;
+//! # let dir = tempfile::tempdir()?;
+//! let lease = buildlock::Lock::named("cache")
+//!     .lock_dir(dir.path())                        // default: $BUILDLOCK_DIR, else the user's data dir
+//!     .connect(buildlock::Connect::Direct)         // default: Auto (the daemon, else the files)
+//!     .shared()                                    // default: exclusive
+//!     .timeout(Duration::from_secs(30))            // default: forever; or .no_wait()
+//!     .operation("read:cache")
+//!     .on_wait(|w| eprintln!("{w}"))               // Display names the holder
+//!     .acquire()?;
+//! lease.check()?;                                  // still ours? (nobody deleted the file)
 //! lease.release()?;
-//! # Ok::<(), buildlock::Error>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Through the daemon (started on demand), the same with `Connect::DaemonOnly`:
+//!
+//! ```no_run
+//! let lease = buildlock::Lock::named("libfastled_build").connect(buildlock::Connect::DaemonOnly).acquire()?;
+//! println!("token {}", lease.token());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
 //! **Daemon leases and daemon death.** On Linux the daemon hands the client a duplicate of the
@@ -36,8 +64,11 @@ use std::time::{Duration, Instant};
 pub use buildlock_disk::{lock_dir, Backend, LockMode, LockTarget, Wait, DEFAULT_STALE_AFTER};
 use buildlock_proto::{AcquireRequest, ErrorCode, Reply, Request, WaitFor};
 
+mod builder;
 #[cfg(unix)]
 mod client;
+
+pub use builder::Lock;
 
 #[cfg(unix)]
 pub use client::{daemon_binary, Client};

@@ -105,7 +105,17 @@ fn notify_systemd(state: &[sd_notify::NotifyState]) {
 
 /// Runs the daemon; returns its exit code.
 pub fn main() -> ExitCode {
-    let args = Args::parse();
+    main_from(std::env::args_os())
+}
+
+/// [`main`] with `args` (the first is the program name), for a host that is not the
+/// `buildlockd` binary (the Python package's `buildlockd` command).
+pub fn main_from<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let args = Args::parse_from(args);
     let filter = tracing_subscriber::EnvFilter::try_from_env("BUILDLOCK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).init();

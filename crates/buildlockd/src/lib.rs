@@ -95,11 +95,21 @@ impl Config {
 #[cfg(unix)]
 mod cli;
 #[cfg(unix)]
-pub use cli::main;
+pub use cli::{main, main_from};
 
 /// The daemon is Unix-only for now: say so.
 #[cfg(not(unix))]
 pub fn main() -> std::process::ExitCode {
     eprintln!("buildlockd: error: the daemon is not available on this platform yet; buildlock-client uses the lock files directly");
     std::process::ExitCode::from(2)
+}
+
+/// The daemon is Unix-only for now: say so.
+#[cfg(not(unix))]
+pub fn main_from<I, T>(_args: I) -> std::process::ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    main()
 }
