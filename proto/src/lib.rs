@@ -64,7 +64,8 @@ pub use error::{HandshakeError, Peer, ProtoError};
 pub use frame::{decode, encode, read_frame, read_message, write_frame, FrameDecoder};
 pub use handshake::{check_hello, check_welcome, Hello, Welcome};
 pub use message::{
-    AcquireRequest, DaemonInfo, ErrorCode, ErrorReply, Holder, LeaseRef, LockInfo, Mode, Reply, Request, WaitFor, Waiter,
+    AcquireRequest, DaemonInfo, ErrorCode, ErrorReply, Holder, LeaseRef, LockInfo, Mode, Reply, Request, WaitFor,
+    Waiter,
 };
 
 /// The first four bytes of every [`Hello`] and [`Welcome`] payload: tells a buildlock peer from

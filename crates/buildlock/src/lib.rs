@@ -327,15 +327,15 @@ fn acquire_daemon(
     let lease = mux.next_id();
     let replies = mux.listen(lease);
     mux.send(&Request::Acquire(AcquireRequest {
-            lease,
-            path: path.clone(),
-            mode,
-            wait,
-            operation: opts.operation.clone(),
-            command: opts.command.clone().unwrap_or_default(),
-            bind_pid: opts.bind_pid,
-        }))
-        .map_err(gone)?;
+        lease,
+        path: path.clone(),
+        mode,
+        wait,
+        operation: opts.operation.clone(),
+        command: opts.command.clone().unwrap_or_default(),
+        bind_pid: opts.bind_pid,
+    }))
+    .map_err(gone)?;
     let mut holder: Option<buildlock_proto::Holder> = None;
     loop {
         match replies.recv(Some(Duration::from_secs(1))).map_err(gone)? {
