@@ -29,7 +29,7 @@ fn target(name: &str) -> LockTarget {
 
 /// The worker. Commands, one a line on stdin, each answered on stdout:
 /// `acq NAME x|s` (`got N`, N counting leases from 0), `try NAME x|s` (`got N` or `busy`),
-/// `drop N` (`dropped N`), `fork N NAME` (a child releases and drops the parent's lease N, then
+/// `fail NAME` (`error: ...`), `drop N` (`dropped N`), `fork N NAME` (a child releases and drops the parent's lease N, then
 /// takes NAME itself: `child ok`), `threads N NAME ROUNDS` (`threads ok`, or `violation`),
 /// `waiters N NAME` (N threads wait for NAME: `waiting` from each, then `thread got` from each
 /// when granted, released at once), `stats` (`connections N`).
@@ -56,6 +56,10 @@ fn multiplex_worker() {
                 }
                 Err(e) if e.is_conflict() => println!("busy"),
                 Err(e) => panic!("{e}"),
+            },
+            ["fail", name] => match buildlock::acquire(&target(name), &options("x", Wait::NoWait), &mut |_| {}) {
+                Ok(_) => panic!("lock {name} was granted"),
+                Err(e) => println!("error: {e}"),
             },
             ["drop", n] => {
                 let n: usize = n.parse().unwrap();
@@ -247,4 +251,48 @@ fn threads_waiting_when_the_daemon_dies_get_the_lock_from_the_next_one() {
     for _ in 0..3 {
         w.expect_line("thread got");
     }
+}
+
+#[test]
+fn a_daemon_at_its_open_file_limit_says_so_and_keeps_every_other_lease() {
+    let env = Env::daemon();
+    // The daemon may raise its soft limit to the hard one, not beyond: 90 descriptors leave
+    // room for 21 leases next to 4 connections, one outside waiter and its reserve.
+    let mut start = std::process::Command::new("setpriv");
+    start.args([
+        "--bounding-set=-sys_resource",
+        "--",
+        "sh",
+        "-c",
+        "ulimit -Sn 90 && ulimit -Hn 90 && exec \"$0\" daemon start",
+    ]);
+    start.arg(env!("CARGO_BIN_EXE_buildlock-client"));
+    let mut start = env.scrubbed_command(start);
+    start.env("BUILDLOCKD_MAX_CONNECTIONS", "4").env("BUILDLOCKD_MAX_OUTSIDE_WAITS", "1");
+    let out = start.output().unwrap();
+    assert!(out.status.success(), "daemon start: {}", String::from_utf8_lossy(&out.stderr));
+    let mut w = worker(&env);
+    for n in 0..21 {
+        w.send(&format!("acq l{n} x"));
+        w.expect_line(&format!("got {n}"));
+    }
+    w.send("fail l21");
+    let line = loop {
+        let line = w.next_line().expect("worker output");
+        if line.starts_with("error: ") {
+            break line;
+        }
+    };
+    assert!(line.contains("open-file limit (90"), "{line}");
+    assert!(line.contains("ulimit -Hn"), "{line}");
+    // Every lease taken before is still held (asked of the lock files: the daemon is full),
+    // and the daemon still serves once one is released.
+    for n in [0, 10, 20] {
+        let mut c = env.cli();
+        c.env("BUILDLOCK_NO_DAEMON", "1").args(["run", "-n", &format!("l{n}"), "--", "true"]);
+        let out = c.output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    w.send("drop 0");
+    env.run(&["run", "-w", "60", "l0", "--", "true"]).assert_code(0);
 }

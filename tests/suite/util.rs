@@ -83,6 +83,11 @@ impl Env {
         c
     }
 
+    /// `c` (any command) with only the environment the test sets, in the test's directory.
+    pub fn scrubbed_command(&self, c: Command) -> Command {
+        self.scrubbed(c)
+    }
+
     /// `c` with only the environment the test sets, in the test's directory.
     fn scrubbed(&self, mut c: Command) -> Command {
         c.env_clear()

@@ -376,6 +376,16 @@ pub fn raise_fd_limit() -> io::Result<u64> {
     }
 }
 
+/// This process's open-file limit (the soft one, in force), if it can be read.
+pub fn fd_limit() -> Option<u64> {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).ok().map(|(soft, _)| soft)
+}
+
+/// Whether `e` says the process (`EMFILE`) or the system (`ENFILE`) has no descriptor left.
+pub fn is_out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(nix::libc::EMFILE | nix::libc::ENFILE))
+}
+
 /// A descriptor that becomes readable when process `pid` exits (Linux `pidfd_open`, 5.3+).
 /// `Ok(None)` where the kernel has no pidfd; callers then poll [`crate::process_state`].
 pub fn pidfd_open(pid: u32) -> io::Result<Option<OwnedFd>> {

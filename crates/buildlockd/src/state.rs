@@ -289,12 +289,21 @@ impl Daemon {
         let Some(client_pid) = st.conns.get(&owner).map(|c| c.pid) else { return };
         let max = self.config.limits.max_leases;
         if st.leases.len() >= max {
-            let msg = format!(
-                "buildlockd already holds or queues {max} leases for this user (its limit), so lock {} was not \
+            let msg = match self.config.limits.open_files {
+                Some(fds) => format!(
+                    "buildlockd already holds or queues {max} leases, all that its open-file limit ({fds} \
+                     descriptors: one per held lease and per connection) leaves room for, so lock {} was not \
+                     queued: release some, or raise the daemon's hard limit (`ulimit -Hn` where it starts, \
+                     LimitNOFILE= for a service) and restart it (`buildlock-client daemon stop`)",
+                    a.path
+                ),
+                None => format!(
+                    "buildlockd already holds or queues {max} leases for this user (its limit), so lock {} was not \
                  queued: release some, or raise the limit with `buildlockd --max-leases N` \
                  (BUILDLOCKD_MAX_LEASES) and restart the daemon (`buildlock-client daemon stop`)",
-                a.path
-            );
+                    a.path
+                ),
+            };
             tracing::warn!("{msg}");
             return Self::send(&st, owner, error(id, ErrorCode::LimitExceeded, msg, None), None);
         }
@@ -612,6 +621,18 @@ impl Daemon {
                 if !conn_open {
                     self.maybe_release(&mut st, lease);
                 }
+            }
+            Err(e) if out_of_descriptors(&e) => {
+                let limit = buildlock_sys::ipc::fd_limit().map_or_else(|| "?".to_owned(), |n| n.to_string());
+                let path = st.leases.get(&lease).map(|l| l.target.path.display().to_string()).unwrap_or_default();
+                let msg = format!(
+                    "buildlockd has run out of file descriptors (its open-file limit is {limit}: one per held \
+                     lease and per connection), so lock {path} was not granted; every other lease is kept. \
+                     Release some leases, or raise the daemon's hard limit (`ulimit -Hn` where it starts, \
+                     LimitNOFILE= for a service) and restart it (`buildlock-client daemon stop`): {e}"
+                );
+                tracing::warn!("{msg}");
+                self.refuse_with(&mut st, lease, error(0, ErrorCode::LimitExceeded, msg, None));
             }
             Err(e) => {
                 tracing::warn!("cannot take the OS lock for a client: {e}");
@@ -991,6 +1012,18 @@ fn hand_over(hold: &OsHold) -> Option<OwnedFd> {
         let _ = hold;
         None
     }
+}
+
+/// Whether `e` is the process (or the system) out of file descriptors.
+fn out_of_descriptors(e: &buildlock_disk::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.downcast_ref::<std::io::Error>().is_some_and(buildlock_sys::ipc::is_out_of_descriptors) {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 fn release_hold(hold: OsHold) {
