@@ -51,6 +51,44 @@ pub(crate) struct State {
     /// the leases waiting for it, first come first. An entry exists exactly while its thread
     /// runs.
     pub(crate) outside: HashMap<PathBuf, BTreeSet<LeaseId>>,
+    /// Leases the queue granted whose OS lock is still to be taken: taken as soon as the state
+    /// lock is released, by the guard that held it (no task per grant).
+    to_lock: Vec<LeaseId>,
+}
+
+/// The state, locked. When it is released, the grants decided meanwhile are carried out (the
+/// OS lock taken and the descriptor handed over), outside the lock, on the same thread.
+pub(crate) struct StateGuard<'a> {
+    daemon: &'a Daemon,
+    guard: Option<std::sync::MutexGuard<'a, State>>,
+}
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        self.guard.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        self.guard.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        let Some(mut guard) = self.guard.take() else { return };
+        if guard.to_lock.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut guard.to_lock);
+        drop(guard);
+        let Some(daemon) = self.daemon.me.upgrade() else { return };
+        for lease in pending {
+            daemon.clone().lock_and_grant(lease);
+        }
+    }
 }
 
 impl State {
@@ -63,6 +101,7 @@ impl State {
             live_conns: 0,
             idle_since: Some(Instant::now()),
             outside: HashMap::new(),
+            to_lock: Vec::new(),
         }
     }
 
@@ -227,8 +266,8 @@ impl Lease {
 }
 
 impl Daemon {
-    pub(crate) fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    pub(crate) fn state(&self) -> StateGuard<'_> {
+        StateGuard { daemon: self, guard: Some(self.state.lock().unwrap_or_else(|e| e.into_inner())) }
     }
 
     /// A new connection from process `pid`; its replies go to `tx`.
@@ -374,9 +413,7 @@ impl Daemon {
                 Event::Granted { lease, .. } => {
                     let Some(l) = st.leases.get_mut(&lease) else { continue };
                     l.phase = Phase::Locking;
-                    let (target, mode, meta, wait) = (l.target.clone(), lock_mode(l.mode), l.metadata(), l.wait);
-                    let d = self.clone();
-                    tokio::spawn(async move { d.lock_and_grant(lease, target, mode, meta, wait) });
+                    st.to_lock.push(lease);
                 }
                 Event::Denied { lease, owner, key } => Self::refuse(st, lease, owner, &key, false),
                 Event::Expired { lease, owner, key } => Self::refuse(st, lease, owner, &key, true),
@@ -409,7 +446,12 @@ impl Daemon {
     /// Takes the OS lock for a lease the queue granted, then hands it to the client. When a
     /// holder outside the daemon (fasteners, direct mode, an inherited descriptor) has it,
     /// `NoWait` is refused at once; anything else waits for the lock file's waiter thread.
-    fn lock_and_grant(self: Arc<Self>, lease: LeaseId, target: LockTarget, mode: LockMode, meta: Metadata, wait: Wait) {
+    fn lock_and_grant(self: Arc<Self>, lease: LeaseId) {
+        let st = self.state();
+        // Given up meanwhile (its client closed, before the lock was released).
+        let Some(l) = st.leases.get(&lease).filter(|l| matches!(l.phase, Phase::Locking)) else { return };
+        let (target, mode, meta, wait) = (l.target.clone(), lock_mode(l.mode), l.metadata(), l.wait);
+        drop(st);
         // The non-blocking attempt runs inline: a few tens of microseconds of file system
         // calls, cheaper than a hop to another thread and back.
         let result = match buildlock_disk::try_lock_for(&target, mode, meta) {
