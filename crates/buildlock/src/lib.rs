@@ -275,9 +275,23 @@ fn effective_wait(wait: Wait) -> Wait {
 
 #[cfg(unix)]
 /// The absolute path the daemon knows the lock by (the directory is created and canonicalised,
-/// so two spellings of one lock meet in one queue).
+/// so two spellings of one lock meet in one queue). A directory's canonical path is remembered
+/// for the life of the process, so that a process taking many leases does this once per
+/// directory (the daemon creates a directory that was removed meanwhile).
 fn daemon_path(target: &LockTarget) -> Result<PathBuf, Error> {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static CANONICAL: Mutex<Option<HashMap<PathBuf, PathBuf>>> = Mutex::new(None);
+    let file = target.path.file_name().unwrap_or_default();
     let dir = target.dir();
+    // A relative directory means another one after a `chdir`: never remembered.
+    let cached = match dir.is_absolute() {
+        true => CANONICAL.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|m| m.get(dir).cloned()),
+        false => None,
+    };
+    if let Some(canonical) = cached {
+        return Ok(canonical.join(file));
+    }
     buildlock_sys::fs::create_dir_all(dir).map_err(|e| buildlock_disk::Error::Io {
         action: "create the lock directory",
         path: dir.to_owned(),
@@ -288,7 +302,11 @@ fn daemon_path(target: &LockTarget) -> Result<PathBuf, Error> {
         path: dir.to_owned(),
         source: e,
     })?;
-    Ok(dir.join(target.path.file_name().unwrap_or_default()))
+    if target.dir().is_absolute() {
+        let mut cache = CANONICAL.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get_or_insert_with(HashMap::new).insert(target.dir().to_owned(), dir.clone());
+    }
+    Ok(dir.join(file))
 }
 
 /// The path the daemon knows `target` by, if its directory exists (nothing is created).

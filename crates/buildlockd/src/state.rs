@@ -145,6 +145,9 @@ impl State {
 struct ConnEntry {
     tx: Tx,
     pid: u32,
+    /// The client process's identity (pid and start time), read once for all its leases'
+    /// metadata.
+    ident: buildlock_sys::ProcessIdentity,
     /// Its leases (held or waited for), by the id the client gave each.
     leases: HashMap<LeaseRef, LeaseId>,
 }
@@ -157,6 +160,8 @@ struct Lease {
     /// The process named as the holder: the one the lease was bound to when asked for (a
     /// script's, through `acquire --pid`), else the client's.
     holder_pid: u32,
+    /// `holder_pid`'s identity, when already known (the client's, read at connection).
+    holder_ident: Option<buildlock_sys::ProcessIdentity>,
     mode: Mode,
     operation: String,
     command: String,
@@ -255,8 +260,12 @@ impl Lease {
     }
 
     fn metadata(&self) -> Metadata {
+        let ident = match &self.holder_ident {
+            Some(ident) if ident.pid == self.holder_pid => ident.clone(),
+            _ => buildlock_sys::identify(self.holder_pid),
+        };
         Metadata::for_process(
-            buildlock_sys::identify(self.holder_pid),
+            ident,
             lock_mode(self.mode),
             "os",
             &self.operation,
@@ -272,10 +281,11 @@ impl Daemon {
 
     /// A new connection from process `pid`; its replies go to `tx`.
     pub(crate) fn register(&self, tx: Tx, pid: u32) -> OwnerId {
+        let ident = buildlock_sys::identify(pid);
         let mut st = self.state();
         st.next_owner += 1;
         let owner = st.next_owner;
-        st.conns.insert(owner, ConnEntry { tx, pid, leases: HashMap::new() });
+        st.conns.insert(owner, ConnEntry { tx, pid, ident, leases: HashMap::new() });
         st.idle_since = None;
         owner
     }
@@ -325,7 +335,9 @@ impl Daemon {
             WaitFor::Forever => Wait::Forever,
         };
         let mut st = self.state();
-        let Some(client_pid) = st.conns.get(&owner).map(|c| c.pid) else { return };
+        let Some((client_pid, client_ident)) = st.conns.get(&owner).map(|c| (c.pid, c.ident.clone())) else {
+            return;
+        };
         let max = self.config.limits.max_leases;
         if st.leases.len() >= max {
             let msg = match self.config.limits.open_files {
@@ -365,6 +377,7 @@ impl Daemon {
                 owner,
                 client_ref: id,
                 holder_pid: a.bind_pid.unwrap_or(client_pid),
+                holder_ident: a.bind_pid.is_none().then_some(client_ident),
                 mode: a.mode,
                 operation: a.operation,
                 command: a.command,
@@ -900,6 +913,7 @@ impl Daemon {
             // No connection holds it: no client names it.
             client_ref: 0,
             holder_pid: pid,
+            holder_ident: None,
             mode,
             operation: meta.operation.clone(),
             command: meta.command.clone().unwrap_or_default(),
