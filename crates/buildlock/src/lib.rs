@@ -28,6 +28,12 @@
 //! dies, the OS lock stays with the client and nobody else can take it. Release closes the
 //! client's copy, then asks the daemon to remove the metadata and drop its own copy; if the
 //! daemon is gone by then, the client removes its metadata itself.
+//!
+//! **One connection per process.** All the daemon leases of a process (per runtime directory)
+//! ride on one connection, made by the first acquisition and shared by every thread; a forked
+//! child makes its own and cannot release its parent's leases. The process's death releases all
+//! its leases at once; dropping a lease releases only it, without waiting for the daemon's
+//! answer ([`Lease::release_confirmed`] waits).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
