@@ -171,6 +171,9 @@ pub struct Lease {
     inner: Option<Inner>,
 }
 
+// One per lease, never in a collection of its own: boxing the larger variant would cost a
+// direct lease an allocation for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Inner {
     #[cfg(unix)]

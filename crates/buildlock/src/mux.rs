@@ -136,7 +136,13 @@ impl Mux {
             return Err(Error::Protocol(why.clone()));
         }
         let bytes = buildlock_proto::encode(req).map_err(|e| Error::Protocol(e.to_string()))?;
-        lock(&self.writer).write_all(&bytes).map_err(|e| Error::Protocol(format!("cannot send to buildlockd: {e}")))
+        lock(&self.writer).write_all(&bytes).map_err(|e| {
+            // The daemon is gone: say so to every waiter now, and let the next acquisition make
+            // a new connection, rather than wait for the reader to see the end of the stream.
+            let why = format!("cannot send to buildlockd: {e}");
+            self.mark_broken(why.clone());
+            Error::Protocol(why)
+        })
     }
 
     /// Starts collecting the replies about lease `id` for the calling thread; they are kept

@@ -264,13 +264,7 @@ impl Lease {
             Some(ident) if ident.pid == self.holder_pid => ident.clone(),
             _ => buildlock_sys::identify(self.holder_pid),
         };
-        Metadata::for_process(
-            ident,
-            lock_mode(self.mode),
-            "os",
-            &self.operation,
-            Some(self.command.clone()),
-        )
+        Metadata::for_process(ident, lock_mode(self.mode), "os", &self.operation, Some(self.command.clone()))
     }
 }
 
