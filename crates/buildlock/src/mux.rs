@@ -5,13 +5,16 @@
 //! process lives: its death closes the connection, and the daemon releases all its leases at
 //! once. Leases are named by an id this process gives them (`LeaseRef`, protocol 3).
 //!
-//! Threads write requests under a mutex; one reader thread per connection reads every reply and
-//! routes it, with the descriptor that came with it, to the mailbox of the thread waiting for
-//! that lease. A reply nobody waits for (the answer to a pipelined `Release` or `Bind`) is
-//! dropped, and logged if it is an error. A waiter never holds a lock another thread needs to
-//! send, so a thread blocked on a busy lock holds up nobody's release. When the connection
-//! breaks (the daemon died), every waiter is woken with the reason, and the next acquisition
-//! makes a new connection.
+//! Threads write requests under a mutex. Replies are read by the threads waiting for them, one at
+//! a time (leader/followers, no thread of our own): the first waiter takes the reading role,
+//! reads what arrives and routes each reply, with the descriptor that came with it, to the
+//! mailbox of the lease it names, waking that lease's thread; when its own reply has come it
+//! hands the role to another waiter. So a lone thread reads its own answer with no thread hop,
+//! and a thread blocked on a busy lock reads for everyone meanwhile. A reply nobody waits for
+//! (the answer to a pipelined `Release` or `Bind`) is dropped when read, and logged if it is an
+//! error. No lock another thread needs to send is held while reading, so a waiter holds up
+//! nobody's release. When the connection breaks (the daemon died), every waiter is woken with
+//! the reason, and the next acquisition makes a new connection.
 //!
 //! **Fork.** A connection belongs to the process that made it. A forked child never writes on
 //! its parent's connection ([`Mux::send`] refuses it): the child's own acquisitions make a
@@ -42,8 +45,18 @@ pub(crate) struct Mux {
     pid: u32,
     runtime_dir: PathBuf,
     writer: Mutex<UnixStream>,
+    /// What the thread in the reading role uses (see `Routes::reading`): never contended.
+    reader: Mutex<ReadState>,
     routes: Mutex<Routes>,
     next_id: AtomicU64,
+}
+
+#[derive(Debug)]
+struct ReadState {
+    stream: UnixStream,
+    decoder: FrameDecoder,
+    fds: VecDeque<OwnedFd>,
+    buf: Vec<u8>,
 }
 
 #[derive(Debug, Default)]
@@ -53,13 +66,21 @@ struct Routes {
     mailboxes: HashMap<LeaseRef, Mailbox>,
     /// Why the connection is over, once it is.
     broken: Option<String>,
+    /// A waiting thread is reading the socket; the others sleep until their reply is routed
+    /// to them or the role is free.
+    reading: bool,
 }
 
 #[derive(Debug, Default)]
 struct Mailbox {
     replies: VecDeque<Delivery>,
     wake: Arc<Condvar>,
+    /// Its thread sleeps on `wake` (so it can be handed the reading role).
+    sleeping: bool,
 }
+
+/// How long one read blocks before its reader looks at its own deadline again.
+const READ_SLICE: Duration = Duration::from_secs(1);
 
 /// Every connection this process made, one per runtime directory.
 static MUXES: Mutex<Vec<Arc<Mux>>> = Mutex::new(Vec::new());
@@ -89,20 +110,15 @@ impl Mux {
     fn start(client: Client, runtime_dir: &Path, pid: u32) -> io::Result<Arc<Mux>> {
         let (stream, decoder, fds) = client.into_parts();
         let reader = stream.try_clone()?;
-        reader.set_read_timeout(None)?;
-        let mux = Arc::new(Mux {
+        reader.set_read_timeout(Some(READ_SLICE))?;
+        Ok(Arc::new(Mux {
             pid,
             runtime_dir: runtime_dir.to_owned(),
             writer: Mutex::new(stream),
+            reader: Mutex::new(ReadState { stream: reader, decoder, fds, buf: vec![0u8; 16 * 1024] }),
             routes: Mutex::new(Routes::default()),
             next_id: AtomicU64::new(1),
-        });
-        let weak = Arc::downgrade(&mux);
-        std::thread::Builder::new()
-            .name("buildlockd-reader".into())
-            .stack_size(64 * 1024)
-            .spawn(move || read_loop(weak, reader, decoder, fds))?;
-        Ok(mux)
+        }))
     }
 
     /// Whether this process made the connection (false in a forked child).
@@ -154,12 +170,84 @@ impl Mux {
 
     fn mark_broken(&self, why: String) {
         let mut routes = lock(&self.routes);
+        Self::break_routes(&mut routes, why);
+    }
+
+    fn break_routes(routes: &mut Routes, why: String) {
         if routes.broken.is_none() {
             routes.broken = Some(why);
         }
         for mailbox in routes.mailboxes.values() {
             mailbox.wake.notify_one();
         }
+    }
+
+    /// Reads once from the socket (blocking up to `READ_SLICE`) and routes every whole reply
+    /// read. Called only by the thread in the reading role, without the routes lock.
+    fn read_some(&self) -> Result<Vec<Delivery>, String> {
+        let mut rs = lock(&self.reader);
+        let rs = &mut *rs;
+        let mut out = Vec::new();
+        loop {
+            match rs.decoder.next_frame() {
+                Ok(Some(frame)) => {
+                    let reply: Reply = buildlock_proto::decode(&frame)
+                        .map_err(|e| format!("buildlockd sent a reply this client cannot read: {e}"))?;
+                    let fd =
+                        match &reply {
+                            Reply::Granted { fd_attached: true, .. } => Some(rs.fds.pop_front().ok_or_else(|| {
+                                "buildlockd said it sent a lock descriptor, but none arrived".to_owned()
+                            })?),
+                            _ => None,
+                        };
+                    out.push((reply, fd));
+                    continue;
+                }
+                Ok(None) if !out.is_empty() => return Ok(out),
+                Ok(None) => {}
+                Err(e) => return Err(format!("buildlockd sent a bad frame: {e}")),
+            }
+            let mut got = Vec::new();
+            match buildlock_sys::ipc::recv_with_fds(rs.stream.as_fd(), &mut rs.buf, &mut got) {
+                Ok(0) => return Err("buildlockd closed the connection".to_owned()),
+                Ok(n) => {
+                    rs.fds.extend(got);
+                    rs.decoder.push(&rs.buf[..n]);
+                }
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Ok(out),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("lost the connection to buildlockd: {e}")),
+            }
+        }
+    }
+}
+
+/// Puts each reply in the mailbox of the lease it names, waking that lease's thread; a reply
+/// nobody waits for is dropped (an error logged).
+fn route(routes: &mut Routes, deliveries: Vec<Delivery>) {
+    for (reply, fd) in deliveries {
+        let id = lease_of(&reply);
+        match routes.mailboxes.get_mut(&id) {
+            Some(mailbox) if id != 0 => {
+                mailbox.replies.push_back((reply, fd));
+                mailbox.wake.notify_one();
+            }
+            // The answer to a pipelined request: nobody waits for it.
+            _ => match reply {
+                Reply::Error(e) => tracing::warn!("buildlockd: {}", e.message),
+                other => tracing::debug!("buildlockd answered {other:?}"),
+            },
+        }
+    }
+}
+
+/// Offers the free reading role to one sleeping waiter other than `me`.
+fn hand_over(routes: &Routes, me: LeaseRef) {
+    if routes.reading {
+        return;
+    }
+    if let Some(m) = routes.mailboxes.iter().find(|(id, m)| **id != me && m.sleeping).map(|(_, m)| m) {
+        m.wake.notify_one();
     }
 }
 
@@ -175,26 +263,49 @@ impl Listener {
     pub(crate) fn recv(&self, timeout: Option<Duration>) -> Result<Option<Delivery>, Error> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut routes = lock(&self.mux.routes);
-        loop {
+        let result = loop {
             let broken = routes.broken.clone();
             let mailbox = routes.mailboxes.entry(self.id).or_default();
             if let Some(d) = mailbox.replies.pop_front() {
-                return Ok(Some(d));
+                break Ok(Some(d));
             }
             if let Some(why) = broken {
-                return Err(Error::Protocol(why));
+                break Err(Error::Protocol(why));
             }
-            let wake = mailbox.wake.clone();
-            routes = match deadline {
-                None => wake.wait(routes).unwrap_or_else(|e| e.into_inner()),
-                Some(d) => {
-                    let Some(left) = d.checked_duration_since(Instant::now()).filter(|l| !l.is_zero()) else {
-                        return Ok(None);
-                    };
-                    wake.wait_timeout(routes, left).unwrap_or_else(|e| e.into_inner()).0
-                }
+            let left = match deadline {
+                None => None,
+                Some(d) => match d.checked_duration_since(Instant::now()).filter(|l| !l.is_zero()) {
+                    Some(left) => Some(left),
+                    None => break Ok(None),
+                },
             };
-        }
+            if !routes.reading {
+                // Our turn to read, for everyone.
+                routes.reading = true;
+                drop(routes);
+                let got = self.mux.read_some();
+                routes = lock(&self.mux.routes);
+                routes.reading = false;
+                match got {
+                    Ok(deliveries) => route(&mut routes, deliveries),
+                    Err(why) => Mux::break_routes(&mut routes, why),
+                }
+                continue;
+            }
+            let mailbox = routes.mailboxes.entry(self.id).or_default();
+            let wake = mailbox.wake.clone();
+            mailbox.sleeping = true;
+            routes = match left {
+                None => wake.wait(routes).unwrap_or_else(|e| e.into_inner()),
+                Some(left) => wake.wait_timeout(routes, left).unwrap_or_else(|e| e.into_inner()).0,
+            };
+            if let Some(m) = routes.mailboxes.get_mut(&self.id) {
+                m.sleeping = false;
+            }
+        };
+        // Leaving: whoever still waits may read now.
+        hand_over(&routes, self.id);
+        result
     }
 }
 
@@ -215,60 +326,5 @@ fn lease_of(reply: &Reply) -> LeaseRef {
         | Reply::Bound { lease, .. } => *lease,
         Reply::Error(e) => e.lease,
         Reply::Status { .. } | Reply::DaemonStatus(_) | Reply::ShuttingDown => 0,
-    }
-}
-
-/// The reader thread: every reply to its lease's mailbox, until the connection ends. It holds
-/// only a weak reference, so it never keeps a connection alive on its own; its copy of the
-/// socket closes when it ends.
-fn read_loop(mux: std::sync::Weak<Mux>, stream: UnixStream, mut decoder: FrameDecoder, mut fds: VecDeque<OwnedFd>) {
-    let mut buf = vec![0u8; 16 * 1024];
-    let why = loop {
-        let frame = match decoder.next_frame() {
-            Ok(Some(frame)) => frame,
-            Ok(None) => {
-                let mut got = Vec::new();
-                match buildlock_sys::ipc::recv_with_fds(stream.as_fd(), &mut buf, &mut got) {
-                    Ok(0) => break "buildlockd closed the connection".to_owned(),
-                    Ok(n) => {
-                        fds.extend(got);
-                        decoder.push(&buf[..n]);
-                        continue;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => break format!("lost the connection to buildlockd: {e}"),
-                }
-            }
-            Err(e) => break format!("buildlockd sent a bad frame: {e}"),
-        };
-        let reply: Reply = match buildlock_proto::decode(&frame) {
-            Ok(r) => r,
-            Err(e) => break format!("buildlockd sent a reply this client cannot read: {e}"),
-        };
-        let fd = match &reply {
-            Reply::Granted { fd_attached: true, .. } => match fds.pop_front() {
-                Some(fd) => Some(fd),
-                None => break "buildlockd said it sent a lock descriptor, but none arrived".to_owned(),
-            },
-            _ => None,
-        };
-        let Some(mux) = mux.upgrade() else { return };
-        let id = lease_of(&reply);
-        let mut routes = lock(&mux.routes);
-        match routes.mailboxes.get_mut(&id) {
-            Some(mailbox) if id != 0 => {
-                mailbox.replies.push_back((reply, fd));
-                mailbox.wake.notify_one();
-            }
-            // The answer to a pipelined request: nobody waits for it.
-            _ => match reply {
-                Reply::Error(e) => tracing::warn!("buildlockd: {}", e.message),
-                other => tracing::debug!("buildlockd answered {other:?}"),
-            },
-        }
-    };
-    tracing::debug!("{why}");
-    if let Some(mux) = mux.upgrade() {
-        mux.mark_broken(why);
     }
 }
