@@ -328,3 +328,27 @@ fn lease_of(reply: &Reply) -> LeaseRef {
         Reply::Status { .. } | Reply::DaemonStatus(_) | Reply::ShuttingDown => 0,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use buildlock_proto::{ErrorCode, ErrorReply};
+
+    fn granted(lease: LeaseRef) -> Reply {
+        Reply::Granted { lease, path: "/l.lock".into(), token: 1, fd_attached: false }
+    }
+
+    #[test]
+    fn each_reply_goes_to_the_mailbox_of_the_lease_it_names_and_others_are_dropped() {
+        let mut routes = Routes::default();
+        routes.mailboxes.insert(1, Mailbox::default());
+        routes.mailboxes.insert(2, Mailbox::default());
+        let error = Reply::Error(ErrorReply { code: ErrorCode::NotHeld, message: "m".into(), holder: None, lease: 9 });
+        let released = Reply::Released { lease: 0, path: "/l.lock".into() };
+        route(&mut routes, vec![(granted(2), None), (error, None), (granted(1), None), (released, None)]);
+        let ids = |id: LeaseRef| routes.mailboxes[&id].replies.iter().map(|(r, _)| lease_of(r)).collect::<Vec<_>>();
+        assert_eq!(ids(1), [1]);
+        assert_eq!(ids(2), [2]);
+        assert_eq!(routes.mailboxes.len(), 2, "no mailbox is made for a reply nobody waits for");
+    }
+}
