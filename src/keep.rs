@@ -328,7 +328,7 @@ pub(crate) fn keep(cx: &Context, args: AcquireArgs) -> ExitCode {
     let _ = buildlock_sys::ipc::stdio_to_null();
     let _ = wait_for_release(&sig_rd, None, pid);
     // Released for every copy, the shadow's included; then the shadow is told it may go.
-    let result = lease.release();
+    let result = lease.release_confirmed();
     if let Some((mut child, mut tell)) = shadow {
         let _ = tell.write_all(SHADOW_RELEASED);
         drop(tell);

@@ -109,7 +109,7 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
             1
         }
     };
-    match lease.release() {
+    match lease.release_confirmed() {
         Ok(()) => ExitCode::from(code),
         Err(e) => {
             eprintln!("buildlock-client: error: {e}");

@@ -31,6 +31,7 @@
 //! // Client side: a hello, then a request, as the bytes that go on the socket.
 //! let mut wire = encode(&Hello::new(4242))?;
 //! let request = Request::Acquire(AcquireRequest {
+//!     lease: 1,
 //!     path: "/home/me/.local/share/buildlock/locks/demo.lock".into(),
 //!     mode: Mode::Exclusive,
 //!     wait: WaitFor::Millis(30_000),
@@ -63,7 +64,8 @@ pub use error::{HandshakeError, Peer, ProtoError};
 pub use frame::{decode, encode, read_frame, read_message, write_frame, FrameDecoder};
 pub use handshake::{check_hello, check_welcome, Hello, Welcome};
 pub use message::{
-    AcquireRequest, DaemonInfo, ErrorCode, ErrorReply, Holder, LockInfo, Mode, Reply, Request, WaitFor, Waiter,
+    AcquireRequest, DaemonInfo, ErrorCode, ErrorReply, Holder, LeaseRef, LockInfo, Mode, Reply, Request, WaitFor,
+    Waiter,
 };
 
 /// The first four bytes of every [`Hello`] and [`Welcome`] payload: tells a buildlock peer from
@@ -80,7 +82,13 @@ pub const MAGIC: [u8; 4] = *b"BLCK";
 ///
 /// Version 2 added `ErrorCode::LimitExceeded`, and `Waiting`'s queue positions count from 1 as
 /// version 1 documented (its daemons sent them from 0).
-pub const PROTOCOL_VERSION: u16 = 2;
+///
+/// Version 3 names leases by an id the client chooses ([`LeaseRef`]) instead of their path:
+/// `AcquireRequest.lease`, `Release { lease }`, `Bind { lease, pid }`, and every reply about a
+/// lease (`Granted`, `Waiting`, `Released`, `Bound`, `LeaseLost`, `ErrorReply.lease`) says
+/// which one it answers, so one connection carries all of a process's leases, several on one
+/// lock too, with requests pipelined.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The largest payload a frame may carry, in bytes. Every message buildlock sends is far smaller
 /// (a status of a few hundred locks fits); the limit exists so a broken or hostile peer cannot

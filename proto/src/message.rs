@@ -41,9 +41,18 @@ pub enum WaitFor {
     Forever,
 }
 
+/// A lease's id on its connection: chosen by the client when it asks for the lease (any
+/// number but 0, not in use by another lease or pending request of that connection), and named
+/// by every request and reply about that lease afterwards. 0 means "no lease" (a reply to a
+/// request about no particular lease, such as `Status`). Added in protocol 3, so that one
+/// connection can hold many leases, several on one lock too.
+pub type LeaseRef = u64;
+
 /// Ask for a lease on one lock file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AcquireRequest {
+    /// The id the client gives this lease on its connection (not 0; see [`LeaseRef`]).
+    pub lease: LeaseRef,
     /// Absolute path of the `.lock` file. The client resolves lock names to paths; the daemon
     /// does not know about names.
     pub path: String,
@@ -67,10 +76,12 @@ pub enum Request {
     /// Take a lease. Answered by zero or more [`Reply::Waiting`], then [`Reply::Granted`] or
     /// [`Reply::Error`].
     Acquire(AcquireRequest),
-    /// Release this connection's lease on `path`. Answered by [`Reply::Released`].
+    /// Release this connection's lease `lease` (held, or still waiting: the wait is cancelled).
+    /// Answered by [`Reply::Released`] or [`ErrorCode::NotHeld`]. A client need not wait for
+    /// the answer before sending its next request.
     Release {
-        /// The lock file, as given to `Acquire`.
-        path: String,
+        /// The lease, as named in its `Acquire`.
+        lease: LeaseRef,
     },
     /// Release the lease on `path` bound to `pid` (see [`AcquireRequest::bind_pid`]), whichever
     /// connection took it. Answered by [`Reply::Released`] or [`ErrorCode::NotHeld`].
@@ -89,12 +100,12 @@ pub enum Request {
     DaemonStatus,
     /// Ask the daemon to exit. Answered by [`Reply::ShuttingDown`], then the daemon closes.
     Shutdown,
-    /// Bind this connection's held lease on `path` to process `pid` as well: the lease is
+    /// Bind this connection's held lease `lease` to process `pid` as well: the lease is
     /// released only once the connection is gone (or released it) and `pid` has exited.
     /// Answered by [`Reply::Bound`] or [`ErrorCode::NotHeld`].
     Bind {
-        /// The lock file.
-        path: String,
+        /// The lease, as named in its `Acquire`.
+        lease: LeaseRef,
         /// The process to bind to (e.g. the command `run` started).
         pid: u32,
     },
@@ -238,6 +249,9 @@ pub struct ErrorReply {
     pub message: String,
     /// The holder in the way, for [`ErrorCode::WouldBlock`] and [`ErrorCode::Timeout`].
     pub holder: Option<Holder>,
+    /// The lease the failed request was about (its `Acquire`, `Release` or `Bind`), 0 for a
+    /// request about none, or for an error about the whole connection (a bad frame).
+    pub lease: LeaseRef,
 }
 
 impl fmt::Display for ErrorReply {
@@ -253,6 +267,8 @@ impl std::error::Error for ErrorReply {}
 pub enum Reply {
     /// The lease on `path` is granted.
     Granted {
+        /// The lease, as named in its `Acquire`.
+        lease: LeaseRef,
         /// The lock file.
         path: String,
         /// Identifies this lease in status output.
@@ -264,6 +280,8 @@ pub enum Reply {
     },
     /// The request is queued. Sent when queued, then about once a second while waiting.
     Waiting {
+        /// The lease, as named in its `Acquire`.
+        lease: LeaseRef,
         /// The lock file.
         path: String,
         /// Place in the queue, 1 for next in line.
@@ -271,8 +289,11 @@ pub enum Reply {
         /// Who holds the lock now, if known.
         holder: Option<Holder>,
     },
-    /// The lease on `path` is released.
+    /// The lease on `path` is released (for `ReleasePid`, sent to the connection that held it
+    /// with its lease id, and to the asker with 0).
     Released {
+        /// The lease, as named in its `Acquire`.
+        lease: LeaseRef,
         /// The lock file.
         path: String,
     },
@@ -290,6 +311,8 @@ pub enum Reply {
     /// Unsolicited: a lease this connection held is gone (the lock file was deleted or replaced,
     /// the lock was broken, ...).
     LeaseLost {
+        /// The lease, as named in its `Acquire`.
+        lease: LeaseRef,
         /// The lock file.
         path: String,
         /// Why, for a person.
@@ -297,6 +320,8 @@ pub enum Reply {
     },
     /// Answer to [`Request::Bind`].
     Bound {
+        /// The lease, as named in its `Acquire`.
+        lease: LeaseRef,
         /// The lock file.
         path: String,
         /// The process the lease is now bound to.
@@ -310,7 +335,12 @@ mod tests {
 
     #[test]
     fn an_error_reply_prints_its_message_then_its_code() {
-        let reply = ErrorReply { code: ErrorCode::WouldBlock, message: "lock x is held by pid 7".into(), holder: None };
+        let reply = ErrorReply {
+            code: ErrorCode::WouldBlock,
+            message: "lock x is held by pid 7".into(),
+            holder: None,
+            lease: 1,
+        };
         assert_eq!(reply.to_string(), "lock x is held by pid 7 (would-block)");
     }
 }

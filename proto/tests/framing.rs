@@ -90,7 +90,7 @@ fn all_ones_length_is_too_large_and_costs_nothing() {
 
 #[test]
 fn encode_refuses_oversized_messages() {
-    let huge = Reply::LeaseLost { path: "x".repeat(MAX_FRAME_LEN as usize), reason: String::new() };
+    let huge = Reply::LeaseLost { lease: 1, path: "x".repeat(MAX_FRAME_LEN as usize), reason: String::new() };
     match encode(&huge) {
         Err(ProtoError::FrameTooLarge { len, max }) => {
             assert!(len > u64::from(MAX_FRAME_LEN));
@@ -115,7 +115,7 @@ fn clean_eof_is_none() {
 
 #[test]
 fn eof_inside_a_frame_is_truncated() {
-    let frame = encode(&Request::Release { path: "/tmp/a.lock".into() }).expect("encode");
+    let frame = encode(&Request::ReleasePid { path: "/tmp/a.lock".into(), pid: 7 }).expect("encode");
     // Every cut inside the frame: within the prefix and within the body.
     for cut in 1..frame.len() {
         let mut reader = &frame[..cut];
@@ -177,12 +177,13 @@ fn garbage_payloads_are_malformed() {
         ("out-of-range Request tag", &[6]),
         ("huge Request tag", &[0xff, 0xff, 0xff, 0xff, 0x0f]),
         ("unterminated varint tag", &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff]),
-        ("Release with a string longer than the payload", &[1, 50, b'/', b'x']),
-        ("Release with invalid UTF-8", &[1, 2, 0xc3, 0x28]),
+        ("Release with an unterminated varint", &[1, 0xff]),
+        ("ReleasePid with a string longer than the payload", &[2, 50, b'/', b'x']),
+        ("ReleasePid with invalid UTF-8", &[2, 2, 0xc3, 0x28, 1]),
         ("Status with a bad Option tag", &[3, 2]),
-        ("Acquire cut short", &[0, 1, b'/']),
-        ("Acquire with an out-of-range Mode", &[0, 1, b'/', 2, 0]),
-        ("Acquire with an out-of-range WaitFor", &[0, 1, b'/', 0, 3]),
+        ("Acquire cut short", &[0, 1, 1, b'/']),
+        ("Acquire with an out-of-range Mode", &[0, 1, 1, b'/', 2, 0]),
+        ("Acquire with an out-of-range WaitFor", &[0, 1, 1, b'/', 0, 3]),
         ("ReleasePid with a pid over u32", &[2, 1, b'/', 0xff, 0xff, 0xff, 0xff, 0x7f]),
     ];
     for (what, payload) in cases {

@@ -15,32 +15,32 @@ use buildlock_proto::{
 use common::{from_hex, reply_variant, request_variant, to_hex, REPLY_VARIANTS, REQUEST_VARIANTS};
 
 /// The protocol version the fixture was generated for.
-const FIXTURE_PROTOCOL_VERSION: u16 = 2;
+const FIXTURE_PROTOCOL_VERSION: u16 = 3;
 
 /// (name, whole frame as hex: 4-byte little-endian length, then the postcard payload).
 const FIXTURE: &[(&str, &str)] = &[
-    ("Hello", "0d000000424c434b0205302e312e30d209"),
-    ("Welcome", "0d000000424c434b0205302e312e306300"),
-    ("Welcome(refused)", "10000000424c434b0205302e312e306301026e6f"),
-    ("Request::Acquire", "1600000000072f6c2e6c6f636b0001e807026f7003636d640107"),
-    ("Request::Release", "0d000000010b2f746d702f612e6c6f636b"),
+    ("Hello", "0d000000424c434b0305302e312e30d209"),
+    ("Welcome", "0d000000424c434b0305302e312e306300"),
+    ("Welcome(refused)", "10000000424c434b0305302e312e306301026e6f"),
+    ("Request::Acquire", "170000000003072f6c2e6c6f636b0001e807026f7003636d640107"),
+    ("Request::Release", "020000000103"),
     ("Request::ReleasePid", "0c00000002072f6c2e6c6f636b808004"),
     ("Request::Status", "020000000300"),
     ("Request::DaemonStatus", "0100000004"),
     ("Request::Shutdown", "0100000005"),
-    ("Request::Bind", "0b00000006072f6c2e6c6f636b9221"),
-    ("Reply::Granted", "0b00000000072f6c2e6c6f636b0501"),
-    ("Reply::Waiting", "2500000001072f6c2e6c6f636b020101922101046d616b650101680101010301026f7001ac02000164"),
-    ("Reply::Released", "0900000002072f6c2e6c6f636b"),
+    ("Request::Bind", "0400000006039221"),
+    ("Reply::Granted", "0c0000000003072f6c2e6c6f636b0501"),
+    ("Reply::Waiting", "260000000103072f6c2e6c6f636b020101922101046d616b650101680101010301026f7001ac02000164"),
+    ("Reply::Released", "0a0000000203072f6c2e6c6f636b"),
     (
         "Reply::Status",
         "2c0000000301072f6c2e6c6f636b0101922101046d616b650101680101010301026f7001ac0200016401080196010177",
     ),
     ("Reply::DaemonStatus", "1b00000004630105302e312e3080a0abfef962022f72042f722f7301020300"),
     ("Reply::ShuttingDown", "0100000005"),
-    ("Reply::Error", "050000000607016d00"),
-    ("Reply::LeaseLost", "0e00000007072f6c2e6c6f636b04676f6e65"),
-    ("Reply::Bound", "0b00000008072f6c2e6c6f636b9221"),
+    ("Reply::Error", "060000000607016d0003"),
+    ("Reply::LeaseLost", "0f0000000703072f6c2e6c6f636b04676f6e65"),
+    ("Reply::Bound", "0c0000000803072f6c2e6c6f636b9221"),
 ];
 
 /// One message of each kind. The values are fixed literals (the build string too, rather than
@@ -95,6 +95,7 @@ fn messages() -> Vec<(String, Msg)> {
     ];
     let requests = vec![
         Request::Acquire(AcquireRequest {
+            lease: 3,
             path: "/l.lock".into(),
             mode: Mode::Shared,
             wait: WaitFor::Millis(1000),
@@ -102,17 +103,17 @@ fn messages() -> Vec<(String, Msg)> {
             command: "cmd".into(),
             bind_pid: Some(7),
         }),
-        Request::Release { path: "/tmp/a.lock".into() },
+        Request::Release { lease: 3 },
         Request::ReleasePid { path: "/l.lock".into(), pid: 65536 },
         Request::Status { path: None },
         Request::DaemonStatus,
         Request::Shutdown,
-        Request::Bind { path: "/l.lock".into(), pid: 4242 },
+        Request::Bind { lease: 3, pid: 4242 },
     ];
     let replies = vec![
-        Reply::Granted { path: "/l.lock".into(), token: 5, fd_attached: true },
-        Reply::Waiting { path: "/l.lock".into(), position: 2, holder: Some(holder()) },
-        Reply::Released { path: "/l.lock".into() },
+        Reply::Granted { lease: 3, path: "/l.lock".into(), token: 5, fd_attached: true },
+        Reply::Waiting { lease: 3, path: "/l.lock".into(), position: 2, holder: Some(holder()) },
+        Reply::Released { lease: 3, path: "/l.lock".into() },
         Reply::Status {
             locks: vec![LockInfo {
                 path: "/l.lock".into(),
@@ -133,9 +134,9 @@ fn messages() -> Vec<(String, Msg)> {
             idle_exit_ms: None,
         }),
         Reply::ShuttingDown,
-        Reply::Error(ErrorReply { code: ErrorCode::Timeout, message: "m".into(), holder: None }),
-        Reply::LeaseLost { path: "/l.lock".into(), reason: "gone".into() },
-        Reply::Bound { path: "/l.lock".into(), pid: 4242 },
+        Reply::Error(ErrorReply { code: ErrorCode::Timeout, message: "m".into(), holder: None, lease: 3 }),
+        Reply::LeaseLost { lease: 3, path: "/l.lock".into(), reason: "gone".into() },
+        Reply::Bound { lease: 3, path: "/l.lock".into(), pid: 4242 },
     ];
     out.extend(requests.into_iter().map(|r| (format!("Request::{}", request_variant(&r)), Msg::Request(r))));
     out.extend(replies.into_iter().map(|r| (format!("Reply::{}", reply_variant(&r)), Msg::Reply(r))));

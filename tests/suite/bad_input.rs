@@ -160,6 +160,7 @@ fn a_client_that_cannot_be_written_to_loses_its_connection_and_its_lease() {
     send(&mut s, buildlock_proto::encode(&Hello::new(std::process::id())).unwrap());
     buildlock_proto::check_welcome(&buildlock_proto::read_frame(&mut s).unwrap().unwrap()).unwrap();
     let acquire = Request::Acquire(AcquireRequest {
+        lease: 1,
         path: path.clone(),
         mode: Mode::Exclusive,
         wait: WaitFor::NoWait,

@@ -307,6 +307,7 @@ fn garbage_and_oversized_frames_close_only_that_connection() {
     // A relative path.
     let mut s = raw_client(&env);
     let req = Request::Acquire(buildlock_proto::AcquireRequest {
+        lease: 1,
         path: "relative.lock".into(),
         mode: buildlock_proto::Mode::Exclusive,
         wait: buildlock_proto::WaitFor::NoWait,
@@ -317,7 +318,7 @@ fn garbage_and_oversized_frames_close_only_that_connection() {
     buildlock_proto::write_frame(&mut s, &req).unwrap();
     let reply: Reply = buildlock_proto::read_message(&mut s).unwrap().unwrap();
     assert!(matches!(&reply, Reply::Error(e) if e.code == buildlock_proto::ErrorCode::InvalidName), "{reply:?}");
-    // The same lock twice on one connection, and a release of a lock it never had.
+    // One lease id twice on one connection, and a release of a lease it never had.
     let path = env.locks().canonicalize().unwrap().join("z.lock").display().to_string();
     let Request::Acquire(mut twice) = req else { unreachable!() };
     twice.path = path.clone();
@@ -327,7 +328,7 @@ fn garbage_and_oversized_frames_close_only_that_connection() {
     buildlock_proto::write_frame(&mut s, &Request::Acquire(twice)).unwrap();
     let reply: Reply = buildlock_proto::read_message(&mut s).unwrap().unwrap();
     assert!(matches!(&reply, Reply::Error(e) if e.code == buildlock_proto::ErrorCode::InvalidRequest), "{reply:?}");
-    buildlock_proto::write_frame(&mut s, &Request::Release { path: format!("{path}.other") }).unwrap();
+    buildlock_proto::write_frame(&mut s, &Request::Release { lease: 99 }).unwrap();
     let reply: Reply = buildlock_proto::read_message(&mut s).unwrap().unwrap();
     assert!(matches!(&reply, Reply::Error(e) if e.code == buildlock_proto::ErrorCode::NotHeld), "{reply:?}");
     drop(s);

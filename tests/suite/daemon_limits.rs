@@ -41,7 +41,10 @@ fn raw_client(env: &Env) -> UnixStream {
 }
 
 fn acquire(s: &mut UnixStream, path: &std::path::Path, wait: WaitFor) {
+    // Every lease on a connection has an id of its own.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let req = Request::Acquire(AcquireRequest {
+        lease: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         path: path.display().to_string(),
         mode: Mode::Exclusive,
         wait,
@@ -246,7 +249,10 @@ fn the_idle_clock_starts_when_the_last_bound_process_is_gone() {
     });
     let script_pid: u32 = script.next_line().unwrap().parse().unwrap();
     let mut s = raw_client(&env);
+    // Every lease on a connection has an id of its own.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let req = Request::Acquire(AcquireRequest {
+        lease: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         path: env.lock_file("x").display().to_string(),
         mode: Mode::Exclusive,
         wait: WaitFor::NoWait,

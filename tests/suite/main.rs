@@ -11,6 +11,7 @@ mod daemonize;
 mod exclusion;
 mod hostile;
 mod interop;
+mod multiplex;
 mod promises;
 mod protocol;
 mod recovery;

@@ -16,7 +16,10 @@ fn connect(env: &Env) -> UnixStream {
 }
 
 fn acquire(s: &mut UnixStream, path: &str) -> Reply {
+    // Every lease on a connection has an id of its own.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let req = Request::Acquire(AcquireRequest {
+        lease: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         path: path.to_owned(),
         mode: Mode::Exclusive,
         wait: WaitFor::Forever,

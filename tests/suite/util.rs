@@ -75,6 +75,19 @@ impl Env {
         self.scrubbed(c)
     }
 
+    /// This test binary re-run as the ignored test `name` (a worker the test drives through
+    /// its stdin and stdout), with the CLI's environment.
+    pub fn worker(&self, name: &str) -> Command {
+        let mut c = self.scrubbed(Command::new(std::env::current_exe().unwrap()));
+        c.args([name, "--exact", "--ignored", "--nocapture", "--test-threads=1"]);
+        c
+    }
+
+    /// `c` (any command) with only the environment the test sets, in the test's directory.
+    pub fn scrubbed_command(&self, c: Command) -> Command {
+        self.scrubbed(c)
+    }
+
     /// `c` with only the environment the test sets, in the test's directory.
     fn scrubbed(&self, mut c: Command) -> Command {
         c.env_clear()
@@ -303,6 +316,13 @@ impl Proc {
             let _ = s.write_all(b"go\n");
             let _ = s.flush();
         }
+    }
+
+    /// Sends the line `text` to the child's stdin.
+    pub fn send(&mut self, text: &str) {
+        let s = self.stdin.as_mut().expect("stdin open");
+        s.write_all(format!("{text}\n").as_bytes()).unwrap();
+        s.flush().unwrap();
     }
 
     pub fn kill9(&mut self) {

@@ -376,6 +376,16 @@ pub fn raise_fd_limit() -> io::Result<u64> {
     }
 }
 
+/// This process's open-file limit (the soft one, in force), if it can be read.
+pub fn fd_limit() -> Option<u64> {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).ok().map(|(soft, _)| soft)
+}
+
+/// Whether `e` says the process (`EMFILE`) or the system (`ENFILE`) has no descriptor left.
+pub fn is_out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(nix::libc::EMFILE | nix::libc::ENFILE))
+}
+
 /// A descriptor that becomes readable when process `pid` exits (Linux `pidfd_open`, 5.3+).
 /// `Ok(None)` where the kernel has no pidfd; callers then poll [`crate::process_state`].
 pub fn pidfd_open(pid: u32) -> io::Result<Option<OwnedFd>> {
@@ -398,6 +408,33 @@ pub fn pidfd_open(pid: u32) -> io::Result<Option<OwnedFd>> {
     {
         let _ = pid;
         Ok(None)
+    }
+}
+
+/// This process's id without a system call after the first: remembered, and forgotten in the
+/// child of a `fork` (a `pthread_atfork` handler), so that a forked child never passes for its
+/// parent. The shared daemon connection asks it on every request.
+#[cfg(unix)]
+pub fn current_pid() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Once;
+    static PID: AtomicU32 = AtomicU32::new(0);
+    static HANDLER: Once = Once::new();
+    extern "C" fn forget_in_child() {
+        PID.store(0, Ordering::SeqCst);
+    }
+    HANDLER.call_once(|| {
+        // SAFETY: registers a handler that only stores to an atomic (async-signal-safe, as a
+        // handler run in a forked child must be); no pointer is passed or kept.
+        let _ = unsafe { nix::libc::pthread_atfork(None, None, Some(forget_in_child)) };
+    });
+    match PID.load(Ordering::SeqCst) {
+        0 => {
+            let pid = std::process::id();
+            PID.store(pid, Ordering::SeqCst);
+            pid
+        }
+        pid => pid,
     }
 }
 

@@ -124,14 +124,15 @@ impl Client {
         Ok(client)
     }
 
-    /// Whether the daemon has closed this connection (it died or stopped).
-    pub(crate) fn daemon_gone(&self) -> bool {
-        buildlock_sys::ipc::peer_closed(self.stream.as_fd())
-    }
-
     /// The daemon's pid.
     pub fn daemon_pid(&self) -> u32 {
         self.welcome.pid
+    }
+
+    /// The socket, what was read past the `Welcome`, and descriptors received with it: for the
+    /// process's shared connection (`mux.rs`), which reads in a thread of its own.
+    pub(crate) fn into_parts(self) -> (UnixStream, FrameDecoder, VecDeque<OwnedFd>) {
+        (self.stream, self.decoder, self.fds)
     }
 
     pub(crate) fn send(&mut self, req: &Request) -> Result<(), Error> {

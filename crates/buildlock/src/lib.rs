@@ -56,6 +56,12 @@
 //! dies, the OS lock stays with the client and nobody else can take it. Release closes the
 //! client's copy, then asks the daemon to remove the metadata and drop its own copy; if the
 //! daemon is gone by then, the client removes its metadata itself.
+//!
+//! **One connection per process.** All the daemon leases of a process (per runtime directory)
+//! ride on one connection, made by the first acquisition and shared by every thread; a forked
+//! child makes its own and cannot release its parent's leases. The process's death releases all
+//! its leases at once; dropping a lease releases only it, without waiting for the daemon's
+//! answer ([`Lease::release_confirmed`] waits).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -67,6 +73,8 @@ use buildlock_proto::{AcquireRequest, ErrorCode, Reply, Request, WaitFor};
 mod builder;
 #[cfg(unix)]
 mod client;
+#[cfg(unix)]
+mod mux;
 
 pub use builder::Lock;
 
@@ -194,17 +202,20 @@ pub struct Lease {
     inner: Option<Inner>,
 }
 
+// One per lease, never in a collection of its own: boxing the larger variant would cost a
+// direct lease an allocation for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Inner {
     #[cfg(unix)]
     Daemon {
-        client: Client,
+        /// The process's connection (shared with its other leases), and this lease's id on it.
+        mux: std::sync::Arc<mux::Mux>,
+        lease: buildlock_proto::LeaseRef,
         path: String,
         /// Our copy of the locked descriptor (Linux); `None` where the daemon alone holds it.
         file: Option<File>,
         id: Option<buildlock_sys::FileId>,
-        /// A `Bind` was sent whose answer has not been read yet.
-        bind_pending: bool,
         /// The process the lease is bound to (`bind_pid`, or at acquire), and the runtime
         /// directory: with the token they name the daemon's journal entry for the lease.
         bound: Option<u32>,
@@ -256,8 +267,8 @@ fn acquire_through_daemon(
         _ => None,
     };
     for _ in 0..MAX_DAEMONS {
-        let client = match client::connect_or_start(&opts.runtime_dir(), true) {
-            Ok(c) => c,
+        let mux = match mux::Mux::get(&opts.runtime_dir(), true) {
+            Ok(m) => m,
             Err(why) if opts.connect == Connect::Auto => {
                 tracing::warn!("no buildlockd ({why}); using the lock files directly");
                 let mut left = opts.clone();
@@ -268,7 +279,7 @@ fn acquire_through_daemon(
             }
             Err(why) => return Err(Error::NoDaemon(why)),
         };
-        match acquire_daemon(client, target, opts, started, deadline, on_wait) {
+        match acquire_daemon(mux, target, opts, started, deadline, on_wait) {
             Err(Error::DaemonGone(why)) if deadline.is_none_or(|d| Instant::now() < d) => {
                 tracing::info!("buildlockd went away while we waited ({why}); asking the next one");
             }
@@ -304,9 +315,23 @@ fn effective_wait(wait: Wait) -> Wait {
 
 #[cfg(unix)]
 /// The absolute path the daemon knows the lock by (the directory is created and canonicalised,
-/// so two spellings of one lock meet in one queue).
+/// so two spellings of one lock meet in one queue). A directory's canonical path is remembered
+/// for the life of the process, so that a process taking many leases does this once per
+/// directory (the daemon creates a directory that was removed meanwhile).
 fn daemon_path(target: &LockTarget) -> Result<PathBuf, Error> {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static CANONICAL: Mutex<Option<HashMap<PathBuf, PathBuf>>> = Mutex::new(None);
+    let file = target.path.file_name().unwrap_or_default();
     let dir = target.dir();
+    // A relative directory means another one after a `chdir`: never remembered.
+    let cached = match dir.is_absolute() {
+        true => CANONICAL.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|m| m.get(dir).cloned()),
+        false => None,
+    };
+    if let Some(canonical) = cached {
+        return Ok(canonical.join(file));
+    }
     buildlock_sys::fs::create_dir_all(dir).map_err(|e| buildlock_disk::Error::Io {
         action: "create the lock directory",
         path: dir.to_owned(),
@@ -317,7 +342,11 @@ fn daemon_path(target: &LockTarget) -> Result<PathBuf, Error> {
         path: dir.to_owned(),
         source: e,
     })?;
-    Ok(dir.join(target.path.file_name().unwrap_or_default()))
+    if target.dir().is_absolute() {
+        let mut cache = CANONICAL.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get_or_insert_with(HashMap::new).insert(target.dir().to_owned(), dir.clone());
+    }
+    Ok(dir.join(file))
 }
 
 /// The path the daemon knows `target` by, if its directory exists (nothing is created).
@@ -328,7 +357,7 @@ pub fn daemon_key(target: &LockTarget) -> Option<PathBuf> {
 
 #[cfg(unix)]
 fn acquire_daemon(
-    mut client: Client,
+    mux: std::sync::Arc<mux::Mux>,
     target: &LockTarget,
     opts: &Options,
     start: Instant,
@@ -353,19 +382,21 @@ fn acquire_daemon(
         LockMode::Shared => buildlock_proto::Mode::Shared,
         LockMode::Exclusive => buildlock_proto::Mode::Exclusive,
     };
-    client
-        .send(&Request::Acquire(AcquireRequest {
-            path: path.clone(),
-            mode,
-            wait,
-            operation: opts.operation.clone(),
-            command: opts.command.clone().unwrap_or_default(),
-            bind_pid: opts.bind_pid,
-        }))
-        .map_err(gone)?;
+    let lease = mux.next_id();
+    let replies = mux.listen(lease);
+    mux.send(&Request::Acquire(AcquireRequest {
+        lease,
+        path: path.clone(),
+        mode,
+        wait,
+        operation: opts.operation.clone(),
+        command: opts.command.clone().unwrap_or_default(),
+        bind_pid: opts.bind_pid,
+    }))
+    .map_err(gone)?;
     let mut holder: Option<buildlock_proto::Holder> = None;
     loop {
-        match client.recv(Some(Duration::from_secs(1))).map_err(gone)? {
+        match replies.recv(Some(Duration::from_secs(1))).map_err(gone)? {
             None => on_wait(&WaitInfo {
                 holder: holder.as_ref().map_or_else(|| "another process".into(), |h| h.description.clone()),
                 holder_pid: holder.as_ref().and_then(|h| h.pid),
@@ -376,7 +407,8 @@ fn acquire_daemon(
                 let file = fd.map(File::from);
                 let id = file.as_ref().and_then(file_id);
                 let (bound, runtime_dir) = (opts.bind_pid, opts.runtime_dir());
-                let inner = Inner::Daemon { client, path, file, id, bind_pending: false, bound, runtime_dir };
+                drop(replies);
+                let inner = Inner::Daemon { mux, lease, path, file, id, bound, runtime_dir };
                 return Ok(Lease { target: target.clone(), token, inner: Some(inner) });
             }
             Some((Reply::Error(e), _)) => {
@@ -425,9 +457,9 @@ impl Lease {
     pub fn bind_pid(&mut self, pid: u32) -> Result<(), Error> {
         match &mut self.inner {
             #[cfg(unix)]
-            Some(Inner::Daemon { client, path, bind_pending, bound, .. }) => {
-                client.send(&Request::Bind { path: path.clone(), pid })?;
-                *bind_pending = true;
+            Some(Inner::Daemon { mux, lease, bound, .. }) => {
+                forked_check(mux)?;
+                mux.send(&Request::Bind { lease: *lease, pid })?;
                 *bound = Some(pid);
                 Ok(())
             }
@@ -440,23 +472,22 @@ impl Lease {
     /// outlives this process for as long as `pid` runs (what a keeper needs before it tells its
     /// script the lock is held).
     pub fn bind_pid_confirmed(&mut self, pid: u32) -> Result<(), Error> {
-        self.bind_pid(pid)?;
         match &mut self.inner {
             #[cfg(unix)]
-            Some(Inner::Daemon { client, bind_pending, .. }) if *bind_pending => loop {
-                match client.recv(None)? {
-                    Some((Reply::Bound { .. }, _)) => {
-                        *bind_pending = false;
-                        return Ok(());
+            Some(Inner::Daemon { mux, lease, bound, .. }) => {
+                forked_check(mux)?;
+                let replies = mux.listen(*lease);
+                mux.send(&Request::Bind { lease: *lease, pid })?;
+                *bound = Some(pid);
+                loop {
+                    match replies.recv(None)? {
+                        Some((Reply::Bound { .. }, _)) => return Ok(()),
+                        Some((Reply::Error(e), _)) => return Err(Error::Daemon { code: e.code, message: e.message }),
+                        _ => {}
                     }
-                    Some((Reply::Error(e), _)) => {
-                        *bind_pending = false;
-                        return Err(Error::Daemon { code: e.code, message: e.message });
-                    }
-                    _ => {}
                 }
-            },
-            _ => Ok(()),
+            }
+            _ => self.bind_pid(pid),
         }
     }
 
@@ -479,7 +510,7 @@ impl Lease {
     pub fn check(&self) -> Result<(), Error> {
         match &self.inner {
             #[cfg(unix)]
-            Some(Inner::Daemon { file: None, client, path, .. }) if client.daemon_gone() => Err(Error::Lost {
+            Some(Inner::Daemon { file: None, mux, path, .. }) if mux.daemon_gone() => Err(Error::Lost {
                 path: PathBuf::from(path),
                 reason: "buildlockd, which alone held the lock on this platform, has exited; another process may \
                          hold it now"
@@ -500,17 +531,38 @@ impl Lease {
         }
     }
 
-    /// Releases the lock; reports if it was lost while held.
+    /// Releases the lock; reports if it was lost while held (the lock file deleted or replaced,
+    /// which the client sees itself).
+    ///
+    /// Through the daemon, the request is sent without waiting for its answer (an error in it
+    /// is logged): the daemon handles a connection's requests in order, so the lease is released
+    /// before anything this process asks next, but another process asking at once may still
+    /// find it held for a moment. [`Lease::release_confirmed`] waits.
+    ///
+    /// In a process forked from the one that took the lease, this does nothing and says so:
+    /// the lease belongs to the parent.
     pub fn release(mut self) -> Result<(), Error> {
-        self.release_inner()
+        self.release_inner(false)
     }
 
-    fn release_inner(&mut self) -> Result<(), Error> {
+    /// [`Lease::release`], and waits for the daemon to say the lock is free: once this returns,
+    /// any process can take it (what a command-line tool needs before it exits).
+    pub fn release_confirmed(mut self) -> Result<(), Error> {
+        self.release_inner(true)
+    }
+
+    fn release_inner(&mut self, confirmed: bool) -> Result<(), Error> {
         let Some(inner) = self.inner.take() else { return Ok(()) };
         match inner {
             Inner::Direct(guard) => guard.release().map_err(Error::from),
             #[cfg(unix)]
-            Inner::Daemon { mut client, path, file, id, mut bind_pending, bound, runtime_dir } => {
+            Inner::Daemon { mux, lease, path, file, id, bound, runtime_dir } => {
+                if let Err(e) = forked_check(&mux) {
+                    // Our copy of the descriptor closes (the parent's and the daemon's keep the
+                    // lock); nothing goes on the wire.
+                    drop(file);
+                    return Err(e);
+                }
                 let lost = match id {
                     Some(id) => !buildlock_sys::path_id(Path::new(&path)).is_ok_and(|now| now == id),
                     None => false,
@@ -518,30 +570,43 @@ impl Lease {
                 // Close our copy first, never unlocking it: the daemon's copy shares the lock
                 // until the daemon has removed our metadata.
                 drop(file);
-                let released = client.send(&Request::Release { path: path.clone() }).and_then(|()| loop {
-                    match client.recv(None)? {
-                        // The answer to an earlier `bind_pid` comes first.
-                        Some((Reply::Bound { .. }, _)) if bind_pending => bind_pending = false,
-                        Some((Reply::Error(e), _)) if bind_pending => {
-                            bind_pending = false;
-                            tracing::warn!("the lock was not bound to the command's process: {}", e.message);
+                let released = if confirmed {
+                    let replies = mux.listen(lease);
+                    mux.send(&Request::Release { lease }).and_then(|()| loop {
+                        match replies.recv(None)? {
+                            Some((Reply::Released { .. }, _)) => return Ok(()),
+                            // Released meanwhile by `ReleasePid` (a keeper's script's `release`).
+                            Some((Reply::Error(e), _)) if e.code == ErrorCode::NotHeld => return Ok(()),
+                            Some((Reply::Error(e), _)) => {
+                                return Err(Error::Daemon { code: e.code, message: e.message })
+                            }
+                            _ => {}
                         }
-                        Some((Reply::Released { .. }, _)) => return Ok(()),
-                        Some((Reply::Error(e), _)) => return Err(Error::Daemon { code: e.code, message: e.message }),
-                        _ => {}
+                    })
+                } else {
+                    mux.send(&Request::Release { lease })
+                };
+                match released {
+                    Err(Error::Daemon { code, message }) => {
+                        tracing::warn!("buildlockd did not release lock {path}: {message} ({code})")
                     }
-                });
-                if let Err(e) = released {
-                    // The daemon is gone: with it went its copy, so the lock is free; remove the
-                    // metadata naming us, if it still does.
-                    tracing::debug!("releasing without the daemon: {e}");
-                    remove_own_metadata(&self.target, self.token);
-                    // And tell the next daemon not to take the lock back for the bound process.
-                    if let Some(pid) = bound {
-                        let entry =
-                            buildlock_proto::transport::journal_entry(&runtime_dir, Path::new(&path), self.token, pid);
-                        let _ = std::fs::remove_file(entry);
+                    Err(e) => {
+                        // The daemon is gone: with it went its copy, so the lock is free; remove
+                        // the metadata naming us, if it still does.
+                        tracing::debug!("releasing without the daemon: {e}");
+                        remove_own_metadata(&self.target, self.token);
+                        // And tell the next daemon not to take the lock back for the bound process.
+                        if let Some(pid) = bound {
+                            let entry = buildlock_proto::transport::journal_entry(
+                                &runtime_dir,
+                                Path::new(&path),
+                                self.token,
+                                pid,
+                            );
+                            let _ = std::fs::remove_file(entry);
+                        }
                     }
+                    Ok(()) => {}
                 }
                 if lost {
                     return Err(Error::Lost {
@@ -555,9 +620,31 @@ impl Lease {
     }
 }
 
+/// A daemon lease seen from a process forked from the one that took it: it is the parent's,
+/// and nothing this process does may release it.
+#[cfg(unix)]
+fn forked_check(mux: &mux::Mux) -> Result<(), Error> {
+    if mux.is_mine() {
+        return Ok(());
+    }
+    Err(Error::Protocol(
+        "this lease belongs to the parent process (this process was forked from it): only the parent can \
+         release or bind it, so nothing was sent to buildlockd; take a lease of your own in this process"
+            .into(),
+    ))
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Err(e) = self.release_inner() {
+        // A forked child drops its copy of the parent's lease silently.
+        #[cfg(unix)]
+        if let Some(Inner::Daemon { mux, .. }) = &self.inner {
+            if !mux.is_mine() {
+                self.inner = None;
+                return;
+            }
+        }
+        if let Err(e) = self.release_inner(false) {
             tracing::error!("{e}");
         }
     }

@@ -70,6 +70,7 @@ fn fit_limits(mut limits: Limits, fds: u64) -> Limits {
             limits.max_leases
         );
         limits.max_leases = room;
+        limits.open_files = Some(fds);
     }
     limits
 }
@@ -147,6 +148,7 @@ fn run(args: Args) -> Result<(), String> {
             max_connections: args.max_connections,
             max_leases: args.max_leases,
             max_outside_waits: args.max_outside_waits,
+            open_files: None,
         },
     };
     // One daemon per runtime directory: whoever holds this lock is it. Taken before the socket

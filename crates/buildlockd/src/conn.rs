@@ -115,7 +115,7 @@ pub(crate) async fn handle(daemon: Arc<Daemon>, stream: UnixStream) {
 }
 
 fn reply_error(code: ErrorCode, e: &dyn std::fmt::Display) -> Outgoing {
-    Outgoing { reply: Reply::Error(ErrorReply { code, message: e.to_string(), holder: None }), fd: None }
+    Outgoing { reply: Reply::Error(ErrorReply { code, message: e.to_string(), holder: None, lease: 0 }), fd: None }
 }
 
 /// The next whole frame, `None` at a clean end of stream.

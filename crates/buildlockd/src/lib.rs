@@ -78,11 +78,14 @@ pub struct Limits {
     /// (`--max-outside-waits`, `BUILDLOCKD_MAX_OUTSIDE_WAITS`). Each costs one thread blocked in
     /// the kernel, shared by every lease waiting for that file.
     pub max_outside_waits: usize,
+    /// The open-file limit, when it lowered `max_leases` at start (each held lease and each
+    /// connection costs a descriptor): the lease limit's message then names it.
+    pub open_files: Option<u64>,
 }
 
 impl Default for Limits {
     fn default() -> Limits {
-        Limits { max_connections: 4096, max_leases: 65_536, max_outside_waits: 256 }
+        Limits { max_connections: 4096, max_leases: 65_536, max_outside_waits: 256, open_files: None }
     }
 }
 

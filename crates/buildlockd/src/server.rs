@@ -22,6 +22,9 @@ pub struct Daemon {
     pub(crate) journal: crate::journal::Journal,
     /// Woken when the queue's next deadline may have changed.
     pub(crate) timer: Notify,
+    /// Itself, for the state guard, which carries out the grants decided under the lock once
+    /// it is released (`state::StateGuard`).
+    pub(crate) me: std::sync::Weak<Daemon>,
     stopping: AtomicBool,
     stop: Notify,
 }
@@ -30,7 +33,8 @@ impl Daemon {
     pub fn new(config: Config) -> Arc<Daemon> {
         let state = State::new();
         let journal = crate::journal::Journal::new(&config.runtime_dir);
-        Arc::new(Daemon {
+        Arc::new_cyclic(|me| Daemon {
+            me: me.clone(),
             journal,
             config,
             started: SystemTime::now(),

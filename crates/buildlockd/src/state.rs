@@ -10,7 +10,7 @@
 //! only blocking call, waiting for an outside holder, runs in a waiter thread without it), so an
 //! async mutex would only add cost.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,7 +18,8 @@ use std::time::{Instant, SystemTime};
 
 use buildlock_disk::{LockTarget, Metadata, OsHold, OsLocked};
 use buildlock_proto::{
-    AcquireRequest, DaemonInfo, ErrorCode, ErrorReply, Holder, LockInfo, Mode, Reply, Request, WaitFor, Waiter,
+    AcquireRequest, DaemonInfo, ErrorCode, ErrorReply, Holder, LeaseRef, LockInfo, Mode, Reply, Request, WaitFor,
+    Waiter,
 };
 use buildlock_queue::{Event, LeaseId, OwnerId, Queue, Wait};
 use buildlock_sys::LockMode;
@@ -50,6 +51,44 @@ pub(crate) struct State {
     /// the leases waiting for it, first come first. An entry exists exactly while its thread
     /// runs.
     pub(crate) outside: HashMap<PathBuf, BTreeSet<LeaseId>>,
+    /// Leases the queue granted whose OS lock is still to be taken: taken as soon as the state
+    /// lock is released, by the guard that held it (no task per grant).
+    to_lock: Vec<LeaseId>,
+}
+
+/// The state, locked. When it is released, the grants decided meanwhile are carried out (the
+/// OS lock taken and the descriptor handed over), outside the lock, on the same thread.
+pub(crate) struct StateGuard<'a> {
+    daemon: &'a Daemon,
+    guard: Option<std::sync::MutexGuard<'a, State>>,
+}
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        self.guard.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        self.guard.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        let Some(mut guard) = self.guard.take() else { return };
+        if guard.to_lock.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut guard.to_lock);
+        drop(guard);
+        let Some(daemon) = self.daemon.me.upgrade() else { return };
+        for lease in pending {
+            daemon.clone().lock_and_grant(lease);
+        }
+    }
 }
 
 impl State {
@@ -62,6 +101,7 @@ impl State {
             live_conns: 0,
             idle_since: Some(Instant::now()),
             outside: HashMap::new(),
+            to_lock: Vec::new(),
         }
     }
 
@@ -82,7 +122,7 @@ impl State {
         self.leave_outside(lease);
         let l = self.leases.remove(&lease)?;
         if let Some(c) = self.conns.get_mut(&l.owner) {
-            c.leases.remove(&lease);
+            c.leases.remove(&l.client_ref);
         }
         Some(l)
     }
@@ -105,15 +145,23 @@ impl State {
 struct ConnEntry {
     tx: Tx,
     pid: u32,
-    leases: HashSet<LeaseId>,
+    /// The client process's identity (pid and start time), read once for all its leases'
+    /// metadata.
+    ident: buildlock_sys::ProcessIdentity,
+    /// Its leases (held or waited for), by the id the client gave each.
+    leases: HashMap<LeaseRef, LeaseId>,
 }
 
 struct Lease {
     target: LockTarget,
     owner: OwnerId,
+    /// The id its client gave it on its connection (protocol 3): replies name it.
+    client_ref: LeaseRef,
     /// The process named as the holder: the one the lease was bound to when asked for (a
     /// script's, through `acquire --pid`), else the client's.
     holder_pid: u32,
+    /// `holder_pid`'s identity, when already known (the client's, read at connection).
+    holder_ident: Option<buildlock_sys::ProcessIdentity>,
     mode: Mode,
     operation: String,
     command: String,
@@ -160,8 +208,8 @@ fn queue_mode(m: Mode) -> buildlock_queue::Mode {
     }
 }
 
-fn error(code: ErrorCode, message: impl Into<String>, holder: Option<Holder>) -> Reply {
-    Reply::Error(ErrorReply { code, message: message.into(), holder })
+fn error(lease: LeaseRef, code: ErrorCode, message: impl Into<String>, holder: Option<Holder>) -> Reply {
+    Reply::Error(ErrorReply { code, message: message.into(), holder, lease })
 }
 
 fn unix_ms(t: SystemTime) -> Option<i64> {
@@ -212,27 +260,26 @@ impl Lease {
     }
 
     fn metadata(&self) -> Metadata {
-        Metadata::for_process(
-            buildlock_sys::identify(self.holder_pid),
-            lock_mode(self.mode),
-            "os",
-            &self.operation,
-            Some(self.command.clone()),
-        )
+        let ident = match &self.holder_ident {
+            Some(ident) if ident.pid == self.holder_pid => ident.clone(),
+            _ => buildlock_sys::identify(self.holder_pid),
+        };
+        Metadata::for_process(ident, lock_mode(self.mode), "os", &self.operation, Some(self.command.clone()))
     }
 }
 
 impl Daemon {
-    pub(crate) fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    pub(crate) fn state(&self) -> StateGuard<'_> {
+        StateGuard { daemon: self, guard: Some(self.state.lock().unwrap_or_else(|e| e.into_inner())) }
     }
 
     /// A new connection from process `pid`; its replies go to `tx`.
     pub(crate) fn register(&self, tx: Tx, pid: u32) -> OwnerId {
+        let ident = buildlock_sys::identify(pid);
         let mut st = self.state();
         st.next_owner += 1;
         let owner = st.next_owner;
-        st.conns.insert(owner, ConnEntry { tx, pid, leases: HashSet::new() });
+        st.conns.insert(owner, ConnEntry { tx, pid, ident, leases: HashMap::new() });
         st.idle_since = None;
         owner
     }
@@ -247,9 +294,9 @@ impl Daemon {
     pub(crate) fn handle(self: &Arc<Self>, owner: OwnerId, req: Request) {
         match req {
             Request::Acquire(a) => self.acquire(owner, a),
-            Request::Release { path } => self.release(owner, &path),
+            Request::Release { lease } => self.release(owner, lease),
             Request::ReleasePid { path, pid } => self.release_pid(owner, &path, pid),
-            Request::Bind { path, pid } => self.bind(owner, &path, pid),
+            Request::Bind { lease, pid } => self.bind(owner, lease, pid),
             Request::Status { path } => {
                 let reply = self.status(path.as_deref());
                 Self::send(&self.state(), owner, reply, None);
@@ -267,9 +314,10 @@ impl Daemon {
     }
 
     fn acquire(self: &Arc<Self>, owner: OwnerId, a: AcquireRequest) {
+        let id = a.lease;
         let target = match validate_path(&a.path) {
             Ok(t) => t,
-            Err(msg) => return Self::send(&self.state(), owner, error(ErrorCode::InvalidName, msg, None), None),
+            Err(msg) => return Self::send(&self.state(), owner, error(id, ErrorCode::InvalidName, msg, None), None),
         };
         let now = Instant::now();
         let wait = match a.wait {
@@ -281,22 +329,38 @@ impl Daemon {
             WaitFor::Forever => Wait::Forever,
         };
         let mut st = self.state();
-        let Some(client_pid) = st.conns.get(&owner).map(|c| c.pid) else { return };
+        let Some((client_pid, client_ident)) = st.conns.get(&owner).map(|c| (c.pid, c.ident.clone())) else {
+            return;
+        };
         let max = self.config.limits.max_leases;
         if st.leases.len() >= max {
-            let msg = format!(
-                "buildlockd already holds or queues {max} leases for this user (its limit), so lock {} was not \
+            let msg = match self.config.limits.open_files {
+                Some(fds) => format!(
+                    "buildlockd already holds or queues {max} leases, all that its open-file limit ({fds} \
+                     descriptors: one per held lease and per connection) leaves room for, so lock {} was not \
+                     queued: release some, or raise the daemon's hard limit (`ulimit -Hn` where it starts, \
+                     LimitNOFILE= for a service) and restart it (`buildlock-client daemon stop`)",
+                    a.path
+                ),
+                None => format!(
+                    "buildlockd already holds or queues {max} leases for this user (its limit), so lock {} was not \
                  queued: release some, or raise the limit with `buildlockd --max-leases N` \
                  (BUILDLOCKD_MAX_LEASES) and restart the daemon (`buildlock-client daemon stop`)",
+                    a.path
+                ),
+            };
+            tracing::warn!("{msg}");
+            return Self::send(&st, owner, error(id, ErrorCode::LimitExceeded, msg, None), None);
+        }
+        let in_use = st.conns.get(&owner).is_some_and(|c| c.leases.contains_key(&id));
+        if id == 0 || in_use {
+            let msg = format!(
+                "lease id {id} is {} on this connection, so lock {} was not queued: give every lease of a \
+                 connection its own id (not 0)",
+                if id == 0 { "reserved" } else { "already in use" },
                 a.path
             );
-            tracing::warn!("{msg}");
-            return Self::send(&st, owner, error(ErrorCode::LimitExceeded, msg, None), None);
-        }
-        let already = st.leases.values().any(|l| l.owner == owner && l.target.path == target.path);
-        if already {
-            let msg = format!("this connection already holds or waits for {}; release it first", a.path);
-            return Self::send(&st, owner, error(ErrorCode::InvalidRequest, msg, None), None);
+            return Self::send(&st, owner, error(id, ErrorCode::InvalidRequest, msg, None), None);
         }
         let key = target.path.clone();
         let lease = st.queue.acquire(now, buildlock_queue::Request::new(key, owner, queue_mode(a.mode), wait));
@@ -305,7 +369,9 @@ impl Daemon {
             Lease {
                 target,
                 owner,
+                client_ref: id,
                 holder_pid: a.bind_pid.unwrap_or(client_pid),
+                holder_ident: a.bind_pid.is_none().then_some(client_ident),
                 mode: a.mode,
                 operation: a.operation,
                 command: a.command,
@@ -317,7 +383,7 @@ impl Daemon {
             },
         );
         if let Some(c) = st.conns.get_mut(&owner) {
-            c.leases.insert(lease);
+            c.leases.insert(id, lease);
         }
         self.pump(&mut st);
         // Still queued behind daemon clients: say so, and who holds it.
@@ -327,7 +393,7 @@ impl Daemon {
                 let position = st.queue.lease(lease).and_then(|v| v.position).map_or(0, |p| p as u32 + 1);
                 let holder = Self::current_holder(&st, &l.target.path);
                 let path = l.target.path.display().to_string();
-                Self::send(&st, owner, Reply::Waiting { path, position, holder }, None);
+                Self::send(&st, owner, Reply::Waiting { lease: id, path, position, holder }, None);
             }
         }
     }
@@ -354,9 +420,7 @@ impl Daemon {
                 Event::Granted { lease, .. } => {
                     let Some(l) = st.leases.get_mut(&lease) else { continue };
                     l.phase = Phase::Locking;
-                    let (target, mode, meta, wait) = (l.target.clone(), lock_mode(l.mode), l.metadata(), l.wait);
-                    let d = self.clone();
-                    tokio::spawn(async move { d.lock_and_grant(lease, target, mode, meta, wait) });
+                    st.to_lock.push(lease);
                 }
                 Event::Denied { lease, owner, key } => Self::refuse(st, lease, owner, &key, false),
                 Event::Expired { lease, owner, key } => Self::refuse(st, lease, owner, &key, true),
@@ -375,12 +439,13 @@ impl Daemon {
         let reply = if timed_out {
             let waited = buildlock_disk::stale::secs(l.requested.elapsed());
             error(
+                l.client_ref,
                 ErrorCode::Timeout,
                 format!("timed out after {waited} waiting for lock {}, held by {who}", key.display()),
                 Some(holder),
             )
         } else {
-            error(ErrorCode::WouldBlock, format!("lock {} is held by {who}", key.display()), Some(holder))
+            error(l.client_ref, ErrorCode::WouldBlock, format!("lock {} is held by {who}", key.display()), Some(holder))
         };
         Self::send(st, owner, reply, None);
     }
@@ -388,7 +453,12 @@ impl Daemon {
     /// Takes the OS lock for a lease the queue granted, then hands it to the client. When a
     /// holder outside the daemon (fasteners, direct mode, an inherited descriptor) has it,
     /// `NoWait` is refused at once; anything else waits for the lock file's waiter thread.
-    fn lock_and_grant(self: Arc<Self>, lease: LeaseId, target: LockTarget, mode: LockMode, meta: Metadata, wait: Wait) {
+    fn lock_and_grant(self: Arc<Self>, lease: LeaseId) {
+        let st = self.state();
+        // Given up meanwhile (its client closed, before the lock was released).
+        let Some(l) = st.leases.get(&lease).filter(|l| matches!(l.phase, Phase::Locking)) else { return };
+        let (target, mode, meta, wait) = (l.target.clone(), lock_mode(l.mode), l.metadata(), l.wait);
+        drop(st);
         // The non-blocking attempt runs inline: a few tens of microseconds of file system
         // calls, cheaper than a hop to another thread and back.
         let result = match buildlock_disk::try_lock_for(&target, mode, meta) {
@@ -434,7 +504,7 @@ impl Daemon {
                     outside.description
                 );
                 tracing::warn!("{msg}");
-                return self.refuse_with(st, lease, error(ErrorCode::LimitExceeded, msg, Some(outside)));
+                return self.refuse_with(st, lease, error(0, ErrorCode::LimitExceeded, msg, Some(outside)));
             }
             if let Err(e) = crate::outside::spawn_waiter(self.clone(), target.clone()) {
                 let msg = format!(
@@ -443,7 +513,7 @@ impl Daemon {
                     outside.description
                 );
                 tracing::warn!("{msg}");
-                return self.refuse_with(st, lease, error(ErrorCode::Io, msg, Some(outside)));
+                return self.refuse_with(st, lease, error(0, ErrorCode::Io, msg, Some(outside)));
             }
             st.outside.insert(path.clone(), BTreeSet::new());
         }
@@ -458,8 +528,8 @@ impl Daemon {
         });
         let l = st.leases.get_mut(&lease).expect("checked above");
         l.phase = Phase::Outside { expiry };
-        let owner = l.owner;
-        let reply = Reply::Waiting { path: path.display().to_string(), position: 0, holder: Some(outside) };
+        let (owner, id) = (l.owner, l.client_ref);
+        let reply = Reply::Waiting { lease: id, path: path.display().to_string(), position: 0, holder: Some(outside) };
         Self::send(st, owner, reply, None);
     }
 
@@ -512,7 +582,7 @@ impl Daemon {
                 let waiting: Vec<LeaseId> =
                     st.outside.get(&target.path).map(|set| set.iter().copied().collect()).unwrap_or_default();
                 for lease in waiting {
-                    self.refuse_with(&mut st, lease, error(ErrorCode::Io, e.to_string(), None));
+                    self.refuse_with(&mut st, lease, error(0, ErrorCode::Io, e.to_string(), None));
                 }
                 return;
             }
@@ -547,19 +617,24 @@ impl Daemon {
         let reply = if timed_out {
             let waited = buildlock_disk::stale::secs(l.requested.elapsed());
             error(
+                0,
                 ErrorCode::Timeout,
                 format!("timed out after {waited} waiting for lock {path}, held by {who}"),
                 Some(holder),
             )
         } else {
-            error(ErrorCode::WouldBlock, format!("lock {path} is held by {who}"), Some(holder))
+            error(0, ErrorCode::WouldBlock, format!("lock {path} is held by {who}"), Some(holder))
         };
         self.refuse_with(st, lease, reply);
     }
 
-    /// Ends a lease the queue granted but the daemon could not give, answering `reply`.
-    fn refuse_with(self: &Arc<Self>, st: &mut State, lease: LeaseId, reply: Reply) {
+    /// Ends a lease the queue granted but the daemon could not give, answering `reply` (an
+    /// error, which is made to name the lease).
+    fn refuse_with(self: &Arc<Self>, st: &mut State, lease: LeaseId, mut reply: Reply) {
         let Some(l) = st.remove_lease(lease) else { return };
+        if let Reply::Error(e) = &mut reply {
+            e.lease = l.client_ref;
+        }
         st.queue.release(lease, Instant::now());
         Self::send(st, l.owner, reply, None);
         self.pump(st);
@@ -582,9 +657,10 @@ impl Daemon {
                 let l = st.leases.get_mut(&lease).expect("looked up above");
                 let bind = l.bind_pid;
                 let path = l.target.path.display().to_string();
+                let id = l.client_ref;
                 l.phase = Phase::Held { hold: Box::new(hold), conn_open, pid_running: bind.is_some(), released: false };
                 let fd_attached = fd.is_some();
-                Self::send(&st, owner, Reply::Granted { path, token, fd_attached }, fd);
+                Self::send(&st, owner, Reply::Granted { lease: id, path, token, fd_attached }, fd);
                 if let Some(pid) = bind {
                     if let Some(l) = st.leases.get_mut(&lease) {
                         self.journal_lease(l);
@@ -595,9 +671,21 @@ impl Daemon {
                     self.maybe_release(&mut st, lease);
                 }
             }
+            Err(e) if out_of_descriptors(&e) => {
+                let limit = buildlock_sys::ipc::fd_limit().map_or_else(|| "?".to_owned(), |n| n.to_string());
+                let path = st.leases.get(&lease).map(|l| l.target.path.display().to_string()).unwrap_or_default();
+                let msg = format!(
+                    "buildlockd has run out of file descriptors (its open-file limit is {limit}: one per held \
+                     lease and per connection), so lock {path} was not granted; every other lease is kept. \
+                     Release some leases, or raise the daemon's hard limit (`ulimit -Hn` where it starts, \
+                     LimitNOFILE= for a service) and restart it (`buildlock-client daemon stop`): {e}"
+                );
+                tracing::warn!("{msg}");
+                self.refuse_with(&mut st, lease, error(0, ErrorCode::LimitExceeded, msg, None));
+            }
             Err(e) => {
                 tracing::warn!("cannot take the OS lock for a client: {e}");
-                self.refuse_with(&mut st, lease, error(ErrorCode::Io, e.to_string(), None));
+                self.refuse_with(&mut st, lease, error(0, ErrorCode::Io, e.to_string(), None));
             }
         }
     }
@@ -631,16 +719,16 @@ impl Daemon {
         self.pump(st);
     }
 
-    fn release(self: &Arc<Self>, owner: OwnerId, path: &str) {
+    fn release(self: &Arc<Self>, owner: OwnerId, id: LeaseRef) {
         let mut st = self.state();
-        let found =
-            st.leases.iter().find(|(_, l)| l.owner == owner && l.target.path == Path::new(path)).map(|(id, _)| *id);
+        let found = st.conns.get(&owner).and_then(|c| c.leases.get(&id)).copied();
         let Some(lease) = found else {
-            let msg = format!("this connection holds no lease on {path}");
-            return Self::send(&st, owner, error(ErrorCode::NotHeld, msg, None), None);
+            let msg = format!("this connection holds no lease {id} (released already, or never granted)");
+            return Self::send(&st, owner, error(id, ErrorCode::NotHeld, msg, None), None);
         };
+        let path = st.leases.get(&lease).map(|l| l.target.path.display().to_string()).unwrap_or_default();
         self.drop_lease(&mut st, lease, true);
-        Self::send(&st, owner, Reply::Released { path: path.to_owned() }, None);
+        Self::send(&st, owner, Reply::Released { lease: id, path }, None);
     }
 
     /// Ends `lease` at its owner's wish or death: a waiter leaves the queue, a lock being taken
@@ -672,28 +760,29 @@ impl Daemon {
             .leases
             .iter()
             .find(|(_, l)| l.bind_pid == Some(pid) && l.target.path == Path::new(path))
-            .map(|(id, l)| (*id, l.owner));
-        let Some((lease, holder_conn)) = found else {
+            .map(|(id, l)| (*id, l.owner, l.client_ref));
+        let Some((lease, holder_conn, id)) = found else {
             let msg = format!("no lease on {path} is bound to pid {pid}");
-            return Self::send(&st, owner, error(ErrorCode::NotHeld, msg, None), None);
+            return Self::send(&st, owner, error(0, ErrorCode::NotHeld, msg, None), None);
         };
         // Tell the connection that held it (an `acquire --pid` keeper), so it lets go too.
         if holder_conn != owner {
-            Self::send(&st, holder_conn, Reply::Released { path: path.to_owned() }, None);
+            Self::send(&st, holder_conn, Reply::Released { lease: id, path: path.to_owned() }, None);
         }
         self.drop_lease(&mut st, lease, true);
-        Self::send(&st, owner, Reply::Released { path: path.to_owned() }, None);
+        Self::send(&st, owner, Reply::Released { lease: 0, path: path.to_owned() }, None);
     }
 
-    fn bind(self: &Arc<Self>, owner: OwnerId, path: &str, pid: u32) {
+    fn bind(self: &Arc<Self>, owner: OwnerId, id: LeaseRef, pid: u32) {
         let mut st = self.state();
-        let found = st.leases.iter_mut().find(|(_, l)| {
-            l.owner == owner && l.target.path == Path::new(path) && matches!(l.phase, Phase::Held { .. })
-        });
-        let Some((&lease, l)) = found else {
-            let msg = format!("this connection holds no lease on {path} to bind");
-            return Self::send(&st, owner, error(ErrorCode::NotHeld, msg, None), None);
+        let found = st.conns.get(&owner).and_then(|c| c.leases.get(&id)).copied();
+        let held = found.filter(|lease| st.leases.get(lease).is_some_and(|l| matches!(l.phase, Phase::Held { .. })));
+        let Some(lease) = held else {
+            let msg = format!("this connection holds no granted lease {id} to bind to pid {pid}");
+            return Self::send(&st, owner, error(id, ErrorCode::NotHeld, msg, None), None);
         };
+        let l = st.leases.get_mut(&lease).expect("checked above");
+        let path = l.target.path.display().to_string();
         l.bind_pid = Some(pid);
         let via = l.holder_pid;
         l.holder_pid = pid;
@@ -707,7 +796,7 @@ impl Daemon {
         }
         self.journal_lease(l);
         self.watch_pid(lease, pid);
-        Self::send(&st, owner, Reply::Bound { path: path.to_owned(), pid }, None);
+        Self::send(&st, owner, Reply::Bound { lease: id, path, pid }, None);
     }
 
     /// Journals a held, bound lease (or updates its entry), so that a daemon started after
@@ -815,7 +904,10 @@ impl Daemon {
         let mut l = Lease {
             target,
             owner,
+            // No connection holds it: no client names it.
+            client_ref: 0,
             holder_pid: pid,
+            holder_ident: None,
             mode,
             operation: meta.operation.clone(),
             command: meta.command.clone().unwrap_or_default(),
@@ -853,7 +945,7 @@ impl Daemon {
     pub(crate) fn disconnected(self: &Arc<Self>, owner: OwnerId) {
         let mut st = self.state();
         let Some(conn) = st.conns.remove(&owner) else { return };
-        for lease in conn.leases {
+        for lease in conn.leases.into_values() {
             self.drop_lease(&mut st, lease, false);
         }
         st.note_activity();
@@ -970,6 +1062,18 @@ fn hand_over(hold: &OsHold) -> Option<OwnedFd> {
         let _ = hold;
         None
     }
+}
+
+/// Whether `e` is the process (or the system) out of file descriptors.
+fn out_of_descriptors(e: &buildlock_disk::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.downcast_ref::<std::io::Error>().is_some_and(buildlock_sys::ipc::is_out_of_descriptors) {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 fn release_hold(hold: OsHold) {

@@ -39,6 +39,7 @@ pub fn outside_holder() -> Holder {
 /// Every `Request` variant, some more than once with different field values.
 pub fn sample_requests() -> Vec<Request> {
     let acquire = AcquireRequest {
+        lease: 1,
         path: "/home/me/.local/share/buildlock/locks/demo.lock".into(),
         mode: Mode::Exclusive,
         wait: WaitFor::Millis(30_000),
@@ -54,25 +55,32 @@ pub fn sample_requests() -> Vec<Request> {
             bind_pid: None,
             ..acquire.clone()
         }),
-        Request::Acquire(AcquireRequest { wait: WaitFor::Forever, operation: String::new(), ..acquire }),
-        Request::Release { path: "/tmp/a.lock".into() },
+        Request::Acquire(AcquireRequest {
+            lease: u64::MAX,
+            wait: WaitFor::Forever,
+            operation: String::new(),
+            ..acquire
+        }),
+        Request::Release { lease: 1 },
+        Request::Release { lease: u64::MAX },
         Request::ReleasePid { path: "/tmp/a.lock".into(), pid: u32::MAX },
         Request::Status { path: Some("/tmp/a.lock".into()) },
         Request::Status { path: None },
         Request::DaemonStatus,
         Request::Shutdown,
-        Request::Bind { path: "/tmp/a.lock".into(), pid: 4242 },
+        Request::Bind { lease: 300, pid: 4242 },
     ]
 }
 
 /// Every `Reply` variant, some more than once with different field values.
 pub fn sample_replies() -> Vec<Reply> {
     vec![
-        Reply::Granted { path: "/tmp/a.lock".into(), token: 1, fd_attached: true },
-        Reply::Granted { path: "/tmp/a.lock".into(), token: u64::MAX, fd_attached: false },
-        Reply::Waiting { path: "/tmp/a.lock".into(), position: 3, holder: Some(full_holder()) },
-        Reply::Waiting { path: "/tmp/a.lock".into(), position: 1, holder: None },
-        Reply::Released { path: "/tmp/a.lock".into() },
+        Reply::Granted { lease: 1, path: "/tmp/a.lock".into(), token: 1, fd_attached: true },
+        Reply::Granted { lease: u64::MAX, path: "/tmp/a.lock".into(), token: u64::MAX, fd_attached: false },
+        Reply::Waiting { lease: 2, path: "/tmp/a.lock".into(), position: 3, holder: Some(full_holder()) },
+        Reply::Waiting { lease: 3, path: "/tmp/a.lock".into(), position: 1, holder: None },
+        Reply::Released { lease: 1, path: "/tmp/a.lock".into() },
+        Reply::Released { lease: 0, path: "/tmp/a.lock".into() },
         Reply::Status { locks: vec![] },
         Reply::Status {
             locks: vec![
@@ -104,10 +112,11 @@ pub fn sample_replies() -> Vec<Reply> {
             code: ErrorCode::WouldBlock,
             message: "lock /tmp/a.lock is held".into(),
             holder: Some(full_holder()),
+            lease: 7,
         }),
-        Reply::Error(ErrorReply { code: ErrorCode::Internal, message: String::new(), holder: None }),
-        Reply::LeaseLost { path: "/tmp/a.lock".into(), reason: "the lock file was deleted".into() },
-        Reply::Bound { path: "/tmp/a.lock".into(), pid: 4242 },
+        Reply::Error(ErrorReply { code: ErrorCode::Internal, message: String::new(), holder: None, lease: 0 }),
+        Reply::LeaseLost { lease: 9, path: "/tmp/a.lock".into(), reason: "the lock file was deleted".into() },
+        Reply::Bound { lease: 300, path: "/tmp/a.lock".into(), pid: 4242 },
     ]
 }
 
