@@ -11,9 +11,12 @@ mod daemonize;
 mod exclusion;
 mod hostile;
 mod interop;
+#[path = "../support/pg_server.rs"]
+mod pg_server;
 mod promises;
 mod protocol;
 mod recovery;
+mod remote;
 mod run;
 mod service;
 mod soft;
