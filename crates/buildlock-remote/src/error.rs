@@ -16,8 +16,8 @@ pub enum Error {
     #[error("PostgreSQL server {server}: user {user:?} lacks a privilege: {why}. {what}")]
     Privilege { server: String, user: String, why: String, what: String },
     /// The lock is busy (`NoWait`) or the wait ran out.
-    #[error("{}", busy_message(lock, server, holder.as_ref(), *timed_out))]
-    Busy { lock: String, server: String, holder: Option<Holder>, timed_out: bool },
+    #[error("{}", busy_message(lock, server, holder.as_deref(), *timed_out))]
+    Busy { lock: String, server: String, holder: Option<Box<Holder>>, timed_out: bool },
     /// The lock was lost while held: the connection to the server broke (partition, server
     /// restart), so the server has released it or will within the remote timeout.
     #[error(

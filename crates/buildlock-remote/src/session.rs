@@ -297,7 +297,7 @@ impl Session {
     }
 
     fn busy(&self, req: &Request, holder: Option<Holder>, timed_out: bool) -> Error {
-        Error::Busy { lock: req.name.clone(), server: self.settings.display(), holder, timed_out }
+        Error::Busy { lock: req.name.clone(), server: self.settings.display(), holder: holder.map(Box::new), timed_out }
     }
 
     /// Removes this session's row for lock `id` (a wait that ended without the lock).
