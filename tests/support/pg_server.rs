@@ -50,6 +50,12 @@ impl PgServer {
     /// A started server, or `None` (with a loud message) when this machine has no PostgreSQL
     /// server binaries (`.ci/run` installs them).
     pub fn start() -> Option<PgServer> {
+        PgServer::start_listening(None)
+    }
+
+    /// [`PgServer::start`], also listening on address `addr` and accepting password logins from
+    /// network `cidr` (a test host in a network namespace).
+    pub fn start_listening(extra: Option<(&str, &str)>) -> Option<PgServer> {
         let Some(bin) = bin_dir() else {
             eprintln!(
                 "\n*** SKIPPED: no PostgreSQL server binaries under /usr/lib/postgresql/*/bin; install Debian's \
@@ -76,8 +82,18 @@ impl PgServer {
             .output()
             .unwrap();
         assert!(st.status.success(), "initdb failed: {}", String::from_utf8_lossy(&st.stderr));
+        let listen = match extra {
+            Some((addr, cidr)) => {
+                let hba = server.data().join("pg_hba.conf");
+                let mut text = std::fs::read_to_string(&hba).unwrap();
+                text.push_str(&format!("host all all {cidr} scram-sha-256\n"));
+                std::fs::write(&hba, text).unwrap();
+                format!("127.0.0.1,{addr}")
+            }
+            None => "127.0.0.1".to_owned(),
+        };
         let conf = format!(
-            "listen_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = '{}'\nfsync = off\n\
+            "listen_addresses = '{listen}'\nport = {}\nunix_socket_directories = '{}'\nfsync = off\n\
              ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\nmax_connections = 60\n",
             server.port,
             server.sock_dir().display(),
