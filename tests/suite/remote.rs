@@ -59,8 +59,18 @@ fn remote_shared_shares_and_wait_times_out_naming_the_holder() {
     let out = remote(&env, &pg, &["run", "-w", "0.3", "-E", "7", "c", "--", "true"]);
     out.assert_code(7).assert_stderr_has("timed out waiting for lock c on postgres://");
     out.assert_stderr_has(&format!("held by pid {} on", reader.pid())).assert_stderr_has("(reading cache), shared");
+    // A waiter is told which backend the lock lives on, and who holds it.
+    let mut writer = spawn_remote(&env, &pg, &["run", "c", "--", "true"]);
+    let line = writer.expect_stderr("waiting for lock c");
+    assert!(
+        line.contains(&format!("(postgres://127.0.0.1:{}/postgres), held by pid {}", pg.port, reader.pid())),
+        "{line}"
+    );
     reader.send_line();
     assert!(reader.wait().success());
+    assert!(writer.wait().success(), "{}", writer.stderr());
+    // `acquire --pid` is not available for remote locks yet: refused, never taken locally.
+    remote(&env, &pg, &["acquire", "c"]).assert_code(2).assert_stderr_has("lives on a remote backend");
 }
 
 #[test]

@@ -381,6 +381,20 @@ mod tests {
     }
 
     #[test]
+    fn a_holder_sees_a_loss_and_stops_its_command_before_the_server_frees_the_lock() {
+        for secs in [8, 30, 300] {
+            let s =
+                Settings::from_url("postgres://h/db").unwrap().with_remote_timeout(Duration::from_secs(secs)).unwrap();
+            let bounds = crate::Bounds { remote_timeout: s.remote_timeout };
+            // Loss seen within two heartbeats; one second for run's check; then the grace.
+            let stopped_by = s.heartbeat() * 2 + Duration::from_secs(1) + bounds.stop_grace();
+            assert!(stopped_by < s.remote_timeout, "{secs}s: {stopped_by:?}");
+        }
+        let e = Settings::from_url("postgres://h/db").unwrap().with_remote_timeout(Duration::from_secs(3)).unwrap_err();
+        assert!(e.to_string().contains("at least 8s"), "{e}");
+    }
+
+    #[test]
     fn unix_socket_host_and_defaults() {
         let s = Settings::from_url("postgresql:///buildlock?host=/tmp/pg%20dir&port=5555&user=me").unwrap();
         assert_eq!(s.host, Host::Unix(PathBuf::from("/tmp/pg dir")));
