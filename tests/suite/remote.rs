@@ -332,3 +332,16 @@ fn remote_cut_off_host_stops_its_command_before_another_host_gets_the_lock() {
     assert_eq!(waiter.next_line().as_deref(), Some("got it"), "{}", waiter.stderr());
     assert!(waiter.wait().success());
 }
+
+#[test]
+fn remote_lock_and_session_end_when_cmd_exits_even_if_a_background_child_lives_on() {
+    let Some(pg) = PgServer::start() else { return };
+    let env = Env::new();
+    let out = remote(&env, &pg, &["run", "bg", "--", "sh", "-c", "sleep 1000 >/dev/null 2>&1 & echo $!"]);
+    out.assert_code(0);
+    let bg: i32 = out.stdout.trim().parse().unwrap();
+    remote(&env, &pg, &["run", "-n", "bg", "--", "true"]).assert_code(0);
+    // The server was told: no session of ours stays open for the child's copy of the socket.
+    wait_until(|| pg.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'buildlock'") == "0");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(bg), nix::sys::signal::Signal::SIGKILL).unwrap();
+}

@@ -37,11 +37,19 @@ fn runtime() -> Result<tokio::runtime::Runtime, Error> {
 pub fn acquire(settings: &Settings, req: &Request, on_wait: &mut dyn FnMut(&Holder, Duration)) -> Result<Lease, Error> {
     let rt = runtime()?;
     let started = Instant::now();
-    let (session, grant) = rt.block_on(async {
-        let mut session = Session::connect(settings).await?;
-        let grant = session.acquire(req, &mut |h| on_wait(h, started.elapsed())).await?;
-        Ok::<_, Error>((session, grant))
-    })?;
+    let (session, grant) = rt
+        .block_on(async {
+            let mut session = Session::connect(settings).await?;
+            let grant = session.acquire(req, &mut |h| on_wait(h, started.elapsed())).await?;
+            Ok::<_, Error>((session, grant))
+        })
+        .map_err(|e| match e {
+            // Nothing was held yet: the connection ended while connecting or waiting.
+            Error::Lost { server, why, .. } => {
+                Error::Server { server, why: format!("{why}; lock {} was not taken, try again", req.name) }
+            }
+            other => other,
+        })?;
     let socket = session
         .socket()
         .try_clone()
@@ -112,7 +120,9 @@ async fn keep(
             }
         }
     }
-    session.release(&name, grant).await
+    let released = session.release(&name, grant).await;
+    session.close().await;
+    released
 }
 
 impl Lease {

@@ -345,6 +345,14 @@ impl Session {
         Ok(())
     }
 
+    /// Ends the session: the server is told (so it ends at once even if a command still holds
+    /// a copy of the socket), and the connection is given a moment to say so.
+    pub async fn close(self) {
+        let mut closed = self.closed;
+        drop(self.client);
+        let _ = tokio::time::timeout(Duration::from_secs(1), closed.wait_for(Option::is_some)).await;
+    }
+
     /// One round trip: the server still answers on this session.
     pub async fn heartbeat(&self) -> Result<(), Error> {
         self.client.simple_query("").await.map(drop).map_err(|e| Error::from_query(&self.settings, "checking in", e))

@@ -133,3 +133,24 @@ fn server_restart_mid_hold_is_reported_as_lost() {
     assert!(e.to_string().contains("lock held on postgres://127.0.0.1:"), "{e}");
     assert!(matches!(lease.release(), Err(Error::Lost { .. })));
 }
+
+#[test]
+fn a_waiter_whose_server_restarts_fails_clearly() {
+    let Some(pg) = PgServer::start() else { return };
+    let s = settings(&pg.url());
+    let holder = acquire(&s, &req("w", Mode::Exclusive, Wait::NoWait), &mut |_, _| {}).unwrap();
+    let waiter = {
+        let s = s.clone();
+        std::thread::spawn(move || acquire(&s, &req("w", Mode::Exclusive, Wait::Forever), &mut |_, _| {}))
+    };
+    let guard = std::time::Instant::now() + Duration::from_secs(60);
+    while pg.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted") != "1" {
+        assert!(std::time::Instant::now() < guard, "the waiter never showed in the server's queue");
+    }
+    pg.restart();
+    let e = waiter.join().unwrap().unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, Error::Server { .. }), "{msg}");
+    assert!(msg.contains("lock w was not taken, try again") && msg.contains("127.0.0.1:"), "{msg}");
+    assert!(matches!(holder.release(), Err(Error::Lost { .. })));
+}
