@@ -88,8 +88,16 @@ fn is_our_keeper(k: &ProcessIdentity, pid: u32) -> Result<(), String> {
 }
 
 pub(crate) fn acquire(cx: &Context, args: AcquireArgs) -> ExitCode {
-    if let Err(e) = cx.target(&args.target) {
-        return fail(&e);
+    match cx.target(&args.target) {
+        Err(e) => return fail(&e),
+        // Never take a remote lock locally instead.
+        Ok(t) if cx.backend_url(&t.name).is_some() => {
+            return fail(&format!(
+                "lock {} lives on a remote backend, where `acquire --pid` is not available yet; use `run {} -- CMD`",
+                t.name, t.name
+            ))
+        }
+        Ok(_) => {}
     }
     let pid = args.pid.unwrap_or_else(parent_pid);
     if buildlock_sys::process_state(&buildlock_sys::identify(pid)) == ProcessState::Dead {

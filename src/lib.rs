@@ -18,8 +18,9 @@
 //! Exit codes:
 //! - `run`: CMD's own exit status, or 128+N if CMD died of signal N; 1 (or the `-E` value) when
 //!   the lock is busy with `-n` or `-w` ran out; 124 when CMD was stopped for holding the lock
-//!   past `--max-hold` (as `timeout(1)`); 126 if CMD could not be executed, 127 if it was not
-//!   found.
+//!   past `--max-hold` (as `timeout(1)`); 122 when CMD was stopped because a remote lock was
+//!   lost (the connection to the server broke; not with `--on-lost=warn`); 126 if CMD could not
+//!   be executed, 127 if it was not found.
 //! - `acquire`: 0 once the lock is held for PID; 1 (or `-E`) when busy or timed out.
 //! - `release`: 0 when released, 1 when PID held no such lock.
 //! - `break`: 0 when the lock is free afterwards, 1 when it was refused (a live holder).
@@ -70,6 +71,15 @@ struct Cli {
     /// Machine-readable output (status, break)
     #[arg(long, global = true)]
     json: bool,
+    /// Take locks on this PostgreSQL server (`postgres://user@host/db?sslmode=...`), shared by
+    /// every host that uses it; `local` for the lock directory. Without it, the config file's
+    /// `[[locks]]` entries route by name [env: BUILDLOCK_BACKEND]
+    #[arg(long, global = true, value_name = "URL", env = "BUILDLOCK_BACKEND", hide_env = true)]
+    backend: Option<String>,
+    /// Remote locks: how long a dead or cut-off host may keep its locks on the server; a holder
+    /// notices a lost connection within half of it (docs/REMOTE.md) [default: 30s]
+    #[arg(long, global = true, value_name = "DURATION", env = "BUILDLOCK_REMOTE_TIMEOUT", hide_env = true, value_parser = parse_duration)]
+    remote_timeout: Option<Duration>,
     #[command(subcommand)]
     command: Command,
 }
@@ -195,6 +205,11 @@ struct RunArgs {
     /// With `--max-hold`: how long CMD has after SIGTERM before SIGKILL [default: 10 s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "max_hold")]
     kill_after: Option<Duration>,
+    /// Remote locks: what to do when the connection to the server is lost while CMD runs:
+    /// `stop` CMD (SIGTERM to its process group, SIGKILL after a grace period; exit 122), or
+    /// `warn` and let it run on
+    #[arg(long, value_name = "WHAT", default_value = "stop", value_parser = ["stop", "warn"])]
+    on_lost: String,
     /// The command to run and its arguments, after `--`
     #[arg(last = true, required = true, value_name = "CMD", action = ArgAction::Append)]
     cmd: Vec<OsString>,
@@ -237,11 +252,29 @@ struct Context {
     json: bool,
     connect: Connect,
     runtime_dir: PathBuf,
+    /// `--backend`/`BUILDLOCK_BACKEND`, for every lock.
+    backend: Option<String>,
+    remote_timeout: Duration,
+    config: buildlock::config::Config,
 }
 
 impl Context {
     fn target(&self, arg: &str) -> Result<LockTarget, buildlock_disk::Error> {
         LockTarget::resolve(arg, &self.dir)
+    }
+
+    /// The backend URL lock `name` lives on: `--backend`, else the config file's first match;
+    /// `None` for the lock directory.
+    fn backend_url(&self, name: &str) -> Option<&str> {
+        let url = self.backend.as_deref().filter(|b| !b.is_empty()).or_else(|| self.config.backend_for(name))?;
+        (url != "local").then_some(url)
+    }
+
+    /// The server settings for lock `name`, if it is remote.
+    fn remote_for(&self, name: &str) -> Result<Option<buildlock_remote::Settings>, String> {
+        let Some(url) = self.backend_url(name) else { return Ok(None) };
+        let settings = buildlock_remote::Settings::from_url(url).map_err(|e| e.to_string())?;
+        settings.with_remote_timeout(self.remote_timeout).map(Some).map_err(|e| e.to_string())
     }
 }
 
@@ -272,7 +305,12 @@ where
     // Soft locks exist only in the on-disk protocol.
     let connect = if cli.soft { Connect::Direct } else { Connect::from_env(cli.no_daemon) };
     let runtime_dir = cli.runtime_dir.unwrap_or_else(default_runtime_dir);
-    let cx = Context { dir, opts, json: cli.json, connect, runtime_dir };
+    let config = match buildlock::config::Config::load() {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let remote_timeout = cli.remote_timeout.unwrap_or(buildlock_remote::DEFAULT_REMOTE_TIMEOUT);
+    let cx = Context { dir, opts, json: cli.json, connect, runtime_dir, backend: cli.backend, remote_timeout, config };
     match cli.command {
         Command::Run(args) => run::run(&cx, args),
         #[cfg(unix)]
@@ -409,6 +447,7 @@ impl LockArgs {
             stale_after: cx.opts.stale_after,
             bind_pid: None,
             watch: true,
+            remote: None,
         }
     }
 }

@@ -9,6 +9,9 @@ use serde_json::{json, Value};
 use crate::{fail, Context};
 
 pub(crate) fn status(cx: &Context, target: Option<&str>) -> ExitCode {
+    if let Some(code) = remote_status(cx, target) {
+        return code;
+    }
     let targets = match target {
         Some(t) => match cx.target(t) {
             Ok(t) => vec![t],
@@ -175,4 +178,77 @@ pub(crate) fn break_lock(cx: &Context, target: &str, force: bool) -> ExitCode {
         println!("{detail}");
     }
     code
+}
+
+/// `status` of remote locks: a lock routed to a server (TARGET), every lock on `--backend`'s
+/// server, or, with no `--backend`, the servers of the config file before the local locks.
+/// `None` when the local locks are to be listed (too).
+fn remote_status(cx: &Context, target: Option<&str>) -> Option<ExitCode> {
+    let (urls, name, only_remote): (Vec<&str>, Option<String>, bool) = match target {
+        Some(t) => {
+            let name = match cx.target(t) {
+                Ok(t) => t.name,
+                Err(e) => return Some(fail(&e)),
+            };
+            let url = cx.backend_url(&name)?;
+            (vec![url], Some(name), true)
+        }
+        None => match cx.backend.as_deref().filter(|b| !b.is_empty() && *b != "local") {
+            Some(url) => (vec![url], None, true),
+            None => (cx.config.remote_backends(), None, false),
+        },
+    };
+    let mut failed = false;
+    for url in urls {
+        let settings =
+            match buildlock_remote::Settings::from_url(url).and_then(|s| s.with_remote_timeout(cx.remote_timeout)) {
+                Ok(s) => s,
+                Err(e) => return Some(fail(&e)),
+            };
+        let server = settings.display();
+        let entries = match buildlock_remote::status(&settings, name.as_deref()) {
+            Ok(e) => e,
+            Err(e) if only_remote => return Some(fail(&e)),
+            Err(e) => {
+                eprintln!("buildlock-client: error: {e}");
+                failed = true;
+                continue;
+            }
+        };
+        if cx.json {
+            let list: Vec<Value> = entries
+                .iter()
+                .map(|e| {
+                    let h = &e.holder;
+                    json!({
+                        "name": e.name, "state": if e.granted { "held" } else { "waiting" },
+                        "mode": if h.mode == buildlock_remote::Mode::Shared { "shared" } else { "exclusive" },
+                        "host": h.host, "pid": h.pid, "command": h.command, "operation": h.operation,
+                        "since": h.since, "seconds": h.held_secs, "token": h.token, "server_pid": h.backend_pid,
+                    })
+                })
+                .collect();
+            println!("{}", json!({ "backend": server, "locks": list }));
+            continue;
+        }
+        if entries.is_empty() {
+            match &name {
+                Some(n) => println!("lock {n} on {server}: free"),
+                None => println!("no locks held or waited for on {server}"),
+            }
+        }
+        let mut last: Option<&str> = None;
+        for e in &entries {
+            if last != Some(e.name.as_str()) {
+                println!("lock {} on {server}:", e.name);
+                last = Some(&e.name);
+            }
+            let state = if e.granted { "held by" } else { "waiting:" };
+            println!("  {state} {}", e.holder.describe());
+        }
+    }
+    if only_remote || failed {
+        return Some(ExitCode::from(if failed { crate::EXIT_USAGE } else { 0 }));
+    }
+    None
 }

@@ -21,6 +21,13 @@
 //! own (as under `timeout(1)`), and `run` passes Ctrl+C on to it as well. Past the limit the
 //! group gets SIGTERM, and SIGKILL after `--kill-after`; the lock is released only once CMD and
 //! its group are gone, and `run` exits with [`EXIT_MAX_HOLD`].
+//!
+//! Remote locks (PostgreSQL): CMD inherits a copy of the server connection's socket instead of
+//! a lock file, so the session (and the lock) lives while CMD does even if `run` is killed, and
+//! CMD runs in a process group of its own. When the connection is lost (server restart,
+//! network cut), the lock is gone or soon will be: unless `--on-lost=warn`, CMD's group gets
+//! SIGTERM, SIGKILL after a quarter of the remote timeout (or `--kill-after`, if shorter), well
+//! before the server can give the lock to another host, and `run` exits with [`EXIT_LOST`].
 
 use std::io::{IsTerminal, Write};
 use std::process::{Child, Command, ExitCode, ExitStatus};
@@ -30,6 +37,8 @@ use crate::{fail, Context, RunArgs};
 
 /// `run`'s exit code when CMD was stopped for holding the lock past `--max-hold`, as `timeout(1)`.
 pub(crate) const EXIT_MAX_HOLD: u8 = 124;
+/// `run`'s exit code when CMD was stopped because its remote lock was lost.
+pub(crate) const EXIT_LOST: u8 = 122;
 /// How long CMD has between SIGTERM and SIGKILL when `--kill-after` is not given.
 const DEFAULT_KILL_AFTER: Duration = Duration::from_secs(10);
 /// How often the lock file is checked while CMD runs (Linux).
@@ -48,10 +57,16 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
     };
     let command_line = args.cmd.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ");
     let mut opts = args.lock.options(cx, command_line);
+    opts.remote = match cx.remote_for(&target.name) {
+        Ok(r) => r,
+        Err(e) => return fail(&e),
+    };
+    let remote = opts.remote.as_ref().map(|s| s.display());
     // `wait_for` below checks the lock file once a second itself, where it can (Linux): one
     // thread less per `run`, which costs more than the lock.
     opts.watch = !cfg!(target_os = "linux");
-    let mut notice = WaitNotice::new(&target.name, &target.path.display().to_string());
+    let place = remote.clone().unwrap_or_else(|| target.path.display().to_string());
+    let mut notice = WaitNotice::new(&target.name, &place);
     let mut lease = match buildlock::acquire(&target, &opts, &mut |w| notice.show(&w.holder, w.waited)) {
         Ok(l) => l,
         Err(e) if e.is_conflict() => {
@@ -68,7 +83,7 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
 
     let mut cmd = Command::new(&args.cmd[0]);
     cmd.args(&args.cmd[1..]).env("BUILDLOCK_TOKEN", lease.token().to_string());
-    let passed = lease.os_file().is_some_and(|file| buildlock_sys::pass_to_child(&mut cmd, file));
+    let passed = lease.inherit_file().is_some_and(|file| buildlock_sys::pass_to_child(&mut cmd, file));
     if !passed && !buildlock_sys::kill_on_parent_death(&mut cmd) {
         tracing::debug!("this platform cannot stop CMD if buildlock-client is killed");
     }
@@ -79,8 +94,17 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
     }
     let max_hold =
         args.max_hold.map(|limit| MaxHold { limit, kill_after: args.kill_after.unwrap_or(DEFAULT_KILL_AFTER) });
+    // A lost remote lock stops CMD's group within a quarter of the remote timeout.
+    let lost_grace = match (&opts.remote, args.on_lost.as_str()) {
+        (Some(s), "stop") => {
+            let grace = buildlock_remote::Bounds { remote_timeout: s.remote_timeout }.stop_grace();
+            Some(args.kill_after.map_or(grace, |k| k.min(grace)))
+        }
+        _ => None,
+    };
+    let group = max_hold.is_some() || opts.remote.is_some();
     #[cfg(unix)]
-    if max_hold.is_some() {
+    if group {
         use std::os::unix::process::CommandExt;
         cmd.process_group(0);
     }
@@ -93,16 +117,17 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
             return ExitCode::from(if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 });
         }
     };
-    forward.set_child(child.id(), max_hold.is_some());
+    forward.set_child(child.id(), group);
     // CMD holds the lock now (its inherited descriptor; through the daemon, the binding too):
     // the metadata names it, so that nobody takes a killed `run` for a dead holder.
     if let Err(e) = lease.bind_pid(child.id()) {
         tracing::warn!("cannot name the command's process as the lock's holder: {e}");
     }
-    let (status, stopped) = wait_for(&mut child, &lease, max_hold.as_ref(), &target.name);
+    let (status, stopped) = wait_for(&mut child, &lease, max_hold.as_ref(), lost_grace, &target.name);
     forward.set_child_exited();
     let code = match status {
-        Ok(_) if stopped => EXIT_MAX_HOLD,
+        Ok(_) if stopped == Some(Stopped::MaxHold) => EXIT_MAX_HOLD,
+        Ok(_) if stopped == Some(Stopped::Lost) => EXIT_LOST,
         Ok(s) => exit_code(&s),
         Err(e) => {
             eprintln!("buildlock-client: cannot wait for {}: {e}", args.cmd[0].to_string_lossy());
@@ -118,31 +143,51 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
     }
 }
 
+/// Why `run` stopped CMD.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stopped {
+    MaxHold,
+    Lost,
+}
+
 /// Waits for CMD, checking meanwhile (Linux: every second, on a pidfd) that the lock file was
-/// not deleted or replaced under us, and saying so at once if it was. With `--max-hold`, stops
-/// CMD's process group past the limit and returns only once the group is gone; the `bool` says
-/// whether it was stopped.
+/// not deleted or replaced under us (or, for a remote lock, that its connection lives), and
+/// saying so at once if it was. With `--max-hold`, stops CMD's process group past the limit,
+/// and with `lost_grace`, when a remote lock is lost; then returns only once the group is gone,
+/// saying why it was stopped.
 fn wait_for(
     child: &mut Child,
     lease: &buildlock::Lease,
     max_hold: Option<&MaxHold>,
+    lost_grace: Option<Duration>,
     name: &str,
-) -> (std::io::Result<ExitStatus>, bool) {
-    let mut waiter = ChildWaiter::new(child, max_hold.is_some());
+) -> (std::io::Result<ExitStatus>, Option<Stopped>) {
+    let mut waiter = ChildWaiter::new(child, max_hold.is_some() || lost_grace.is_some());
     if !waiter.can_wait_in_steps() {
-        return (child.wait(), false);
+        return (child.wait(), None);
     }
+    let mut why = None;
     let started = Instant::now();
     let pid = child.id();
     let mut reported = false;
     let mut stopping: Option<Stopping> = None;
     let status = loop {
         let mut step = CHECK_EVERY;
-        if let Some(m) = max_hold {
+        if let Some(s) = &mut stopping {
+            step = step.min(s.step());
+        } else if let Some(m) = max_hold {
             let now = Instant::now();
             match &mut stopping {
                 None if now.duration_since(started) >= m.limit => {
-                    stopping = Some(Stopping::start(pid, name, m));
+                    eprintln!(
+                        "buildlock-client: the command (pid {pid}) has held lock {name} for {}, its --max-hold: \
+                         stopping it (SIGTERM to its process group, SIGKILL after {}); the lock is released once it \
+                         is gone",
+                        human(m.limit),
+                        human(m.kill_after)
+                    );
+                    stopping = Some(Stopping::start(pid, m.kill_after));
+                    why = Some(Stopped::MaxHold);
                     continue;
                 }
                 None => step = step.min(m.limit - now.duration_since(started)),
@@ -155,6 +200,18 @@ fn wait_for(
                 if let Err(e) = lease.check() {
                     eprintln!("buildlock-client: error: {e}");
                     reported = true;
+                    let remote_lost = matches!(e, buildlock::Error::Remote(buildlock_remote::Error::Lost { .. }));
+                    if let (true, Some(grace), None) = (remote_lost, lost_grace, &stopping) {
+                        eprintln!(
+                            "buildlock-client: stopping the command (pid {pid}) since it no longer holds lock {name}: \
+                             SIGTERM to its process group, SIGKILL after {} (exit {EXIT_LOST}; --on-lost=warn lets it \
+                             run on)",
+                            human(grace)
+                        );
+                        stopping = Some(Stopping::start(pid, grace));
+                        why = Some(Stopped::Lost);
+                        continue;
+                    }
                 }
             }
             Ok(None) => {}
@@ -165,9 +222,9 @@ fn wait_for(
         // CMD is gone; what it started in its group goes too before the lock is released.
         Some(mut s) => {
             s.wait_for_group();
-            (status, true)
+            (status, why)
         }
-        None => (status, false),
+        None => (status, None),
     }
 }
 
@@ -179,15 +236,10 @@ struct Stopping {
 }
 
 impl Stopping {
-    fn start(pid: u32, name: &str, m: &MaxHold) -> Stopping {
-        eprintln!(
-            "buildlock-client: the command (pid {pid}) has held lock {name} for {}, its --max-hold: stopping it \
-             (SIGTERM to its process group, SIGKILL after {}); the lock is released once it is gone",
-            human(m.limit),
-            human(m.kill_after)
-        );
+    /// SIGTERM to the group led by `pid` now, SIGKILL after `kill_after`.
+    fn start(pid: u32, kill_after: Duration) -> Stopping {
         signal(pid, SIGTERM);
-        Stopping { pgid: pid, kill_at: Instant::now() + m.kill_after, killed: false }
+        Stopping { pgid: pid, kill_at: Instant::now() + kill_after, killed: false }
     }
 
     /// How long until the next thing to do (SIGKILL), at most a second.

@@ -478,9 +478,11 @@ fn keepers(dir: &Path) -> Vec<i32> {
             rd.flatten()
                 .filter(|e| e.file_name().to_string_lossy().contains(".keeper-"))
                 .filter_map(|e| std::fs::read_to_string(e.path()).ok()?.split_whitespace().next()?.parse().ok())
+                // A keeper, not the second holder that took over from a killed one (which the
+                // keeper file then names first): killing both is a double fault that frees the lock.
                 .filter(|pid: &i32| {
                     std::fs::read(format!("/proc/{pid}/cmdline"))
-                        .is_ok_and(|c| String::from_utf8_lossy(&c).contains("__keep"))
+                        .is_ok_and(|c| c.split(|&b| b == 0).any(|a| a == b"__keep"))
                 })
                 .collect()
         })

@@ -12,9 +12,12 @@ mod exclusion;
 mod hostile;
 mod interop;
 mod multiplex;
+#[path = "../support/pg_server.rs"]
+mod pg_server;
 mod promises;
 mod protocol;
 mod recovery;
+mod remote;
 mod run;
 mod service;
 mod soft;

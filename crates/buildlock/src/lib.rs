@@ -51,6 +51,13 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! **Remote locks** ([`Options::remote`], set from `--backend`, `BUILDLOCK_BACKEND` or the
+//! [`config`] file): the lock lives on a PostgreSQL server, shared by every host that uses it
+//! (`buildlock_remote`). A lock's backend is part of its identity: the remote lock `deploy` is
+//! not the local lock `deploy`. For now the library talks to the server itself in every
+//! [`Connect`] mode (the daemon does not hold server connections yet). [`Lease::check`] reports
+//! a lost connection as [`Error::Remote`] (`buildlock_remote::Error::Lost`).
+//!
 //! **Daemon leases and daemon death.** On Linux the daemon hands the client a duplicate of the
 //! locked descriptor, and the client keeps it for as long as it holds the lease: if the daemon
 //! dies, the OS lock stays with the client and nobody else can take it. Release closes the
@@ -73,6 +80,7 @@ use buildlock_proto::{AcquireRequest, ErrorCode, Reply, Request, WaitFor};
 mod builder;
 #[cfg(unix)]
 mod client;
+pub mod config;
 #[cfg(unix)]
 mod mux;
 
@@ -126,6 +134,8 @@ pub struct Options {
     /// deleted or replaced, and report it at once. Callers that poll [`Lease::check`] themselves
     /// can turn it off; release checks in any case.
     pub watch: bool,
+    /// Take the lock on this PostgreSQL server instead of the lock directory (`None`: local).
+    pub remote: Option<buildlock_remote::Settings>,
 }
 
 impl Default for Options {
@@ -141,6 +151,7 @@ impl Default for Options {
             stale_after: DEFAULT_STALE_AFTER,
             bind_pid: None,
             watch: true,
+            remote: None,
         }
     }
 }
@@ -181,6 +192,9 @@ pub enum Error {
     /// one, so this is seen only when that keeps failing.
     #[error("buildlockd went away while we waited for it: {0}")]
     DaemonGone(String),
+    /// A remote lock's error (busy, lost, unreachable server, ...), naming the server.
+    #[error(transparent)]
+    Remote(#[from] buildlock_remote::Error),
 }
 
 impl Error {
@@ -189,6 +203,7 @@ impl Error {
         match self {
             Error::Busy { .. } => true,
             Error::Disk(e) => e.is_conflict(),
+            Error::Remote(e) => e.is_conflict(),
             _ => false,
         }
     }
@@ -222,6 +237,7 @@ enum Inner {
         runtime_dir: PathBuf,
     },
     Direct(buildlock_disk::Guard),
+    Remote(buildlock_remote::Lease),
 }
 
 /// Takes the lock `target`. While waiting, `on_wait` is called about once a second.
@@ -230,11 +246,16 @@ enum Inner {
 /// holder is warned: that script may still be inside the lock.
 pub fn acquire(target: &LockTarget, opts: &Options, on_wait: &mut dyn FnMut(&WaitInfo)) -> Result<Lease, Error> {
     let lease = acquire_any(target, opts, on_wait)?;
-    buildlock_disk::lost::warn_new_holder(target);
+    if opts.remote.is_none() {
+        buildlock_disk::lost::warn_new_holder(target);
+    }
     Ok(lease)
 }
 
 fn acquire_any(target: &LockTarget, opts: &Options, on_wait: &mut dyn FnMut(&WaitInfo)) -> Result<Lease, Error> {
+    if let Some(settings) = &opts.remote {
+        return acquire_remote(settings, target, opts, on_wait);
+    }
     #[cfg(not(unix))]
     {
         // No daemon on this platform yet (a named-pipe daemon is future work).
@@ -287,6 +308,31 @@ fn acquire_through_daemon(
         }
     }
     Err(Error::DaemonGone(format!("{MAX_DAEMONS} daemons in a row went away; see its log in the runtime directory")))
+}
+
+/// On the PostgreSQL server of `settings`, talking to it from this process (the daemon does
+/// not hold server connections yet).
+fn acquire_remote(
+    settings: &buildlock_remote::Settings,
+    target: &LockTarget,
+    opts: &Options,
+    on_wait: &mut dyn FnMut(&WaitInfo),
+) -> Result<Lease, Error> {
+    let mode = match opts.mode {
+        LockMode::Shared => buildlock_remote::Mode::Shared,
+        LockMode::Exclusive => buildlock_remote::Mode::Exclusive,
+    };
+    let wait = match effective_wait(opts.wait) {
+        Wait::NoWait => buildlock_remote::Wait::NoWait,
+        Wait::Timeout(t) => buildlock_remote::Wait::Timeout(t),
+        Wait::Forever => buildlock_remote::Wait::Forever,
+    };
+    let mut req = buildlock_remote::Request::new(&target.name, mode, wait, &opts.operation);
+    req.command = opts.command.clone().unwrap_or_default();
+    let lease = buildlock_remote::acquire(settings, &req, &mut |h, waited| {
+        on_wait(&WaitInfo { holder: h.describe(), holder_pid: None, waited })
+    })?;
+    Ok(Lease { target: target.clone(), token: lease.token(), inner: Some(Inner::Remote(lease)) })
 }
 
 fn acquire_direct(target: &LockTarget, opts: &Options, on_wait: &mut dyn FnMut(&WaitInfo)) -> Result<Lease, Error> {
@@ -440,6 +486,24 @@ impl Lease {
         &self.target
     }
 
+    /// The server a remote lease lives on (`postgres://host:port/db`), `None` for a local one.
+    pub fn remote_server(&self) -> Option<&str> {
+        match &self.inner {
+            Some(Inner::Remote(r)) => Some(r.server()),
+            _ => None,
+        }
+    }
+
+    /// What a command should inherit so the lock lives while it does: the locked file
+    /// ([`Lease::os_file`]), or a remote lease's server connection (the session, and so the
+    /// lock, then lasts while any process holds a copy, even if this one is killed).
+    pub fn inherit_file(&self) -> Option<&File> {
+        match &self.inner {
+            Some(Inner::Remote(r)) => Some(r.socket()),
+            _ => self.os_file(),
+        }
+    }
+
     /// Whether the lease came from the daemon (else from the on-disk protocol directly).
     pub fn via_daemon(&self) -> bool {
         !matches!(self.inner, Some(Inner::Direct(_)) | None)
@@ -464,7 +528,7 @@ impl Lease {
                 Ok(())
             }
             Some(Inner::Direct(guard)) => guard.hand_over_to(pid, None).map_err(Error::from),
-            None => Ok(()),
+            Some(Inner::Remote(_)) | None => Ok(()),
         }
     }
 
@@ -500,7 +564,7 @@ impl Lease {
             #[cfg(unix)]
             Some(Inner::Daemon { file, .. }) => file.as_ref(),
             Some(Inner::Direct(guard)) => guard.os_file(),
-            None => None,
+            Some(Inner::Remote(_)) | None => None,
         }
     }
 
@@ -517,6 +581,7 @@ impl Lease {
                     .into(),
             }),
             Some(Inner::Direct(g)) => g.check().map_err(Error::from),
+            Some(Inner::Remote(r)) => r.check().map_err(Error::from),
             #[cfg(unix)]
             Some(Inner::Daemon { id: Some(id), path, .. }) => match buildlock_sys::path_id(Path::new(path)) {
                 Ok(now) if now == *id => Ok(()),
@@ -555,6 +620,7 @@ impl Lease {
         let Some(inner) = self.inner.take() else { return Ok(()) };
         match inner {
             Inner::Direct(guard) => guard.release().map_err(Error::from),
+            Inner::Remote(r) => r.release().map_err(Error::from),
             #[cfg(unix)]
             Inner::Daemon { mux, lease, path, file, id, bound, runtime_dir } => {
                 if let Err(e) = forked_check(&mux) {

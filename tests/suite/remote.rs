@@ -1,0 +1,347 @@
+//! Remote locks on a real PostgreSQL server that each test starts (`tests/support/pg_server.rs`),
+//! through the real CLI (`--backend URL`, talking to the server itself).
+
+use crate::pg_server::PgServer;
+use crate::util::*;
+
+/// `buildlock-client --backend URL ARGS...`.
+fn remote(env: &Env, pg: &PgServer, args: &[&str]) -> Out {
+    let url = pg.url();
+    let mut all = vec!["--backend", url.as_str()];
+    all.extend_from_slice(args);
+    env.run(&all)
+}
+
+fn spawn_remote(env: &Env, pg: &PgServer, args: &[&str]) -> Proc {
+    let url = pg.url();
+    let mut all = vec!["--backend", url.as_str()];
+    all.extend_from_slice(args);
+    env.spawn(&all)
+}
+
+/// Sessions waiting in the server's queue for a buildlock lock.
+fn waiting(pg: &PgServer) -> usize {
+    pg.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").parse().unwrap()
+}
+
+#[test]
+fn remote_exclusive_excludes_across_processes() {
+    let Some(pg) = PgServer::start() else { return };
+    let env = Env::new();
+    let dir = env.path("inside");
+    // Every CMD checks independently that it is alone: mkdir fails if another is inside.
+    let script = format!("mkdir {0} || echo TWO-HOLDERS; sleep 0.05; rmdir {0}; echo done", dir.display());
+    let mut procs: Vec<Proc> =
+        (0..6).map(|_| spawn_remote(&env, &pg, &["run", "x", "--", "sh", "-c", &script])).collect();
+    for p in &mut procs {
+        assert_eq!(p.next_line().as_deref(), Some("done"), "two holders at once: {}", p.stderr());
+        assert!(p.wait().success(), "{}", p.stderr());
+    }
+    // The local lock of the same name is another lock.
+    let mut holder = spawn_remote(&env, &pg, &["run", "x", "--", "sh", "-c", "echo locked; read x"]);
+    holder.expect_line("locked");
+    env.run(&["run", "-n", "x", "--", "true"]).assert_code(0);
+    let out = remote(&env, &pg, &["run", "-n", "x", "--", "true"]);
+    out.assert_code(1).assert_stderr_has(&format!("busy: lock x on postgres://127.0.0.1:{}/postgres", pg.port));
+    out.assert_stderr_has(&format!("held by pid {}", holder.pid()));
+    holder.send_line();
+    assert!(holder.wait().success());
+}
+
+#[test]
+fn remote_shared_shares_and_wait_times_out_naming_the_holder() {
+    let Some(pg) = PgServer::start() else { return };
+    let env = Env::new();
+    let mut reader =
+        spawn_remote(&env, &pg, &["run", "-s", "-o", "reading cache", "c", "--", "sh", "-c", "echo locked; read x"]);
+    reader.expect_line("locked");
+    remote(&env, &pg, &["run", "-s", "-n", "c", "--", "true"]).assert_code(0);
+    let out = remote(&env, &pg, &["run", "-w", "0.3", "-E", "7", "c", "--", "true"]);
+    out.assert_code(7).assert_stderr_has("timed out waiting for lock c on postgres://");
+    out.assert_stderr_has(&format!("held by pid {} on", reader.pid())).assert_stderr_has("(reading cache), shared");
+    // A waiter is told which backend the lock lives on, and who holds it.
+    let mut writer = spawn_remote(&env, &pg, &["run", "c", "--", "true"]);
+    let line = writer.expect_stderr("waiting for lock c");
+    assert!(
+        line.contains(&format!("(postgres://127.0.0.1:{}/postgres), held by pid {}", pg.port, reader.pid())),
+        "{line}"
+    );
+    reader.send_line();
+    assert!(reader.wait().success());
+    assert!(writer.wait().success(), "{}", writer.stderr());
+    // `acquire --pid` is not available for remote locks yet: refused, never taken locally.
+    remote(&env, &pg, &["acquire", "c"]).assert_code(2).assert_stderr_has("lives on a remote backend");
+}
+
+#[test]
+fn remote_waiters_are_served_in_order_and_tokens_increase() {
+    let Some(pg) = PgServer::start() else { return };
+    let env = Env::new();
+    let order = env.path("order");
+    let mut holder =
+        spawn_remote(&env, &pg, &["run", "q", "--", "sh", "-c", "echo locked; echo $BUILDLOCK_TOKEN; read x"]);
+    holder.expect_line("locked");
+    let first: u64 = holder.next_line().unwrap().parse().unwrap();
+    let mut waiters = Vec::new();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        let script = format!("echo {name} $BUILDLOCK_TOKEN >> {}", order.display());
+        waiters.push(spawn_remote(&env, &pg, &["run", "q", "--", "sh", "-c", &script]));
+        wait_until(|| waiting(&pg) == i + 1);
+    }
+    let status = remote(&env, &pg, &["status", "q"]);
+    status.assert_code(0).assert_stdout_has(&format!("held by pid {}", holder.pid()));
+    assert_eq!(status.stdout.matches("waiting:").count(), 3, "{}", status.stdout);
+    holder.send_line();
+    assert!(holder.wait().success());
+    for w in &mut waiters {
+        assert!(w.wait().success(), "{}", w.stderr());
+    }
+    let text = std::fs::read_to_string(&order).unwrap();
+    let lines: Vec<(&str, u64)> = text
+        .lines()
+        .map(|l| {
+            let (n, t) = l.split_once(' ').unwrap();
+            (n, t.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(lines.iter().map(|l| l.0).collect::<Vec<_>>(), ["a", "b", "c"], "FIFO: {text}");
+    let mut last = first;
+    for (_, t) in &lines {
+        assert!(*t > last, "tokens grow: {first} then {text}");
+        last = *t;
+    }
+}
+
+#[test]
+fn remote_holder_killed_frees_the_lock_and_a_killed_run_leaves_it_to_its_command() {
+    let Some(pg) = PgServer::start() else { return };
+    let env = Env::new();
+    let mut holder = spawn_remote(&env, &pg, &["run", "k", "--", "sh", "-c", "echo locked; exec sleep 1000"]);
+    holder.expect_line("locked");
+    let cmd = holder.cmd_pid();
+    // `run` killed alone: its command inherited the connection, so it still holds the lock.
+    holder.kill9();
+    holder.wait();
+    remote(&env, &pg, &["run", "-n", "k", "--", "true"]).assert_code(1).assert_stderr_has("busy: lock k");
+    // The command killed too: the connection closes and the server frees the lock at once.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(cmd as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_dead(cmd);
+    remote(&env, &pg, &["run", "-w", "30", "k", "--", "true"]).assert_code(0);
+}
+
+#[test]
+fn remote_server_restart_mid_hold_stops_the_command() {
+    let Some(pg) = PgServer::start() else { return };
+    let env = Env::new();
+    let script = "echo locked; exec sleep 1000";
+    let mut holder = spawn_remote(&env, &pg, &["run", "r", "--", "sh", "-c", script]);
+    holder.expect_line("locked");
+    let cmd = holder.cmd_pid();
+    pg.restart();
+    let st = holder.wait();
+    assert_eq!(st.code(), Some(122), "{}", holder.stderr());
+    let err = holder.stderr();
+    assert!(err.contains("lock r on postgres://127.0.0.1:") && err.contains("was lost while held"), "{err}");
+    assert!(err.contains("stopping the command"), "{err}");
+    assert!(is_dead(cmd));
+    // With --on-lost=warn the command runs on.
+    let mut warned = spawn_remote(
+        &env,
+        &pg,
+        &["run", "--on-lost", "warn", "r", "--", "sh", "-c", "echo locked; read x; echo ran-on"],
+    );
+    warned.expect_line("locked");
+    pg.restart();
+    warned.expect_stderr("was lost while held");
+    warned.send_line();
+    warned.expect_line("ran-on");
+    assert_eq!(warned.wait().code(), Some(1), "the loss is still an error: {}", warned.stderr());
+}
+
+#[test]
+fn remote_tls_verify_full_works_and_a_wrong_root_is_refused() {
+    let Some(pg) = PgServer::start() else { return };
+    let env = Env::new();
+    let good = pg.url_with("localhost", &format!("sslmode=verify-full&sslrootcert={}", pg.ca().display()));
+    env.run(&["--backend", &good, "run", "t", "--", "true"]).assert_code(0);
+    let wrong = pg.url_with("localhost", &format!("sslmode=verify-full&sslrootcert={}", pg.other_ca().display()));
+    let out = env.run(&["--backend", &wrong, "run", "t", "--", "true"]);
+    out.assert_code(2).assert_stderr_has(&format!("cannot reach PostgreSQL server localhost:{}", pg.port));
+    out.assert_stderr_has("certificate").assert_stderr_has("sslrootcert");
+}
+
+#[test]
+fn remote_wrong_password_and_closed_port_are_clear_errors() {
+    let Some(pg) = PgServer::start() else { return };
+    let env = Env::new();
+    let bad = format!("postgres://{}:wrong@127.0.0.1:{}/postgres?sslmode=disable", crate::pg_server::USER, pg.port);
+    let out = env.run(&["--backend", &bad, "run", "p", "--", "true"]);
+    out.assert_code(2).assert_stderr_has("refused user").assert_stderr_has(".pgpass");
+    assert!(!out.stderr.contains("wrong@"), "{}", out.stderr);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let closed = format!("postgres://u@127.0.0.1:{port}/db?connect_timeout=3");
+    env.run(&["--backend", &closed, "run", "p", "--", "true"]).assert_code(2).assert_stderr_has("connection refused");
+    // Local locks are unaffected.
+    env.run(&["run", "p", "--", "true"]).assert_code(0);
+}
+
+#[test]
+fn remote_config_file_routes_by_glob() {
+    let Some(pg) = PgServer::start() else { return };
+    let env = Env::new();
+    let conf = env.path("config.toml");
+    std::fs::write(&conf, format!("[[locks]]\nmatch = \"deploy-*\"\nbackend = \"{}\"\nmax_hold = \"30m\"\n", pg.url()))
+        .unwrap();
+    let mut holder = env.cli();
+    holder.env("BUILDLOCK_CONFIG", &conf).args(["run", "deploy-x", "--", "sh", "-c", "echo locked; read x"]);
+    let mut holder = Proc::spawn(holder);
+    holder.expect_line("locked");
+    assert_eq!(pg.psql("SELECT count(*) FROM buildlock_holders h JOIN buildlock_locks l ON l.id = h.lock_id WHERE l.name = 'deploy-x'"), "1");
+    let mut status = env.cli();
+    status.env("BUILDLOCK_CONFIG", &conf).arg("status");
+    let out = output_bounded(status, "status");
+    out.assert_code(0).assert_stdout_has(&format!("lock deploy-x on postgres://127.0.0.1:{}/postgres:", pg.port));
+    assert!(!out.stdout.contains(crate::pg_server::PASSWORD), "{}", out.stdout);
+    // Another name stays local.
+    let mut local = env.cli();
+    local.env("BUILDLOCK_CONFIG", &conf).args(["run", "build", "--", "true"]);
+    output_bounded(local, "run build").assert_code(0);
+    assert!(env.lock_file("build").exists() && !env.lock_file("deploy-x").exists());
+    holder.send_line();
+    assert!(holder.wait().success());
+}
+
+/// A test host: a network namespace joined to the root namespace by a veth pair, removed (with
+/// its link) when dropped, also when the test fails.
+struct NetHost {
+    ns: String,
+    /// The server's address on the pair (root side) and the host's.
+    server_ip: String,
+    host_ip: String,
+}
+
+impl NetHost {
+    /// `None` (with a loud message) when not root or without `ip`.
+    fn create() -> Option<NetHost> {
+        let ok = |args: &[&str]| std::process::Command::new("ip").args(args).status().is_ok_and(|s| s.success());
+        if !nix::unistd::Uid::effective().is_root() || !ok(&["-V"]) {
+            eprintln!("\n*** SKIPPED: the cut-off host test needs root and `ip` (network namespaces) ***\n");
+            return None;
+        }
+        let n = std::process::id() % 250 + 1;
+        let host = NetHost {
+            ns: format!("blk-{}", std::process::id()),
+            server_ip: format!("10.213.{n}.1"),
+            host_ip: format!("10.213.{n}.2"),
+        };
+        let (root_if, ns_if) = (format!("blkr{n}"), format!("blkh{n}"));
+        let steps: Vec<Vec<String>> = vec![
+            vec!["netns".into(), "add".into(), host.ns.clone()],
+            vec![
+                "link".into(),
+                "add".into(),
+                root_if.clone(),
+                "type".into(),
+                "veth".into(),
+                "peer".into(),
+                "name".into(),
+                ns_if.clone(),
+                "netns".into(),
+                host.ns.clone(),
+            ],
+            vec!["addr".into(), "add".into(), format!("{}/30", host.server_ip), "dev".into(), root_if.clone()],
+            vec!["link".into(), "set".into(), root_if, "up".into()],
+            vec![
+                "-n".into(),
+                host.ns.clone(),
+                "addr".into(),
+                "add".into(),
+                format!("{}/30", host.host_ip),
+                "dev".into(),
+                ns_if.clone(),
+            ],
+            vec!["-n".into(), host.ns.clone(), "link".into(), "set".into(), ns_if, "up".into()],
+            vec!["-n".into(), host.ns.clone(), "link".into(), "set".into(), "lo".into(), "up".into()],
+        ];
+        for step in steps {
+            let args: Vec<&str> = step.iter().map(String::as_str).collect();
+            assert!(ok(&args), "ip {}", args.join(" "));
+        }
+        Some(host)
+    }
+
+    fn cidr(&self) -> String {
+        let base = self.server_ip.rsplit_once('.').unwrap().0;
+        format!("{base}.0/30")
+    }
+
+    /// Takes the host's link down: it is cut off, its processes live on.
+    fn cut(&self) {
+        let n = std::process::id() % 250 + 1;
+        let st = std::process::Command::new("ip")
+            .args(["-n", &self.ns, "link", "set", &format!("blkh{n}"), "down"])
+            .status();
+        assert!(st.unwrap().success());
+    }
+}
+
+impl Drop for NetHost {
+    fn drop(&mut self) {
+        let n = std::process::id() % 250 + 1;
+        let _ = std::process::Command::new("ip").args(["link", "del", &format!("blkr{n}")]).status();
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+#[test]
+fn remote_cut_off_host_stops_its_command_before_another_host_gets_the_lock() {
+    let Some(net) = NetHost::create() else { return };
+    let Some(pg) = PgServer::start_listening(Some((&net.server_ip, &net.cidr()))) else { return };
+    let env = Env::new();
+    let url = pg.url_with(&net.server_ip, "sslmode=disable");
+    // The holder runs on the cut-off host (in its namespace), with the shortest remote timeout.
+    let cmd = env.cli();
+    let mut holder = std::process::Command::new("ip");
+    holder.args(["netns", "exec", &net.ns]).arg(cmd.get_program());
+    holder.args([
+        "--backend",
+        &url,
+        "--remote-timeout",
+        "8",
+        "run",
+        "cut",
+        "--",
+        "sh",
+        "-c",
+        "echo $$; exec sleep 1000",
+    ]);
+    holder.env_clear().envs(cmd.get_envs().filter_map(|(k, v)| Some((k, v?)))).current_dir(env.path(""));
+    let mut holder = Proc::spawn(holder);
+    let cmd_pid: u32 = holder.next_line().unwrap().parse().unwrap();
+    // Another host (the root namespace) waits; when granted, it checks that the cut-off
+    // holder's command is gone (or a zombie) by then.
+    let check = format!(
+        "if [ -d /proc/{cmd_pid} ] && ! grep -q '^State:.*Z' /proc/{cmd_pid}/status; then echo TOO-EARLY; fi; echo got it"
+    );
+    let mut waiter = env.spawn(&["--backend", &pg.url(), "run", "cut", "--", "sh", "-c", &check]);
+    wait_until(|| waiting(&pg) == 1);
+    net.cut();
+    let st = holder.wait();
+    assert_eq!(st.code(), Some(122), "{}", holder.stderr());
+    assert!(holder.stderr().contains("was lost while held"), "{}", holder.stderr());
+    assert_eq!(waiter.next_line().as_deref(), Some("got it"), "{}", waiter.stderr());
+    assert!(waiter.wait().success());
+}
+
+#[test]
+fn remote_lock_and_session_end_when_cmd_exits_even_if_a_background_child_lives_on() {
+    let Some(pg) = PgServer::start() else { return };
+    let env = Env::new();
+    let out = remote(&env, &pg, &["run", "bg", "--", "sh", "-c", "sleep 1000 >/dev/null 2>&1 & echo $!"]);
+    out.assert_code(0);
+    let bg: i32 = out.stdout.trim().parse().unwrap();
+    remote(&env, &pg, &["run", "-n", "bg", "--", "true"]).assert_code(0);
+    // The server was told: no session of ours stays open for the child's copy of the socket.
+    wait_until(|| pg.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'buildlock'") == "0");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(bg), nix::sys::signal::Signal::SIGKILL).unwrap();
+}
