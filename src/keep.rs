@@ -298,11 +298,7 @@ pub(crate) fn keep(cx: &Context, args: AcquireArgs) -> ExitCode {
             )
         }) {
             Ok(l) => l,
-            Err(e) if e.is_conflict() => {
-                eprintln!("buildlock-client: {e}");
-                return ExitCode::from(args.lock.conflict_exit_code);
-            }
-            Err(e) => return fail(&e),
+            Err(e) => return crate::acquire_failed(&e, args.lock.conflict_exit_code),
         };
         match lease.bind_pid_confirmed(pid) {
             Ok(()) => break lease,

@@ -22,6 +22,7 @@
 //!   lost (the connection to the server broke; not with `--on-lost=warn`); 126 if CMD could not
 //!   be executed, 127 if it was not found.
 //! - `acquire`: 0 once the lock is held for PID; 1 (or `-E`) when busy or timed out.
+//! - `run`, `acquire`: 3 when waiting would never end (a deadlock), with the cycle named.
 //! - `release`: 0 when released, 1 when PID held no such lock.
 //! - `break`: 0 when the lock is free afterwards, 1 when it was refused (a live holder).
 //! - `daemon status`: 0 when a daemon runs, 1 when none does.
@@ -47,6 +48,25 @@ mod service;
 
 /// Exit code for bad usage or input, and for failures of buildlock itself.
 const EXIT_USAGE: u8 = 2;
+/// Exit code when waiting for the lock would never end (a deadlock: this thread, or a process
+/// this one was started by, holds what the holders it would wait for wait for).
+const EXIT_DEADLOCK: u8 = 3;
+
+/// Prints a failure to take a lock and returns its exit code: `conflict` for a busy lock or a
+/// wait that ran out, [`EXIT_DEADLOCK`] for a deadlock, [`EXIT_USAGE`] for the rest.
+fn acquire_failed(e: &buildlock::Error, conflict: u8) -> ExitCode {
+    match e {
+        e if e.is_conflict() => {
+            eprintln!("buildlock-client: {e}");
+            ExitCode::from(conflict)
+        }
+        buildlock::Error::Deadlock(_) => {
+            eprintln!("buildlock-client: {e}");
+            ExitCode::from(EXIT_DEADLOCK)
+        }
+        e => fail(e),
+    }
+}
 
 #[derive(Parser, Debug)]
 #[command(name = "buildlock-client", version, about = "Hold buildlock locks around commands, show and break them")]
@@ -202,8 +222,9 @@ struct RunArgs {
     /// `timeout(1)`); `run` passes Ctrl+C on to it.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     max_hold: Option<Duration>,
-    /// With `--max-hold`: how long CMD has after SIGTERM before SIGKILL [default: 10 s]
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "max_hold")]
+    /// With a max-hold (`--max-hold`, or `max_hold` for the lock in the config file): how long
+    /// CMD has after SIGTERM before SIGKILL [default: 10 s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     kill_after: Option<Duration>,
     /// Remote locks: what to do when the connection to the server is lost while CMD runs:
     /// `stop` CMD (SIGTERM to its process group, SIGKILL after a grace period; exit 122), or
@@ -448,6 +469,8 @@ impl LockArgs {
             bind_pid: None,
             watch: true,
             remote: None,
+            max_hold: None,
+            kill_after: None,
         }
     }
 }

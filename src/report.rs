@@ -59,7 +59,13 @@ pub(crate) fn status(cx: &Context, target: Option<&str>) -> ExitCode {
             print_status(s);
             if let Some(d) = d {
                 for h in d.holders.iter().filter(|h| h.token.is_some()) {
-                    println!("  daemon lease: {} (token {})", h.description, h.token.unwrap_or(0));
+                    let max_hold = h
+                        .max_hold_ms
+                        .map(|ms| {
+                            format!(", max-hold {}", buildlock_disk::stale::secs(std::time::Duration::from_millis(ms)))
+                        })
+                        .unwrap_or_default();
+                    println!("  daemon lease: {} (token {}{max_hold})", h.description, h.token.unwrap_or(0));
                 }
                 for w in &d.waiters {
                     let op =
@@ -94,7 +100,7 @@ fn daemon_json(d: &LockInfo) -> Value {
         "holders": d.holders.iter().map(|h| json!({
             "pid": h.pid, "command": h.command, "mode": h.mode.map(|m| m.to_string()), "token": h.token,
             "since_unix_ms": h.since_unix_ms, "operation": h.operation, "outside": h.outside,
-            "description": h.description,
+            "description": h.description, "max_hold_ms": h.max_hold_ms,
         })).collect::<Vec<_>>(),
         "waiters": d.waiters.iter().map(|w| json!({
             "pid": w.pid, "mode": w.mode.to_string(), "waited_ms": w.waited_ms, "operation": w.operation,

@@ -61,6 +61,19 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(&e),
     };
+    // A max-hold from the command line, else from the config file's entry for this lock. The
+    // daemon is told too, so that it stops CMD even if this process is killed.
+    let max_hold = args
+        .max_hold
+        .or_else(|| cx.config.max_hold_for(&target.name))
+        .map(|limit| MaxHold { limit, kill_after: args.kill_after.unwrap_or(DEFAULT_KILL_AFTER) });
+    #[cfg(not(unix))]
+    if max_hold.is_some() {
+        eprintln!("buildlock-client: --max-hold is not supported on this platform yet (it stops process groups)");
+        return ExitCode::from(crate::EXIT_USAGE);
+    }
+    opts.max_hold = max_hold.as_ref().map(|m| m.limit);
+    opts.kill_after = max_hold.as_ref().map(|m| m.kill_after);
     let remote = opts.remote.as_ref().map(|s| s.display());
     // `wait_for` below checks the lock file once a second itself, where it can (Linux): one
     // thread less per `run`, which costs more than the lock.
@@ -69,14 +82,9 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
     let mut notice = WaitNotice::new(&target.name, &place);
     let mut lease = match buildlock::acquire(&target, &opts, &mut |w| notice.show(&w.holder, w.waited)) {
         Ok(l) => l,
-        Err(e) if e.is_conflict() => {
-            notice.finish();
-            eprintln!("buildlock-client: {e}");
-            return ExitCode::from(args.lock.conflict_exit_code);
-        }
         Err(e) => {
             notice.finish();
-            return fail(&e);
+            return crate::acquire_failed(&e, args.lock.conflict_exit_code);
         }
     };
     notice.finish();
@@ -87,13 +95,6 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
     if !passed && !buildlock_sys::kill_on_parent_death(&mut cmd) {
         tracing::debug!("this platform cannot stop CMD if buildlock-client is killed");
     }
-    #[cfg(not(unix))]
-    if args.max_hold.is_some() {
-        eprintln!("buildlock-client: --max-hold is not supported on this platform yet (it stops process groups)");
-        return ExitCode::from(crate::EXIT_USAGE);
-    }
-    let max_hold =
-        args.max_hold.map(|limit| MaxHold { limit, kill_after: args.kill_after.unwrap_or(DEFAULT_KILL_AFTER) });
     // A lost remote lock stops CMD's group within a quarter of the remote timeout.
     let lost_grace = match (&opts.remote, args.on_lost.as_str()) {
         (Some(s), "stop") => {

@@ -38,6 +38,9 @@
 //!     operation: "build:demo".into(),
 //!     command: "make -j8".into(),
 //!     bind_pid: None,
+//!     thread: 1,
+//!     max_hold_ms: None,
+//!     kill_after_ms: None,
 //! });
 //! wire.extend(encode(&request)?);
 //!

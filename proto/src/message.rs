@@ -68,6 +68,16 @@ pub struct AcquireRequest {
     /// (or released it) *and* this process has exited. Lets `buildlock-client` exit while the
     /// command it started keeps the lock.
     pub bind_pid: Option<u32>,
+    /// The asking thread (the kernel's thread id where there is one): a thread that waits for a
+    /// lock it holds itself would wait forever, while another thread of its process may wait
+    /// for it. For deadlock detection; added in protocol 3.
+    pub thread: u64,
+    /// Past this long held (milliseconds), the daemon stops the process the lease is bound to
+    /// (SIGTERM to its process group, SIGKILL `kill_after_ms` later), so that a killed `run`
+    /// does not take its command's limit with it. Added in protocol 3.
+    pub max_hold_ms: Option<u64>,
+    /// With `max_hold_ms`: the grace between SIGTERM and SIGKILL.
+    pub kill_after_ms: Option<u64>,
 }
 
 /// A message from client to daemon after the handshake. Append-only: see the module docs.
@@ -134,6 +144,8 @@ pub struct Holder {
     pub outside: bool,
     /// One human-readable line describing the holder, worded as buildlock prints it.
     pub description: String,
+    /// Its `--max-hold`, in milliseconds, if it has one. Added in protocol 3.
+    pub max_hold_ms: Option<u64>,
 }
 
 /// A client queued for a lock.
@@ -217,6 +229,10 @@ pub enum ErrorCode {
     /// One of the daemon's limits (leases, locks waited for in the kernel) is reached; the
     /// message names the limit and the setting that raises it. Added in protocol 2.
     LimitExceeded,
+    /// Waiting would never end: the request closes a cycle of waits (it, or a process it was
+    /// started by, holds what the holders it waits for wait for). The message names the cycle.
+    /// Added in protocol 3.
+    Deadlock,
 }
 
 impl fmt::Display for ErrorCode {
@@ -236,6 +252,7 @@ impl fmt::Display for ErrorCode {
             ErrorCode::ShuttingDown => "shutting-down",
             ErrorCode::Internal => "internal",
             ErrorCode::LimitExceeded => "limit-exceeded",
+            ErrorCode::Deadlock => "deadlock",
         })
     }
 }

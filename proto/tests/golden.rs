@@ -22,7 +22,7 @@ const FIXTURE: &[(&str, &str)] = &[
     ("Hello", "0d000000424c434b0305302e312e30d209"),
     ("Welcome", "0d000000424c434b0305302e312e306300"),
     ("Welcome(refused)", "10000000424c434b0305302e312e306301026e6f"),
-    ("Request::Acquire", "170000000003072f6c2e6c6f636b0001e807026f7003636d640107"),
+    ("Request::Acquire", "1e0000000003072f6c2e6c6f636b0001e807026f7003636d640107e12101e0d40300"),
     ("Request::Release", "020000000103"),
     ("Request::ReleasePid", "0c00000002072f6c2e6c6f636b808004"),
     ("Request::Status", "020000000300"),
@@ -30,11 +30,11 @@ const FIXTURE: &[(&str, &str)] = &[
     ("Request::Shutdown", "0100000005"),
     ("Request::Bind", "0400000006039221"),
     ("Reply::Granted", "0c0000000003072f6c2e6c6f636b0501"),
-    ("Reply::Waiting", "260000000103072f6c2e6c6f636b020101922101046d616b650101680101010301026f7001ac02000164"),
+    ("Reply::Waiting", "290000000103072f6c2e6c6f636b020101922101046d616b650101680101010301026f7001ac02000164018827"),
     ("Reply::Released", "0a0000000203072f6c2e6c6f636b"),
     (
         "Reply::Status",
-        "2c0000000301072f6c2e6c6f636b0101922101046d616b650101680101010301026f7001ac0200016401080196010177",
+        "2f0000000301072f6c2e6c6f636b0101922101046d616b650101680101010301026f7001ac0200016401882701080196010177",
     ),
     ("Reply::DaemonStatus", "1b00000004630105302e312e3080a0abfef962022f72042f722f7301020300"),
     ("Reply::ShuttingDown", "0100000005"),
@@ -63,6 +63,7 @@ fn holder() -> Holder {
         token: Some(300),
         outside: false,
         description: "d".into(),
+        max_hold_ms: Some(5_000),
     }
 }
 
@@ -102,6 +103,9 @@ fn messages() -> Vec<(String, Msg)> {
             operation: "op".into(),
             command: "cmd".into(),
             bind_pid: Some(7),
+            thread: 4321,
+            max_hold_ms: Some(60_000),
+            kill_after_ms: None,
         }),
         Request::Release { lease: 3 },
         Request::ReleasePid { path: "/l.lock".into(), pid: 65536 },

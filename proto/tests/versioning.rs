@@ -22,10 +22,11 @@ const VARIANTS: &[(u16, &str, u8)] = &[
     (2, "ErrorCode", 14),
     (2, "Mode", 2),
     (2, "WaitFor", 3),
-    // 3: leases named by a client-chosen id (fields changed, no variant added).
+    // 3: leases named by a client-chosen id, the asking thread, max-hold (fields changed);
+    // ErrorCode::Deadlock.
     (3, "Request", 7),
     (3, "Reply", 9),
-    (3, "ErrorCode", 14),
+    (3, "ErrorCode", 15),
     (3, "Mode", 2),
     (3, "WaitFor", 3),
 ];

@@ -167,6 +167,9 @@ fn a_client_that_cannot_be_written_to_loses_its_connection_and_its_lease() {
         operation: "stops reading".into(),
         command: String::new(),
         bind_pid: None,
+        thread: 0,
+        max_hold_ms: None,
+        kill_after_ms: None,
     });
     send(&mut s, buildlock_proto::encode(&acquire).unwrap());
     // Read (and so close: a plain read drops the descriptor that came with it) the grant.

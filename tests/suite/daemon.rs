@@ -314,6 +314,9 @@ fn garbage_and_oversized_frames_close_only_that_connection() {
         operation: String::new(),
         command: String::new(),
         bind_pid: None,
+        thread: 0,
+        max_hold_ms: None,
+        kill_after_ms: None,
     });
     buildlock_proto::write_frame(&mut s, &req).unwrap();
     let reply: Reply = buildlock_proto::read_message(&mut s).unwrap().unwrap();

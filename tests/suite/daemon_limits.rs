@@ -51,6 +51,9 @@ fn acquire(s: &mut UnixStream, path: &std::path::Path, wait: WaitFor) {
         operation: "test".into(),
         command: "test".into(),
         bind_pid: None,
+        thread: 0,
+        max_hold_ms: None,
+        kill_after_ms: None,
     });
     s.write_all(&buildlock_proto::encode(&req).unwrap()).unwrap();
 }
@@ -259,6 +262,9 @@ fn the_idle_clock_starts_when_the_last_bound_process_is_gone() {
         operation: "script".into(),
         command: "sh".into(),
         bind_pid: Some(script_pid),
+        thread: 0,
+        max_hold_ms: None,
+        kill_after_ms: None,
     });
     s.write_all(&buildlock_proto::encode(&req).unwrap()).unwrap();
     assert!(matches!(reply(&mut s), Reply::Granted { .. }));

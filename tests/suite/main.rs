@@ -8,6 +8,7 @@ mod bad_input;
 mod daemon;
 mod daemon_limits;
 mod daemonize;
+mod deadlock;
 mod exclusion;
 mod hostile;
 mod interop;

@@ -26,6 +26,9 @@ fn acquire(s: &mut UnixStream, path: &str) -> Reply {
         operation: String::new(),
         command: String::new(),
         bind_pid: None,
+        thread: 0,
+        max_hold_ms: None,
+        kill_after_ms: None,
     });
     s.write_all(&buildlock_proto::encode(&req).unwrap()).unwrap();
     buildlock_proto::decode(&buildlock_proto::read_frame(s).unwrap().unwrap()).unwrap()

@@ -151,6 +151,42 @@ pub fn signal_group(pgid: u32, signal: Option<i32>) -> io::Result<bool> {
     }
 }
 
+/// An id of the calling thread, for telling a process's threads apart (deadlock detection):
+/// the kernel's thread id on Linux, elsewhere a number given to each thread of this process on
+/// first use.
+pub fn current_thread_id() -> u64 {
+    #[cfg(target_os = "linux")]
+    {
+        nix::unistd::gettid().as_raw() as u64
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        thread_local!(static ID: u64 = NEXT.fetch_add(1, Ordering::Relaxed));
+        ID.with(|id| *id)
+    }
+}
+
+/// The processes `pid` was started by, parent first, up to (not including) pid 1; empty if
+/// `pid` is gone. A process started by a holder acts for it (deadlock detection).
+pub fn ancestors(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut at = pid;
+    // A bound on the walk: the chain may change under us (a parent exits, its children are
+    // re-parented), but never loops for long.
+    while out.len() < 64 {
+        match imp::parent(at) {
+            Some(parent) if parent > 1 && parent != at && !out.contains(&parent) => {
+                out.push(parent);
+                at = parent;
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
 /// Process facts through `sysinfo`, for platforms without `/proc`. Compiled everywhere so that
 /// Linux CI type-checks it and compares it against `/proc`.
 #[cfg_attr(target_os = "linux", allow(dead_code))]
@@ -167,6 +203,13 @@ mod portable {
 
     pub(crate) fn command_line(pid: u32) -> Option<String> {
         command_args(pid).map(|cmd| cmd.join(" "))
+    }
+
+    pub(crate) fn parent(pid: u32) -> Option<u32> {
+        let mut sys = System::new().ok()?;
+        let p = Pid::from_u32(pid);
+        sys.refresh_processes_specifics(ProcessesToUpdate::Some(&[p]), true, ProcessRefreshKind::nothing());
+        sys.process(p).and_then(|pr| pr.parent()).map(|pp| pp.as_u32())
     }
 
     pub(crate) fn command_args(pid: u32) -> Option<Vec<String>> {
@@ -211,6 +254,12 @@ mod imp {
         let state = fields.first().and_then(|s| s.chars().next()).ok_or_else(bad)?;
         let start = fields.get(19).and_then(|s| s.parse().ok()).ok_or_else(bad)?;
         Ok((state, start))
+    }
+
+    pub(super) fn parent(pid: u32) -> Option<u32> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // After the command: state (field 3), then ppid (field 4).
+        text[text.rfind(')')? + 1..].split_whitespace().nth(1)?.parse().ok()
     }
 
     pub(super) fn start_time(pid: u32) -> io::Result<Option<u64>> {
@@ -325,6 +374,10 @@ mod imp {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
 
+    pub(super) fn parent(pid: u32) -> Option<u32> {
+        portable::parent(pid)
+    }
+
     pub(super) fn start_time(pid: u32) -> io::Result<Option<u64>> {
         Ok(portable::lookup(pid).map(|(start, _)| start))
     }
@@ -371,6 +424,10 @@ mod imp {
     use super::{portable, ProcessState};
     use std::io;
     use std::process::Command;
+
+    pub(super) fn parent(pid: u32) -> Option<u32> {
+        portable::parent(pid)
+    }
 
     pub(super) fn start_time(pid: u32) -> io::Result<Option<u64>> {
         Ok(portable::lookup(pid).map(|(start, _)| start))

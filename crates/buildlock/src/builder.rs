@@ -271,14 +271,24 @@ mod tests {
         let e = Lock::named("x").lock_dir(dir.path()).connect(Connect::Direct).no_wait().acquire().unwrap_err();
         assert!(e.is_conflict() && !e.is_timeout(), "{e:?}");
         assert!(e.to_string().contains(&format!("pid {}", std::process::id())), "{e}");
-        let e = Lock::named("x")
-            .lock_dir(dir.path())
-            .connect(Connect::Direct)
-            .timeout(Duration::from_millis(1))
-            .acquire()
-            .unwrap_err();
+        // A wait that runs out (in another thread: this one would wait for itself, which is
+        // refused as a deadlock).
+        let e = std::thread::scope(|s| {
+            s.spawn(|| {
+                Lock::named("x")
+                    .lock_dir(dir.path())
+                    .connect(Connect::Direct)
+                    .timeout(Duration::from_millis(1))
+                    .acquire()
+            })
+            .join()
+            .unwrap()
+            .unwrap_err()
+        });
         assert!(e.is_timeout(), "{e:?}");
         assert!(e.to_string().contains("first"), "{e}");
+        let e = Lock::named("x").lock_dir(dir.path()).connect(Connect::Direct).acquire().unwrap_err();
+        assert!(matches!(e, crate::Error::Deadlock(_)), "{e:?}");
         held.release().unwrap();
     }
 

@@ -81,6 +81,7 @@ mod builder;
 #[cfg(unix)]
 mod client;
 pub mod config;
+mod held;
 #[cfg(unix)]
 mod mux;
 
@@ -136,6 +137,13 @@ pub struct Options {
     pub watch: bool,
     /// Take the lock on this PostgreSQL server instead of the lock directory (`None`: local).
     pub remote: Option<buildlock_remote::Settings>,
+    /// Through the daemon, with the lease bound to a process (`run`'s command): past this long
+    /// held, the daemon stops that process's group (SIGTERM, then SIGKILL after `kill_after`),
+    /// even if the process that asked is gone; `status` shows it. `run --max-hold` also stops
+    /// its command itself.
+    pub max_hold: Option<Duration>,
+    /// With `max_hold`: the grace between SIGTERM and SIGKILL [default: 10 s].
+    pub kill_after: Option<Duration>,
 }
 
 impl Default for Options {
@@ -152,6 +160,8 @@ impl Default for Options {
             bind_pid: None,
             watch: true,
             remote: None,
+            max_hold: None,
+            kill_after: None,
         }
     }
 }
@@ -195,6 +205,10 @@ pub enum Error {
     /// A remote lock's error (busy, lost, unreachable server, ...), naming the server.
     #[error(transparent)]
     Remote(#[from] buildlock_remote::Error),
+    /// Waiting would never end: the message names the cycle of holders and waiters (through the
+    /// daemon), or says that this thread holds the lock itself (directly).
+    #[error("{0}")]
+    Deadlock(String),
 }
 
 impl Error {
@@ -215,6 +229,8 @@ pub struct Lease {
     target: LockTarget,
     token: u64,
     inner: Option<Inner>,
+    /// A direct lease, known to this process's threads (`held.rs`) until it is dropped.
+    _held: Option<held::Registered>,
 }
 
 // One per lease, never in a collection of its own: boxing the larger variant would cost a
@@ -332,7 +348,7 @@ fn acquire_remote(
     let lease = buildlock_remote::acquire(settings, &req, &mut |h, waited| {
         on_wait(&WaitInfo { holder: h.describe(), holder_pid: None, waited })
     })?;
-    Ok(Lease { target: target.clone(), token: lease.token(), inner: Some(Inner::Remote(lease)) })
+    Ok(Lease { target: target.clone(), token: lease.token(), inner: Some(Inner::Remote(lease)), _held: None })
 }
 
 fn acquire_direct(target: &LockTarget, opts: &Options, on_wait: &mut dyn FnMut(&WaitInfo)) -> Result<Lease, Error> {
@@ -344,10 +360,30 @@ fn acquire_direct(target: &LockTarget, opts: &Options, on_wait: &mut dyn FnMut(&
         command: opts.command.clone(),
         watch: opts.watch,
     };
+    if effective_wait(opts.wait) != Wait::NoWait {
+        if let Err(held) = held::check(&target.path, opts.mode) {
+            return Err(Error::Deadlock(format!(
+                "this thread already holds lock {} ({}), so waiting for it ({}) would never end: the kernel \
+                 counts every open of a lock file as another holder, this process's own included. Release it \
+                 first, or keep using the lease you have",
+                target.path.display(),
+                mode_name(held),
+                mode_name(opts.mode)
+            )));
+        }
+    }
     let guard = buildlock_disk::acquire(target, &disk, effective_wait(opts.wait), &mut |holder, waited| {
         on_wait(&WaitInfo { holder: holder.to_string(), holder_pid: holder.pid(), waited })
     })?;
-    Ok(Lease { target: target.clone(), token: guard.token(), inner: Some(Inner::Direct(guard)) })
+    let held = held::register(&target.path, opts.mode);
+    Ok(Lease { target: target.clone(), token: guard.token(), inner: Some(Inner::Direct(guard)), _held: Some(held) })
+}
+
+fn mode_name(mode: LockMode) -> &'static str {
+    match mode {
+        LockMode::Shared => "shared",
+        LockMode::Exclusive => "exclusive",
+    }
 }
 
 /// `wait` with a timeout too long for the clock to represent (`-w 1e19`) turned into `Forever`,
@@ -438,6 +474,9 @@ fn acquire_daemon(
         operation: opts.operation.clone(),
         command: opts.command.clone().unwrap_or_default(),
         bind_pid: opts.bind_pid,
+        thread: buildlock_sys::current_thread_id(),
+        max_hold_ms: opts.max_hold.map(millis),
+        kill_after_ms: opts.kill_after.map(millis),
     }))
     .map_err(gone)?;
     let mut holder: Option<buildlock_proto::Holder> = None;
@@ -455,19 +494,26 @@ fn acquire_daemon(
                 let (bound, runtime_dir) = (opts.bind_pid, opts.runtime_dir());
                 drop(replies);
                 let inner = Inner::Daemon { mux, lease, path, file, id, bound, runtime_dir };
-                return Ok(Lease { target: target.clone(), token, inner: Some(inner) });
+                return Ok(Lease { target: target.clone(), token, inner: Some(inner), _held: None });
             }
             Some((Reply::Error(e), _)) => {
                 return Err(match e.code {
                     ErrorCode::WouldBlock | ErrorCode::Timeout => {
                         Error::Busy { message: e.message, timed_out: e.code == ErrorCode::Timeout }
                     }
+                    ErrorCode::Deadlock => Error::Deadlock(e.message),
                     code => Error::Daemon { code, message: e.message },
                 })
             }
             Some((other, _)) => return Err(Error::Protocol(format!("unexpected reply from buildlockd: {other:?}"))),
         }
     }
+}
+
+/// Milliseconds for the wire, saturating.
+#[cfg(unix)]
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(unix)]

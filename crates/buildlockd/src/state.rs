@@ -54,6 +54,9 @@ pub(crate) struct State {
     /// Leases the queue granted whose OS lock is still to be taken: taken as soon as the state
     /// lock is released, by the guard that held it (no task per grant).
     to_lock: Vec<LeaseId>,
+    /// When held leases with a `--max-hold` are next due to be stopped (SIGTERM, then SIGKILL),
+    /// for the daemon's one timer.
+    hold_deadlines: BTreeSet<(Instant, LeaseId)>,
 }
 
 /// The state, locked. When it is released, the grants decided meanwhile are carried out (the
@@ -102,6 +105,7 @@ impl State {
             idle_since: Some(Instant::now()),
             outside: HashMap::new(),
             to_lock: Vec::new(),
+            hold_deadlines: BTreeSet::new(),
         }
     }
 
@@ -121,6 +125,9 @@ impl State {
     fn remove_lease(&mut self, lease: LeaseId) -> Option<Lease> {
         self.leave_outside(lease);
         let l = self.leases.remove(&lease)?;
+        if let Some(mh) = &l.max_hold {
+            self.hold_deadlines.remove(&(mh.due, lease));
+        }
         if let Some(c) = self.conns.get_mut(&l.owner) {
             c.leases.remove(&l.client_ref);
         }
@@ -172,6 +179,33 @@ struct Lease {
     phase: Phase,
     /// Its entry in the journal of bound leases, while it is bound and held.
     journal_key: Option<String>,
+    /// The asking thread (`AcquireRequest::thread`), and the processes the asking (or bound)
+    /// process was started by, read when it had to wait: whom it acts for (deadlock detection).
+    thread: u64,
+    ancestors: Vec<u32>,
+    /// Its `--max-hold`, and where stopping its bound process stands.
+    max_hold: Option<MaxHold>,
+}
+
+/// A lease's `--max-hold`: due at `due` (once held) for SIGTERM, then for SIGKILL.
+struct MaxHold {
+    limit: std::time::Duration,
+    kill_after: std::time::Duration,
+    due: Instant,
+    stage: HoldStage,
+    /// The limit came while the client (`run`) was still connected: it stops its command
+    /// itself, so the daemon waits one grace (and a second) more before it does.
+    deferred: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HoldStage {
+    /// Not held yet, or held within its limit.
+    Running,
+    /// SIGTERM sent; SIGKILL at `due`.
+    Terminated,
+    /// SIGKILL sent.
+    Killed,
 }
 
 enum Phase {
@@ -232,6 +266,7 @@ pub(crate) fn holder_from_disk(h: &buildlock_disk::Holder, outside: bool) -> Hol
         token: m.and_then(|m| m.token),
         outside,
         description: if outside { format!("{h} (not a buildlockd client)") } else { h.to_string() },
+        max_hold_ms: None,
     }
 }
 
@@ -256,7 +291,17 @@ impl Lease {
             orphaned_by,
             ..buildlock_disk::Holder::default()
         };
-        holder_from_disk(&disk, false)
+        let mut holder = holder_from_disk(&disk, false);
+        if let Some(mh) = &self.max_hold {
+            holder.max_hold_ms = u64::try_from(mh.limit.as_millis()).ok();
+            if mh.stage != HoldStage::Running {
+                holder.description.push_str(&format!(
+                    "; held past its max-hold ({}), being stopped",
+                    buildlock_disk::stale::secs(mh.limit)
+                ));
+            }
+        }
+        holder
     }
 
     fn metadata(&self) -> Metadata {
@@ -363,7 +408,35 @@ impl Daemon {
             return Self::send(&st, owner, error(id, ErrorCode::InvalidRequest, msg, None), None);
         }
         let key = target.path.clone();
+        let asker = a.bind_pid.unwrap_or(client_pid);
+        let ancestors = std::cell::OnceCell::new();
+        if wait != Wait::NoWait {
+            let cycle = st.queue.deadlock(
+                &key,
+                queue_mode(a.mode),
+                |held| {
+                    st.leases.get(&held).is_some_and(|l| {
+                        let same_thread = l.bind_pid.is_some() || a.bind_pid.is_some() || l.thread == a.thread;
+                        (l.holder_pid == asker && same_thread)
+                            || ancestors.get_or_init(|| buildlock_sys::ancestors(asker)).contains(&l.holder_pid)
+                    })
+                },
+                |waiting, held| Self::acts_for(&st, waiting, held),
+            );
+            if let Some(cycle) = cycle {
+                let msg = Self::describe_cycle(&st, &key, asker, &a.command, &cycle);
+                tracing::info!("refused a request that would deadlock: {msg}");
+                return Self::send(&st, owner, error(id, ErrorCode::Deadlock, msg, None), None);
+            }
+        }
         let lease = st.queue.acquire(now, buildlock_queue::Request::new(key, owner, queue_mode(a.mode), wait));
+        let max_hold = a.max_hold_ms.map(|ms| MaxHold {
+            limit: std::time::Duration::from_millis(ms),
+            kill_after: std::time::Duration::from_millis(a.kill_after_ms.unwrap_or(10_000)),
+            due: now,
+            stage: HoldStage::Running,
+            deferred: false,
+        });
         st.leases.insert(
             lease,
             Lease {
@@ -380,13 +453,22 @@ impl Daemon {
                 wait,
                 phase: Phase::Waiting,
                 journal_key: None,
+                thread: a.thread,
+                ancestors: ancestors.get().cloned().unwrap_or_default(),
+                max_hold,
             },
         );
         if let Some(c) = st.conns.get_mut(&owner) {
             c.leases.insert(id, lease);
         }
         self.pump(&mut st);
-        // Still queued behind daemon clients: say so, and who holds it.
+        // Still queued behind daemon clients: say so, and who holds it. Whom it acts for is
+        // known from now on (deadlock detection for those who come after it).
+        if let Some(l) = st.leases.get_mut(&lease) {
+            if matches!(l.phase, Phase::Waiting) && l.ancestors.is_empty() {
+                l.ancestors = buildlock_sys::ancestors(asker);
+            }
+        }
         if let Some(l) = st.leases.get(&lease) {
             if matches!(l.phase, Phase::Waiting) {
                 // 1 = next; 0 is kept for "granted by the queue, waiting for an outside holder".
@@ -396,6 +478,64 @@ impl Daemon {
                 Self::send(&st, owner, Reply::Waiting { lease: id, path, position, holder }, None);
             }
         }
+    }
+
+    /// Whether the waiting lease `waiting` waits on behalf of the holder of `held`: the same
+    /// thread (or, for leases bound to a process, the same process), or a process the holder
+    /// started (a nested `run` in a build recipe acts for the build).
+    fn acts_for(st: &State, waiting: LeaseId, held: LeaseId) -> bool {
+        let (Some(w), Some(h)) = (st.leases.get(&waiting), st.leases.get(&held)) else { return false };
+        if w.holder_pid == h.holder_pid {
+            return w.bind_pid.is_some() || h.bind_pid.is_some() || w.thread == h.thread;
+        }
+        w.ancestors.contains(&h.holder_pid)
+    }
+
+    /// The deadlock a request would close, for a person: who holds what and waits for what.
+    fn describe_cycle(
+        st: &State,
+        key: &Path,
+        asker: u32,
+        command: &str,
+        cycle: &[buildlock_queue::Link<PathBuf>],
+    ) -> String {
+        let name = |p: &Path| {
+            let file = p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            file.strip_suffix(".lock").map(str::to_owned).unwrap_or(file)
+        };
+        // The process's own command line: a lease's command is what it runs (`run`'s CMD), and
+        // the process asking may be the `run` that will start it.
+        let who = |pid: u32, command: &str| {
+            let command = buildlock_sys::command_line(pid)
+                .or_else(|| Some(command.to_owned()).filter(|c| !c.is_empty()))
+                .unwrap_or_else(|| "?".into());
+            format!("pid {pid} ({command})")
+        };
+        let mut steps = Vec::new();
+        for link in cycle {
+            let Some(h) = st.leases.get(&link.held) else { continue };
+            let holder = who(h.holder_pid, &h.command);
+            let (waiter_pid, waiter_command) = match link.waiting.and_then(|w| st.leases.get(&w)) {
+                Some(w) => (w.holder_pid, w.command.as_str()),
+                None => (asker, command),
+            };
+            let (holds, waits) = (name(&link.holds), name(&link.waits_for));
+            steps.push(if waiter_pid == h.holder_pid {
+                format!("{holder} holds {holds} and waits for {waits}")
+            } else {
+                format!(
+                    "{holder} holds {holds}, and {}, which it started, waits for {waits}",
+                    who(waiter_pid, waiter_command)
+                )
+            });
+        }
+        let advice = if cycle.len() == 1 {
+            "It holds the lock already: a command run under the lock must not take it again (or ask for \
+             exclusive while it holds it shared)"
+        } else {
+            "Take the locks in the same order everywhere, or release one before asking for the other"
+        };
+        format!("waiting for lock {} would never end (deadlock): {}. {advice}", key.display(), steps.join("; "))
     }
 
     /// The first daemon-client holder of `path`, if any.
@@ -659,6 +799,12 @@ impl Daemon {
                 let path = l.target.path.display().to_string();
                 let id = l.client_ref;
                 l.phase = Phase::Held { hold: Box::new(hold), conn_open, pid_running: bind.is_some(), released: false };
+                if let Some(mh) = &mut l.max_hold {
+                    mh.due = Instant::now() + mh.limit;
+                    let due = mh.due;
+                    st.hold_deadlines.insert((due, lease));
+                    self.timer.notify_one();
+                }
                 let fd_attached = fd.is_some();
                 Self::send(&st, owner, Reply::Granted { lease: id, path, token, fd_attached }, fd);
                 if let Some(pid) = bind {
@@ -916,6 +1062,9 @@ impl Daemon {
             wait: Wait::NoWait,
             phase: Phase::Held { hold: Box::new(hold), conn_open: false, pid_running: true, released: false },
             journal_key: Some(key),
+            thread: 0,
+            ancestors: Vec::new(),
+            max_hold: None,
         };
         self.journal_lease(&mut l);
         st.leases.insert(lease, l);
@@ -951,16 +1100,98 @@ impl Daemon {
         st.note_activity();
     }
 
-    /// Expires waiters whose deadline passed; returns the next deadline.
+    /// Expires waiters whose deadline passed and stops holders past their `--max-hold`;
+    /// returns the next deadline.
     pub(crate) fn on_timer(self: &Arc<Self>) -> Option<Instant> {
         let mut st = self.state();
-        st.queue.handle_timeout(Instant::now());
+        let now = Instant::now();
+        st.queue.handle_timeout(now);
         self.pump(&mut st);
-        st.queue.poll_timeout()
+        while let Some(&(due, lease)) = st.hold_deadlines.first() {
+            if due > now {
+                break;
+            }
+            st.hold_deadlines.pop_first();
+            Self::stop_overdue(&mut st, lease, now);
+        }
+        Self::next(&st)
     }
 
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        self.state().queue.poll_timeout()
+        Self::next(&self.state())
+    }
+
+    fn next(st: &State) -> Option<Instant> {
+        let hold = st.hold_deadlines.first().map(|&(due, _)| due);
+        match (st.queue.poll_timeout(), hold) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// A held lease is past its `--max-hold` (or its grace after SIGTERM): its bound process's
+    /// group gets SIGTERM (then SIGKILL). The lease ends as any bound lease does, once that
+    /// process has exited and its client is gone or has released it; the next waiter gets the
+    /// lock when the kernel says the group's copies of the descriptor are gone too.
+    fn stop_overdue(st: &mut State, lease: LeaseId, now: Instant) {
+        let Some(l) = st.leases.get_mut(&lease) else { return };
+        let conn_open = matches!(l.phase, Phase::Held { conn_open: true, .. });
+        let Some(mh) = &mut l.max_hold else { return };
+        // `run` alive stops its own command first (and says so, and exits 124); the daemon is
+        // the safety net for a `run` that was killed, or is stuck.
+        if mh.stage == HoldStage::Running && conn_open && !mh.deferred {
+            mh.deferred = true;
+            mh.due = now + mh.kill_after + std::time::Duration::from_secs(1);
+            let due = mh.due;
+            st.hold_deadlines.insert((due, lease));
+            return;
+        }
+        let (sig, next) = match mh.stage {
+            HoldStage::Running => (nix_sig::TERM, HoldStage::Terminated),
+            HoldStage::Terminated => (nix_sig::KILL, HoldStage::Killed),
+            HoldStage::Killed => return,
+        };
+        mh.stage = next;
+        let Some(pid) = l.bind_pid else {
+            tracing::warn!(
+                "lock {} has been held for {:?}, past its max-hold, by pid {}, which is not bound to it: nothing \
+                 to stop",
+                l.target.path.display(),
+                mh.limit,
+                l.holder_pid
+            );
+            return;
+        };
+        // The bound process, proven the same (its start time), leads a group of its own
+        // (`run --max-hold` starts it so): the whole group is stopped. Otherwise only it.
+        let alive = match &l.phase {
+            Phase::Held { hold, .. } => {
+                buildlock_sys::process_state(&hold.metadata().process()) == buildlock_sys::ProcessState::Alive
+            }
+            _ => false,
+        };
+        if !alive {
+            return;
+        }
+        let what = if sig == nix_sig::TERM { "SIGTERM" } else { "SIGKILL" };
+        tracing::warn!(
+            "lock {} has been held past its max-hold ({:?}) by pid {pid} ({}): {what} to its process group",
+            l.target.path.display(),
+            mh.limit,
+            l.command
+        );
+        let sent = match buildlock_sys::signal_group(pid, Some(sig)) {
+            Ok(true) => Ok(()),
+            _ => buildlock_sys::send_signal(pid, sig),
+        };
+        if let Err(e) = sent {
+            tracing::warn!("cannot stop pid {pid}: {e}");
+        }
+        if next == HoldStage::Terminated {
+            mh.due = now + mh.kill_after;
+            let due = mh.due;
+            st.hold_deadlines.insert((due, lease));
+        }
     }
 
     fn status(&self, path: Option<&str>) -> Reply {
@@ -1037,6 +1268,12 @@ impl Daemon {
 }
 
 /// A lock path from a client: absolute, and a valid lock target.
+/// The two signals `--max-hold` sends (Unix numbers; the daemon runs on Unix only).
+mod nix_sig {
+    pub(super) const TERM: i32 = 15;
+    pub(super) const KILL: i32 = 9;
+}
+
 fn validate_path(path: &str) -> Result<LockTarget, String> {
     if !Path::new(path).is_absolute() {
         return Err(format!("lock path {path:?} is not absolute; clients send absolute paths"));

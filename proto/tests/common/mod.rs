@@ -18,6 +18,7 @@ pub fn full_holder() -> Holder {
         token: Some(u64::MAX),
         outside: false,
         description: "pid 4242 (make -j8) on myhost, exclusive — since 14:03:11".into(),
+        max_hold_ms: None,
     }
 }
 
@@ -33,6 +34,7 @@ pub fn outside_holder() -> Holder {
         token: None,
         outside: true,
         description: "held outside buildlock".into(),
+        max_hold_ms: None,
     }
 }
 
@@ -46,6 +48,9 @@ pub fn sample_requests() -> Vec<Request> {
         operation: "build:demo".into(),
         command: "make -j8".into(),
         bind_pid: Some(77),
+        thread: 0,
+        max_hold_ms: None,
+        kill_after_ms: None,
     };
     vec![
         Request::Acquire(acquire.clone()),
@@ -53,6 +58,9 @@ pub fn sample_requests() -> Vec<Request> {
             mode: Mode::Shared,
             wait: WaitFor::NoWait,
             bind_pid: None,
+            thread: 0,
+            max_hold_ms: None,
+            kill_after_ms: None,
             ..acquire.clone()
         }),
         Request::Acquire(AcquireRequest {
