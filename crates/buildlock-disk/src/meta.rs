@@ -251,7 +251,7 @@ pub fn unique_id() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let now = Timestamp::now();
-    format!("{}-{}{:09}-{n}", std::process::id(), now.as_second(), now.subsec_nanosecond())
+    format!("{}-{}{:09}-{n}", buildlock_sys::current_pid(), now.as_second(), now.subsec_nanosecond())
 }
 
 /// Reads the metadata at `path`, never failing: problems become [`MetaRead::Corrupt`].
@@ -299,6 +299,29 @@ pub(crate) fn temp_path(path: &Path) -> std::path::PathBuf {
 /// never written through.
 pub fn write_atomic(path: &Path, meta: &Metadata) -> io::Result<()> {
     buildlock_sys::fs::replace_file(path, meta.to_json().as_bytes())
+}
+
+/// Puts `meta` at `path` atomically, as [`write_atomic`] does, but replaces a file already
+/// there only if `may_replace` (asked only then; it may read the file) agrees. `Ok(None)`: left
+/// alone. The stamp returned lets the writer remove exactly this file later
+/// ([`remove_if_ours_stamped`]) without reading it back.
+pub fn install(
+    path: &Path,
+    meta: &Metadata,
+    may_replace: &mut dyn FnMut() -> bool,
+) -> io::Result<Option<buildlock_sys::fs::FileStamp>> {
+    buildlock_sys::fs::install_file(path, meta.to_json().as_bytes(), may_replace)
+}
+
+/// Removes the metadata at `path` if it is the very file whose `stamp` [`install`] returned;
+/// if the file there is another one, only if it names the acquisition `id` ([`remove_if_ours`]).
+pub fn remove_if_ours_stamped(path: &Path, id: &str, stamp: Option<&buildlock_sys::fs::FileStamp>) -> io::Result<bool> {
+    if let Some(stamp) = stamp {
+        if buildlock_sys::fs::remove_if_stamp(path, stamp)? {
+            return Ok(true);
+        }
+    }
+    remove_if_ours(path, id)
 }
 
 /// Removes the metadata at `path` if it names the acquisition `id`; leaves anyone else's alone.

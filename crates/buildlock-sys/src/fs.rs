@@ -9,6 +9,9 @@
 //!   the same things, and a file with more than one hard link when asked to write into it.
 //! - [`replace_file`]: writes a new file next to the path (`O_EXCL`, which never follows a link)
 //!   and renames it over the path, so whatever was planted there is replaced, not written through.
+//! - [`install_file`]: the same, but replacing a file already there only if the caller agrees
+//!   (asked only when there is one: `RENAME_NOREPLACE`); returns the new file's [`FileStamp`],
+//!   which [`remove_if_stamp`] checks before removing it.
 //!
 //! - [`create_dir_all`]: a lock directory and its parents, `rwxr-xr-x` at most.
 //!
@@ -48,12 +51,32 @@ pub fn open_regular_nonblocking(path: &Path, max_len: u64) -> io::Result<File> {
 /// with `single_link`, also only one that has no other hard link (so writing into it cannot
 /// change a file elsewhere). The returned file is in blocking mode.
 pub fn open_regular_rw(path: &Path, create: bool, single_link: bool) -> io::Result<File> {
+    open_regular_rw_stat(path, create, single_link, true).map(|(file, _)| file)
+}
+
+/// [`open_regular_rw`], also returning what `fstat` said of the file opened (its id, size and
+/// link count: callers need not ask again). With `blocking` false the descriptor keeps
+/// `O_NONBLOCK`, which changes nothing for reading and writing a regular file and saves a
+/// system call (fence files).
+///
+/// The file is opened without `O_CREAT` first: it exists on every acquisition but the first,
+/// and then the directory need not be looked at for the new file's mode.
+pub fn open_regular_rw_stat(
+    path: &Path,
+    create: bool,
+    single_link: bool,
+    blocking: bool,
+) -> io::Result<(File, std::fs::Metadata)> {
     let mut opts = OpenOptions::new();
-    opts.read(true).write(true).create(create).truncate(false);
-    if create {
-        imp::set_mode(&mut opts, shared_mode(path));
-    }
-    let file = imp::open(path, &mut opts)?;
+    opts.read(true).write(true).truncate(false);
+    let file = match imp::open(path, &mut opts) {
+        Err(e) if create && e.kind() == io::ErrorKind::NotFound => {
+            opts.create(true);
+            imp::set_mode(&mut opts, shared_mode(path));
+            imp::open(path, &mut opts)?
+        }
+        other => other?,
+    };
     let meta = file.metadata()?;
     check_regular(&meta)?;
     if single_link && imp::links(&meta) > 1 {
@@ -62,8 +85,85 @@ pub fn open_regular_rw(path: &Path, create: bool, single_link: bool) -> io::Resu
             format!("it has {} hard links, so writing into it would change another file", imp::links(&meta)),
         ));
     }
-    imp::set_blocking(&file)?;
-    Ok(file)
+    if blocking {
+        imp::set_blocking(&file)?;
+    }
+    Ok((file, meta))
+}
+
+/// What identifies one version of a file: (device, inode), size and modification time. A file
+/// replaced, rewritten or deleted and recreated no longer matches (see [`install_file`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileStamp {
+    pub id: crate::FileId,
+    pub len: u64,
+    pub modified: Option<std::time::SystemTime>,
+}
+
+impl FileStamp {
+    /// The stamp of the file `meta` describes.
+    pub fn of(meta: &std::fs::Metadata) -> FileStamp {
+        FileStamp { id: imp::file_id(meta), len: meta.len(), modified: meta.modified().ok() }
+    }
+}
+
+/// The stamp of the file at `path` itself (a symbolic link's own, never the file it names).
+pub fn path_stamp(path: &Path) -> io::Result<FileStamp> {
+    std::fs::symlink_metadata(path).map(|m| FileStamp::of(&m))
+}
+
+/// Puts a new file holding `bytes` (mode `rw-r--r--`) at `path` atomically: written to a
+/// temporary file next to it (created exclusively, so a planted link is never followed), then
+/// renamed into place without replacing anything (`renameat2(RENAME_NOREPLACE)` on Linux).
+/// Only if a file is already there is `may_replace` asked (it may read that file); if it says
+/// yes, the new file replaces the old one, atomically; if no, nothing changes and `Ok(None)` is
+/// returned. Readers see no file, the old one, or the whole new one, never a part.
+///
+/// Returns the new file's stamp, so that its writer can later tell it is still the one at `path`
+/// ([`remove_if_stamp`]) without reading it back.
+pub fn install_file(path: &Path, bytes: &[u8], may_replace: &mut dyn FnMut() -> bool) -> io::Result<Option<FileStamp>> {
+    let tmp = temp_path(path);
+    let result = (|| {
+        let mut opts = OpenOptions::new();
+        opts.write(true).create_new(true);
+        imp::set_mode(&mut opts, 0o644);
+        let mut f = opts.open(&tmp)?;
+        f.write_all(bytes)?;
+        let stamp = FileStamp::of(&f.metadata()?);
+        drop(f);
+        match imp::rename_noreplace(&tmp, path) {
+            Ok(true) => return Ok(Some(stamp)),
+            Ok(false) => {}
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+            Err(_) => {}
+        }
+        // Something is at `path` (or the file system cannot say without replacing it).
+        if !may_replace() {
+            let _ = std::fs::remove_file(&tmp);
+            return Ok(None);
+        }
+        std::fs::rename(&tmp, path)?;
+        Ok(Some(stamp))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Removes the file at `path` if it is still the one `stamp` describes. `Ok(false)` when it is
+/// not (another file, or none): nothing is removed then.
+pub fn remove_if_stamp(path: &Path, stamp: &FileStamp) -> io::Result<bool> {
+    match path_stamp(path) {
+        Ok(now) if now == *stamp => match std::fs::remove_file(path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        },
+        Ok(_) => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Replaces the file at `path` with one holding `bytes`: written to a new temporary file in the
@@ -110,7 +210,7 @@ fn temp_path(path: &Path) -> PathBuf {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.{}-{nanos}-{n}.tmp", std::process::id()))
+    path.with_file_name(format!(".{name}.{}-{nanos}-{n}.tmp", crate::current_pid()))
 }
 
 fn check_regular(meta: &std::fs::Metadata) -> io::Result<()> {
@@ -172,9 +272,33 @@ mod imp {
     }
 
     pub(super) fn set_blocking(file: &File) -> io::Result<()> {
-        let flags = OFlag::from_bits_retain(fcntl(file, FcntlArg::F_GETFL)?);
-        fcntl(file, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK))?;
+        // The only status flag `open` set is O_NONBLOCK (O_APPEND, O_ASYNC, O_DIRECT and
+        // O_NOATIME never are), so clearing them all is clearing it: one call, no F_GETFL.
+        fcntl(file, FcntlArg::F_SETFL(OFlag::empty()))?;
         Ok(())
+    }
+
+    pub(super) fn file_id(meta: &std::fs::Metadata) -> crate::FileId {
+        crate::FileId { dev: meta.dev(), ino: meta.ino() }
+    }
+
+    /// `Ok(true)`: renamed; `Err(AlreadyExists)`: something is at `to`; `Ok(false)`: this file
+    /// system cannot rename without replacing (the caller checks first, then replaces).
+    #[cfg(target_os = "linux")]
+    pub(super) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<bool> {
+        use nix::errno::Errno;
+        use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+        match renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE) {
+            Ok(()) => Ok(true),
+            Err(Errno::EEXIST) => Err(io::ErrorKind::AlreadyExists.into()),
+            Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub(super) fn rename_noreplace(_from: &Path, _to: &Path) -> io::Result<bool> {
+        Ok(false)
     }
 
     pub(super) fn links(meta: &std::fs::Metadata) -> u64 {
@@ -219,6 +343,15 @@ mod imp {
 
     pub(super) fn set_blocking(_file: &File) -> io::Result<()> {
         Ok(())
+    }
+
+    pub(super) fn file_id(_meta: &std::fs::Metadata) -> crate::FileId {
+        // No stable inode number through std here: the size and time still tell versions apart.
+        crate::FileId { dev: 0, ino: 0 }
+    }
+
+    pub(super) fn rename_noreplace(_from: &Path, _to: &Path) -> io::Result<bool> {
+        Ok(false)
     }
 
     pub(super) fn links(_meta: &std::fs::Metadata) -> u64 {

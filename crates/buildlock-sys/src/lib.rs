@@ -56,8 +56,8 @@ mod lock_imp;
 
 pub use inherit::{holds_lock, lock_holders, pass_to_child};
 pub use process::{
-    command_args, command_line, current_process, hostname, identify, kill_on_parent_death, process_state, send_signal,
-    ProcessIdentity, ProcessState,
+    command_args, command_line, current_pid, current_process, hostname, identify, kill_on_parent_death, process_state,
+    send_signal, CloseInChild, ProcessIdentity, ProcessState,
 };
 
 /// How a lock is held: many shared holders at once, or one exclusive holder.
