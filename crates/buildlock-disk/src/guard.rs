@@ -31,10 +31,8 @@ pub struct Guard {
     keeper: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
     /// Registration with the shared watcher; dropping it unregisters.
     _watched: Option<Arc<Watched>>,
-    /// The metadata file as written, so that release removes exactly it without reading it.
-    meta_stamp: Option<FileStamp>,
-    /// The open fence file, kept with the lock file for the next acquisition.
-    fence: Option<FenceFile>,
+    /// What release and the next acquisition reuse (boxed: a guard stays small).
+    reuse: Option<Box<Reuse>>,
     /// The locked descriptor was lent out ([`Guard::os_file`]): it may live on in another
     /// process, so it is closed at release, never kept for reuse.
     lent: AtomicBool,
@@ -86,8 +84,7 @@ impl Guard {
             lost,
             keeper,
             _watched: watched,
-            meta_stamp: None,
-            fence: None,
+            reuse: None,
             lent: AtomicBool::new(false),
         }
     }
@@ -95,8 +92,7 @@ impl Guard {
     /// What lets release remove the metadata without reading it, and the next acquisition skip
     /// opening files: the metadata file's stamp and the open fence file.
     pub(crate) fn set_reusable(&mut self, meta_stamp: Option<FileStamp>, fence: Option<FenceFile>) {
-        self.meta_stamp = meta_stamp;
-        self.fence = fence;
+        self.reuse = Some(Box::new(Reuse { meta_stamp, fence }));
     }
 
     /// The metadata written for this holder.
@@ -135,14 +131,9 @@ impl Guard {
             return Ok(());
         }
         self.lent.store(true, Ordering::SeqCst);
-        hand_over_metadata(
-            &self.target,
-            &mut self.meta,
-            &mut self.meta_stamp,
-            pid,
-            command,
-            buildlock_sys::current_pid(),
-        )
+        let reuse = self.reuse.get_or_insert_with(|| Box::new(Reuse { meta_stamp: None, fence: None }));
+        let via = buildlock_sys::current_pid();
+        hand_over_metadata(&self.target, &mut self.meta, &mut reuse.meta_stamp, pid, command, via)
     }
 
     /// `"os"` or `"soft"`.
@@ -196,7 +187,8 @@ impl Guard {
         if result.is_ok() {
             // Metadata goes first, while we still hold the lock, so nobody sees ours on a lock
             // they hold; then the lock itself.
-            remove_own_metadata(&self.target, &self.meta, self.meta_stamp.as_ref())?;
+            let stamp = self.reuse.as_ref().and_then(|r| r.meta_stamp.as_ref());
+            remove_own_metadata(&self.target, &self.meta, stamp)?;
             if let Held::Soft(_) = held {
                 match std::fs::remove_file(&self.target.path) {
                     Ok(()) => {}
@@ -211,7 +203,7 @@ impl Guard {
             // still the lock file at the path.
             if result.is_ok() && !self.lent.load(Ordering::SeqCst) {
                 let locked = crate::os::Locked { file, id: self.id };
-                crate::os::idle::put(&self.target.path, locked, self.fence.take());
+                crate::os::idle::put(&self.target.path, locked, self.reuse.take().and_then(|r| r.fence));
             }
         }
         result
@@ -269,6 +261,15 @@ impl Drop for Guard {
             tracing::error!("{e}");
         }
     }
+}
+
+/// What an OS-lock guard keeps to save system calls.
+#[derive(Debug)]
+struct Reuse {
+    /// The metadata file as written, so that release removes exactly it without reading it.
+    meta_stamp: Option<FileStamp>,
+    /// The open fence file, kept with the lock file for the next acquisition.
+    fence: Option<FenceFile>,
 }
 
 /// A lock file watched by the shared watcher.
