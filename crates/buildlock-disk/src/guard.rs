@@ -250,7 +250,8 @@ pub(crate) fn remove_own_metadata(
     stamp: Option<&FileStamp>,
 ) -> Result<(), Error> {
     let Some(id) = &meta.id else { return Ok(()) };
-    meta::remove_if_ours_stamped(&target.meta_path, id, stamp)
+    let exclusive = meta.mode == Some(buildlock_sys::LockMode::Exclusive);
+    meta::remove_if_ours_stamped(&target.meta_path, id, stamp, exclusive)
         .map(drop)
         .map_err(|e| Error::io("remove the metadata file", &target.meta_path, e))
 }

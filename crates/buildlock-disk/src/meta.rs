@@ -313,11 +313,42 @@ pub fn install(
     buildlock_sys::fs::install_file(path, meta.to_json().as_bytes(), may_replace)
 }
 
-/// Removes the metadata at `path` if it is the very file whose `stamp` [`install`] returned;
-/// if the file there is another one, only if it names the acquisition `id` ([`remove_if_ours`]).
-pub fn remove_if_ours_stamped(path: &Path, id: &str, stamp: Option<&buildlock_sys::fs::FileStamp>) -> io::Result<bool> {
+/// The file an exclusive holder's metadata is kept in between holders (`X.lock.pid.spare`):
+/// renamed to `X.lock.pid` by the next exclusive holder, which rewrites it first, and back at
+/// release, so that no file is created or deleted per acquisition. Only touched while holding
+/// the lock exclusively; never read.
+pub fn spare_path(path: &Path) -> std::path::PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".spare");
+    std::path::PathBuf::from(p)
+}
+
+/// [`install`] for an exclusive holder: the spare file ([`spare_path`]) is rewritten and
+/// renamed into place when there is one (of ours, regular), else a new file is.
+pub fn install_exclusive(
+    path: &Path,
+    meta: &Metadata,
+    may_replace: &mut dyn FnMut() -> bool,
+) -> io::Result<Option<buildlock_sys::fs::FileStamp>> {
+    buildlock_sys::fs::install_file_reusing(path, &spare_path(path), meta.to_json().as_bytes(), may_replace)
+}
+
+/// Removes the metadata at `path` if it is the very file whose `stamp` [`install`] returned
+/// (an exclusive holder's goes back to the spare file); if the file there is another one,
+/// only if it names the acquisition `id` ([`remove_if_ours`]).
+pub fn remove_if_ours_stamped(
+    path: &Path,
+    id: &str,
+    stamp: Option<&buildlock_sys::fs::FileStamp>,
+    exclusive: bool,
+) -> io::Result<bool> {
     if let Some(stamp) = stamp {
-        if buildlock_sys::fs::remove_if_stamp(path, stamp)? {
+        let gone = if exclusive {
+            buildlock_sys::fs::retire_if_stamp(path, stamp, &spare_path(path))?
+        } else {
+            buildlock_sys::fs::remove_if_stamp(path, stamp)?
+        };
+        if gone {
             return Ok(true);
         }
     }

@@ -351,7 +351,12 @@ fn claim_with(
         replace
     };
     let mut meta_stamp = None;
-    match meta::install(&target.meta_path, &ours, &mut may_replace) {
+    let installed = if mode == LockMode::Exclusive {
+        meta::install_exclusive(&target.meta_path, &ours, &mut may_replace)
+    } else {
+        meta::install(&target.meta_path, &ours, &mut may_replace)
+    };
+    match installed {
         Ok(Some(stamp)) => meta_stamp = Some(stamp),
         // Another live reader's metadata stays (ours would replace it and vanish with us), or
         // the file is not metadata we recognise (somebody's file, a FIFO, a directory): never
@@ -763,6 +768,34 @@ mod tests {
         let guard = take(&target);
         assert_eq!(crate::meta::read(&target.meta_path).valid().map(|m| m.pid), Some(std::process::id()));
         guard.release().unwrap();
+        // Exclusive holders keep their metadata file for the next one, which rewrites it in place
+        // (padding a shorter text with spaces) before renaming it back.
+        let spare = crate::meta::spare_path(&target.meta_path);
+        assert!(spare.exists(), "no spare metadata file kept at {}", spare.display());
+        let long = acquire(
+            &target,
+            &LockOptions { operation: "x".repeat(300), ..LockOptions::default() },
+            Wait::NoWait,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        long.release().unwrap();
+        let guard = take(&target);
+        assert_eq!(crate::meta::read(&target.meta_path).valid().map(|m| m.operation.clone()), Some(String::new()));
+        guard.release().unwrap();
+        // A link or a hard link planted at the spare's name is never written through.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        for plant in [std::os::unix::fs::symlink::<&std::path::Path, &std::path::Path>, |a, b| std::fs::hard_link(a, b)]
+        {
+            let _ = std::fs::remove_file(&spare);
+            plant(&victim, &spare).unwrap();
+            let guard = take(&target);
+            assert_eq!(crate::meta::read(&target.meta_path).valid().map(|m| m.pid), Some(std::process::id()));
+            guard.release().unwrap();
+            assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+            assert!(!target.meta_path.exists());
+        }
         // Our metadata replaced by another file while held: release leaves that file alone.
         let guard = take(&target);
         crate::meta::write_atomic(&target.meta_path, &dead).unwrap();
