@@ -225,9 +225,14 @@ pub(crate) fn hand_over_metadata(
         return Ok(());
     }
     let handed = meta.handed_over(buildlock_sys::identify(to), command, via);
-    // Replaces ours unconditionally, as before: we hold the lock and wrote what is there.
-    *stamp = meta::install(&target.meta_path, &handed, &mut || true)
-        .map_err(|e| Error::io("write the metadata file", &target.meta_path, e))?;
+    // Replaces ours unconditionally, as before: we hold the lock and wrote what is there. An
+    // exclusive holder's is exchanged with the new one, and kept as the spare.
+    let written = if meta.mode == Some(buildlock_sys::LockMode::Exclusive) && stamp.is_some() {
+        meta::replace_exclusive(&target.meta_path, &handed).map(Some)
+    } else {
+        meta::install(&target.meta_path, &handed, &mut || true)
+    };
+    *stamp = written.map_err(|e| Error::io("write the metadata file", &target.meta_path, e))?;
     *meta = handed;
     Ok(())
 }

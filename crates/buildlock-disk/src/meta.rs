@@ -333,6 +333,12 @@ pub fn install_exclusive(
     buildlock_sys::fs::install_file_reusing(path, &spare_path(path), meta.to_json().as_bytes(), may_replace)
 }
 
+/// Replaces an exclusive holder's own metadata at `path` with `meta`, atomically, keeping the
+/// old file as the spare (no flush, no file freed: `buildlock_sys::fs::replace_file_keeping`).
+pub fn replace_exclusive(path: &Path, meta: &Metadata) -> io::Result<buildlock_sys::fs::FileStamp> {
+    buildlock_sys::fs::replace_file_keeping(path, meta.to_json().as_bytes(), &spare_path(path))
+}
+
 /// Removes the metadata at `path` if it is the very file whose `stamp` [`install`] returned
 /// (an exclusive holder's goes back to the spare file); if the file there is another one,
 /// only if it names the acquisition `id` ([`remove_if_ours`]).

@@ -107,7 +107,8 @@ fn try_idle(target: &LockTarget, opts: &LockOptions) -> Option<Reused> {
 /// no `mkdir` on the way of every acquisition.
 fn open_lock_file(target: &LockTarget) -> Result<LockFile, Error> {
     match LockFile::open(&target.path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        // A missing directory, or a file where one should be: `create_dir_all` says which.
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
             buildlock_sys::fs::create_dir_all(target.dir())
                 .map_err(|e| Error::io("create the lock directory", target.dir(), e))?;
             LockFile::open(&target.path)

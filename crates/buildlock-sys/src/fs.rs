@@ -200,6 +200,38 @@ pub fn install_file_reusing(
     Ok(Some(stamp))
 }
 
+/// Replaces the file at `path` (which must exist: the caller's own) with a new one holding
+/// `bytes`, atomically, by exchanging the two (`renameat2(RENAME_EXCHANGE)`); the old file is
+/// then kept at `spare` for [`install_file_reusing`], or removed if something is there. Replacing
+/// by a plain rename over an existing file would make ext4 write the new file out at once and
+/// free the old one (its "replace by rename" safety net): a millisecond. Falls back to that
+/// where the exchange is not supported.
+pub fn replace_file_keeping(path: &Path, bytes: &[u8], spare: &Path) -> io::Result<FileStamp> {
+    let tmp = temp_path(path);
+    let result = (|| {
+        let mut opts = OpenOptions::new();
+        opts.write(true).create_new(true);
+        imp::set_mode(&mut opts, 0o644);
+        let mut f = opts.open(&tmp)?;
+        f.write_all(bytes)?;
+        let stamp = FileStamp::of(&f.metadata()?);
+        drop(f);
+        if imp::rename_exchange(&tmp, path)? {
+            // `tmp` now names the old file.
+            if !matches!(imp::rename_noreplace(&tmp, spare), Ok(true)) {
+                std::fs::remove_file(&tmp)?;
+            }
+        } else {
+            std::fs::rename(&tmp, path)?;
+        }
+        Ok(stamp)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// Removes the file at `path` if it is still the one `stamp` describes, as [`remove_if_stamp`]
 /// does, but by renaming it to `spare` (for [`install_file_reusing`] to use next) when nothing is
 /// there; else it is unlinked.
@@ -373,6 +405,24 @@ mod imp {
         Ok(false)
     }
 
+    /// `Ok(true)`: the two names now name each other's file; `Ok(false)`: not supported here
+    /// (or `b` is gone), nothing changed.
+    #[cfg(target_os = "linux")]
+    pub(super) fn rename_exchange(a: &Path, b: &Path) -> io::Result<bool> {
+        use nix::errno::Errno;
+        use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+        match renameat2(AT_FDCWD, a, AT_FDCWD, b, RenameFlags::RENAME_EXCHANGE) {
+            Ok(()) => Ok(true),
+            Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP | Errno::ENOENT) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub(super) fn rename_exchange(_a: &Path, _b: &Path) -> io::Result<bool> {
+        Ok(false)
+    }
+
     pub(super) fn links(meta: &std::fs::Metadata) -> u64 {
         meta.nlink()
     }
@@ -429,6 +479,10 @@ mod imp {
     }
 
     pub(super) fn rename_noreplace(_from: &Path, _to: &Path) -> io::Result<bool> {
+        Ok(false)
+    }
+
+    pub(super) fn rename_exchange(_a: &Path, _b: &Path) -> io::Result<bool> {
         Ok(false)
     }
 
