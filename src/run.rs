@@ -50,12 +50,25 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
 
     let mut cmd = Command::new(&args.cmd[0]);
     cmd.args(&args.cmd[1..]).env("BUILDLOCK_TOKEN", lease.token().to_string());
-    let passed = lease.os_file().is_some_and(|file| buildlock_sys::pass_to_child(&mut cmd, file));
+    // CMD inherits a copy of the locked descriptor made for it (no closure between fork and
+    // exec, so std starts it with posix_spawn, far cheaper than fork for a process this size;
+    // `run` has no other thread that could start a program meanwhile and inherit the copy).
+    let copy = match lease.os_file().map(buildlock_sys::inheritable_copy_single_threaded) {
+        Some(Ok(copy)) => copy,
+        Some(Err(e)) => {
+            tracing::debug!("cannot copy the locked descriptor for CMD ({e}); passing it the other way");
+            None
+        }
+        None => None,
+    };
+    let passed = copy.is_some() || lease.os_file().is_some_and(|file| buildlock_sys::pass_to_child(&mut cmd, file));
     if !passed && !buildlock_sys::kill_on_parent_death(&mut cmd) {
         tracing::debug!("this platform cannot stop CMD if buildlock-client is killed");
     }
     let forward = signals::Forwarder::install();
-    let mut child = match cmd.spawn() {
+    let spawned = cmd.spawn();
+    drop(copy);
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             drop(lease);

@@ -54,7 +54,7 @@ mod lock_imp;
 #[path = "lock_windows.rs"]
 mod lock_imp;
 
-pub use inherit::{holds_lock, lock_holders, pass_to_child};
+pub use inherit::{holds_lock, inheritable_copy_single_threaded, lock_holders, pass_to_child};
 pub use process::{
     command_args, command_line, current_pid, current_process, hostname, identify, kill_on_parent_death, process_state,
     send_signal, CloseInChild, ProcessIdentity, ProcessState,

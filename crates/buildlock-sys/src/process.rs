@@ -294,7 +294,7 @@ mod imp {
     /// (state letter, start time) from `/proc/PID/stat`. The command name (field 2) may contain
     /// spaces and parentheses, so fields are counted from the last `)`.
     fn stat(pid: u32) -> io::Result<(char, u64)> {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let text = read_proc(&format!("/proc/{pid}/stat"))?;
         let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("unexpected /proc/{pid}/stat"));
         let rest = &text[text.rfind(')').ok_or_else(bad)? + 1..];
         let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -309,7 +309,33 @@ mod imp {
     }
 
     pub(super) fn boot_id() -> Option<String> {
-        std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_owned())
+        read_proc("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_owned())
+    }
+
+    /// A small `/proc` file in one `read` (plus open and close): `read_to_string` would ask
+    /// its size first (0 for `/proc`), then read in growing pieces, six calls for a `stat`.
+    /// A `/proc` file this small is produced whole by one read of a buffer larger than it.
+    fn read_proc(path: &str) -> io::Result<String> {
+        use std::io::Read;
+        let mut buf = vec![0u8; 4096];
+        let mut file = std::fs::File::open(path)?;
+        let mut got = 0;
+        loop {
+            match file.read(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    got += n;
+                    if got < buf.len() {
+                        break; // all of it: a short read of a /proc file is its end
+                    }
+                    buf.resize(buf.len() * 2, 0);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        buf.truncate(got);
+        String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
     pub(super) fn state(pid: u32, start: Option<u64>) -> ProcessState {
