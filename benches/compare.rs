@@ -22,6 +22,12 @@
 //!   are the time from asking for the lock to getting it.
 //! - `cli_run`: wall time of `buildlock-client run NAME -- true`, with `flock(1) FILE true`
 //!   (interleaved with it, same harness) as the reference.
+//!
+//! Loop mode, for counting system calls (`scripts/syscalls.py`):
+//! `--loop uncontended --mode direct|daemon --iterations N` runs N library acquire+release of
+//! one uncontended lock and prints nothing per operation (in daemon mode, with a private daemon
+//! this process starts and stops, so `strace -f` sees both sides). Two runs with different N
+//! give the cost per operation without the start-up.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -115,6 +121,9 @@ fn main() {
     if args.first().map(String::as_str) == Some("--handoff-waiter") {
         return handoff_waiter(&args[1..]);
     }
+    if let Some(i) = args.iter().position(|a| a == "--loop") {
+        return loop_mode(&args, args.get(i + 1).map(String::as_str));
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let only = args.iter().position(|a| a == "--only").map(|i| match args.get(i + 1) {
         Some(s) if SCENARIOS.contains(&s.as_str()) => s.clone(),
@@ -166,6 +175,51 @@ fn main() {
         cli_run(&ctx);
     }
     let _ = buildlock::ask_daemon(Some(&rt), &buildlock_proto::Request::Shutdown);
+}
+
+/// `--loop uncontended --mode direct|daemon --iterations N`: N operations, nothing printed per
+/// operation, for `strace -f -c` (see `scripts/syscalls.py`).
+fn loop_mode(args: &[String], scenario: Option<&str>) {
+    let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).map(String::as_str);
+    if scenario != Some("uncontended") {
+        eprintln!("compare: --loop needs uncontended, got {scenario:?}");
+        std::process::exit(2);
+    }
+    let mode = match value("--mode") {
+        Some("direct") => Mode::Direct,
+        Some("daemon") => Mode::Daemon,
+        other => {
+            eprintln!("compare: --loop needs --mode direct or --mode daemon, got {other:?}");
+            std::process::exit(2);
+        }
+    };
+    let Some(n) = value("--iterations").and_then(|v| v.parse::<usize>().ok()) else {
+        eprintln!("compare: --loop needs --iterations N (a whole number)");
+        std::process::exit(2);
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let rt = dir.path().join("rt");
+    let locks = dir.path().join("locks");
+    std::fs::create_dir_all(&locks).unwrap();
+    for var in SCRUB {
+        std::env::remove_var(var);
+    }
+    if mode == Mode::Daemon {
+        std::env::set_var("BUILDLOCKD", env!("CARGO_BIN_EXE_buildlockd"));
+        std::env::set_var("BUILDLOCKD_IDLE_EXIT", "120");
+        buildlock::start_daemon(Some(&rt)).expect("start buildlockd");
+    }
+    let ctx = Ctx { quick: true, locks, rt: rt.clone(), cli: env!("CARGO_BIN_EXE_buildlock-client") };
+    let target = ctx.target("uncontended");
+    let opts = Options { wait: Wait::NoWait, ..ctx.options(mode) };
+    for _ in 0..n {
+        let lease = acquire(&target, &opts, &mut |_| {}).unwrap();
+        assert_eq!(lease.via_daemon(), mode == Mode::Daemon);
+        lease.release().unwrap();
+    }
+    if mode == Mode::Daemon {
+        let _ = buildlock::ask_daemon(Some(&rt), &buildlock_proto::Request::Shutdown);
+    }
 }
 
 fn progress(what: &str, mode: Mode) {

@@ -91,7 +91,20 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
 
     let mut cmd = Command::new(&args.cmd[0]);
     cmd.args(&args.cmd[1..]).env("BUILDLOCK_TOKEN", lease.token().to_string());
-    let passed = lease.inherit_file().is_some_and(|file| buildlock_sys::pass_to_child(&mut cmd, file));
+    // CMD inherits a copy of the locked descriptor (or of a remote lock's connection) made for
+    // it (no closure between fork and exec, so std starts it with posix_spawn, far cheaper than
+    // fork for a process this size; `run` starts no program from another thread meanwhile that
+    // could inherit the copy).
+    let copy = match lease.inherit_file().map(buildlock_sys::inheritable_copy_single_threaded) {
+        Some(Ok(copy)) => copy,
+        Some(Err(e)) => {
+            tracing::debug!("cannot copy the locked descriptor for CMD ({e}); passing it the other way");
+            None
+        }
+        None => None,
+    };
+    let passed =
+        copy.is_some() || lease.inherit_file().is_some_and(|file| buildlock_sys::pass_to_child(&mut cmd, file));
     if !passed && !buildlock_sys::kill_on_parent_death(&mut cmd) {
         tracing::debug!("this platform cannot stop CMD if buildlock-client is killed");
     }
@@ -110,7 +123,9 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
         cmd.process_group(0);
     }
     let forward = signals::Forwarder::install();
-    let mut child = match cmd.spawn() {
+    let spawned = cmd.spawn();
+    drop(copy);
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             drop(lease);

@@ -45,10 +45,126 @@ fn read(target: &LockTarget) -> u64 {
 /// hand, say), an exclusive holder gets an error saying so instead of a token that is not
 /// larger than every earlier one.
 pub fn next_token(target: &LockTarget, exclusive: bool) -> Result<u64, Error> {
-    let last = read(target);
     if !exclusive {
-        return Ok(last);
+        return Ok(read(target));
     }
+    match FenceFile::open(target) {
+        Ok(mut fence) => fence.advance(target),
+        Err(e) => {
+            // A link, FIFO or file with other hard links where the fence file should be: read
+            // what can be read, never write; the clock keeps tokens growing.
+            let next = advance_from(target, read(target))?;
+            warn_unrecorded(target, &e);
+            Ok(next)
+        }
+    }
+}
+
+/// An open fence file, checked once to be a regular file with no other hard link: each
+/// [`FenceFile::advance`] costs one read and one write. The lock-file cache of `os.rs` keeps
+/// one beside each idle lock file it keeps open.
+#[derive(Debug)]
+pub(crate) struct FenceFile {
+    file: std::fs::File,
+    opened: std::time::Instant,
+}
+
+impl FenceFile {
+    /// Opens (creating) the fence file of `target` for reading and writing in place.
+    pub(crate) fn open(target: &LockTarget) -> std::io::Result<FenceFile> {
+        let (file, _) = buildlock_sys::fs::open_regular_rw_stat(&fence_path(target), true, true, false)?;
+        Ok(FenceFile { file, opened: std::time::Instant::now() })
+    }
+
+    /// Whether this open file is recent enough to use again: a fence file kept open is
+    /// reopened at least once a second, so a process that keeps one does not go on writing a
+    /// file somebody deleted or replaced (its tokens would then rest on the clock alone).
+    pub(crate) fn is_fresh(&self) -> bool {
+        self.opened.elapsed() < std::time::Duration::from_secs(1)
+    }
+
+    /// The open file.
+    pub(crate) fn file(&self) -> &std::fs::File {
+        &self.file
+    }
+
+    /// Reads the last token and records the next, as [`next_token`] does for an exclusive
+    /// holder. Call only while holding the lock.
+    pub(crate) fn advance(&mut self, target: &LockTarget) -> Result<u64, Error> {
+        let last = self.read();
+        let next = advance_from(target, last)?;
+        if let Err(e) = self.write(next) {
+            warn_unrecorded(target, &e);
+        }
+        Ok(next)
+    }
+
+    /// The last token: one `pread` when the file holds a token as we write them (21 bytes).
+    /// An unreadable, oversized (more than 64 bytes, as [`current`] reads it) or garbled file
+    /// reads as 0: the clock term takes over.
+    fn read(&mut self) -> u64 {
+        let mut buf = [0u8; 65];
+        let mut got = 0;
+        // Stop at a whole token, the end of the file, or more than 64 bytes.
+        while got < TOKEN_LEN || (got < buf.len() && got > TOKEN_LEN) {
+            match read_at(&self.file, &mut buf[got..], got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return 0,
+            }
+            if got == TOKEN_LEN && buf[TOKEN_LEN - 1] == b'\n' {
+                break;
+            }
+        }
+        if got > 64 {
+            return 0;
+        }
+        std::str::from_utf8(&buf[..got]).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0)
+    }
+
+    /// Overwrites the token in place with a fixed-width number: no truncation, which on ext4
+    /// would force a flush on close (its "replace by truncate" safety net) and cost a
+    /// millisecond.
+    fn write(&mut self, token: u64) -> std::io::Result<()> {
+        write_all_at(&self.file, format!("{token:020}\n").as_bytes())
+    }
+}
+
+#[cfg(unix)]
+fn read_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    std::os::unix::fs::FileExt::read_at(file, buf, offset)
+}
+
+#[cfg(unix)]
+fn write_all_at(file: &std::fs::File, bytes: &[u8]) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, bytes, 0)
+}
+
+#[cfg(windows)]
+fn read_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    std::os::windows::fs::FileExt::seek_read(file, buf, offset)
+}
+
+#[cfg(windows)]
+fn write_all_at(file: &std::fs::File, mut bytes: &[u8]) -> std::io::Result<()> {
+    let mut offset = 0;
+    while !bytes.is_empty() {
+        let n = std::os::windows::fs::FileExt::seek_write(file, bytes, offset)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        bytes = &bytes[n..];
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+/// Bytes of a token as written: 20 digits and a newline.
+const TOKEN_LEN: usize = 21;
+
+/// `max(last + 1, microseconds since the epoch)`, or the error for a fence at `u64::MAX`.
+fn advance_from(target: &LockTarget, last: u64) -> Result<u64, Error> {
     let Some(after_last) = last.checked_add(1) else {
         let path = fence_path(target);
         let why = format!(
@@ -59,23 +175,14 @@ pub fn next_token(target: &LockTarget, exclusive: bool) -> Result<u64, Error> {
         return Err(Error::io("advance the fencing token in", &path, std::io::Error::other(why)));
     };
     let now = u64::try_from(Timestamp::now().as_microsecond()).unwrap_or(0);
-    let next = after_last.max(now);
-    if let Err(e) = write(target, next) {
-        let path = fence_path(target);
-        crate::warn_once(&path, || {
-            format!("cannot record fencing token in {}: {e} (tokens still grow with the clock)", path.display())
-        });
-    }
-    Ok(next)
+    Ok(after_last.max(now))
 }
 
-/// Overwrites the token in place with a fixed-width number: no truncation, which on ext4 would
-/// force a flush on close (its "replace by truncate" safety net) and cost a millisecond. Only a
-/// regular file with no other hard link is written: a link or FIFO planted at the path is refused.
-fn write(target: &LockTarget, token: u64) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut f = buildlock_sys::fs::open_regular_rw(&fence_path(target), true, true)?;
-    f.write_all(format!("{token:020}\n").as_bytes())
+fn warn_unrecorded(target: &LockTarget, e: &std::io::Error) {
+    let path = fence_path(target);
+    crate::warn_once(&path, || {
+        format!("cannot record fencing token in {}: {e} (tokens still grow with the clock)", path.display())
+    });
 }
 
 #[cfg(test)]

@@ -13,8 +13,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
+use buildlock_sys::fs::FileStamp;
 use buildlock_sys::{FileId, LockFile};
 
+use crate::fence::FenceFile;
 use crate::{meta, Error, LockTarget, Metadata};
 
 /// A held lock. Dropping it releases the lock; [`Guard::release`] does the same and reports
@@ -29,6 +31,11 @@ pub struct Guard {
     keeper: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
     /// Registration with the shared watcher; dropping it unregisters.
     _watched: Option<Arc<Watched>>,
+    /// What release and the next acquisition reuse (boxed: a guard stays small).
+    reuse: Option<Box<Reuse>>,
+    /// The locked descriptor was lent out ([`Guard::os_file`]): it may live on in another
+    /// process, so it is closed at release, never kept for reuse.
+    lent: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -69,7 +76,23 @@ impl Guard {
             }
             _ => (None, None),
         };
-        Guard { target: target.clone(), meta, held: Some(held), id, lost, keeper, _watched: watched }
+        Guard {
+            target: target.clone(),
+            meta,
+            held: Some(held),
+            id,
+            lost,
+            keeper,
+            _watched: watched,
+            reuse: None,
+            lent: AtomicBool::new(false),
+        }
+    }
+
+    /// What lets release remove the metadata without reading it, and the next acquisition skip
+    /// opening files: the metadata file's stamp and the open fence file.
+    pub(crate) fn set_reusable(&mut self, meta_stamp: Option<FileStamp>, fence: Option<FenceFile>) {
+        self.reuse = Some(Box::new(Reuse { meta_stamp, fence }));
     }
 
     /// The metadata written for this holder.
@@ -92,7 +115,10 @@ impl Guard {
     /// lock even if this process dies, and [`Guard::release`] still ends it for every copy.
     pub fn os_file(&self) -> Option<&File> {
         match &self.held {
-            Some(Held::Os(f)) => Some(f.file()),
+            Some(Held::Os(f)) => {
+                self.lent.store(true, Ordering::SeqCst);
+                Some(f.file())
+            }
             _ => None,
         }
     }
@@ -104,7 +130,10 @@ impl Guard {
         if !matches!(self.held, Some(Held::Os(_))) {
             return Ok(());
         }
-        hand_over_metadata(&self.target, &mut self.meta, pid, command, std::process::id())
+        self.lent.store(true, Ordering::SeqCst);
+        let reuse = self.reuse.get_or_insert_with(|| Box::new(Reuse { meta_stamp: None, fence: None }));
+        let via = buildlock_sys::current_pid();
+        hand_over_metadata(&self.target, &mut self.meta, &mut reuse.meta_stamp, pid, command, via)
     }
 
     /// `"os"` or `"soft"`.
@@ -158,7 +187,8 @@ impl Guard {
         if result.is_ok() {
             // Metadata goes first, while we still hold the lock, so nobody sees ours on a lock
             // they hold; then the lock itself.
-            remove_own_metadata(&self.target, &self.meta)?;
+            let stamp = self.reuse.as_ref().and_then(|r| r.meta_stamp.as_ref());
+            remove_own_metadata(&self.target, &self.meta, stamp)?;
             if let Held::Soft(_) = held {
                 match std::fs::remove_file(&self.target.path) {
                     Ok(()) => {}
@@ -167,10 +197,15 @@ impl Guard {
                 }
             }
         }
-        if let Held::Os(file) = &held {
-            unlock_every_copy(&self.target, file);
+        if let Held::Os(file) = held {
+            unlock_every_copy(&self.target, &file);
+            // Kept open for the next acquisition only if it never left this guard and is
+            // still the lock file at the path.
+            if result.is_ok() && !self.lent.load(Ordering::SeqCst) {
+                let locked = crate::os::Locked { file, id: self.id };
+                crate::os::idle::put(&self.target.path, locked, self.reuse.take().and_then(|r| r.fence));
+            }
         }
-        drop(held);
         result
     }
 }
@@ -181,6 +216,7 @@ impl Guard {
 pub(crate) fn hand_over_metadata(
     target: &LockTarget,
     meta: &mut Metadata,
+    stamp: &mut Option<FileStamp>,
     to: u32,
     command: Option<String>,
     via: u32,
@@ -189,8 +225,14 @@ pub(crate) fn hand_over_metadata(
         return Ok(());
     }
     let handed = meta.handed_over(buildlock_sys::identify(to), command, via);
-    meta::write_atomic(&target.meta_path, &handed)
-        .map_err(|e| Error::io("write the metadata file", &target.meta_path, e))?;
+    // Replaces ours unconditionally, as before: we hold the lock and wrote what is there. An
+    // exclusive holder's is exchanged with the new one, and kept as the spare.
+    let written = if meta.mode == Some(buildlock_sys::LockMode::Exclusive) && stamp.is_some() {
+        meta::replace_exclusive(&target.meta_path, &handed).map(Some)
+    } else {
+        meta::install(&target.meta_path, &handed, &mut || true)
+    };
+    *stamp = written.map_err(|e| Error::io("write the metadata file", &target.meta_path, e))?;
     *meta = handed;
     Ok(())
 }
@@ -207,9 +249,14 @@ pub(crate) fn unlock_every_copy(target: &LockTarget, file: &LockFile) {
 /// Removes the `.lock.pid` that `meta` wrote, only if it still names this acquisition: what
 /// another process put there meanwhile (a planted FIFO, another tool's file, a later holder's
 /// metadata after ours was replaced) is left alone.
-pub(crate) fn remove_own_metadata(target: &LockTarget, meta: &Metadata) -> Result<(), Error> {
+pub(crate) fn remove_own_metadata(
+    target: &LockTarget,
+    meta: &Metadata,
+    stamp: Option<&FileStamp>,
+) -> Result<(), Error> {
     let Some(id) = &meta.id else { return Ok(()) };
-    meta::remove_if_ours(&target.meta_path, id)
+    let exclusive = meta.mode == Some(buildlock_sys::LockMode::Exclusive);
+    meta::remove_if_ours_stamped(&target.meta_path, id, stamp, exclusive)
         .map(drop)
         .map_err(|e| Error::io("remove the metadata file", &target.meta_path, e))
 }
@@ -220,6 +267,15 @@ impl Drop for Guard {
             tracing::error!("{e}");
         }
     }
+}
+
+/// What an OS-lock guard keeps to save system calls.
+#[derive(Debug)]
+struct Reuse {
+    /// The metadata file as written, so that release removes exactly it without reading it.
+    meta_stamp: Option<FileStamp>,
+    /// The open fence file, kept with the lock file for the next acquisition.
+    fence: Option<FenceFile>,
 }
 
 /// A lock file watched by the shared watcher.

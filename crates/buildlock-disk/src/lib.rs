@@ -297,11 +297,13 @@ pub fn acquire(
     wait: Wait,
     on_wait: &mut dyn FnMut(&Holder, Duration),
 ) -> Result<Guard, Error> {
-    buildlock_sys::fs::create_dir_all(target.dir())
-        .map_err(|e| Error::io("create the lock directory", target.dir(), e))?;
     if opts.backend == Backend::Soft {
+        buildlock_sys::fs::create_dir_all(target.dir())
+            .map_err(|e| Error::io("create the lock directory", target.dir(), e))?;
         return soft::acquire(target, opts, wait, on_wait);
     }
+    // The OS-lock backend creates the directory only when opening the lock file finds it
+    // missing: no failing `mkdir` on every acquisition.
     match os::acquire(target, opts, wait, on_wait)? {
         os::Outcome::Locked(guard) => Ok(guard),
         os::Outcome::Unsupported(e) => {

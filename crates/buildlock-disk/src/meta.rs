@@ -251,7 +251,7 @@ pub fn unique_id() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let now = Timestamp::now();
-    format!("{}-{}{:09}-{n}", std::process::id(), now.as_second(), now.subsec_nanosecond())
+    format!("{}-{}{:09}-{n}", buildlock_sys::current_pid(), now.as_second(), now.subsec_nanosecond())
 }
 
 /// Reads the metadata at `path`, never failing: problems become [`MetaRead::Corrupt`].
@@ -299,6 +299,66 @@ pub(crate) fn temp_path(path: &Path) -> std::path::PathBuf {
 /// never written through.
 pub fn write_atomic(path: &Path, meta: &Metadata) -> io::Result<()> {
     buildlock_sys::fs::replace_file(path, meta.to_json().as_bytes())
+}
+
+/// Puts `meta` at `path` atomically, as [`write_atomic`] does, but replaces a file already
+/// there only if `may_replace` (asked only then; it may read the file) agrees. `Ok(None)`: left
+/// alone. The stamp returned lets the writer remove exactly this file later
+/// ([`remove_if_ours_stamped`]) without reading it back.
+pub fn install(
+    path: &Path,
+    meta: &Metadata,
+    may_replace: &mut dyn FnMut() -> bool,
+) -> io::Result<Option<buildlock_sys::fs::FileStamp>> {
+    buildlock_sys::fs::install_file(path, meta.to_json().as_bytes(), may_replace)
+}
+
+/// The file an exclusive holder's metadata is kept in between holders (`X.lock.pid.spare`):
+/// renamed to `X.lock.pid` by the next exclusive holder, which rewrites it first, and back at
+/// release, so that no file is created or deleted per acquisition. Only touched while holding
+/// the lock exclusively; never read.
+pub fn spare_path(path: &Path) -> std::path::PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".spare");
+    std::path::PathBuf::from(p)
+}
+
+/// [`install`] for an exclusive holder: the spare file ([`spare_path`]) is rewritten and
+/// renamed into place when there is one (of ours, regular), else a new file is.
+pub fn install_exclusive(
+    path: &Path,
+    meta: &Metadata,
+    may_replace: &mut dyn FnMut() -> bool,
+) -> io::Result<Option<buildlock_sys::fs::FileStamp>> {
+    buildlock_sys::fs::install_file_reusing(path, &spare_path(path), meta.to_json().as_bytes(), may_replace)
+}
+
+/// Replaces an exclusive holder's own metadata at `path` with `meta`, atomically, keeping the
+/// old file as the spare (no flush, no file freed: `buildlock_sys::fs::replace_file_keeping`).
+pub fn replace_exclusive(path: &Path, meta: &Metadata) -> io::Result<buildlock_sys::fs::FileStamp> {
+    buildlock_sys::fs::replace_file_keeping(path, meta.to_json().as_bytes(), &spare_path(path))
+}
+
+/// Removes the metadata at `path` if it is the very file whose `stamp` [`install`] returned
+/// (an exclusive holder's goes back to the spare file); if the file there is another one,
+/// only if it names the acquisition `id` ([`remove_if_ours`]).
+pub fn remove_if_ours_stamped(
+    path: &Path,
+    id: &str,
+    stamp: Option<&buildlock_sys::fs::FileStamp>,
+    exclusive: bool,
+) -> io::Result<bool> {
+    if let Some(stamp) = stamp {
+        let gone = if exclusive {
+            buildlock_sys::fs::retire_if_stamp(path, stamp, &spare_path(path))?
+        } else {
+            buildlock_sys::fs::remove_if_stamp(path, stamp)?
+        };
+        if gone {
+            return Ok(true);
+        }
+    }
+    remove_if_ours(path, id)
 }
 
 /// Removes the metadata at `path` if it names the acquisition `id`; leaves anyone else's alone.

@@ -13,7 +13,10 @@
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use buildlock_sys::fs::FileStamp;
 use buildlock_sys::{FileId, LockFile, LockMode, Probe, ProcessState};
+
+use crate::fence::FenceFile;
 
 use crate::guard::{Guard, Held};
 use crate::meta::{self, MetaRead, Metadata};
@@ -44,25 +47,81 @@ pub(crate) fn acquire(
     wait: Wait,
     on_wait: &mut dyn FnMut(&Holder, Duration),
 ) -> Result<Outcome, Error> {
-    let file = match try_lock(target, opts)? {
-        Attempt::Locked(file) => file,
-        Attempt::Unsupported(e) => return Ok(Outcome::Unsupported(e)),
-        Attempt::Busy => {
-            let deadline = match wait {
-                Wait::NoWait => return Err(busy(target, opts, None)),
-                Wait::Timeout(t) => Some(Instant::now() + t),
-                Wait::Forever => None,
-            };
-            wait_for(target, opts, deadline, on_wait)?
-        }
+    let (file, fence) = match try_idle(target, opts) {
+        Some(Reused::Locked(file, fence)) => (file, fence),
+        Some(Reused::Busy) => (wait_after_busy(target, opts, wait, on_wait)?, None),
+        None => match try_lock(target, opts)? {
+            Attempt::Locked(file) => (file, None),
+            Attempt::Unsupported(e) => return Ok(Outcome::Unsupported(e)),
+            Attempt::Busy => (wait_after_busy(target, opts, wait, on_wait)?, None),
+        },
     };
-    Ok(Outcome::Locked(take_over(target, opts, file)?))
+    Ok(Outcome::Locked(take_over(target, opts, file, fence)?))
+}
+
+fn wait_after_busy(
+    target: &LockTarget,
+    opts: &LockOptions,
+    wait: Wait,
+    on_wait: &mut dyn FnMut(&Holder, Duration),
+) -> Result<Locked, Error> {
+    let deadline = match wait {
+        Wait::NoWait => return Err(busy(target, opts, None)),
+        Wait::Timeout(t) => Some(Instant::now() + t),
+        Wait::Forever => None,
+    };
+    wait_for(target, opts, deadline, on_wait)
+}
+
+enum Reused {
+    Locked(Locked, Option<FenceFile>),
+    /// Held by somebody else (the idle file is back in the cache).
+    Busy,
+}
+
+/// One non-blocking attempt on the lock file this process kept open from its last acquisition
+/// of `target` ([`idle`]), if it has one: no `open`, no `fstat`, no `close`. `None`: no such
+/// file, or it is no longer the one at the path (it is closed then), so open the path afresh.
+fn try_idle(target: &LockTarget, opts: &LockOptions) -> Option<Reused> {
+    let (locked, fence) = idle::take(&target.path)?;
+    match locked.file.try_lock(opts.mode) {
+        Ok(true) => match check_locked(target, opts, &locked.file) {
+            Checked::Ok(id) if id == locked.id => Some(Reused::Locked(locked, fence)),
+            // Replaced (or a live soft lock): closing drops our lock on the old file.
+            Checked::Ok(_) | Checked::Replaced => None,
+            Checked::SoftHolder => {
+                drop(locked);
+                Some(Reused::Busy)
+            }
+        },
+        // Busy: is that the lock at the path, or an old file somebody else still keeps open?
+        Ok(false) if buildlock_sys::path_id(&target.path).is_ok_and(|now| now == locked.id) => {
+            idle::put(&target.path, locked, fence);
+            Some(Reused::Busy)
+        }
+        Ok(false) | Err(_) => None,
+    }
+}
+
+/// Opens the lock file of `target`, creating it, and its directory only when that is missing:
+/// no `mkdir` on the way of every acquisition.
+fn open_lock_file(target: &LockTarget) -> Result<LockFile, Error> {
+    match LockFile::open(&target.path) {
+        // A missing directory, or a file where one should be: `create_dir_all` says which.
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
+            buildlock_sys::fs::create_dir_all(target.dir())
+                .map_err(|e| Error::io("create the lock directory", target.dir(), e))?;
+            LockFile::open(&target.path)
+        }
+        other => other,
+    }
+    .map_err(|e| Error::io("open the lock file", &target.path, e))
 }
 
 /// One non-blocking attempt, retried only while the lock file keeps being replaced under us.
 fn try_lock(target: &LockTarget, opts: &LockOptions) -> Result<Attempt, Error> {
     loop {
-        let file = LockFile::open(&target.path).map_err(|e| Error::io("open the lock file", &target.path, e))?;
+        let file = open_lock_file(target)?;
         match file.try_lock(opts.mode) {
             Ok(true) => {}
             Ok(false) => return Ok(Attempt::Busy),
@@ -79,9 +138,9 @@ fn try_lock(target: &LockTarget, opts: &LockOptions) -> Result<Attempt, Error> {
 
 /// A lock file with our OS lock on it, and its identity as checked against the path.
 #[derive(Debug)]
-struct Locked {
-    file: LockFile,
-    id: FileId,
+pub(crate) struct Locked {
+    pub(crate) file: LockFile,
+    pub(crate) id: FileId,
 }
 
 enum Checked {
@@ -96,17 +155,16 @@ enum Checked {
 /// After the OS lock is taken: is it on the file at the path, and is that file not somebody's
 /// live soft lock?
 fn check_locked(target: &LockTarget, opts: &LockOptions, file: &LockFile) -> Checked {
-    let id = match (file.id(), buildlock_sys::path_id(&target.path)) {
-        (Ok(a), Ok(b)) if a == b => a,
+    // One `lstat` of the path: its id, and its size (the same file's, when the ids match).
+    let (id, len) = match (file.id(), buildlock_sys::fs::path_stamp(&target.path)) {
+        (Ok(a), Ok(b)) if a == b.id => (a, b.len),
         _ => {
             tracing::debug!("{} was replaced while we locked it; retrying", target.path.display());
             return Checked::Replaced;
         }
     };
     // OS-lock files are always empty; content means a soft lock (ours or another tool's).
-    if file.file().metadata().is_ok_and(|m| m.len() > 0)
-        && soft::verdict_of_file(target, opts, file.file()).is_some_and(|v| !v.is_stale())
-    {
+    if len > 0 && soft::verdict_of_file(target, opts, file.file()).is_some_and(|v| !v.is_stale()) {
         return Checked::SoftHolder;
     }
     Checked::Ok(id)
@@ -153,7 +211,7 @@ fn wait_for(
 
 fn block_until_locked(target: &LockTarget, opts: &LockOptions) -> Result<Locked, Error> {
     loop {
-        let file = LockFile::open(&target.path).map_err(|e| Error::io("open the lock file", &target.path, e))?;
+        let file = open_lock_file(target)?;
         file.lock(opts.mode).map_err(|e| Error::io("lock", &target.path, e))?;
         match check_locked(target, opts, &file) {
             Checked::Ok(id) => return Ok(Locked { file, id }),
@@ -167,10 +225,13 @@ fn block_until_locked(target: &LockTarget, opts: &LockOptions) -> Result<Locked,
 }
 
 /// The lock is ours: account for leftover metadata, write ours, and wrap it in a guard.
-fn take_over(target: &LockTarget, opts: &LockOptions, file: Locked) -> Result<Guard, Error> {
+fn take_over(target: &LockTarget, opts: &LockOptions, file: Locked, fence: Option<FenceFile>) -> Result<Guard, Error> {
     let ours = Metadata::for_current_process(opts.mode, "os", &opts.operation, opts.command.clone());
-    let hold = claim(target, opts.mode, file, ours)?;
-    Ok(Guard::new(target, hold.meta, Held::Os(hold.file), hold.id, None, opts.watch))
+    let mut fence = fence;
+    let hold = claim_with(target, opts.mode, file, ours, &mut fence)?;
+    let mut guard = Guard::new(target, hold.meta, Held::Os(hold.file), hold.id, None, opts.watch);
+    guard.set_reusable(hold.meta_stamp, fence);
+    Ok(guard)
 }
 
 /// An OS lock on a lock file, with metadata naming its holder: what a daemon takes on behalf of
@@ -181,6 +242,8 @@ pub struct OsHold {
     file: LockFile,
     id: FileId,
     meta: Metadata,
+    /// The metadata file as written, to remove exactly it without reading it back.
+    meta_stamp: Option<FileStamp>,
 }
 
 impl OsHold {
@@ -215,7 +278,7 @@ impl OsHold {
     /// Does nothing when the metadata on disk is another holder's (a shared lock kept by an
     /// earlier reader).
     pub fn hand_over_to(&mut self, to: u32, command: Option<String>, via: u32) -> Result<(), Error> {
-        crate::guard::hand_over_metadata(&self.target, &mut self.meta, to, command, via)
+        crate::guard::hand_over_metadata(&self.target, &mut self.meta, &mut self.meta_stamp, to, command, via)
     }
 
     /// Lets go of our copy: removes the holder's metadata, then closes the file. Copies handed
@@ -223,7 +286,7 @@ impl OsHold {
     /// processes it passed it to, as it should: they may still be working).
     pub fn release(self) -> Result<(), Error> {
         if self.is_intact() {
-            crate::guard::remove_own_metadata(&self.target, &self.meta)?;
+            crate::guard::remove_own_metadata(&self.target, &self.meta, self.meta_stamp.as_ref())?;
         }
         Ok(())
     }
@@ -233,47 +296,90 @@ impl OsHold {
     /// holder's explicit release: a background process its command left behind with a copy
     /// must not keep the lock.
     pub fn release_all(self) -> Result<(), Error> {
-        let removed =
-            if self.is_intact() { crate::guard::remove_own_metadata(&self.target, &self.meta) } else { Ok(()) };
+        let removed = if self.is_intact() {
+            crate::guard::remove_own_metadata(&self.target, &self.meta, self.meta_stamp.as_ref())
+        } else {
+            Ok(())
+        };
         crate::guard::unlock_every_copy(&self.target, &self.file);
         removed
     }
 }
 
 /// Records `ours` as the holder of the lock just taken on `file` (with its fencing token).
-fn claim(target: &LockTarget, mode: LockMode, locked: Locked, mut ours: Metadata) -> Result<OsHold, Error> {
+fn claim(target: &LockTarget, mode: LockMode, locked: Locked, ours: Metadata) -> Result<OsHold, Error> {
+    claim_with(target, mode, locked, ours, &mut None)
+}
+
+/// [`claim`], advancing the token through `fence` if it is open (it is opened if not, and left
+/// open for the caller to keep).
+///
+/// The metadata goes in with one `renameat2(RENAME_NOREPLACE)` when no file is there (the usual
+/// case: the last holder removed its own); only if one is there is it read, to report a
+/// leftover, keep another live reader's, or leave alone a file that is not metadata.
+fn claim_with(
+    target: &LockTarget,
+    mode: LockMode,
+    locked: Locked,
+    mut ours: Metadata,
+    fence: &mut Option<FenceFile>,
+) -> Result<OsHold, Error> {
     let Locked { file, id } = locked;
     // An error here drops `file`, and with it the lock: nothing was written yet.
-    ours.token = Some(crate::fence::next_token(target, mode == LockMode::Exclusive)?);
-    let previous = meta::read(&target.meta_path);
-    let keep_previous = mode == LockMode::Shared
-        && previous.valid().is_some_and(|m| {
-            m.mode == Some(LockMode::Shared) && buildlock_sys::process_state(&m.process()) == ProcessState::Alive
-        });
-    if keep_previous {
-        // Another live reader's metadata stays; ours would replace it and vanish with us.
-        ours.id = None;
-    } else if let MetaRead::Corrupt(why) = &previous {
-        // Not metadata we recognise (somebody's file, a FIFO, a directory): never replaced. The
-        // lock is ours all the same; it just has nothing on disk naming its holder.
-        crate::warn_once(&target.meta_path, || {
-            format!(
-                "{} is not lock metadata ({why}); it is left alone, so lock {} is held without metadata \
-                 naming its holder: remove that file if nothing else uses it",
-                target.meta_path.display(),
-                target.path.display()
-            )
-        });
-        ours.id = None;
-    } else {
-        if mode == LockMode::Exclusive {
-            report_leftover(target, &previous);
+    ours.token = Some(if mode == LockMode::Exclusive {
+        if fence.is_none() {
+            *fence = FenceFile::open(target).ok();
         }
-        if let Err(e) = meta::write_atomic(&target.meta_path, &ours) {
+        match fence {
+            Some(f) => f.advance(target)?,
+            None => crate::fence::next_token(target, true)?,
+        }
+    } else {
+        crate::fence::next_token(target, false)?
+    });
+    let mut previous = None;
+    let mut may_replace = || {
+        let read = meta::read(&target.meta_path);
+        let keep_previous = mode == LockMode::Shared
+            && read.valid().is_some_and(|m| {
+                m.mode == Some(LockMode::Shared) && buildlock_sys::process_state(&m.process()) == ProcessState::Alive
+            });
+        let replace = !keep_previous && read.is_recognised();
+        if replace && mode == LockMode::Exclusive {
+            report_leftover(target, &read);
+        }
+        previous = Some(read);
+        replace
+    };
+    let mut meta_stamp = None;
+    let installed = if mode == LockMode::Exclusive {
+        meta::install_exclusive(&target.meta_path, &ours, &mut may_replace)
+    } else {
+        meta::install(&target.meta_path, &ours, &mut may_replace)
+    };
+    match installed {
+        Ok(Some(stamp)) => meta_stamp = Some(stamp),
+        // Another live reader's metadata stays (ours would replace it and vanish with us), or
+        // the file is not metadata we recognise (somebody's file, a FIFO, a directory): never
+        // replaced. The lock is ours all the same.
+        Ok(None) => {
+            if let Some(MetaRead::Corrupt(why)) = &previous {
+                crate::warn_once(&target.meta_path, || {
+                    format!(
+                        "{} is not lock metadata ({why}); it is left alone, so lock {} is held without metadata \
+                         naming its holder: remove that file if nothing else uses it",
+                        target.meta_path.display(),
+                        target.path.display()
+                    )
+                });
+            }
+            ours.id = None;
+        }
+        Err(e) => {
             // Typically another user's leftover in a sticky directory (/tmp), which we may not
             // replace. The kernel's lock is what excludes others: hold it without metadata.
             let whose = match &previous {
-                MetaRead::Valid(m) => format!(" (left by pid {})", m.pid),
+                Some(MetaRead::Valid(m)) => format!(" (left by pid {})", m.pid),
                 _ => String::new(),
             };
             crate::warn_once(&target.meta_path, || {
@@ -287,7 +393,7 @@ fn claim(target: &LockTarget, mode: LockMode, locked: Locked, mut ours: Metadata
             ours.id = None;
         }
     }
-    Ok(OsHold { target: target.clone(), file, id, meta: ours })
+    Ok(OsHold { target: target.clone(), file, id, meta: ours, meta_stamp })
 }
 
 /// Takes the OS lock without waiting, for the process `meta` names. `Ok(None)`: busy.
@@ -492,5 +598,209 @@ pub(crate) fn break_lock(target: &LockTarget, opts: &LockOptions, force: bool) -
                 holder: Some(Box::new(holder)),
             })
         }
+    }
+}
+
+/// Lock files kept open between two acquisitions of the same lock by this process (Linux, where
+/// the lock belongs to the open file description): the next acquisition takes the lock on the
+/// open file and checks with one `lstat` that it is still the file at the path, instead of
+/// opening, `fstat`ing and closing it again. The fence file rides along.
+///
+/// Only files whose descriptor never left the guard are kept (not one handed to a command or
+/// another process). They are unlocked while kept. A kept file no longer at the path (deleted,
+/// replaced, its directory recreated) is closed at its next use and the path opened afresh. In
+/// the child of a `fork` they are closed at once (`buildlock_sys::CloseInChild`) and forgotten:
+/// a child must never share the open file description its parent locks next.
+pub(crate) mod idle {
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    use buildlock_sys::CloseInChild;
+
+    use super::Locked;
+    use crate::fence::FenceFile;
+
+    /// At most this many idle lock files per process (the oldest goes first).
+    const MAX_IDLE: usize = 16;
+
+    // Fields drop in order: the fork registrations go before their descriptors close, so a
+    // fork in between can never close a reused descriptor number in its child.
+    struct Entry {
+        _lock_in_child: CloseInChild,
+        _fence_in_child: Option<CloseInChild>,
+        pid: u32,
+        path: PathBuf,
+        locked: Locked,
+        fence: Option<FenceFile>,
+    }
+
+    static IDLE: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+
+    fn entries() -> std::sync::MutexGuard<'static, Vec<Entry>> {
+        let mut idle = IDLE.lock().unwrap_or_else(|e| e.into_inner());
+        let pid = buildlock_sys::current_pid();
+        if idle.iter().any(|e| e.pid != pid) {
+            // A forked child: the fork handler closed these descriptors; closing them again
+            // could close files that reuse their numbers.
+            for e in std::mem::take(&mut *idle) {
+                if e.pid == pid {
+                    idle.push(e);
+                } else {
+                    std::mem::forget(e);
+                }
+            }
+        }
+        idle
+    }
+
+    /// The idle lock file of `path` (and its fence file), if this process kept one.
+    pub(crate) fn take(path: &Path) -> Option<(Locked, Option<FenceFile>)> {
+        if !cfg!(target_os = "linux") {
+            return None;
+        }
+        let mut idle = entries();
+        let i = idle.iter().position(|e| e.path == path)?;
+        let Entry { _lock_in_child, _fence_in_child, locked, fence, .. } = idle.swap_remove(i);
+        drop((_lock_in_child, _fence_in_child));
+        Some((locked, fence.filter(FenceFile::is_fresh)))
+    }
+
+    /// Keeps the unlocked lock file of `path` open for the next acquisition.
+    pub(crate) fn put(path: &Path, locked: Locked, fence: Option<FenceFile>) {
+        if !cfg!(target_os = "linux") {
+            return;
+        }
+        let Some(lock_in_child) = CloseInChild::register(locked.file.file()) else { return };
+        let (fence, fence_in_child) = match fence.and_then(|f| CloseInChild::register(f.file()).map(|c| (f, c))) {
+            Some((f, c)) => (Some(f), Some(c)),
+            None => (None, None),
+        };
+        let entry = Entry {
+            _lock_in_child: lock_in_child,
+            _fence_in_child: fence_in_child,
+            pid: buildlock_sys::current_pid(),
+            path: path.to_owned(),
+            locked,
+            fence,
+        };
+        let mut idle = entries();
+        if let Some(i) = idle.iter().position(|e| e.path == path) {
+            // Two threads held the lock in turn through two files: keep one.
+            idle.swap_remove(i);
+        } else if idle.len() >= MAX_IDLE {
+            idle.remove(0);
+        }
+        idle.push(entry);
+    }
+
+    /// Whether this process keeps the lock file of `path` open (for tests).
+    #[cfg(test)]
+    pub(crate) fn keeps(path: &Path) -> bool {
+        entries().iter().any(|e| e.path == path)
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use crate::{acquire, Wait};
+
+    fn take(target: &LockTarget) -> Guard {
+        acquire(target, &LockOptions::default(), Wait::NoWait, &mut |_, _| {}).unwrap()
+    }
+
+    /// The lock is the one at the path: another open file description of it cannot lock it.
+    fn assert_held_at_path(target: &LockTarget) {
+        let other = LockFile::open(&target.path).unwrap();
+        assert!(!other.try_lock(LockMode::Exclusive).unwrap(), "the lock at {} is not held", target.path.display());
+    }
+
+    #[test]
+    fn a_kept_lock_file_is_reused_and_one_whose_directory_was_recreated_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let locks = dir.path().join("locks");
+        let target = LockTarget::resolve("x", &locks).unwrap();
+        take(&target).release().unwrap();
+        assert!(idle::keeps(&target.path), "the lock file was not kept for the next acquisition");
+        let kept = crate::fence::current(&target);
+
+        // The directory removed and made again: the kept file is not the one at the path any more.
+        std::fs::remove_dir_all(&locks).unwrap();
+        std::fs::create_dir_all(&locks).unwrap();
+        let guard = take(&target);
+        assert_held_at_path(&target);
+        let meta = crate::meta::read(&target.meta_path);
+        assert_eq!(meta.valid().map(|m| m.pid), Some(std::process::id()), "{meta:?}");
+        assert!(guard.token() > kept, "the token went backwards: {} after {kept}", guard.token());
+        guard.release().unwrap();
+
+        // And the directory removed, not made again: it is created, as on a first acquisition.
+        std::fs::remove_dir_all(&locks).unwrap();
+        let guard = take(&target);
+        assert_held_at_path(&target);
+        guard.release().unwrap();
+    }
+
+    #[test]
+    fn a_lent_descriptor_is_never_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = LockTarget::resolve("lent", dir.path()).unwrap();
+        let guard = take(&target);
+        assert!(guard.os_file().is_some());
+        guard.release().unwrap();
+        assert!(!idle::keeps(&target.path), "a descriptor a command may hold was kept for reuse");
+    }
+
+    #[test]
+    fn metadata_is_removed_at_release_and_a_leftover_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = LockTarget::resolve("m", dir.path()).unwrap();
+        for _ in 0..3 {
+            let guard = take(&target);
+            let id = guard.metadata().id.clone().unwrap();
+            assert_eq!(crate::meta::read(&target.meta_path).valid().and_then(|m| m.id.clone()), Some(id));
+            guard.release().unwrap();
+            assert!(!target.meta_path.exists(), "metadata left behind after release");
+        }
+        // A dead holder's leftover is replaced by ours (RENAME_NOREPLACE fails, then a read).
+        let mut dead = Metadata::for_current_process(LockMode::Exclusive, "os", "dead", None);
+        dead.pid = u32::MAX - 1;
+        crate::meta::write_atomic(&target.meta_path, &dead).unwrap();
+        let guard = take(&target);
+        assert_eq!(crate::meta::read(&target.meta_path).valid().map(|m| m.pid), Some(std::process::id()));
+        guard.release().unwrap();
+        // Exclusive holders keep their metadata file for the next one, which rewrites it in place
+        // (padding a shorter text with spaces) before renaming it back.
+        let spare = crate::meta::spare_path(&target.meta_path);
+        assert!(spare.exists(), "no spare metadata file kept at {}", spare.display());
+        let long = acquire(
+            &target,
+            &LockOptions { operation: "x".repeat(300), ..LockOptions::default() },
+            Wait::NoWait,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        long.release().unwrap();
+        let guard = take(&target);
+        assert_eq!(crate::meta::read(&target.meta_path).valid().map(|m| m.operation.clone()), Some(String::new()));
+        guard.release().unwrap();
+        // A link or a hard link planted at the spare's name is never written through.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        for plant in [std::os::unix::fs::symlink::<&std::path::Path, &std::path::Path>, |a, b| std::fs::hard_link(a, b)]
+        {
+            let _ = std::fs::remove_file(&spare);
+            plant(&victim, &spare).unwrap();
+            let guard = take(&target);
+            assert_eq!(crate::meta::read(&target.meta_path).valid().map(|m| m.pid), Some(std::process::id()));
+            guard.release().unwrap();
+            assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+            assert!(!target.meta_path.exists());
+        }
+        // Our metadata replaced by another file while held: release leaves that file alone.
+        let guard = take(&target);
+        crate::meta::write_atomic(&target.meta_path, &dead).unwrap();
+        guard.release().unwrap();
+        assert_eq!(crate::meta::read(&target.meta_path).valid().map(|m| m.pid), Some(u32::MAX - 1));
     }
 }

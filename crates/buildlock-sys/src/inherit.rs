@@ -36,6 +36,33 @@ pub fn pass_to_child(cmd: &mut Command, file: &std::fs::File) -> bool {
     cfg!(target_os = "linux")
 }
 
+/// [`pass_to_child`] without a closure run between `fork` and `exec`, so that `std` can start
+/// the command with `posix_spawn` (a `vfork`-like clone that copies no page tables: a large
+/// part of the cost of starting a command from a big process). The locked descriptor is
+/// duplicated without close-on-exec; keep the returned descriptor until `spawn` has returned,
+/// then drop it. The child finds the lock on that descriptor's number.
+///
+/// Only for a process with no other thread that could start a program meanwhile: such a
+/// program would inherit the duplicate, and the lock with it (`buildlock-client run`, which
+/// starts no thread). `None` where descriptors cannot be passed (see [`pass_to_child`]).
+#[cfg(unix)]
+pub fn inheritable_copy_single_threaded(file: &std::fs::File) -> std::io::Result<Option<std::os::fd::OwnedFd>> {
+    use std::os::fd::{AsFd, FromRawFd};
+    if !cfg!(target_os = "linux") {
+        return Ok(None);
+    }
+    // F_DUPFD (not F_DUPFD_CLOEXEC): the copy survives `exec`. Above 2, never a standard stream.
+    let raw = nix::fcntl::fcntl(file.as_fd(), nix::fcntl::FcntlArg::F_DUPFD(3))?;
+    // SAFETY: `raw` is a new descriptor that F_DUPFD just returned; nothing else owns it.
+    Ok(Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) }))
+}
+
+/// Windows: descriptors are not passed.
+#[cfg(windows)]
+pub fn inheritable_copy_single_threaded(_file: &std::fs::File) -> std::io::Result<Option<std::fs::File>> {
+    Ok(None)
+}
+
 /// Windows: descriptors are not passed; the lock stays with this process.
 #[cfg(windows)]
 pub fn pass_to_child(_cmd: &mut Command, _file: &std::fs::File) -> bool {

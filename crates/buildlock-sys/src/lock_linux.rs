@@ -18,6 +18,8 @@ use crate::{FileId, LockMode, Probe};
 #[derive(Debug)]
 pub(crate) struct LockFile {
     file: File,
+    /// The open file's (device, inode), read once: it cannot change while the file is open.
+    id: Option<FileId>,
 }
 
 fn whole_file(kind: libc::c_int) -> libc::flock {
@@ -41,8 +43,8 @@ fn kind(mode: LockMode) -> libc::c_int {
 impl LockFile {
     pub(crate) fn open(path: &Path, create: bool) -> io::Result<LockFile> {
         // Read and write, so both lock kinds are possible; std opens with O_CLOEXEC.
-        let file = crate::fs::open_regular_rw(path, create, false)?;
-        Ok(LockFile { file })
+        let (file, meta) = crate::fs::open_regular_rw_stat(path, create, false, true)?;
+        Ok(LockFile { file, id: Some(FileId { dev: meta.dev(), ino: meta.ino() }) })
     }
 
     pub(crate) fn try_lock(&self, mode: LockMode) -> io::Result<bool> {
@@ -82,6 +84,9 @@ impl LockFile {
     }
 
     pub(crate) fn id(&self) -> io::Result<FileId> {
+        if let Some(id) = self.id {
+            return Ok(id);
+        }
         let m = self.file.metadata()?;
         Ok(FileId { dev: m.dev(), ino: m.ino() })
     }
@@ -91,7 +96,7 @@ impl LockFile {
     }
 
     pub(crate) fn from_file(file: File) -> LockFile {
-        LockFile { file }
+        LockFile { file, id: None }
     }
 
     pub(crate) fn into_file(self) -> File {

@@ -39,7 +39,7 @@ pub enum ProcessState {
 /// the pid.
 pub fn current_process() -> ProcessIdentity {
     static CACHE: Mutex<Option<ProcessIdentity>> = Mutex::new(None);
-    let pid = std::process::id();
+    let pid = current_pid();
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
     match &*cache {
         Some(me) if me.pid == pid => me.clone(),
@@ -48,6 +48,127 @@ pub fn current_process() -> ProcessIdentity {
             *cache = Some(me.clone());
             me
         }
+    }
+}
+
+/// This process's id, without a system call after the first.
+///
+/// `std::process::id()` asks the kernel every time (glibc no longer caches `getpid`); lock
+/// metadata needs the pid several times per acquisition. The cached value is forgotten in the
+/// child of every `fork` (a `pthread_atfork` handler, which `fork(3)`, std's `Command` and
+/// `nix::unistd::fork` all run), so a child that locks names itself, never its parent. A child
+/// made with a raw `clone` system call, which runs no such handler, must not use buildlock
+/// before `exec`.
+pub fn current_pid() -> u32 {
+    imp_pid::current_pid()
+}
+
+/// A descriptor that the child of a `fork` must not keep: it is closed in the child at once (by
+/// the same `pthread_atfork` handler that forgets [`current_pid`]). For files a process keeps
+/// open between uses, such as an idle lock file kept for the next acquisition: a child sharing
+/// its open file description would share the lock the parent takes on it next.
+///
+/// In a forked child the owner of the descriptor must not close it again (its number may have
+/// been reused): it must forget the file, which it can tell by [`current_pid`] having changed.
+#[derive(Debug)]
+pub struct CloseInChild(usize);
+
+impl CloseInChild {
+    /// Registers `fd`; `None` when the table (64 descriptors) is full or fork handlers cannot
+    /// be installed: then the caller must not keep the file.
+    #[cfg(unix)]
+    pub fn register(fd: &impl std::os::fd::AsRawFd) -> Option<CloseInChild> {
+        imp_pid::register_close_in_child(fd.as_raw_fd()).map(CloseInChild)
+    }
+
+    /// No `fork` here: nothing to close.
+    #[cfg(not(unix))]
+    pub fn register<T>(_fd: &T) -> Option<CloseInChild> {
+        Some(CloseInChild(usize::MAX))
+    }
+}
+
+impl Drop for CloseInChild {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        imp_pid::unregister_close_in_child(self.0);
+    }
+}
+
+#[cfg(unix)]
+mod imp_pid {
+    use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
+    use std::sync::Once;
+
+    /// 0: not known (never read, or forgotten in a forked child).
+    static PID: AtomicU32 = AtomicU32::new(0);
+    /// Whether the fork handler is installed.
+    static HANDLER: AtomicBool = AtomicBool::new(false);
+    const SLOTS: usize = 64;
+    /// Descriptors to close in a forked child; -1: free slot.
+    static CLOSE_IN_CHILD: [AtomicI32; SLOTS] = [const { AtomicI32::new(-1) }; SLOTS];
+
+    extern "C" fn in_child() {
+        // Async-signal-safe: atomic loads and stores and close(2); no allocation, no lock.
+        PID.store(0, Ordering::SeqCst);
+        for slot in &CLOSE_IN_CHILD {
+            let fd = slot.swap(-1, Ordering::SeqCst);
+            if fd >= 0 {
+                // SAFETY: `fd` was registered by its owner while open and is unregistered before
+                // the owner closes it; in this child the owner forgets it instead of closing it
+                // (see `CloseInChild`), so this is its only close here.
+                unsafe { nix::libc::close(fd) };
+            }
+        }
+    }
+
+    fn install_handler() -> bool {
+        static REGISTER: Once = Once::new();
+        REGISTER.call_once(|| {
+            // SAFETY: `in_child` is a plain `extern "C"` function that only touches atomics and
+            // calls close(2), which is safe in the child of a fork of a multi-threaded process;
+            // the other two handlers are absent. Registration happens once per process (`Once`).
+            let rc = unsafe { nix::libc::pthread_atfork(None, None, Some(in_child)) };
+            HANDLER.store(rc == 0, Ordering::SeqCst);
+        });
+        HANDLER.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn register_close_in_child(fd: i32) -> Option<usize> {
+        if fd < 0 || !install_handler() {
+            return None;
+        }
+        CLOSE_IN_CHILD.iter().position(|slot| slot.compare_exchange(-1, fd, Ordering::SeqCst, Ordering::SeqCst).is_ok())
+    }
+
+    pub(super) fn unregister_close_in_child(slot: usize) {
+        if let Some(s) = CLOSE_IN_CHILD.get(slot) {
+            s.store(-1, Ordering::SeqCst);
+        }
+    }
+
+    pub(super) fn current_pid() -> u32 {
+        if !install_handler() {
+            // Without the handler a cached pid could outlive a fork: never cache then.
+            return std::process::id();
+        }
+        match PID.load(Ordering::SeqCst) {
+            0 => {
+                let pid = std::process::id();
+                // A fork meanwhile cannot leave this value in the child: the child's handler
+                // runs after the fork, in the child's own copy, and stores 0 there.
+                let _ = PID.compare_exchange(0, pid, Ordering::SeqCst, Ordering::SeqCst);
+                pid
+            }
+            pid => pid,
+        }
+    }
+}
+
+#[cfg(not(unix))]
+mod imp_pid {
+    pub(super) fn current_pid() -> u32 {
+        std::process::id()
     }
 }
 
@@ -246,7 +367,7 @@ mod imp {
     /// (state letter, start time) from `/proc/PID/stat`. The command name (field 2) may contain
     /// spaces and parentheses, so fields are counted from the last `)`.
     fn stat(pid: u32) -> io::Result<(char, u64)> {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let text = read_proc(&format!("/proc/{pid}/stat"))?;
         let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("unexpected /proc/{pid}/stat"));
         let rest = &text[text.rfind(')').ok_or_else(bad)? + 1..];
         let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -286,7 +407,33 @@ mod imp {
     }
 
     pub(super) fn boot_id() -> Option<String> {
-        std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_owned())
+        read_proc("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_owned())
+    }
+
+    /// A small `/proc` file in one `read` (plus open and close): `read_to_string` would ask
+    /// its size first (0 for `/proc`), then read in growing pieces, six calls for a `stat`.
+    /// A `/proc` file this small is produced whole by one read of a buffer larger than it.
+    fn read_proc(path: &str) -> io::Result<String> {
+        use std::io::Read;
+        let mut buf = vec![0u8; 4096];
+        let mut file = std::fs::File::open(path)?;
+        let mut got = 0;
+        loop {
+            match file.read(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    got += n;
+                    if got < buf.len() {
+                        break; // all of it: a short read of a /proc file is its end
+                    }
+                    buf.resize(buf.len() * 2, 0);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        buf.truncate(got);
+        String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
     pub(super) fn state(pid: u32, start: Option<u64>) -> ProcessState {
