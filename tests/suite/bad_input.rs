@@ -167,7 +167,7 @@ fn a_client_that_cannot_be_written_to_loses_its_connection_and_its_lease() {
         operation: "stops reading".into(),
         command: String::new(),
         bind_pid: None,
-        thread: 0,
+        thread: crate::util::fake_thread(),
         max_hold_ms: None,
         kill_after_ms: None,
     });

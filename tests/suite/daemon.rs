@@ -314,7 +314,7 @@ fn garbage_and_oversized_frames_close_only_that_connection() {
         operation: String::new(),
         command: String::new(),
         bind_pid: None,
-        thread: 0,
+        thread: crate::util::fake_thread(),
         max_hold_ms: None,
         kill_after_ms: None,
     });

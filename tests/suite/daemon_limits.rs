@@ -51,7 +51,7 @@ fn acquire(s: &mut UnixStream, path: &std::path::Path, wait: WaitFor) {
         operation: "test".into(),
         command: "test".into(),
         bind_pid: None,
-        thread: 0,
+        thread: crate::util::fake_thread(),
         max_hold_ms: None,
         kill_after_ms: None,
     });
@@ -262,7 +262,7 @@ fn the_idle_clock_starts_when_the_last_bound_process_is_gone() {
         operation: "script".into(),
         command: "sh".into(),
         bind_pid: Some(script_pid),
-        thread: 0,
+        thread: crate::util::fake_thread(),
         max_hold_ms: None,
         kill_after_ms: None,
     });

@@ -26,7 +26,7 @@ fn acquire(s: &mut UnixStream, path: &str) -> Reply {
         operation: String::new(),
         command: String::new(),
         bind_pid: None,
-        thread: 0,
+        thread: crate::util::fake_thread(),
         max_hold_ms: None,
         kill_after_ms: None,
     });

@@ -449,3 +449,12 @@ pub fn age_file(path: &Path, secs: u64) {
     let f = std::fs::File::options().append(true).open(path).unwrap();
     f.set_modified(std::time::SystemTime::now() - Duration::from_secs(secs)).unwrap();
 }
+
+/// A thread id for a request a test writes by hand: each call another, as if each connection
+/// the test opens were a thread of its own (requests of one thread for a lock it holds are
+/// refused as deadlocks).
+pub fn fake_thread() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1 << 40);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
