@@ -411,33 +411,6 @@ pub fn pidfd_open(pid: u32) -> io::Result<Option<OwnedFd>> {
     }
 }
 
-/// This process's id without a system call after the first: remembered, and forgotten in the
-/// child of a `fork` (a `pthread_atfork` handler), so that a forked child never passes for its
-/// parent. The shared daemon connection asks it on every request.
-#[cfg(unix)]
-pub fn current_pid() -> u32 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    use std::sync::Once;
-    static PID: AtomicU32 = AtomicU32::new(0);
-    static HANDLER: Once = Once::new();
-    extern "C" fn forget_in_child() {
-        PID.store(0, Ordering::SeqCst);
-    }
-    HANDLER.call_once(|| {
-        // SAFETY: registers a handler that only stores to an atomic (async-signal-safe, as a
-        // handler run in a forked child must be); no pointer is passed or kept.
-        let _ = unsafe { nix::libc::pthread_atfork(None, None, Some(forget_in_child)) };
-    });
-    match PID.load(Ordering::SeqCst) {
-        0 => {
-            let pid = std::process::id();
-            PID.store(pid, Ordering::SeqCst);
-            pid
-        }
-        pid => pid,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

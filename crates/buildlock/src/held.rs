@@ -44,7 +44,7 @@ pub(crate) fn check(path: &Path, mode: LockMode) -> Result<(), LockMode> {
     if COUNT.load(Ordering::Acquire) == 0 {
         return Ok(());
     }
-    let (pid, me) = (std::process::id(), buildlock_sys::current_thread_id());
+    let (pid, me) = (buildlock_sys::current_pid(), buildlock_sys::current_thread_id());
     let held = HELD.lock().unwrap_or_else(|e| e.into_inner());
     let conflict = held.as_ref().and_then(|m| m.get(&key(path))).and_then(|holds| {
         holds
@@ -62,7 +62,7 @@ pub(crate) fn register(path: &Path, mode: LockMode) -> Registered {
     let path = key(path);
     let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
     held.get_or_insert_with(HashMap::new).entry(path.clone()).or_default().push(Hold {
-        pid: std::process::id(),
+        pid: buildlock_sys::current_pid(),
         thread: buildlock_sys::current_thread_id(),
         mode,
         id,

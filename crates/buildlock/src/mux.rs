@@ -93,7 +93,7 @@ impl Mux {
     /// This process's connection to the daemon of `runtime_dir`, made (and the daemon started,
     /// if `autostart`) when there is none yet, or when the last one broke or was the parent's.
     pub(crate) fn get(runtime_dir: &Path, autostart: bool) -> Result<Arc<Mux>, String> {
-        let me = buildlock_sys::ipc::current_pid();
+        let me = buildlock_sys::current_pid();
         let mut all = lock(&MUXES);
         // The parent's connections (after fork) and broken ones are forgotten here, never
         // closed: the parent's still belongs to the parent.
@@ -123,7 +123,7 @@ impl Mux {
 
     /// Whether this process made the connection (false in a forked child).
     pub(crate) fn is_mine(&self) -> bool {
-        self.pid == buildlock_sys::ipc::current_pid()
+        self.pid == buildlock_sys::current_pid()
     }
 
     /// Whether the connection is over (the daemon closed it, died, or it broke).
