@@ -320,8 +320,7 @@ pub fn acquire(
 /// (the daemon's grants): writes `meta` (with a fencing token) as the lock's metadata.
 /// `Ok(None)` when somebody else holds it.
 pub fn try_lock_for(target: &LockTarget, mode: LockMode, meta: Metadata) -> Result<Option<OsHold>, Error> {
-    buildlock_sys::fs::create_dir_all(target.dir())
-        .map_err(|e| Error::io("create the lock directory", target.dir(), e))?;
+    // The lock file's opening creates the directory when it is missing (no `mkdir` per grant).
     os::try_lock_for(target, mode, meta)
 }
 
