@@ -38,6 +38,7 @@ use buildlock_proto::{AcquireRequest, ErrorCode, Reply, Request, WaitFor};
 
 #[cfg(unix)]
 mod client;
+pub mod history;
 
 #[cfg(unix)]
 pub use client::{daemon_binary, Client};
@@ -119,6 +120,10 @@ pub struct WaitInfo {
     /// Who holds the lock, in one line.
     pub holder: String,
     pub holder_pid: Option<u32>,
+    /// The holder's command line, when known (for the lock history's "usually" figure).
+    pub holder_command: Option<String>,
+    /// Place in the daemon's queue (1 = next), when waiting through the daemon.
+    pub position: Option<u32>,
     pub waited: Duration,
 }
 
@@ -161,6 +166,8 @@ pub struct Lease {
     target: LockTarget,
     token: u64,
     inner: Option<Inner>,
+    /// Direct mode: the acquisition, recorded in the lock history once released.
+    history: Option<history::Pending>,
 }
 
 #[derive(Debug)]
@@ -256,10 +263,33 @@ fn acquire_direct(target: &LockTarget, opts: &Options, on_wait: &mut dyn FnMut(&
         command: opts.command.clone(),
         watch: opts.watch,
     };
-    let guard = buildlock_disk::acquire(target, &disk, effective_wait(opts.wait), &mut |holder, waited| {
-        on_wait(&WaitInfo { holder: holder.to_string(), holder_pid: holder.pid(), waited })
-    })?;
-    Ok(Lease { target: target.clone(), token: guard.token(), inner: Some(Inner::Direct(guard)) })
+    let mut pending = history::Pending::start(target, opts);
+    let result = buildlock_disk::acquire(target, &disk, effective_wait(opts.wait), &mut |holder, waited| {
+        let holder_command = holder.meta.as_ref().and_then(|m| m.command.clone()).or_else(|| holder.command.clone());
+        on_wait(&WaitInfo {
+            holder: holder.to_string(),
+            holder_pid: holder.pid(),
+            holder_command,
+            position: None,
+            waited,
+        })
+    });
+    let guard = match result {
+        Ok(guard) => guard,
+        Err(e) => {
+            if e.is_conflict() {
+                pending.refused(matches!(e, buildlock_disk::Error::Timeout { .. }));
+            }
+            return Err(e.into());
+        }
+    };
+    pending.granted();
+    Ok(Lease {
+        target: target.clone(),
+        token: guard.token(),
+        inner: Some(Inner::Direct(guard)),
+        history: Some(pending),
+    })
 }
 
 /// `wait` with a timeout too long for the clock to represent (`-w 1e19`) turned into `Forever`,
@@ -333,20 +363,26 @@ fn acquire_daemon(
         }))
         .map_err(gone)?;
     let mut holder: Option<buildlock_proto::Holder> = None;
+    let mut place = None;
     loop {
         match client.recv(Some(Duration::from_secs(1))).map_err(gone)? {
             None => on_wait(&WaitInfo {
                 holder: holder.as_ref().map_or_else(|| "another process".into(), |h| h.description.clone()),
                 holder_pid: holder.as_ref().and_then(|h| h.pid),
+                holder_command: holder.as_ref().and_then(|h| h.command.clone()),
+                position: place,
                 waited: start.elapsed(),
             }),
-            Some((Reply::Waiting { holder: h, .. }, _)) => holder = h.or(holder),
+            Some((Reply::Waiting { holder: h, position, .. }, _)) => {
+                holder = h.or(holder);
+                place = (position > 0).then_some(position);
+            }
             Some((Reply::Granted { token, .. }, fd)) => {
                 let file = fd.map(File::from);
                 let id = file.as_ref().and_then(file_id);
                 let (bound, runtime_dir) = (opts.bind_pid, opts.runtime_dir());
                 let inner = Inner::Daemon { client, path, file, id, bind_pending: false, bound, runtime_dir };
-                return Ok(Lease { target: target.clone(), token, inner: Some(inner) });
+                return Ok(Lease { target: target.clone(), token, inner: Some(inner), history: None });
             }
             Some((Reply::Error(e), _)) => {
                 return Err(match e.code {
@@ -477,7 +513,14 @@ impl Lease {
     fn release_inner(&mut self) -> Result<(), Error> {
         let Some(inner) = self.inner.take() else { return Ok(()) };
         match inner {
-            Inner::Direct(guard) => guard.release().map_err(Error::from),
+            Inner::Direct(guard) => {
+                let result = guard.release().map_err(Error::from);
+                // Only now, with the lock released: the history write never delays it.
+                if let Some(pending) = self.history.take() {
+                    pending.released(result.as_ref().err().map(|e| e.to_string()));
+                }
+                result
+            }
             #[cfg(unix)]
             Inner::Daemon { mut client, path, file, id, mut bind_pending, bound, runtime_dir } => {
                 let lost = match id {

@@ -28,6 +28,7 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn new(config: Config) -> Arc<Daemon> {
+        crate::state::start_history();
         let state = State::new();
         let journal = crate::journal::Journal::new(&config.runtime_dir);
         Arc::new(Daemon {

@@ -26,6 +26,9 @@ use tokio::sync::mpsc;
 
 use crate::server::Daemon;
 
+mod history;
+pub(crate) use history::start as start_history;
+
 /// A reply on its way to a connection, with the descriptor that rides on it, if any.
 #[derive(Debug)]
 pub(crate) struct Outgoing {
@@ -319,6 +322,7 @@ impl Daemon {
         if let Some(c) = st.conns.get_mut(&owner) {
             c.leases.insert(lease);
         }
+        st.leases[&lease].record(buildlock_history::Kind::Requested);
         self.pump(&mut st);
         // Still queued behind daemon clients: say so, and who holds it.
         if let Some(l) = st.leases.get(&lease) {
@@ -369,6 +373,7 @@ impl Daemon {
     /// Answers a request that could not wait (`-n`) or waited too long, naming the holder.
     fn refuse(st: &mut State, lease: LeaseId, owner: OwnerId, key: &Path, timed_out: bool) {
         let Some(l) = st.remove_lease(lease) else { return };
+        l.record(if timed_out { buildlock_history::Kind::TimedOut } else { buildlock_history::Kind::Busy });
         let holder = Self::current_holder(st, key)
             .unwrap_or_else(|| holder_from_disk(&buildlock_disk::describe_holder(&l.target), true));
         let who = holder.description.clone();
@@ -542,6 +547,7 @@ impl Daemon {
         timed_out: bool,
     ) {
         let Some(l) = st.leases.get(&lease) else { return };
+        l.record(if timed_out { buildlock_history::Kind::TimedOut } else { buildlock_history::Kind::Busy });
         let who = holder.description.clone();
         let path = target.path.display();
         let reply = if timed_out {
@@ -583,6 +589,7 @@ impl Daemon {
                 let bind = l.bind_pid;
                 let path = l.target.path.display().to_string();
                 l.phase = Phase::Held { hold: Box::new(hold), conn_open, pid_running: bind.is_some(), released: false };
+                l.record(buildlock_history::Kind::Granted);
                 let fd_attached = fd.is_some();
                 Self::send(&st, owner, Reply::Granted { path, token, fd_attached }, fd);
                 if let Some(pid) = bind {
@@ -613,6 +620,7 @@ impl Daemon {
             return;
         }
         let l = st.remove_lease(lease).expect("checked above");
+        l.record(buildlock_history::Kind::Released);
         if let Some(key) = &l.journal_key {
             self.journal.forget(key);
         }
@@ -747,6 +755,7 @@ impl Daemon {
         let last_token = buildlock_disk::fence::current(&target);
         let lost = |reason: String| {
             tracing::warn!("lease on {} bound to pid {} was lost: {reason}", target.path.display(), meta.pid);
+            history::lost(&target, &meta, &reason);
             let record = buildlock_disk::lost::LostLease::of(&meta, reason);
             if let Err(e) = buildlock_disk::lost::record(&target, &record) {
                 tracing::warn!("cannot record the loss beside {}: {e}", target.path.display());
