@@ -34,7 +34,11 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
     // thread less per `run`, which costs more than the lock.
     opts.watch = !cfg!(target_os = "linux");
     let mut notice = WaitNotice::new(&target.name, &target.path.display().to_string());
-    let mut lease = match buildlock::acquire(&target, &opts, &mut |w| notice.show(&w.holder, w.waited)) {
+    let mut extras = crate::history::WaitExtras::new();
+    let mut lease = match buildlock::acquire(&target, &opts, &mut |w| {
+        let holder = format!("{}{}", w.holder, extras.describe(&target, w));
+        notice.show(&holder, w.waited)
+    }) {
         Ok(l) => l,
         Err(e) if e.is_conflict() => {
             notice.finish();
