@@ -24,19 +24,29 @@ pub struct Bar {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Mark {
     /// This (dead) holder's lock was recovered as stale, by the given rule.
-    StaleRecovered { at_ms: i64, rule: String },
-    Lost { at_ms: i64 },
+    StaleRecovered {
+        at_ms: i64,
+        rule: String,
+    },
+    Lost {
+        at_ms: i64,
+    },
     /// The wait ran out, or the request was refused at once.
-    GaveUp { at_ms: i64 },
-    Broken { at_ms: i64 },
+    GaveUp {
+        at_ms: i64,
+    },
+    Broken {
+        at_ms: i64,
+    },
 }
 
 impl Mark {
     fn at(&self) -> i64 {
         match self {
-            Mark::StaleRecovered { at_ms, .. } | Mark::Lost { at_ms } | Mark::GaveUp { at_ms } | Mark::Broken { at_ms } => {
-                *at_ms
-            }
+            Mark::StaleRecovered { at_ms, .. }
+            | Mark::Lost { at_ms }
+            | Mark::GaveUp { at_ms }
+            | Mark::Broken { at_ms } => *at_ms,
         }
     }
 }

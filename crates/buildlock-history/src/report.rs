@@ -24,7 +24,13 @@ impl Percentiles {
         v.sort_unstable();
         let max_us = *v.last()?;
         let sum_us = v.iter().fold(0u64, |a, b| a.saturating_add(*b));
-        Some(Percentiles { p50_us: nearest_rank(&v, 50), p95_us: nearest_rank(&v, 95), max_us, count: v.len() as u64, sum_us })
+        Some(Percentiles {
+            p50_us: nearest_rank(&v, 50),
+            p95_us: nearest_rank(&v, 95),
+            max_us,
+            count: v.len() as u64,
+            sum_us,
+        })
     }
 }
 
@@ -170,12 +176,19 @@ pub fn prometheus(stats: &[LockStats]) -> String {
     gauge(&mut out, "breaks", "Locks broken by `buildlock-client break` in the window.", &|s| {
         vec![(String::new(), s.broken as f64)]
     });
-    gauge(&mut out, "stale_recoveries", "Stale locks recovered in the window, by the rule that found them stale.", &|s| {
-        StaleRule::ALL
-            .iter()
-            .map(|r| (format!(",rule=\"{}\"", r.as_str()), *s.stale_recoveries.get(r.as_str()).unwrap_or(&0) as f64))
-            .collect()
-    });
+    gauge(
+        &mut out,
+        "stale_recoveries",
+        "Stale locks recovered in the window, by the rule that found them stale.",
+        &|s| {
+            StaleRule::ALL
+                .iter()
+                .map(|r| {
+                    (format!(",rule=\"{}\"", r.as_str()), *s.stale_recoveries.get(r.as_str()).unwrap_or(&0) as f64)
+                })
+                .collect()
+        },
+    );
     for (name, help, pick) in [
         ("wait_seconds", "Time from request to grant in the window.", (|s: &LockStats| s.wait) as fn(&LockStats) -> _),
         ("hold_seconds", "Time from grant to release in the window.", |s: &LockStats| s.hold),
