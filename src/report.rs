@@ -163,6 +163,8 @@ pub(crate) fn break_lock(cx: &Context, target: &str, force: bool) -> ExitCode {
         Ok(t) => t,
         Err(e) => return fail(&e),
     };
+    // A stale lock recovered on the way is recorded too (with the break, once it is done).
+    buildlock::history::install_hook();
     let (result, detail, code) = match buildlock_disk::break_lock(&target, &cx.opts, force) {
         Ok(Broken::NotHeld { cleaned }) => {
             let detail = match cleaned {
@@ -178,6 +180,7 @@ pub(crate) fn break_lock(cx: &Context, target: &str, force: bool) -> ExitCode {
         Err(e @ Error::Refused { .. }) => ("refused", e.to_string(), ExitCode::from(1)),
         Err(e) => return fail(&e),
     };
+    buildlock::history::flush();
     if cx.json {
         println!("{}", json!({ "name": target.name, "path": target.path, "result": result, "detail": detail }));
     } else if result == "refused" {

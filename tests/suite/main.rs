@@ -9,6 +9,7 @@ mod daemon;
 mod daemon_limits;
 mod daemonize;
 mod exclusion;
+mod history;
 mod hostile;
 mod interop;
 mod promises;
