@@ -51,7 +51,7 @@ fn load(cx: &Context, target: Option<&str>, since: Option<Duration>) -> Result<(
         Some(t) => Some(buildlock::history::lock_key(&cx.target(t).map_err(|e| e.to_string())?)),
         None => None,
     };
-    let store = match buildlock_history::open_for_reading() {
+    let store = match buildlock_history::open_for_reading(buildlock_history::READ_BUSY_TIMEOUT) {
         Ok(s) => s,
         Err(buildlock_history::Error::Off) => {
             return Err("lock history is off (BUILDLOCK_HISTORY=0): nothing was recorded".into())

@@ -80,7 +80,9 @@ fn grant_release_timeout_busy(env: &Env) {
     let s = &stats["locks"][0];
     assert_eq!((s["acquisitions"].as_u64(), s["timeouts"].as_u64(), s["busy"].as_u64()), (Some(2), Some(1), Some(1)));
     assert_eq!(s["hold"]["max_us"].as_i64().unwrap(), hold1.max(int(released[1], "hold_us")));
-    assert_eq!(s["waited"].as_u64(), Some(1), "the second holder waited: {s}");
+    // The second holder waited past its "waiting" message (about a second), far above the
+    // threshold; the first may have too, on a loaded machine.
+    assert!(s["waited"].as_u64().is_some_and(|n| n >= 1), "the second holder waited: {s}");
 }
 
 #[test]

@@ -386,9 +386,22 @@ impl Store {
         prune_in(&self.conn, keep, now_ms).map_err(|source| Error::Sqlite { path: self.path.clone(), source })
     }
 
+    /// Whether the schema exists (a writer that just created the file may not have made it yet).
+    fn has_schema(&self) -> Result<bool, Error> {
+        self.conn
+            .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'events'", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n > 0)
+            .map_err(|source| Error::Sqlite { path: self.path.clone(), source })
+    }
+
     /// The events of `lock` (every lock if `None`) at or after `since_ms`, oldest first.
     pub fn events(&self, lock: Option<&str>, since_ms: i64) -> Result<Vec<Event>, Error> {
         let sql = |source| Error::Sqlite { path: self.path.clone(), source };
+        if !self.has_schema()? {
+            return Ok(Vec::new());
+        }
         let mut stmt = self
             .conn
             .prepare(
@@ -437,6 +450,9 @@ impl Store {
     /// The hold times (µs) of `lock` by `command`, newest first, at most `limit`.
     pub fn holds_by(&self, lock: &str, command: &str, limit: usize) -> Result<Vec<u64>, Error> {
         let sql = |source| Error::Sqlite { path: self.path.clone(), source };
+        if !self.has_schema()? {
+            return Ok(Vec::new());
+        }
         let mut stmt = self
             .conn
             .prepare_cached(
@@ -550,15 +566,19 @@ pub fn enabled() -> bool {
     Setting::from_env() != Setting::Off
 }
 
-/// Opens the history for reading (stats, history, the "usually" hint), if it exists.
-pub fn open_for_reading() -> Result<Store, Error> {
+/// How long `stats` and `history` wait for a writer.
+pub const READ_BUSY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Opens the history for reading, if it exists, waiting at most `busy` for a writer (`stats`
+/// and `history`: [`READ_BUSY_TIMEOUT`]; the "usually" hint of a waiter: less).
+pub fn open_for_reading(busy: Duration) -> Result<Store, Error> {
     match Setting::from_env() {
         Setting::Off => Err(Error::Off),
         Setting::At(path) => {
             let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
             let sql = |source| Error::Sqlite { path: path.clone(), source };
             let conn = Connection::open_with_flags(&path, flags).map_err(sql)?;
-            conn.busy_timeout(DIRECT_BUSY_TIMEOUT).map_err(sql)?;
+            conn.busy_timeout(busy).map_err(sql)?;
             Ok(Store { conn, path })
         }
     }

@@ -71,9 +71,15 @@ impl Pending {
         e
     }
 
-    /// The request and its grant, and the release (or the loss, with `lost` the reason).
-    /// Call after the lock is released.
-    pub(crate) fn released(self, lost: Option<String>) {
+    /// The moment the hold ends, taken just before the release (so that the release is
+    /// recorded no later than the next holder's grant).
+    pub(crate) fn ending() -> (i64, Instant) {
+        (buildlock_history::now_ms(), Instant::now())
+    }
+
+    /// The request and its grant, and the release at `ended` (or the loss, with `lost` the
+    /// reason). Call after the lock is released.
+    pub(crate) fn released(self, ended: (i64, Instant), lost: Option<String>) {
         if !buildlock_history::enabled() {
             return;
         }
@@ -82,9 +88,8 @@ impl Pending {
             let mut g = self.event(Kind::Granted, at_ms);
             g.wait_us = Some(buildlock_history::micros(wait));
             events.push(g);
-            let mut r =
-                self.event(if lost.is_some() { Kind::Lost } else { Kind::Released }, buildlock_history::now_ms());
-            r.hold_us = Some(buildlock_history::micros(at.elapsed()));
+            let mut r = self.event(if lost.is_some() { Kind::Lost } else { Kind::Released }, ended.0);
+            r.hold_us = Some(buildlock_history::micros(ended.1.saturating_duration_since(at)));
             r.detail = lost.unwrap_or_default();
             events.push(r);
         }
@@ -159,7 +164,7 @@ pub fn usual_hold(target: &LockTarget, command: &str) -> Option<Duration> {
     if command.is_empty() {
         return None;
     }
-    let store = buildlock_history::open_for_reading().ok()?;
+    let store = buildlock_history::open_for_reading(buildlock_history::DIRECT_BUSY_TIMEOUT).ok()?;
     let holds = store.holds_by(&lock_key(target), command, 50).ok()?;
     buildlock_history::usual_hold(&holds).map(Duration::from_micros)
 }

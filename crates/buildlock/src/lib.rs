@@ -514,10 +514,11 @@ impl Lease {
         let Some(inner) = self.inner.take() else { return Ok(()) };
         match inner {
             Inner::Direct(guard) => {
+                let ended = history::Pending::ending();
                 let result = guard.release().map_err(Error::from);
                 // Only now, with the lock released: the history write never delays it.
                 if let Some(pending) = self.history.take() {
-                    pending.released(result.as_ref().err().map(|e| e.to_string()));
+                    pending.released(ended, result.as_ref().err().map(|e| e.to_string()));
                 }
                 result
             }
