@@ -263,28 +263,32 @@ fn main() -> ExitCode {
     let connect = if cli.soft { Connect::Direct } else { Connect::from_env(cli.no_daemon) };
     let runtime_dir = cli.runtime_dir.unwrap_or_else(default_runtime_dir);
     let cx = Context { dir, opts, json: cli.json, connect, runtime_dir };
-    match cli.command {
-        Command::Run(args) => run::run(&cx, args),
+    command(&cx, cli.command)
+}
+
+fn command(cx: &Context, command: Command) -> ExitCode {
+    match command {
+        Command::Run(args) => run::run(cx, args),
         #[cfg(unix)]
-        Command::Acquire(args) => keep::acquire(&cx, args),
+        Command::Acquire(args) => keep::acquire(cx, args),
         #[cfg(unix)]
-        Command::Keep(args) => keep::keep(&cx, args),
+        Command::Keep(args) => keep::keep(cx, args),
         #[cfg(unix)]
-        Command::KeepShadow { pid, fd, target } => keep::shadow(&cx, pid, fd, &target),
+        Command::KeepShadow { pid, fd, target } => keep::shadow(cx, pid, fd, &target),
         #[cfg(unix)]
-        Command::Release { pid, target } => keep::release(&cx, pid, &target),
+        Command::Release { pid, target } => keep::release(cx, pid, &target),
         #[cfg(unix)]
-        Command::Daemon { action } => daemon::daemon(&cx, action),
+        Command::Daemon { action } => daemon::daemon(cx, action),
         #[cfg(not(unix))]
         Command::Acquire(_)
         | Command::Keep(_)
         | Command::KeepShadow { .. }
         | Command::Release { .. }
         | Command::Daemon { .. } => fail(&"this command needs the daemon, which is not available on this platform yet"),
-        Command::Status { target } => report::status(&cx, target.as_deref()),
-        Command::Break { target, force } => report::break_lock(&cx, &target, force),
-        Command::Stats { target, since, prometheus } => history::stats(&cx, target.as_deref(), since.0, prometheus),
-        Command::History { target, since, svg } => history::history(&cx, &target, since.0, svg),
+        Command::Status { target } => report::status(cx, target.as_deref()),
+        Command::Break { target, force } => report::break_lock(cx, &target, force),
+        Command::Stats { target, since, prometheus } => history::stats(cx, target.as_deref(), since.0, prometheus),
+        Command::History { target, since, svg } => history::history(cx, &target, since.0, svg),
     }
 }
 

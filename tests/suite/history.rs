@@ -174,6 +174,7 @@ fn history_off_writes_nothing() {
     assert!(c.status().unwrap().success());
     assert!(!db.exists());
     assert!(!env.path("history.sqlite3").exists(), "the test's default history is untouched");
+    assert!(!env.path("history.sqlite3-spool").exists());
     assert!(!env.path("home/.local/share/buildlock/history.sqlite3").exists());
     let mut c = env.cli();
     let out = c.env("BUILDLOCK_HISTORY", "0").args(["stats"]).output().unwrap();

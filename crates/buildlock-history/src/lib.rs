@@ -11,7 +11,12 @@
 //! - [`Background`]: a thread fed by a channel that writes in batches (the daemon). Sending
 //!   never blocks: when the channel is full, the event is dropped.
 //! - [`record_direct`]: the caller writes after it has released the lock (the library and CLI
-//!   in direct mode), with a short busy timeout; a busy database drops the rows (debug log).
+//!   in direct mode). It only appends its rows to a spool file beside the database
+//!   (`history.sqlite3-spool`, one JSON line per event): three system calls, where opening
+//!   SQLite in every short-lived process would cost more than the lock. The spool is moved into
+//!   the database by the next reader (`stats`, `history`, a waiter's "usually" figure), by the
+//!   daemon's writer, or by a direct writer once it has grown past [`SPOOL_IMPORT_BYTES`]. A busy
+//!   database then drops the rows (debug log) rather than wait.
 //!
 //! A database that cannot be opened or written (corrupt, read-only) is one warning per process;
 //! every later event is dropped.
@@ -35,7 +40,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OpenFlags};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 mod render;
 mod report;
@@ -57,7 +62,7 @@ pub const BACKGROUND_BUSY_TIMEOUT: Duration = Duration::from_millis(200);
 pub const WAITED_AT_LEAST_US: u64 = 10_000;
 
 /// What happened to a lock.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
     Requested,
@@ -107,7 +112,7 @@ impl Kind {
 }
 
 /// Why a stale lock was judged stale (the rules of the seed).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StaleRule {
     /// Its metadata names a process on this host that is dead.
@@ -136,7 +141,7 @@ impl StaleRule {
 }
 
 /// One lock event.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     /// When it happened, milliseconds since the Unix epoch.
     pub at_ms: i64,
@@ -203,6 +208,8 @@ pub enum Error {
     Dir { path: PathBuf, source: std::io::Error },
     #[error("lock history is off (BUILDLOCK_HISTORY=0)")]
     Off,
+    #[error("lock history spool {path}: {source}")]
+    Spool { path: PathBuf, source: std::io::Error },
 }
 
 /// Where history goes: `BUILDLOCK_HISTORY`.
@@ -292,6 +299,9 @@ CREATE INDEX IF NOT EXISTS events_lock_at ON events (lock, at_ms);
 CREATE INDEX IF NOT EXISTS events_at ON events (at_ms);
 ";
 
+/// The write-ahead log is checkpointed (and truncated) past this many pages.
+const WAL_PAGES: i64 = 256;
+
 /// Insert this many rows, then prune (and once at every open of a long-lived writer).
 const PRUNE_EVERY: i64 = 1024;
 
@@ -321,6 +331,10 @@ impl Store {
             tracing::debug!("lock history {}: journal mode {mode}, not wal", path.display());
         }
         conn.pragma_update(None, "synchronous", "normal").map_err(sql)?;
+        // A short write-ahead log: a process that opens the database when no other has it open
+        // reads all of it to rebuild its index.
+        conn.pragma_update(None, "wal_autocheckpoint", WAL_PAGES).map_err(sql)?;
+        conn.pragma_update(None, "journal_size_limit", WAL_PAGES * 4096).map_err(sql)?;
         if version < SCHEMA_VERSION {
             conn.execute_batch(SCHEMA).map_err(sql)?;
             conn.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(sql)?;
@@ -344,7 +358,6 @@ impl Store {
         }
         let sql = |source| Error::Sqlite { path: self.path.clone(), source };
         let tx = self.conn.unchecked_transaction().map_err(sql)?;
-        let before = tx.last_insert_rowid();
         {
             let mut stmt = tx
                 .prepare_cached(
@@ -372,13 +385,52 @@ impl Store {
                 .map_err(sql)?;
             }
         }
+        // Row ids are given in order: the ones just written end at `after`.
         let after = tx.last_insert_rowid();
+        let before = after - events.len() as i64;
         // Crossed a multiple of PRUNE_EVERY: prune. Row ids only grow, so every writer prunes
         // about once per PRUNE_EVERY rows, whichever it is.
         if before / PRUNE_EVERY != after / PRUNE_EVERY {
             prune_in(&tx, keep, now_ms()).map_err(sql)?;
         }
         tx.commit().map_err(sql)
+    }
+
+    /// Moves the rows of the spool (direct-mode writers') into the database: claims the spool
+    /// by renaming it, inserts its lines (skipping any that do not parse), removes it. A writer
+    /// that opened the spool just before the rename and writes just after the rows were read
+    /// loses its rows (a window of microseconds; history is advisory). Returns how many rows.
+    pub fn import_spool(&self, keep: Retention) -> Result<usize, Error> {
+        let spool = spool_path(&self.path);
+        let mut claimed = spool.clone().into_os_string();
+        claimed.push(format!(".{}.{}", std::process::id(), now_ms()));
+        let claimed = PathBuf::from(claimed);
+        let io = |source: std::io::Error| Error::Spool { path: spool.clone(), source };
+        match std::fs::rename(&spool, &claimed) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io(e)),
+        }
+        let text = std::fs::read(&claimed).map_err(io)?;
+        let events: Vec<Event> = text
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .filter_map(|l| serde_json::from_slice(l).ok())
+            .collect();
+        let result = self.insert_with(&events, keep);
+        if result.is_ok() {
+            let _ = std::fs::remove_file(&claimed);
+        } else {
+            // Put the rows back for the next import (appending: the spool may have new ones).
+            let back = std::fs::OpenOptions::new().append(true).create(true).open(&spool);
+            if let Ok(mut f) = back {
+                use std::io::Write as _;
+                if f.write_all(&text).is_ok() {
+                    let _ = std::fs::remove_file(&claimed);
+                }
+            }
+        }
+        result.map(|()| events.len())
     }
 
     /// Deletes events older than `keep.days` and all but the newest `keep.max_rows`.
@@ -523,40 +575,91 @@ pub fn defer(event: Event) {
     }
 }
 
-/// This process's connection for direct-mode writes, opened on first use; `None` inside once
-/// it failed (warned about) or history is off.
-static DIRECT: OnceLock<Mutex<Option<Store>>> = OnceLock::new();
+/// Past this size, a direct-mode writer moves the spool into the database itself.
+pub const SPOOL_IMPORT_BYTES: u64 = 256 * 1024;
 
-/// Writes `events` (and those [`defer`]red) now, from a process that has released its lock.
-/// Waits at most [`DIRECT_BUSY_TIMEOUT`] for another writer, then drops them (debug log). A
-/// database that cannot be used is warned about once; nothing is ever returned to the caller.
+/// The spool file beside the database at `db`.
+pub fn spool_path(db: &Path) -> PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push("-spool");
+    PathBuf::from(p)
+}
+
+/// Appends `events` to the spool of the database at `db` (one `write` of whole lines) and
+/// returns the spool's size afterwards.
+pub fn spool_append(db: &Path, events: &[Event]) -> Result<u64, Error> {
+    use std::io::Write as _;
+    let spool = spool_path(db);
+    let io = |source: std::io::Error| Error::Spool { path: spool.clone(), source };
+    let mut buf = Vec::with_capacity(events.len() * 256);
+    // Each line starts with a newline, so a line a killed writer left half-written spoils no
+    // other: it stands alone, fails to parse and is skipped.
+    for e in events {
+        buf.push(b'\n');
+        serde_json::to_writer(&mut buf, e).map_err(|e| io(e.into()))?;
+    }
+    let mut f = std::fs::OpenOptions::new().append(true).create(true).open(&spool).map_err(io)?;
+    f.write_all(&buf).map_err(io)?;
+    Ok(f.metadata().map(|m| m.len()).unwrap_or(0))
+}
+
+/// Whether the file at `db`, if any, is an SQLite database (its first 16 bytes): a direct-mode
+/// writer checks that much before it spools, so a file of garbage is warned about at once.
+fn looks_like_a_database(db: &Path) -> Result<(), Error> {
+    use std::io::Read as _;
+    let mut head = [0u8; 16];
+    match std::fs::File::open(db) {
+        Ok(mut f) => {
+            let n = f.read(&mut head).map_err(|source| Error::Dir { path: db.to_owned(), source })?;
+            if n == 0 || head == *b"SQLite format 3\0" {
+                Ok(())
+            } else {
+                Err(Error::Sqlite {
+                    path: db.to_owned(),
+                    source: rusqlite::Error::SqliteFailure(
+                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_NOTADB),
+                        Some("file is not a database".into()),
+                    ),
+                })
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(Error::Dir { path: db.to_owned(), source }),
+    }
+}
+
+/// Records `events` (and those [`defer`]red) from a process that has released its lock: appends
+/// them to the spool, and moves the spool into the database once it is large. Never waits for
+/// another writer; a database that cannot be used is warned about once per process; nothing is
+/// ever returned to the caller.
 pub fn record_direct(events: Vec<Event>) {
     let mut all = std::mem::take(&mut *PENDING.lock().unwrap_or_else(|e| e.into_inner()));
     all.extend(events);
     if all.is_empty() {
         return;
     }
-    let store = DIRECT.get_or_init(|| {
-        Mutex::new(match Setting::from_env() {
-            Setting::Off => None,
-            Setting::At(path) => match Store::open_with(&path, DIRECT_BUSY_TIMEOUT) {
-                Ok(s) => Some(s),
-                Err(e) if is_busy(&e) => {
-                    tracing::debug!("lock history busy; {} events dropped: {e}", all.len());
-                    None
+    let Setting::At(db) = Setting::from_env() else { return };
+    if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        if let Err(source) = std::fs::create_dir_all(dir) {
+            return warn_once(&Error::Dir { path: db.clone(), source });
+        }
+    }
+    let appended = looks_like_a_database(&db).and_then(|()| spool_append(&db, &all));
+    match appended {
+        Ok(size) if size >= SPOOL_IMPORT_BYTES => match Store::open_with(&db, DIRECT_BUSY_TIMEOUT) {
+            Ok(store) => {
+                if let Err(e) = store.import_spool(Retention::from_env()) {
+                    if is_busy(&e) {
+                        tracing::debug!("lock history busy; the spool is imported later: {e}");
+                    } else {
+                        warn_once(&e);
+                    }
                 }
-                Err(e) => {
-                    warn_once(&e);
-                    None
-                }
-            },
-        })
-    });
-    let guard = store.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(store) = guard.as_ref() else { return };
-    match store.insert_with(&all, Retention::from_env()) {
-        Ok(()) => {}
-        Err(e) if is_busy(&e) => tracing::debug!("lock history busy; {} events dropped: {e}", all.len()),
+            }
+            Err(e) if is_busy(&e) => tracing::debug!("lock history busy; the spool is imported later: {e}"),
+            Err(e) => warn_once(&e),
+        },
+        Ok(_) => {}
         Err(e) => warn_once(&e),
     }
 }
@@ -570,11 +673,18 @@ pub fn enabled() -> bool {
 pub const READ_BUSY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Opens the history for reading, if it exists, waiting at most `busy` for a writer (`stats`
-/// and `history`: [`READ_BUSY_TIMEOUT`]; the "usually" hint of a waiter: less).
+/// and `history`: [`READ_BUSY_TIMEOUT`]; the "usually" hint of a waiter: less). What
+/// direct-mode writers spooled is moved into the database first, when it can be.
 pub fn open_for_reading(busy: Duration) -> Result<Store, Error> {
     match Setting::from_env() {
         Setting::Off => Err(Error::Off),
         Setting::At(path) => {
+            if spool_path(&path).exists() {
+                match Store::open_with(&path, busy).and_then(|s| s.import_spool(Retention::from_env())) {
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!("the spool of the lock history was not imported: {e}"),
+                }
+            }
             let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
             let sql = |source| Error::Sqlite { path: path.clone(), source };
             let conn = Connection::open_with_flags(&path, flags).map_err(sql)?;
@@ -638,7 +748,13 @@ fn writer(path: &Path, rx: &Receiver<Event>) {
     if let Err(e) = store.prune(keep, now_ms()) {
         tracing::debug!("{e}");
     }
+    let spool = spool_path(path);
     while let Ok(first) = rx.recv() {
+        if spool.exists() {
+            if let Err(e) = store.import_spool(keep) {
+                tracing::debug!("{e}");
+            }
+        }
         let mut batch = vec![first];
         while batch.len() < BATCH {
             match rx.try_recv() {

@@ -324,3 +324,41 @@ fn svg_timeline_renders_bars_where_they_belong() {
     // The axis has ticks with labels.
     assert!(svg.contains(">+0ms</text>") && svg.contains(">+8s</text>"), "{svg}");
 }
+
+#[test]
+fn pruning_is_occasional_not_per_write() {
+    // Rows older than the window, then writes from fresh connections (as each CLI run makes):
+    // only a write that crosses a multiple of PRUNE_EVERY prunes.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("h.sqlite3");
+    let s = Store::open(&path).unwrap();
+    let old: Vec<Event> = (0..(PRUNE_EVERY - 10)).map(|i| ev(Kind::Requested, i, "old")).collect();
+    s.insert(&old).unwrap();
+    drop(s);
+    let fresh = || Store::open(&path).unwrap();
+    fresh().insert(&[ev(Kind::Requested, now_ms(), "new")]).unwrap();
+    assert_eq!(fresh().count().unwrap(), PRUNE_EVERY as u64 - 9, "no prune before the boundary");
+    fresh().insert(&(0..20).map(|_| ev(Kind::Requested, now_ms(), "new")).collect::<Vec<_>>()).unwrap();
+    assert_eq!(fresh().count().unwrap(), 21, "the old rows were pruned at the boundary");
+}
+
+#[test]
+fn spooled_rows_are_imported_once() {
+    let (dir, s) = store();
+    let db = dir.path().join("sub/history.sqlite3");
+    let size = spool_append(&db, &[granted(1, 5), released(2, 7, "make")]).unwrap();
+    assert!(size > 0);
+    // A line a crashed writer left half-written is skipped, not an error.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(spool_path(&db))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"\n{\"at_ms\": 3, \"lo"))
+        .unwrap();
+    spool_append(&db, &[ev(Kind::Busy, 4, "b")]).unwrap();
+    assert_eq!(s.import_spool(Retention::default()).unwrap(), 3);
+    assert!(!spool_path(&db).exists());
+    assert_eq!(s.import_spool(Retention::default()).unwrap(), 0, "nothing twice");
+    let kinds: Vec<Kind> = s.events(None, 0).unwrap().iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, vec![Kind::Granted, Kind::Released, Kind::Busy]);
+    assert_eq!(s.events(None, 0).unwrap()[0], granted(1, 5));
+}
