@@ -50,7 +50,8 @@ fn grant_release_timeout_busy(env: &Env) {
     let timed_out = of(&all, "timed_out");
     let busy = of(&all, "busy");
     assert_eq!((granted.len(), released.len(), timed_out.len(), busy.len()), (2, 2, 1, 1), "{all:#?}");
-    assert!(of(&all, "requested").len() >= 4, "{all:#?}");
+    // Requests that were not granted at once: the timed-out one and the waiter, at least.
+    assert!(of(&all, "requested").len() >= 2, "{all:#?}");
     let lock = env.lock_file("x").canonicalize().unwrap();
     assert!(all.iter().all(|e| e["lock"] == lock.display().to_string() && e["backend"] == "local"), "{all:#?}");
     let (first, second) = (granted[0], granted[1]);

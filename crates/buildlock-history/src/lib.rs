@@ -65,6 +65,8 @@ pub const WAITED_AT_LEAST_US: u64 = 10_000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
+    /// Asked for and not granted at once (queued, or refused after a wait): a request granted
+    /// at once is told by its grant alone, whose `wait_us` says when it was asked for.
     Requested,
     /// Granted; `wait_us` says after how long.
     Granted,
@@ -576,7 +578,7 @@ pub fn defer(event: Event) {
 }
 
 /// Past this size, a direct-mode writer moves the spool into the database itself.
-pub const SPOOL_IMPORT_BYTES: u64 = 256 * 1024;
+pub const SPOOL_IMPORT_BYTES: u64 = 4 * 1024 * 1024;
 
 /// The spool file beside the database at `db`.
 pub fn spool_path(db: &Path) -> PathBuf {
@@ -644,7 +646,11 @@ pub fn record_direct(events: Vec<Event>) {
             return warn_once(&Error::Dir { path: db.clone(), source });
         }
     }
-    let appended = looks_like_a_database(&db).and_then(|()| spool_append(&db, &all));
+    // The database's first bytes are checked once per process.
+    static CHECKED: AtomicBool = AtomicBool::new(false);
+    let checked = if CHECKED.load(Ordering::Relaxed) { Ok(()) } else { looks_like_a_database(&db) };
+    CHECKED.store(checked.is_ok(), Ordering::Relaxed);
+    let appended = checked.and_then(|()| spool_append(&db, &all));
     match appended {
         Ok(size) if size >= SPOOL_IMPORT_BYTES => match Store::open_with(&db, DIRECT_BUSY_TIMEOUT) {
             Ok(store) => {
@@ -698,6 +704,9 @@ pub fn open_for_reading(busy: Duration) -> Result<Store, Error> {
 const CHANNEL: usize = 8192;
 /// At most this many events per transaction.
 const BATCH: usize = 512;
+/// How long the writer gathers events after the first of a batch. Events of the last moment
+/// before the daemon is killed may be lost; that is the price of not committing each one.
+const BATCH_WINDOW: Duration = Duration::from_millis(200);
 
 /// A writer thread fed by a channel (the daemon's): [`Background::record`] never blocks.
 #[derive(Debug, Clone)]
@@ -755,9 +764,12 @@ fn writer(path: &Path, rx: &Receiver<Event>) {
                 tracing::debug!("{e}");
             }
         }
+        // Gather for a moment: one transaction per burst, not per event (a commit costs more
+        // than the rows, and the writer shares the processors with the daemon it serves).
         let mut batch = vec![first];
+        let until = std::time::Instant::now() + BATCH_WINDOW;
         while batch.len() < BATCH {
-            match rx.try_recv() {
+            match rx.recv_timeout(until.saturating_duration_since(std::time::Instant::now())) {
                 Ok(e) => batch.push(e),
                 Err(_) => break,
             }

@@ -83,8 +83,12 @@ impl Pending {
         if !buildlock_history::enabled() {
             return;
         }
-        let mut events = vec![self.event(Kind::Requested, self.requested_ms)];
+        let mut events = Vec::new();
         if let Some((at_ms, at, wait)) = self.granted {
+            // A request granted at once is told by its grant alone (its wait is there).
+            if buildlock_history::micros(wait) >= buildlock_history::WAITED_AT_LEAST_US {
+                events.push(self.event(Kind::Requested, self.requested_ms));
+            }
             let mut g = self.event(Kind::Granted, at_ms);
             g.wait_us = Some(buildlock_history::micros(wait));
             events.push(g);

@@ -322,11 +322,11 @@ impl Daemon {
         if let Some(c) = st.conns.get_mut(&owner) {
             c.leases.insert(lease);
         }
-        st.leases[&lease].record(buildlock_history::Kind::Requested);
         self.pump(&mut st);
         // Still queued behind daemon clients: say so, and who holds it.
         if let Some(l) = st.leases.get(&lease) {
             if matches!(l.phase, Phase::Waiting) {
+                l.record(buildlock_history::Kind::Requested);
                 // 1 = next; 0 is kept for "granted by the queue, waiting for an outside holder".
                 let position = st.queue.lease(lease).and_then(|v| v.position).map_or(0, |p| p as u32 + 1);
                 let holder = Self::current_holder(&st, &l.target.path);
@@ -464,6 +464,7 @@ impl Daemon {
         let l = st.leases.get_mut(&lease).expect("checked above");
         l.phase = Phase::Outside { expiry };
         let owner = l.owner;
+        l.record(buildlock_history::Kind::Requested);
         let reply = Reply::Waiting { path: path.display().to_string(), position: 0, holder: Some(outside) };
         Self::send(st, owner, reply, None);
     }
