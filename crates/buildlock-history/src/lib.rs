@@ -711,7 +711,15 @@ const BATCH_WINDOW: Duration = Duration::from_millis(200);
 /// A writer thread fed by a channel (the daemon's): [`Background::record`] never blocks.
 #[derive(Debug, Clone)]
 pub struct Background {
-    tx: Option<SyncSender<Event>>,
+    tx: Option<SyncSender<Msg>>,
+}
+
+/// What the writer thread is sent.
+#[derive(Debug)]
+enum Msg {
+    Event(Event),
+    /// Write what is queued now, then answer.
+    Flush(SyncSender<()>),
 }
 
 impl Background {
@@ -733,24 +741,39 @@ impl Background {
     /// Queues `event` for writing; drops it if the writer is behind or gone.
     pub fn record(&self, event: Event) {
         if let Some(tx) = &self.tx {
-            match tx.try_send(event) {
+            match tx.try_send(Msg::Event(event)) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) => tracing::debug!("lock history writer is behind; an event was dropped"),
                 Err(TrySendError::Disconnected(_)) => {}
             }
         }
     }
+
+    /// Has the writer write what is queued, waiting at most `limit` (a daemon about to exit:
+    /// its last events are not lost to the batching window).
+    pub fn flush(&self, limit: Duration) {
+        if let Some(tx) = &self.tx {
+            let (done, wait) = mpsc::sync_channel(1);
+            if tx.try_send(Msg::Flush(done)).is_ok() {
+                let _ = wait.recv_timeout(limit);
+            }
+        }
+    }
 }
 
 /// The daemon's writer: opens the database, prunes, then writes what comes in batches.
-fn writer(path: &Path, rx: &Receiver<Event>) {
+fn writer(path: &Path, rx: &Receiver<Msg>) {
     let keep = Retention::from_env();
     let store = match Store::open(path) {
         Ok(s) => s,
         Err(e) => {
             warn_once(&e);
             // Drain so senders never see a full channel for long; write nothing.
-            while rx.recv().is_ok() {}
+            while let Ok(msg) = rx.recv() {
+                if let Msg::Flush(done) = msg {
+                    let _ = done.send(());
+                }
+            }
             return;
         }
     };
@@ -766,18 +789,30 @@ fn writer(path: &Path, rx: &Receiver<Event>) {
         }
         // Gather for a moment: one transaction per burst, not per event (a commit costs more
         // than the rows, and the writer shares the processors with the daemon it serves).
-        let mut batch = vec![first];
+        let mut batch = Vec::new();
+        let mut flushed = Vec::new();
+        let mut next = Some(first);
         let until = std::time::Instant::now() + BATCH_WINDOW;
-        while batch.len() < BATCH {
-            match rx.recv_timeout(until.saturating_duration_since(std::time::Instant::now())) {
-                Ok(e) => batch.push(e),
-                Err(_) => break,
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Event(e) => batch.push(e),
+                Msg::Flush(done) => {
+                    flushed.push(done);
+                    break;
+                }
             }
+            if batch.len() >= BATCH {
+                break;
+            }
+            next = rx.recv_timeout(until.saturating_duration_since(std::time::Instant::now())).ok();
         }
         match store.insert_with(&batch, keep) {
             Ok(()) => {}
             Err(e) if is_busy(&e) => tracing::debug!("lock history busy; {} events dropped: {e}", batch.len()),
             Err(e) => warn_once(&e),
+        }
+        for done in flushed {
+            let _ = done.send(());
         }
     }
 }

@@ -140,7 +140,7 @@ pub fn recovery_event(r: &Recovery) -> Event {
         e.host = m.hostname.clone();
         e.mode = m.mode.map(mode_str).unwrap_or_default().into();
     }
-    e.detail = format!("{} (recovered by pid {})", r.reason, std::process::id());
+    e.detail = format!("{}; recovered by pid {}", r.reason, std::process::id());
     e
 }
 

@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use crate::server::Daemon;
 
 mod history;
-pub(crate) use history::start as start_history;
+pub(crate) use history::{flush as flush_history, start as start_history};
 
 /// A reply on its way to a connection, with the descriptor that rides on it, if any.
 #[derive(Debug)]

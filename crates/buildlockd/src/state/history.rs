@@ -18,6 +18,11 @@ pub(crate) fn start() {
     let _ = buildlock_history::background();
 }
 
+/// Writes what is queued before the daemon exits (at most a second).
+pub(crate) fn flush() {
+    buildlock_history::background().flush(std::time::Duration::from_secs(1));
+}
+
 fn started() -> Instant {
     static START: OnceLock<Instant> = OnceLock::new();
     *START.get_or_init(Instant::now)
@@ -43,7 +48,7 @@ fn recovered(r: buildlock_disk::recovery::Recovery) {
         e.operation = m.operation.clone();
         e.host = m.hostname.clone();
     }
-    e.detail = format!("{} (recovered by buildlockd)", r.reason);
+    e.detail = format!("{}; recovered by buildlockd", r.reason);
     record(e);
 }
 
