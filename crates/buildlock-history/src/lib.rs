@@ -714,8 +714,10 @@ pub struct Background {
     tx: Option<SyncSender<Msg>>,
 }
 
-/// What the writer thread is sent.
+/// What the writer thread is sent. (Events travel unboxed: they are the traffic; a flush is
+/// sent once, at exit.)
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 enum Msg {
     Event(Event),
     /// Write what is queued now, then answer.
