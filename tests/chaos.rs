@@ -390,6 +390,8 @@ fn worker_command(dir: &Path, s: &Scenario, kind: Kind, millis: u64) -> Command 
         c
     };
     c.env("CHAOS_DIR", dir)
+        // The run's own lock history, not the user's (workers killed mid-write included).
+        .env("BUILDLOCK_HISTORY", dir.join("history.sqlite3"))
         .env("CHAOS_KIND", kind.name())
         .env("CHAOS_MILLIS", millis.to_string())
         .env("BUILDLOCKD", env!("CARGO_BIN_EXE_buildlockd"))
