@@ -480,9 +480,12 @@ fn keepers(dir: &Path) -> Vec<i32> {
             rd.flatten()
                 .filter(|e| e.file_name().to_string_lossy().contains(".keeper-"))
                 .filter_map(|e| std::fs::read_to_string(e.path()).ok()?.split_whitespace().next()?.parse().ok())
+                // The keeper itself (`__keep`), not a second holder (`__keep-shadow`) that took over
+                // from a killed one: killing both holders of one lease loses it by design, whatever
+                // the code does, and only a loaded machine gives the killer time for both.
                 .filter(|pid: &i32| {
                     std::fs::read(format!("/proc/{pid}/cmdline"))
-                        .is_ok_and(|c| String::from_utf8_lossy(&c).contains("__keep"))
+                        .is_ok_and(|c| c.split(|&b| b == 0).any(|a| a == b"__keep"))
                 })
                 .collect()
         })
