@@ -9,6 +9,8 @@
 //!   release [--pid PID] TARGET
 //!   status [TARGET]
 //!   break TARGET [--force]
+//!   stats [TARGET] [--since 24h] [--prometheus]
+//!   history TARGET [--since 24h] [--svg FILE]
 //!   daemon start|stop|status|install|uninstall
 //! ```
 //!
@@ -39,6 +41,7 @@ use clap::{ArgAction, Parser, Subcommand};
 
 #[cfg(unix)]
 mod daemon;
+mod history;
 #[cfg(unix)]
 mod keep;
 mod report;
@@ -88,7 +91,7 @@ struct Cli {
     /// Seconds after which a lock nobody can vouch for is stale (soft locks) [env: BUILDLOCK_STALE_AFTER]
     #[arg(long, global = true, value_name = "SECS", env = "BUILDLOCK_STALE_AFTER", hide_env = true, value_parser = parse_secs)]
     stale_after: Option<Duration>,
-    /// Machine-readable output (status, break)
+    /// Machine-readable output (status, break, stats, history)
     #[arg(long, global = true)]
     json: bool,
     /// Take locks on this PostgreSQL server (`postgres://user@host/db?sslmode=...`), shared by
@@ -148,6 +151,29 @@ enum Command {
         /// an OS lock.
         #[arg(long)]
         force: bool,
+    },
+    /// Figures from the lock history: acquisitions, waits, holds, timeouts, stale recoveries,
+    /// the longest holders (every lock, or TARGET)
+    Stats {
+        /// A lock name (in the lock directory) or a path to a .lock file
+        target: Option<String>,
+        /// How far back to look: 90s, 30m, 24h, 7d, 2w, or all
+        #[arg(long, value_name = "SPAN", default_value = "24h", value_parser = history::parse_since)]
+        since: history::Since,
+        /// The Prometheus text format (for node_exporter's textfile collector)
+        #[arg(long, conflicts_with = "json")]
+        prometheus: bool,
+    },
+    /// The events of TARGET from the lock history, oldest first, or a timeline (--svg)
+    History {
+        /// A lock name (in the lock directory) or a path to a .lock file
+        target: String,
+        /// How far back to look: 90s, 30m, 24h, 7d, 2w, or all
+        #[arg(long, value_name = "SPAN", default_value = "24h", value_parser = history::parse_since)]
+        since: history::Since,
+        /// Draw the events as an SVG timeline into FILE: one row per holder or waiter
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
     },
 }
 
@@ -352,6 +378,8 @@ where
         | Command::Daemon { .. } => fail(&"this command needs the daemon, which is not available on this platform yet"),
         Command::Status { target } => report::status(&cx, target.as_deref()),
         Command::Break { target, force } => report::break_lock(&cx, &target, force),
+        Command::Stats { target, since, prometheus } => history::stats(&cx, target.as_deref(), since.0, prometheus),
+        Command::History { target, since, svg } => history::history(&cx, &target, since.0, svg),
     }
 }
 

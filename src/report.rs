@@ -59,13 +59,19 @@ pub(crate) fn status(cx: &Context, target: Option<&str>) -> ExitCode {
             print_status(s);
             if let Some(d) = d {
                 for h in d.holders.iter().filter(|h| h.token.is_some()) {
+                    let held = h.since_unix_ms.map(|t| format!(", held for {}", crate::history::held_for(t)));
                     let max_hold = h
                         .max_hold_ms
                         .map(|ms| {
                             format!(", max-hold {}", buildlock_disk::stale::secs(std::time::Duration::from_millis(ms)))
                         })
                         .unwrap_or_default();
-                    println!("  daemon lease: {} (token {}{max_hold})", h.description, h.token.unwrap_or(0));
+                    println!(
+                        "  daemon lease: {} (token {}{}{max_hold})",
+                        h.description,
+                        h.token.unwrap_or(0),
+                        held.unwrap_or_default()
+                    );
                 }
                 for w in &d.waiters {
                     let op =
@@ -114,6 +120,9 @@ fn print_status(s: &LockStatus) {
     println!("{} ({}): {} ({} lock{mode})", s.target.name, s.target.path.display(), s.state.as_str(), s.kind);
     if let Some(h) = &s.holder {
         println!("  holder: {h}");
+        if let Some(since) = h.since() {
+            println!("  held for {}", crate::history::held_for(since.as_millisecond()));
+        }
     }
     println!("  {}", s.detail);
     if let Some(lost) = &s.lost {
@@ -148,6 +157,7 @@ fn holder_json(h: &Holder) -> Value {
         "host": m.map(|m| &m.hostname),
         "mode": h.mode.or(m.and_then(|m| m.mode)).map(|m| m.as_str()),
         "since": h.since().map(|t| t.to_string()),
+        "held_ms": h.since().map(|t| buildlock_history::now_ms() - t.as_millisecond()),
         "operation": m.map(|m| &m.operation),
         "note": h.note,
         "via_pid": m.and_then(|m| m.via_pid),
@@ -162,6 +172,8 @@ pub(crate) fn break_lock(cx: &Context, target: &str, force: bool) -> ExitCode {
         Ok(t) => t,
         Err(e) => return fail(&e),
     };
+    // A stale lock recovered on the way is recorded too (with the break, once it is done).
+    buildlock::history::install_hook();
     let (result, detail, code) = match buildlock_disk::break_lock(&target, &cx.opts, force) {
         Ok(Broken::NotHeld { cleaned }) => {
             let detail = match cleaned {
@@ -171,11 +183,13 @@ pub(crate) fn break_lock(cx: &Context, target: &str, force: bool) -> ExitCode {
             ("not-held", detail, ExitCode::SUCCESS)
         }
         Ok(Broken::Broken { reason }) => {
+            buildlock::history::broken(&target, &reason);
             ("broken", format!("removed stale lock {} ({reason})", target.path.display()), ExitCode::SUCCESS)
         }
         Err(e @ Error::Refused { .. }) => ("refused", e.to_string(), ExitCode::from(1)),
         Err(e) => return fail(&e),
     };
+    buildlock::history::flush();
     if cx.json {
         println!("{}", json!({ "name": target.name, "path": target.path, "result": result, "detail": detail }));
     } else if result == "refused" {

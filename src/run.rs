@@ -80,7 +80,11 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
     opts.watch = !cfg!(target_os = "linux");
     let place = remote.clone().unwrap_or_else(|| target.path.display().to_string());
     let mut notice = WaitNotice::new(&target.name, &place);
-    let mut lease = match buildlock::acquire(&target, &opts, &mut |w| notice.show(&w.holder, w.waited)) {
+    let mut extras = crate::history::WaitExtras::new();
+    let mut lease = match buildlock::acquire(&target, &opts, &mut |w| {
+        let holder = format!("{}{}", w.holder, extras.describe(&target, w));
+        notice.show(&holder, w.waited)
+    }) {
         Ok(l) => l,
         Err(e) => {
             notice.finish();
@@ -204,6 +208,9 @@ fn wait_for(
                     );
                     stopping = Some(Stopping::start(pid, m.kill_after));
                     why = Some(Stopped::MaxHold);
+                    let command = buildlock_sys::command_line(pid).unwrap_or_default();
+                    let detail = format!("held for {}, its --max-hold", human(m.limit));
+                    buildlock::history::stopped(lease.target(), pid, &command, &detail);
                     continue;
                 }
                 None => step = step.min(m.limit - now.duration_since(started)),

@@ -390,6 +390,8 @@ fn worker_command(dir: &Path, s: &Scenario, kind: Kind, millis: u64) -> Command 
         c
     };
     c.env("CHAOS_DIR", dir)
+        // The run's own lock history, not the user's (workers killed mid-write included).
+        .env("BUILDLOCK_HISTORY", dir.join("history.sqlite3"))
         .env("CHAOS_KIND", kind.name())
         .env("CHAOS_MILLIS", millis.to_string())
         .env("BUILDLOCKD", env!("CARGO_BIN_EXE_buildlockd"))
@@ -478,8 +480,9 @@ fn keepers(dir: &Path) -> Vec<i32> {
             rd.flatten()
                 .filter(|e| e.file_name().to_string_lossy().contains(".keeper-"))
                 .filter_map(|e| std::fs::read_to_string(e.path()).ok()?.split_whitespace().next()?.parse().ok())
-                // A keeper, not the second holder that took over from a killed one (which the
-                // keeper file then names first): killing both is a double fault that frees the lock.
+                // The keeper itself (`__keep`), not a second holder (`__keep-shadow`) that took over
+                // from a killed one: killing both holders of one lease loses it by design, whatever
+                // the code does, and only a loaded machine gives the killer time for both.
                 .filter(|pid: &i32| {
                     std::fs::read(format!("/proc/{pid}/cmdline"))
                         .is_ok_and(|c| c.split(|&b| b == 0).any(|a| a == b"__keep"))

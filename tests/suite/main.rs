@@ -10,6 +10,7 @@ mod daemon_limits;
 mod daemonize;
 mod deadlock;
 mod exclusion;
+mod history;
 mod hostile;
 mod interop;
 mod multiplex;

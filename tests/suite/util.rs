@@ -96,6 +96,8 @@ impl Env {
             .env("BUILDLOCK_DIR", self.locks())
             .env("BUILDLOCK_RUNTIME_DIR", self.runtime())
             .env("BUILDLOCKD", env!("CARGO_BIN_EXE_buildlockd"))
+            // Each test's own lock history (`tests/suite/history.rs` reads it back).
+            .env("BUILDLOCK_HISTORY", self.path("history.sqlite3"))
             .current_dir(self.tmp.path());
         if !self.daemon {
             c.env("BUILDLOCK_NO_DAEMON", "1");

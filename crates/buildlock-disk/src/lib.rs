@@ -50,6 +50,7 @@ mod guard;
 pub mod lost;
 pub mod meta;
 mod os;
+pub mod recovery;
 mod soft;
 pub mod stale;
 mod target;

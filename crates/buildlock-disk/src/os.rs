@@ -440,11 +440,15 @@ fn report_leftover(target: &LockTarget, previous: &MetaRead) {
     match previous {
         MetaRead::Missing | MetaRead::Corrupt(_) => {}
         MetaRead::Valid(m) => match buildlock_sys::process_state(&m.process()) {
-            ProcessState::Dead => tracing::warn!(
-                "Recovered stale lock {} (holder pid {} is dead; it was killed before releasing)",
-                target.path.display(),
-                m.pid
-            ),
+            ProcessState::Dead => {
+                tracing::warn!(
+                    "Recovered stale lock {} (holder pid {} is dead; it was killed before releasing)",
+                    target.path.display(),
+                    m.pid
+                );
+                let reason = format!("holder pid {} is dead", m.pid);
+                crate::recovery::recovered(&target.path, previous, crate::recovery::StaleRule::DeadPid, &reason);
+            }
             _ => tracing::info!(
                 "Replaced metadata of lock {}: pid {} no longer holds the lock",
                 target.path.display(),

@@ -350,6 +350,10 @@ fn break_stale(target: &LockTarget, opts: &LockOptions, seen: &Examined, force: 
     }
     let how = if force && !now.verdict.is_stale() { "Forcibly removed lock" } else { "Removed stale lock" };
     tracing::warn!("{how} {} ({})", target.path.display(), now.verdict.reason());
+    if now.verdict.is_stale() {
+        let rule = crate::recovery::rule_of(&now.meta);
+        crate::recovery::recovered(&target.path, &now.meta, rule, now.verdict.reason());
+    }
     Ok(true)
 }
 

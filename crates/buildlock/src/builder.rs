@@ -294,7 +294,13 @@ mod tests {
 
     #[test]
     fn wait_info_names_the_holder() {
-        let w = WaitInfo { holder: "pid 42 (make)".into(), holder_pid: Some(42), waited: Duration::from_secs(3) };
+        let w = WaitInfo {
+            holder: "pid 42 (make)".into(),
+            holder_pid: Some(42),
+            holder_command: Some("make".into()),
+            position: None,
+            waited: Duration::from_secs(3),
+        };
         assert_eq!(w.to_string(), "waiting 3s for a lock held by pid 42 (make)");
     }
 }

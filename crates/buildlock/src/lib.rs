@@ -82,6 +82,7 @@ mod builder;
 mod client;
 pub mod config;
 mod held;
+pub mod history;
 #[cfg(unix)]
 mod mux;
 
@@ -179,6 +180,10 @@ pub struct WaitInfo {
     /// Who holds the lock, in one line.
     pub holder: String,
     pub holder_pid: Option<u32>,
+    /// The holder's command line, when known (for the lock history's "usually" figure).
+    pub holder_command: Option<String>,
+    /// Place in the daemon's queue (1 = next), when waiting through the daemon.
+    pub position: Option<u32>,
     pub waited: Duration,
 }
 
@@ -231,6 +236,8 @@ pub struct Lease {
     inner: Option<Inner>,
     /// A direct lease, known to this process's threads (`held.rs`) until it is dropped.
     _held: Option<held::Registered>,
+    /// Direct mode: the acquisition, recorded in the lock history once released.
+    history: Option<history::Pending>,
 }
 
 // One per lease, never in a collection of its own: boxing the larger variant would cost a
@@ -346,9 +353,22 @@ fn acquire_remote(
     let mut req = buildlock_remote::Request::new(&target.name, mode, wait, &opts.operation);
     req.command = opts.command.clone().unwrap_or_default();
     let lease = buildlock_remote::acquire(settings, &req, &mut |h, waited| {
-        on_wait(&WaitInfo { holder: h.describe(), holder_pid: None, waited })
+        on_wait(&WaitInfo {
+            holder: h.describe(),
+            // On another host, perhaps: not a pid of this machine.
+            holder_pid: None,
+            holder_command: Some(h.command.clone()).filter(|c| !c.is_empty()),
+            position: None,
+            waited,
+        })
     })?;
-    Ok(Lease { target: target.clone(), token: lease.token(), inner: Some(Inner::Remote(lease)), _held: None })
+    Ok(Lease {
+        target: target.clone(),
+        token: lease.token(),
+        inner: Some(Inner::Remote(lease)),
+        _held: None,
+        history: None,
+    })
 }
 
 fn acquire_direct(target: &LockTarget, opts: &Options, on_wait: &mut dyn FnMut(&WaitInfo)) -> Result<Lease, Error> {
@@ -362,21 +382,46 @@ fn acquire_direct(target: &LockTarget, opts: &Options, on_wait: &mut dyn FnMut(&
     };
     if effective_wait(opts.wait) != Wait::NoWait {
         if let Err(held) = held::check(&target.path, opts.mode) {
-            return Err(Error::Deadlock(format!(
+            let msg = format!(
                 "this thread already holds lock {} ({}), so waiting for it ({}) would never end: the kernel \
                  counts every open of a lock file as another holder, this process's own included. Release it \
                  first, or keep using the lease you have",
                 target.path.display(),
                 mode_name(held),
                 mode_name(opts.mode)
-            )));
+            );
+            history::Pending::start(target, opts).deadlock(&msg);
+            return Err(Error::Deadlock(msg));
         }
     }
-    let guard = buildlock_disk::acquire(target, &disk, effective_wait(opts.wait), &mut |holder, waited| {
-        on_wait(&WaitInfo { holder: holder.to_string(), holder_pid: holder.pid(), waited })
-    })?;
-    let held = held::register(&target.path, opts.mode);
-    Ok(Lease { target: target.clone(), token: guard.token(), inner: Some(Inner::Direct(guard)), _held: Some(held) })
+    let mut pending = history::Pending::start(target, opts);
+    let result = buildlock_disk::acquire(target, &disk, effective_wait(opts.wait), &mut |holder, waited| {
+        let holder_command = holder.meta.as_ref().and_then(|m| m.command.clone()).or_else(|| holder.command.clone());
+        on_wait(&WaitInfo {
+            holder: holder.to_string(),
+            holder_pid: holder.pid(),
+            holder_command,
+            position: None,
+            waited,
+        })
+    });
+    let guard = match result {
+        Ok(guard) => guard,
+        Err(e) => {
+            if e.is_conflict() {
+                pending.refused(matches!(e, buildlock_disk::Error::Timeout { .. }));
+            }
+            return Err(e.into());
+        }
+    };
+    pending.granted();
+    Ok(Lease {
+        target: target.clone(),
+        token: guard.token(),
+        inner: Some(Inner::Direct(guard)),
+        _held: Some(held::register(&target.path, opts.mode)),
+        history: Some(pending),
+    })
 }
 
 fn mode_name(mode: LockMode) -> &'static str {
@@ -480,21 +525,27 @@ fn acquire_daemon(
     }))
     .map_err(gone)?;
     let mut holder: Option<buildlock_proto::Holder> = None;
+    let mut place = None;
     loop {
         match replies.recv(Some(Duration::from_secs(1))).map_err(gone)? {
             None => on_wait(&WaitInfo {
                 holder: holder.as_ref().map_or_else(|| "another process".into(), |h| h.description.clone()),
                 holder_pid: holder.as_ref().and_then(|h| h.pid),
+                holder_command: holder.as_ref().and_then(|h| h.command.clone()),
+                position: place,
                 waited: start.elapsed(),
             }),
-            Some((Reply::Waiting { holder: h, .. }, _)) => holder = h.or(holder),
+            Some((Reply::Waiting { holder: h, position, .. }, _)) => {
+                holder = h.or(holder);
+                place = (position > 0).then_some(position);
+            }
             Some((Reply::Granted { token, .. }, fd)) => {
                 let file = fd.map(File::from);
                 let id = file.as_ref().and_then(file_id);
                 let (bound, runtime_dir) = (opts.bind_pid, opts.runtime_dir());
                 drop(replies);
                 let inner = Inner::Daemon { mux, lease, path, file, id, bound, runtime_dir };
-                return Ok(Lease { target: target.clone(), token, inner: Some(inner), _held: None });
+                return Ok(Lease { target: target.clone(), token, inner: Some(inner), _held: None, history: None });
             }
             Some((Reply::Error(e), _)) => {
                 return Err(match e.code {
@@ -665,7 +716,15 @@ impl Lease {
     fn release_inner(&mut self, confirmed: bool) -> Result<(), Error> {
         let Some(inner) = self.inner.take() else { return Ok(()) };
         match inner {
-            Inner::Direct(guard) => guard.release().map_err(Error::from),
+            Inner::Direct(guard) => {
+                let ended = history::Pending::ending();
+                let result = guard.release().map_err(Error::from);
+                // Only now, with the lock released: the history write never delays it.
+                if let Some(pending) = self.history.take() {
+                    pending.released(ended, result.as_ref().err().map(|e| e.to_string()));
+                }
+                result
+            }
             Inner::Remote(r) => r.release().map_err(Error::from),
             #[cfg(unix)]
             Inner::Daemon { mux, lease, path, file, id, bound, runtime_dir } => {

@@ -253,6 +253,7 @@ fn run(args: Args) -> Result<(), String> {
     // the kernel for an outside holder are its own, and end with the process), but never let
     // one hold the exit up.
     rt.shutdown_timeout(Duration::from_millis(200));
+    crate::state::flush_history();
     if manager == Some("systemd") {
         notify_systemd(&[sd_notify::NotifyState::Stopping]);
     }

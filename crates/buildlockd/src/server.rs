@@ -31,6 +31,7 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn new(config: Config) -> Arc<Daemon> {
+        crate::state::start_history();
         let state = State::new();
         let journal = crate::journal::Journal::new(&config.runtime_dir);
         Arc::new_cyclic(|me| Daemon {

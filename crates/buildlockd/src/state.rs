@@ -27,6 +27,9 @@ use tokio::sync::mpsc;
 
 use crate::server::Daemon;
 
+mod history;
+pub(crate) use history::{flush as flush_history, start as start_history};
+
 /// A reply on its way to a connection, with the descriptor that rides on it, if any.
 #[derive(Debug)]
 pub(crate) struct Outgoing {
@@ -426,6 +429,7 @@ impl Daemon {
             if let Some(cycle) = cycle {
                 let msg = Self::describe_cycle(&st, &key, asker, &a.command, &cycle);
                 tracing::info!("refused a request that would deadlock: {msg}");
+                history::deadlock(&key, a.mode, asker, &a.command, &a.operation, &msg);
                 return Self::send(&st, owner, error(id, ErrorCode::Deadlock, msg, None), None);
             }
         }
@@ -471,6 +475,7 @@ impl Daemon {
         }
         if let Some(l) = st.leases.get(&lease) {
             if matches!(l.phase, Phase::Waiting) {
+                l.record(buildlock_history::Kind::Requested);
                 // 1 = next; 0 is kept for "granted by the queue, waiting for an outside holder".
                 let position = st.queue.lease(lease).and_then(|v| v.position).map_or(0, |p| p as u32 + 1);
                 let holder = Self::current_holder(&st, &l.target.path);
@@ -573,6 +578,7 @@ impl Daemon {
     /// Answers a request that could not wait (`-n`) or waited too long, naming the holder.
     fn refuse(st: &mut State, lease: LeaseId, owner: OwnerId, key: &Path, timed_out: bool) {
         let Some(l) = st.remove_lease(lease) else { return };
+        l.record(if timed_out { buildlock_history::Kind::TimedOut } else { buildlock_history::Kind::Busy });
         let holder = Self::current_holder(st, key)
             .unwrap_or_else(|| holder_from_disk(&buildlock_disk::describe_holder(&l.target), true));
         let who = holder.description.clone();
@@ -669,6 +675,7 @@ impl Daemon {
         let l = st.leases.get_mut(&lease).expect("checked above");
         l.phase = Phase::Outside { expiry };
         let (owner, id) = (l.owner, l.client_ref);
+        l.record(buildlock_history::Kind::Requested);
         let reply = Reply::Waiting { lease: id, path: path.display().to_string(), position: 0, holder: Some(outside) };
         Self::send(st, owner, reply, None);
     }
@@ -752,6 +759,7 @@ impl Daemon {
         timed_out: bool,
     ) {
         let Some(l) = st.leases.get(&lease) else { return };
+        l.record(if timed_out { buildlock_history::Kind::TimedOut } else { buildlock_history::Kind::Busy });
         let who = holder.description.clone();
         let path = target.path.display();
         let reply = if timed_out {
@@ -799,6 +807,7 @@ impl Daemon {
                 let path = l.target.path.display().to_string();
                 let id = l.client_ref;
                 l.phase = Phase::Held { hold: Box::new(hold), conn_open, pid_running: bind.is_some(), released: false };
+                l.record(buildlock_history::Kind::Granted);
                 if let Some(mh) = &mut l.max_hold {
                     mh.due = Instant::now() + mh.limit;
                     let due = mh.due;
@@ -847,6 +856,7 @@ impl Daemon {
             return;
         }
         let l = st.remove_lease(lease).expect("checked above");
+        l.record(buildlock_history::Kind::Released);
         if let Some(key) = &l.journal_key {
             self.journal.forget(key);
         }
@@ -982,6 +992,7 @@ impl Daemon {
         let last_token = buildlock_disk::fence::current(&target);
         let lost = |reason: String| {
             tracing::warn!("lease on {} bound to pid {} was lost: {reason}", target.path.display(), meta.pid);
+            history::lost(&target, &meta, &reason);
             let record = buildlock_disk::lost::LostLease::of(&meta, reason);
             if let Err(e) = buildlock_disk::lost::record(&target, &record) {
                 tracing::warn!("cannot record the loss beside {}: {e}", target.path.display());
@@ -1174,6 +1185,10 @@ impl Daemon {
             return;
         }
         let what = if sig == nix_sig::TERM { "SIGTERM" } else { "SIGKILL" };
+        if next == HoldStage::Terminated {
+            l.record(buildlock_history::Kind::StoppedMaxHold);
+        }
+        let Some(mh) = &mut l.max_hold else { return };
         tracing::warn!(
             "lock {} has been held past its max-hold ({:?}) by pid {pid} ({}): {what} to its process group",
             l.target.path.display(),
