@@ -547,10 +547,10 @@ fn clamp(v: u64) -> i64 {
 fn prune_in(conn: &Connection, keep: Retention, now_ms: i64) -> rusqlite::Result<()> {
     let horizon = now_ms.saturating_sub(i64::try_from(keep.days.saturating_mul(86_400_000)).unwrap_or(i64::MAX));
     conn.execute("DELETE FROM events WHERE at_ms < ?1", params![horizon])?;
-    conn.execute(
-        "DELETE FROM events WHERE id <= (SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?1)",
-        params![clamp(keep.max_rows)],
-    )?;
+    // Row ids only grow and rows go from the low end, so the newest `max_rows` are those above
+    // max(id) - max_rows: found through the primary key, never by walking the rows (an OFFSET
+    // would read up to `max_rows` of them at every prune).
+    conn.execute("DELETE FROM events WHERE id <= (SELECT max(id) FROM events) - ?1", params![clamp(keep.max_rows)])?;
     Ok(())
 }
 
@@ -800,22 +800,30 @@ fn writer(path: &Path, rx: &Receiver<Msg>) {
         }
         // Gather for a moment: one transaction per burst, not per event (a commit costs more
         // than the rows, and the writer shares the processors with the daemon it serves).
+        // The writer sleeps through the window rather than wait on the channel, so the events
+        // that come meanwhile wake nobody (a wake per event costs the daemon more system calls
+        // than the lock); a flush ends the window at once.
         let mut batch = Vec::new();
         let mut flushed = Vec::new();
         let mut next = Some(first);
         let until = std::time::Instant::now() + BATCH_WINDOW;
-        while let Some(msg) = next.take() {
-            match msg {
-                Msg::Event(e) => batch.push(e),
-                Msg::Flush(done) => {
-                    flushed.push(done);
+        loop {
+            while let Some(msg) = next.take() {
+                match msg {
+                    Msg::Event(e) => batch.push(e),
+                    Msg::Flush(done) => flushed.push(done),
+                }
+                if batch.len() >= BATCH || !flushed.is_empty() {
                     break;
                 }
+                next = rx.try_recv().ok();
             }
-            if batch.len() >= BATCH {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if batch.len() >= BATCH || !flushed.is_empty() || left.is_zero() {
                 break;
             }
-            next = rx.recv_timeout(until.saturating_duration_since(std::time::Instant::now())).ok();
+            std::thread::sleep(left.min(Duration::from_millis(20)));
+            next = rx.try_recv().ok();
         }
         match store.insert_with(&batch, keep) {
             Ok(()) => {}

@@ -45,7 +45,7 @@ impl Pending {
         Pending {
             lock: lock_key(target),
             mode: mode_str(opts.mode),
-            session: format!("{}:{requested_ms}", std::process::id()),
+            session: format!("{}:{requested_ms}", buildlock_sys::current_pid()),
             command: opts.command.clone().unwrap_or_default(),
             operation: opts.operation.clone(),
             requested_ms,
@@ -64,7 +64,7 @@ impl Pending {
         e.at_ms = at_ms;
         e.mode = self.mode.into();
         e.session = self.session.clone();
-        e.pid = Some(std::process::id());
+        e.pid = Some(buildlock_sys::current_pid());
         e.command = self.command.clone();
         e.operation = self.operation.clone();
         e.host = buildlock_sys::hostname();
@@ -150,7 +150,7 @@ pub fn recovery_event(r: &Recovery) -> Event {
         e.host = m.hostname.clone();
         e.mode = m.mode.map(mode_str).unwrap_or_default().into();
     }
-    e.detail = format!("{}; recovered by pid {}", r.reason, std::process::id());
+    e.detail = format!("{}; recovered by pid {}", r.reason, buildlock_sys::current_pid());
     e
 }
 
@@ -160,7 +160,7 @@ pub fn broken(target: &LockTarget, reason: &str) {
         return;
     }
     let mut e = Event::new(lock_key(target), Kind::Broken);
-    e.pid = Some(std::process::id());
+    e.pid = Some(buildlock_sys::current_pid());
     e.host = buildlock_sys::hostname();
     e.command = "buildlock-client break".into();
     e.detail = reason.to_owned();

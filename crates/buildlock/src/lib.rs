@@ -446,40 +446,46 @@ fn effective_wait(wait: Wait) -> Wait {
 /// for the life of the process, so that a process taking many leases does this once per
 /// directory (the daemon creates a directory that was removed meanwhile).
 fn daemon_path(target: &LockTarget) -> Result<PathBuf, Error> {
-    use std::collections::HashMap;
-    use std::sync::Mutex;
-    static CANONICAL: Mutex<Option<HashMap<PathBuf, PathBuf>>> = Mutex::new(None);
-    let file = target.path.file_name().unwrap_or_default();
-    let dir = target.dir();
-    // A relative directory means another one after a `chdir`: never remembered.
-    let cached = match dir.is_absolute() {
-        true => CANONICAL.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|m| m.get(dir).cloned()),
-        false => None,
-    };
-    if let Some(canonical) = cached {
-        return Ok(canonical.join(file));
+    if let Some(known) = canonical_known(target) {
+        return Ok(known);
     }
+    let dir = target.dir();
     buildlock_sys::fs::create_dir_all(dir).map_err(|e| buildlock_disk::Error::Io {
         action: "create the lock directory",
         path: dir.to_owned(),
         source: e,
     })?;
-    let dir = dir.canonicalize().map_err(|e| buildlock_disk::Error::Io {
-        action: "resolve",
-        path: dir.to_owned(),
-        source: e,
-    })?;
+    canonical(target)
+        .map_err(|e| buildlock_disk::Error::Io { action: "resolve", path: dir.to_owned(), source: e }.into())
+}
+
+/// Canonical lock directories already resolved by this process, by the absolute directory a
+/// target names (a relative one means another directory after a `chdir`: never remembered).
+static CANONICAL: std::sync::Mutex<Option<std::collections::HashMap<PathBuf, PathBuf>>> = std::sync::Mutex::new(None);
+
+/// `target`'s canonical path if its directory was resolved before by this process.
+fn canonical_known(target: &LockTarget) -> Option<PathBuf> {
+    let dir = target.dir();
+    if !dir.is_absolute() {
+        return None;
+    }
+    let cache = CANONICAL.lock().unwrap_or_else(|e| e.into_inner());
+    cache.as_ref()?.get(dir).map(|canonical| canonical.join(target.path.file_name().unwrap_or_default()))
+}
+
+/// Resolves `target`'s directory (which must exist) and remembers it.
+fn canonical(target: &LockTarget) -> std::io::Result<PathBuf> {
+    let dir = target.dir().canonicalize()?;
     if target.dir().is_absolute() {
         let mut cache = CANONICAL.lock().unwrap_or_else(|e| e.into_inner());
-        cache.get_or_insert_with(HashMap::new).insert(target.dir().to_owned(), dir.clone());
+        cache.get_or_insert_with(std::collections::HashMap::new).insert(target.dir().to_owned(), dir.clone());
     }
-    Ok(dir.join(file))
+    Ok(dir.join(target.path.file_name().unwrap_or_default()))
 }
 
 /// The path the daemon knows `target` by, if its directory exists (nothing is created).
 pub fn daemon_key(target: &LockTarget) -> Option<PathBuf> {
-    let dir = target.dir().canonicalize().ok()?;
-    Some(dir.join(target.path.file_name()?))
+    canonical_known(target).or_else(|| canonical(target).ok())
 }
 
 #[cfg(unix)]

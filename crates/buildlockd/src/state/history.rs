@@ -66,7 +66,7 @@ impl Lease {
         e.mode = mode_str(self.mode).into();
         // Unique per lease: the connection and the moment it asked.
         let asked = self.requested.saturating_duration_since(started()).as_nanos();
-        e.session = format!("d{}:{}:{asked}", std::process::id(), self.owner);
+        e.session = format!("d{}:{}:{asked}", buildlock_sys::current_pid(), self.owner);
         e.pid = Some(self.holder_pid);
         e.command = self.command.clone();
         e.operation = self.operation.clone();
