@@ -477,6 +477,8 @@ fn acquire_daemon(
         thread: buildlock_sys::current_thread_id(),
         max_hold_ms: opts.max_hold.map(millis),
         kill_after_ms: opts.kill_after.map(millis),
+        remote: None,
+        remote_timeout_ms: None,
     }))
     .map_err(gone)?;
     let mut holder: Option<buildlock_proto::Holder> = None;
