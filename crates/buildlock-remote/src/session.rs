@@ -67,6 +67,7 @@ pub struct Session {
     client: tokio_postgres::Client,
     closed: watch::Receiver<Option<String>>,
     socket: File,
+    abort: tokio::task::AbortHandle,
 }
 
 impl Session {
@@ -75,7 +76,7 @@ impl Session {
     /// that are gone.
     pub async fn connect(settings: &Settings) -> Result<Session, Error> {
         let c = net::connect(settings).await?;
-        let s = Session { settings: settings.clone(), client: c.client, closed: c.closed, socket: c.socket };
+        let s = Session { settings: settings.clone(), client: c.client, closed: c.closed, socket: c.socket, abort: c.abort };
         let t = settings.remote_timeout;
         let idle = (t.as_secs() / 3).max(1);
         let interval = (t.as_secs() / 10).max(1);
@@ -112,6 +113,13 @@ impl Session {
     /// holds a copy the server sees the session alive, as a lock file's descriptor does.
     pub fn socket(&self) -> &File {
         &self.socket
+    }
+
+    /// What ends the connection at once (its socket closed in this process, even while a query
+    /// waits in the server's lock queue): for a holder that must give up a wait or a lock
+    /// without a round trip (the daemon, when its client is gone).
+    pub fn abort_handle(&self) -> tokio::task::AbortHandle {
+        self.abort.clone()
     }
 
     /// `Some(why)` once the connection has ended.
