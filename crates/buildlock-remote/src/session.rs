@@ -192,7 +192,7 @@ impl Session {
 
     /// Takes lock `req.name` in this session. The server's lock queue is the order (FIFO);
     /// `on_wait` is told who holds it once, then about once a second while waiting.
-    pub async fn acquire(&mut self, req: &Request, on_wait: &mut dyn FnMut(&Holder)) -> Result<Grant, Error> {
+    pub async fn acquire<F: FnMut(&Holder)>(&mut self, req: &Request, on_wait: &mut F) -> Result<Grant, Error> {
         let id = self.lock_id(&req.name).await?;
         let mode_text = if req.mode == Mode::Shared { "shared" } else { "exclusive" };
         let q = |e| Error::from_query(&self.settings, "recording this waiter", e);
@@ -249,13 +249,13 @@ impl Session {
     }
 
     /// Blocks in the server's lock queue (with `lock_timeout` for a bounded wait).
-    async fn wait_for(
+    async fn wait_for<F: FnMut(&Holder)>(
         &mut self,
         req: &Request,
         id: i32,
         lock_fn: &str,
         mut holder: Option<Holder>,
-        on_wait: &mut dyn FnMut(&Holder),
+        on_wait: &mut F,
     ) -> Result<(), Error> {
         if let Wait::Timeout(t) = req.wait {
             // lock_timeout is whole milliseconds, and 0 would mean forever.

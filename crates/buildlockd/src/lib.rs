@@ -14,6 +14,9 @@
 //!   outside holder in that lock file's waiter thread, `outside`) and hands it over.
 //! - `outside`: waiting for a process outside the daemon to let go of a lock file: one thread
 //!   blocked in the kernel per lock file, shared by every lease waiting for it.
+//! - `remote`: remote leases (locks on a PostgreSQL server, `buildlock-remote`): one server
+//!   session per lease on the daemon's runtime, released when its client and bound process
+//!   are gone, and `LeaseLost` sent the moment the session is lost. Not in the local queue.
 //! - `server`: the accept loop, connection admission (limits), timers (deadlines, idle exit) and
 //!   shutdown.
 //! - [`main`]: the `buildlockd` command: runtime directory checks, the single-instance lock,
@@ -43,6 +46,8 @@ use std::time::Duration;
 mod conn;
 #[cfg(unix)]
 mod journal;
+#[cfg(unix)]
+mod remote;
 #[cfg(unix)]
 mod server;
 #[cfg(unix)]
