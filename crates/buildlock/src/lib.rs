@@ -251,6 +251,9 @@ enum Inner {
         /// directory: with the token they name the daemon's journal entry for the lease.
         bound: Option<u32>,
         runtime_dir: PathBuf,
+        /// A remote lock whose server session the daemon holds: its server
+        /// (`postgres://host:port/db`); `path` is then the lock's name.
+        remote: Option<String>,
     },
     Direct(buildlock_disk::Guard),
     Remote(buildlock_remote::Lease),
@@ -270,6 +273,11 @@ pub fn acquire(target: &LockTarget, opts: &Options, on_wait: &mut dyn FnMut(&Wai
 
 fn acquire_any(target: &LockTarget, opts: &Options, on_wait: &mut dyn FnMut(&WaitInfo)) -> Result<Lease, Error> {
     if let Some(settings) = &opts.remote {
+        // Through the daemon, which holds the server session, unless `Direct`.
+        #[cfg(unix)]
+        if opts.connect != Connect::Direct {
+            return acquire_through_daemon(target, opts, on_wait);
+        }
         return acquire_remote(settings, target, opts, on_wait);
     }
     #[cfg(not(unix))]
@@ -312,6 +320,9 @@ fn acquire_through_daemon(
                 if let Some(d) = deadline {
                     left.wait = Wait::Timeout(d.saturating_duration_since(Instant::now()));
                 }
+                if let Some(settings) = &opts.remote {
+                    return acquire_remote(settings, target, &left, on_wait);
+                }
                 return acquire_direct(target, &left, on_wait);
             }
             Err(why) => return Err(Error::NoDaemon(why)),
@@ -326,8 +337,8 @@ fn acquire_through_daemon(
     Err(Error::DaemonGone(format!("{MAX_DAEMONS} daemons in a row went away; see its log in the runtime directory")))
 }
 
-/// On the PostgreSQL server of `settings`, talking to it from this process (the daemon does
-/// not hold server connections yet).
+/// On the PostgreSQL server of `settings`, talking to it from this process (`Direct`, or no
+/// daemon to be had in `Auto`).
 fn acquire_remote(
     settings: &buildlock_remote::Settings,
     target: &LockTarget,
@@ -446,7 +457,11 @@ fn acquire_daemon(
     deadline: Option<Instant>,
     on_wait: &mut dyn FnMut(&WaitInfo),
 ) -> Result<Lease, Error> {
-    let path = daemon_path(target)?.display().to_string();
+    // A remote lock is named by its name; the daemon holds its server session.
+    let path = match &opts.remote {
+        Some(_) => target.name.clone(),
+        None => daemon_path(target)?.display().to_string(),
+    };
     let wait = match (effective_wait(opts.wait), deadline) {
         (Wait::NoWait, _) => WaitFor::NoWait,
         // What is left of the caller's wait (a daemon that went away took some).
@@ -477,8 +492,8 @@ fn acquire_daemon(
         thread: buildlock_sys::current_thread_id(),
         max_hold_ms: opts.max_hold.map(millis),
         kill_after_ms: opts.kill_after.map(millis),
-        remote: None,
-        remote_timeout_ms: None,
+        remote: opts.remote.as_ref().map(buildlock_remote::Settings::to_url),
+        remote_timeout_ms: opts.remote.as_ref().map(|s| millis(s.remote_timeout)),
     }))
     .map_err(gone)?;
     let mut holder: Option<buildlock_proto::Holder> = None;
@@ -495,7 +510,8 @@ fn acquire_daemon(
                 let id = file.as_ref().and_then(file_id);
                 let (bound, runtime_dir) = (opts.bind_pid, opts.runtime_dir());
                 drop(replies);
-                let inner = Inner::Daemon { mux, lease, path, file, id, bound, runtime_dir };
+                let remote = opts.remote.as_ref().map(buildlock_remote::Settings::display);
+                let inner = Inner::Daemon { mux, lease, path, file, id, bound, runtime_dir, remote };
                 return Ok(Lease { target: target.clone(), token, inner: Some(inner), _held: None });
             }
             Some((Reply::Error(e), _)) => {
@@ -538,6 +554,8 @@ impl Lease {
     pub fn remote_server(&self) -> Option<&str> {
         match &self.inner {
             Some(Inner::Remote(r)) => Some(r.server()),
+            #[cfg(unix)]
+            Some(Inner::Daemon { remote: Some(server), .. }) => Some(server),
             _ => None,
         }
     }
@@ -621,6 +639,17 @@ impl Lease {
     /// hand over the descriptor), that the daemon is still there to hold it.
     pub fn check(&self) -> Result<(), Error> {
         match &self.inner {
+            // The daemon holds the server session: it says when it was lost, and its own death
+            // (the connection broken) ends the session, so the lock, too.
+            #[cfg(unix)]
+            Some(Inner::Daemon { remote: Some(server), mux, lease, path, .. }) => match mux.poll_lost(*lease) {
+                Some(why) => Err(Error::Remote(buildlock_remote::Error::Lost {
+                    lock: path.clone(),
+                    server: server.clone(),
+                    why,
+                })),
+                None => Ok(()),
+            },
             #[cfg(unix)]
             Some(Inner::Daemon { file: None, mux, path, .. }) if mux.daemon_gone() => Err(Error::Lost {
                 path: PathBuf::from(path),
@@ -670,7 +699,40 @@ impl Lease {
             Inner::Direct(guard) => guard.release().map_err(Error::from),
             Inner::Remote(r) => r.release().map_err(Error::from),
             #[cfg(unix)]
-            Inner::Daemon { mux, lease, path, file, id, bound, runtime_dir } => {
+            Inner::Daemon { mux, lease, path, remote: Some(server), .. } => {
+                forked_check(&mux)?;
+                let lost = mux.poll_lost(lease);
+                let released = if confirmed && lost.is_none() {
+                    let replies = mux.listen(lease);
+                    mux.send(&Request::Release { lease }).and_then(|()| loop {
+                        match replies.recv(None)? {
+                            Some((Reply::Released { .. }, _)) => return Ok(()),
+                            Some((Reply::Error(e), _)) if e.code == ErrorCode::NotHeld => return Ok(()),
+                            Some((Reply::Error(e), _)) => {
+                                return Err(Error::Daemon { code: e.code, message: e.message })
+                            }
+                            _ => {}
+                        }
+                    })
+                } else {
+                    mux.send(&Request::Release { lease })
+                };
+                mux.forget(lease);
+                if let Some(why) = lost {
+                    return Err(Error::Remote(buildlock_remote::Error::Lost { lock: path, server, why }));
+                }
+                match released {
+                    // The daemon is gone, and the session with it: the server has freed the lock.
+                    Err(Error::Protocol(why)) => Err(Error::Remote(buildlock_remote::Error::Lost {
+                        lock: path,
+                        server,
+                        why: format!("buildlockd, which held the server session, went away ({why})"),
+                    })),
+                    other => other,
+                }
+            }
+            #[cfg(unix)]
+            Inner::Daemon { mux, lease, path, file, id, bound, runtime_dir, remote: None } => {
                 if let Err(e) = forked_check(&mux) {
                     // Our copy of the descriptor closes (the parent's and the daemon's keep the
                     // lock); nothing goes on the wire.

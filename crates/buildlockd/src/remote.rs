@@ -120,7 +120,7 @@ impl RemoteLease {
 }
 
 /// A holder on the server (any host), as the wire describes holders.
-fn server_holder(h: &buildlock_remote::Holder, server: &str) -> Holder {
+fn server_holder(h: &buildlock_remote::Holder) -> Holder {
     Holder {
         pid: h.pid,
         command: Some(h.command.clone()).filter(|c| !c.is_empty()),
@@ -133,7 +133,7 @@ fn server_holder(h: &buildlock_remote::Holder, server: &str) -> Holder {
         operation: Some(h.operation.clone()),
         token: h.token,
         outside: false,
-        description: format!("{} ({server})", h.describe()),
+        description: h.describe(),
         max_hold_ms: None,
     }
 }
@@ -316,7 +316,7 @@ impl Daemon {
                     });
                     // Held by another host (or a process outside this daemon): as the server says.
                     if let Some(h) = holder.as_ref().filter(|_| info.holders.is_empty()) {
-                        info.holders.push(server_holder(h, &l.server));
+                        info.holders.push(server_holder(h));
                     }
                 }
                 _ => info.holders.push(l.holder()),
@@ -378,7 +378,7 @@ async fn drive(
             let Some(l) = st.remote.leases.get_mut(&key) else { return };
             if !told {
                 told = true;
-                let holder = server_holder(h, &l.server);
+                let holder = server_holder(h);
                 l.send(Reply::Waiting { lease: key.1, path: l.name.clone(), position: 1, holder: Some(holder) });
             }
             l.phase = Phase::Waiting { holder: Some(h.clone()) };
