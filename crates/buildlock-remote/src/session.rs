@@ -76,7 +76,13 @@ impl Session {
     /// that are gone.
     pub async fn connect(settings: &Settings) -> Result<Session, Error> {
         let c = net::connect(settings).await?;
-        let s = Session { settings: settings.clone(), client: c.client, closed: c.closed, socket: c.socket, abort: c.abort };
+        let s = Session {
+            settings: settings.clone(),
+            client: c.client,
+            closed: c.closed,
+            socket: c.socket,
+            abort: c.abort,
+        };
         let t = settings.remote_timeout;
         let idle = (t.as_secs() / 3).max(1);
         let interval = (t.as_secs() / 10).max(1);

@@ -165,7 +165,10 @@ impl Mux {
         if let Some(why) = routes.lost.get(&id) {
             return Some(why.clone());
         }
-        routes.broken.as_ref().map(|why| format!("the connection to buildlockd, which held the server session, is gone ({why})"))
+        routes
+            .broken
+            .as_ref()
+            .map(|why| format!("the connection to buildlockd, which held the server session, is gone ({why})"))
     }
 
     /// Forgets what was recorded about lease `id` (it is released).

@@ -19,7 +19,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use buildlock_proto::{AcquireRequest, ErrorCode, ErrorReply, Holder, LeaseRef, LockInfo, Mode, Reply, WaitFor, Waiter};
+use buildlock_proto::{
+    AcquireRequest, ErrorCode, ErrorReply, Holder, LeaseRef, LockInfo, Mode, Reply, WaitFor, Waiter,
+};
 use buildlock_queue::OwnerId;
 use buildlock_remote::Session;
 use tokio::sync::oneshot;
@@ -105,7 +107,9 @@ impl RemoteLease {
             command: Some(self.command.clone()).filter(|c| !c.is_empty()),
             host: Some(buildlock_sys::hostname()),
             mode: Some(self.mode),
-            since_unix_ms: since.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map(|d| d.as_millis() as i64),
+            since_unix_ms: since
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as i64),
             operation: Some(self.operation.clone()),
             token,
             outside: false,
@@ -190,9 +194,8 @@ impl Daemon {
         if a.path.is_empty() {
             return refuse("a remote lock needs a name (in `path`)".into(), ErrorCode::InvalidName);
         }
-        let remote_timeout = a
-            .remote_timeout_ms
-            .map_or(buildlock_remote::DEFAULT_REMOTE_TIMEOUT, Duration::from_millis);
+        let remote_timeout =
+            a.remote_timeout_ms.map_or(buildlock_remote::DEFAULT_REMOTE_TIMEOUT, Duration::from_millis);
         let mode = match a.mode {
             Mode::Shared => buildlock_remote::Mode::Shared,
             Mode::Exclusive => buildlock_remote::Mode::Exclusive,

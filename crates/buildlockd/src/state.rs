@@ -1290,7 +1290,10 @@ impl Daemon {
     /// stays, or finds it stopping and is closed, and its client starts the next daemon.
     pub(crate) fn stop_if_idle(&self, idle: std::time::Duration) -> bool {
         let st = self.state();
-        let idle = st.live_conns == 0 && st.leases.is_empty() && st.remote.is_empty() && st.idle_since.is_some_and(|t| t.elapsed() >= idle);
+        let idle = st.live_conns == 0
+            && st.leases.is_empty()
+            && st.remote.is_empty()
+            && st.idle_since.is_some_and(|t| t.elapsed() >= idle);
         if idle {
             self.shutdown();
         }
