@@ -403,13 +403,10 @@ async fn drive(
     };
     {
         let mut st = daemon.state();
-        match st.remote.leases.get_mut(&key) {
-            Some(l) => {
-                l.phase = Phase::Held { token: grant.token, since: SystemTime::now() };
-                l.send(Reply::Granted { lease: key.1, path: l.name.clone(), token: grant.token, fd_attached: false });
-            }
-            // Gone meanwhile: released below.
-            None => {}
+        // Gone meanwhile (released, or its holders died): released below.
+        if let Some(l) = st.remote.leases.get_mut(&key) {
+            l.phase = Phase::Held { token: grant.token, since: SystemTime::now() };
+            l.send(Reply::Granted { lease: key.1, path: l.name.clone(), token: grant.token, fd_attached: false });
         }
     }
     let every = settings.heartbeat();
