@@ -54,9 +54,11 @@
 //! **Remote locks** ([`Options::remote`], set from `--backend`, `BUILDLOCK_BACKEND` or the
 //! [`config`] file): the lock lives on a PostgreSQL server, shared by every host that uses it
 //! (`buildlock_remote`). A lock's backend is part of its identity: the remote lock `deploy` is
-//! not the local lock `deploy`. For now the library talks to the server itself in every
-//! [`Connect`] mode (the daemon does not hold server connections yet). [`Lease::check`] reports
-//! a lost connection as [`Error::Remote`] (`buildlock_remote::Error::Lost`).
+//! not the local lock `deploy`. In `Auto`/`DaemonOnly` the daemon holds the server session and
+//! this process speaks only the local protocol; with `Direct` (or no daemon to be had in
+//! `Auto`) the library talks to the server itself. Either way [`Lease::check`] reports a lost
+//! session as [`Error::Remote`] (`buildlock_remote::Error::Lost`): through the daemon, when it
+//! says so (`LeaseLost`) or when the daemon's connection is gone (its sessions died with it).
 //!
 //! **Daemon leases and daemon death.** On Linux the daemon hands the client a duplicate of the
 //! locked descriptor, and the client keeps it for as long as it holds the lease: if the daemon

@@ -33,6 +33,10 @@
 //! next waiter granted) only when its connection is gone or released it *and* its bound
 //! process, if any, has exited.
 //!
+//! **Architecture invariant:** a remote lease is granted only when the server granted its own
+//! session the lock; its session ends (and the server frees the lock) when the lease is
+//! released, or its connection is gone and its bound process has exited.
+//!
 //! **Architecture invariant:** bad input from one connection (garbage, a huge frame, a wrong
 //! version) closes that connection only; no other client's lease is touched.
 //!
