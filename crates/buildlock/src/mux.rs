@@ -394,4 +394,13 @@ mod tests {
         assert_eq!(ids(2), [2]);
         assert_eq!(routes.mailboxes.len(), 2, "no mailbox is made for a reply nobody waits for");
     }
+
+    #[test]
+    fn an_unsolicited_lease_lost_is_recorded_for_a_lease_nobody_waits_on() {
+        let mut routes = Routes::default();
+        let lost = Reply::LeaseLost { lease: 4, path: "deploy".into(), reason: "server restarted".into() };
+        route(&mut routes, vec![(lost, None), (granted(5), None)]);
+        assert_eq!(routes.lost.get(&4).map(String::as_str), Some("server restarted"));
+        assert!(!routes.lost.contains_key(&5));
+    }
 }

@@ -297,10 +297,12 @@ impl Daemon {
     /// `path` reads `NAME on postgres://host:port/db`.
     pub(crate) fn remote_status(st: &State, path: Option<&str>) -> Vec<LockInfo> {
         let mut by_lock: std::collections::BTreeMap<String, LockInfo> = Default::default();
+        let mut outside: HashMap<String, Holder> = HashMap::new();
+        let label_of = |l: &RemoteLease| format!("{} on {}", l.name, l.server);
         let mut leases: Vec<&RemoteLease> = st.remote.leases.values().collect();
         leases.sort_by_key(|l| l.requested);
         for l in leases {
-            let label = format!("{} on {}", l.name, l.server);
+            let label = label_of(l);
             if path.is_some_and(|p| p != label && p != l.name) {
                 continue;
             }
@@ -317,12 +319,18 @@ impl Daemon {
                         waited_ms: l.requested.elapsed().as_millis() as u64,
                         operation: l.operation.clone(),
                     });
-                    // Held by another host (or a process outside this daemon): as the server says.
-                    if let Some(h) = holder.as_ref().filter(|_| info.holders.is_empty()) {
-                        info.holders.push(server_holder(h));
+                    if let Some(h) = holder {
+                        outside.entry(label_of(l)).or_insert_with(|| server_holder(h));
                     }
                 }
                 _ => info.holders.push(l.holder()),
+            }
+        }
+        // Held by another host (or a session outside this daemon): as the server said to its
+        // waiters here, when no lease of this daemon holds it.
+        for (label, h) in outside {
+            if let Some(info) = by_lock.get_mut(&label).filter(|i| i.holders.is_empty()) {
+                info.holders.push(h);
             }
         }
         by_lock.into_values().collect()
