@@ -413,3 +413,29 @@ fn remote_through_the_daemon_daemon_killed_mid_hold_stops_the_command() {
     // Nobody holds it on the server any more.
     remote(&env, &pg, &["--no-daemon", "run", "-w", "30", "dk", "--", "true"]).assert_code(0);
 }
+
+#[test]
+fn remote_through_the_daemon_a_dead_waiter_leaves_the_server_queue_and_a_dead_holder_frees_the_lock() {
+    let Some(pg) = PgServer::start() else { return };
+    let env = Env::daemon();
+    let mut holder = spawn_remote(&env, &pg, &["run", "dw", "--", "sh", "-c", "echo locked; exec sleep 1000"]);
+    holder.expect_line("locked");
+    let cmd = holder.cmd_pid();
+    let mut waiter = spawn_remote(&env, &pg, &["run", "dw", "--", "true"]);
+    wait_until(|| waiting(&pg) == 1);
+    // The waiting client dies: the daemon ends its session, and the server's queue forgets it.
+    waiter.kill9();
+    waiter.wait();
+    wait_until(|| waiting(&pg) == 0);
+    // The holder's `run` and command die together: released on the server at once, and a waiter
+    // from another process (a direct client) is granted.
+    let mut next = spawn_remote(&env, &pg, &["--no-daemon", "run", "dw", "--", "sh", "-c", "echo got it"]);
+    wait_until(|| waiting(&pg) == 1);
+    holder.kill9();
+    holder.wait();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(cmd as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    assert_eq!(next.next_line().as_deref(), Some("got it"), "{}", next.stderr());
+    assert!(next.wait().success());
+    // Other clients of the daemon were never disturbed: a local lock through it works.
+    env.run(&["run", "local", "--", "true"]).assert_code(0);
+}
