@@ -212,7 +212,8 @@ impl Daemon {
         let (stop_tx, stop) = oneshot::channel();
         let lease = RemoteLease {
             name: a.path.clone(),
-            server: buildlock_remote::redact(&url),
+            // Until the URL is read (in a blocking-pool thread): never the URL itself.
+            server: "its PostgreSQL server".into(),
             tx: tx.clone(),
             mode: a.mode,
             operation: a.operation,
