@@ -61,6 +61,7 @@ pub(crate) fn daemon(cx: &Context, action: DaemonAction) -> ExitCode {
         }
         DaemonAction::Status => match buildlock::ask_daemon(rt, &Request::DaemonStatus) {
             Ok(Reply::DaemonStatus(i)) => {
+                let remote = remote_locks(rt);
                 if cx.json {
                     println!(
                         "{}",
@@ -69,12 +70,26 @@ pub(crate) fn daemon(cx: &Context, action: DaemonAction) -> ExitCode {
                             "started_unix_ms": i.started_unix_ms, "runtime_dir": i.runtime_dir, "socket": i.socket,
                             "connections": i.connections, "leases": i.leases, "waiters": i.waiters,
                             "idle_exit_ms": i.idle_exit_ms,
+                            "remote": remote.iter().map(|l| json!({
+                                "lock": l.path,
+                                "holders": l.holders.iter().map(|h| h.description.clone()).collect::<Vec<_>>(),
+                                "waiters": l.waiters.iter().map(|w| w.pid).collect::<Vec<_>>(),
+                            })).collect::<Vec<_>>(),
                         })
                     );
                 } else {
                     println!("buildlockd {} (protocol {}) is running, pid {}", i.build, i.version, i.pid);
                     println!("  socket: {}", i.socket);
                     println!("  connections: {}, leases: {}, waiters: {}", i.connections, i.leases, i.waiters);
+                    for l in &remote {
+                        println!("  remote lock {}:", l.path);
+                        for h in &l.holders {
+                            println!("    held by {}", h.description);
+                        }
+                        for w in &l.waiters {
+                            println!("    waiting: pid {} ({}, {}s)", w.pid, w.mode, w.waited_ms / 1000);
+                        }
+                    }
                 }
                 ExitCode::SUCCESS
             }
@@ -89,6 +104,15 @@ pub(crate) fn daemon(cx: &Context, action: DaemonAction) -> ExitCode {
             }
             Err(e) => fail(&e),
         },
+    }
+}
+
+/// The remote locks the daemon holds server sessions for (their `path` reads `NAME on
+/// postgres://host:port/db`, never a password), with holders and waiters.
+fn remote_locks(rt: Option<&Path>) -> Vec<buildlock_proto::LockInfo> {
+    match buildlock::ask_daemon(rt, &Request::Status { path: None }) {
+        Ok(Reply::Status { locks }) => locks.into_iter().filter(|l| !Path::new(&l.path).is_absolute()).collect(),
+        _ => Vec::new(),
     }
 }
 

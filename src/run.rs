@@ -109,7 +109,9 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
     };
     let passed =
         copy.is_some() || lease.inherit_file().is_some_and(|file| buildlock_sys::pass_to_child(&mut cmd, file));
-    if !passed && !buildlock_sys::kill_on_parent_death(&mut cmd) {
+    // A remote lease the daemon holds is bound to CMD below, so CMD keeps it if `run` dies.
+    let daemon_keeps = lease.via_daemon() && lease.remote_server().is_some();
+    if !passed && !daemon_keeps && !buildlock_sys::kill_on_parent_death(&mut cmd) {
         tracing::debug!("this platform cannot stop CMD if buildlock-client is killed");
     }
     // A lost remote lock stops CMD's group within a quarter of the remote timeout.

@@ -41,6 +41,8 @@
 //!     thread: 1,
 //!     max_hold_ms: None,
 //!     kill_after_ms: None,
+//!     remote: None,
+//!     remote_timeout_ms: None,
 //! });
 //! wire.extend(encode(&request)?);
 //!

@@ -78,6 +78,14 @@ pub struct AcquireRequest {
     pub max_hold_ms: Option<u64>,
     /// With `max_hold_ms`: the grace between SIGTERM and SIGKILL.
     pub kill_after_ms: Option<u64>,
+    /// A remote lock: the backend's URL (`postgres://...`, the password as given: the socket is
+    /// private and the daemon runs as the same user). `path` then carries the lock's *name*,
+    /// and the daemon holds the server session for the lease (no descriptor is handed over).
+    /// `None`: a lock file. Added in protocol 3.
+    pub remote: Option<String>,
+    /// With `remote`: the remote timeout (`--remote-timeout`) in milliseconds, which bounds how
+    /// long a dead or cut-off host keeps the lock on the server [default: 30000].
+    pub remote_timeout_ms: Option<u64>,
 }
 
 /// A message from client to daemon after the handshake. Append-only: see the module docs.

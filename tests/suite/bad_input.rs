@@ -170,6 +170,8 @@ fn a_client_that_cannot_be_written_to_loses_its_connection_and_its_lease() {
         thread: crate::util::fake_thread(),
         max_hold_ms: None,
         kill_after_ms: None,
+        remote: None,
+        remote_timeout_ms: None,
     });
     send(&mut s, buildlock_proto::encode(&acquire).unwrap());
     // Read (and so close: a plain read drops the descriptor that came with it) the grant.

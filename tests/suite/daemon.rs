@@ -317,6 +317,8 @@ fn garbage_and_oversized_frames_close_only_that_connection() {
         thread: crate::util::fake_thread(),
         max_hold_ms: None,
         kill_after_ms: None,
+        remote: None,
+        remote_timeout_ms: None,
     });
     buildlock_proto::write_frame(&mut s, &req).unwrap();
     let reply: Reply = buildlock_proto::read_message(&mut s).unwrap().unwrap();

@@ -54,6 +54,8 @@ fn acquire(s: &mut UnixStream, path: &std::path::Path, wait: WaitFor) {
         thread: crate::util::fake_thread(),
         max_hold_ms: None,
         kill_after_ms: None,
+        remote: None,
+        remote_timeout_ms: None,
     });
     s.write_all(&buildlock_proto::encode(&req).unwrap()).unwrap();
 }
@@ -265,6 +267,8 @@ fn the_idle_clock_starts_when_the_last_bound_process_is_gone() {
         thread: crate::util::fake_thread(),
         max_hold_ms: None,
         kill_after_ms: None,
+        remote: None,
+        remote_timeout_ms: None,
     });
     s.write_all(&buildlock_proto::encode(&req).unwrap()).unwrap();
     assert!(matches!(reply(&mut s), Reply::Granted { .. }));

@@ -29,6 +29,8 @@ fn acquire(s: &mut UnixStream, path: &str) -> Reply {
         thread: crate::util::fake_thread(),
         max_hold_ms: None,
         kill_after_ms: None,
+        remote: None,
+        remote_timeout_ms: None,
     });
     s.write_all(&buildlock_proto::encode(&req).unwrap()).unwrap();
     buildlock_proto::decode(&buildlock_proto::read_frame(s).unwrap().unwrap()).unwrap()

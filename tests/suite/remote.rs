@@ -1,5 +1,7 @@
 //! Remote locks on a real PostgreSQL server that each test starts (`tests/support/pg_server.rs`),
-//! through the real CLI (`--backend URL`, talking to the server itself).
+//! through the real CLI (`--backend URL`): talking to the server itself (`Env::new()`, which sets
+//! `BUILDLOCK_NO_DAEMON`), and through the daemon, which holds the server sessions
+//! (`Env::daemon()`). The key tests run both ways (`both!`).
 
 use crate::pg_server::PgServer;
 use crate::util::*;
@@ -19,15 +21,30 @@ fn spawn_remote(env: &Env, pg: &PgServer, args: &[&str]) -> Proc {
     env.spawn(&all)
 }
 
+/// Two tests from one body taking an `Env`: `NAME_direct` (the CLI talks to the server) and
+/// `NAME_through_the_daemon` (the daemon holds the server session).
+macro_rules! both {
+    ($body:ident: $direct:ident, $daemon:ident) => {
+        #[test]
+        fn $direct() {
+            $body(Env::new())
+        }
+        #[test]
+        fn $daemon() {
+            $body(Env::daemon())
+        }
+    };
+}
+
 /// Sessions waiting in the server's queue for a buildlock lock.
 fn waiting(pg: &PgServer) -> usize {
     pg.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").parse().unwrap()
 }
 
-#[test]
-fn remote_exclusive_excludes_across_processes() {
+both!(remote_exclusive_excludes_across_processes: remote_exclusive_excludes_across_processes_direct, remote_exclusive_excludes_across_processes_through_the_daemon);
+
+fn remote_exclusive_excludes_across_processes(env: Env) {
     let Some(pg) = PgServer::start() else { return };
-    let env = Env::new();
     let dir = env.path("inside");
     // Every CMD checks independently that it is alone: mkdir fails if another is inside.
     let script = format!("mkdir {0} || echo TWO-HOLDERS; sleep 0.05; rmdir {0}; echo done", dir.display());
@@ -48,10 +65,10 @@ fn remote_exclusive_excludes_across_processes() {
     assert!(holder.wait().success());
 }
 
-#[test]
-fn remote_shared_shares_and_wait_times_out_naming_the_holder() {
+both!(remote_shared_shares_and_wait_times_out_naming_the_holder: remote_shared_shares_and_wait_times_out_naming_the_holder_direct, remote_shared_shares_and_wait_times_out_naming_the_holder_through_the_daemon);
+
+fn remote_shared_shares_and_wait_times_out_naming_the_holder(env: Env) {
     let Some(pg) = PgServer::start() else { return };
-    let env = Env::new();
     let mut reader =
         spawn_remote(&env, &pg, &["run", "-s", "-o", "reading cache", "c", "--", "sh", "-c", "echo locked; read x"]);
     reader.expect_line("locked");
@@ -73,10 +90,10 @@ fn remote_shared_shares_and_wait_times_out_naming_the_holder() {
     remote(&env, &pg, &["acquire", "c"]).assert_code(2).assert_stderr_has("lives on a remote backend");
 }
 
-#[test]
-fn remote_waiters_are_served_in_order_and_tokens_increase() {
+both!(remote_waiters_are_served_in_order_and_tokens_increase: remote_waiters_are_served_in_order_and_tokens_increase_direct, remote_waiters_are_served_in_order_and_tokens_increase_through_the_daemon);
+
+fn remote_waiters_are_served_in_order_and_tokens_increase(env: Env) {
     let Some(pg) = PgServer::start() else { return };
-    let env = Env::new();
     let order = env.path("order");
     let mut holder =
         spawn_remote(&env, &pg, &["run", "q", "--", "sh", "-c", "echo locked; echo $BUILDLOCK_TOKEN; read x"]);
@@ -112,10 +129,10 @@ fn remote_waiters_are_served_in_order_and_tokens_increase() {
     }
 }
 
-#[test]
-fn remote_holder_killed_frees_the_lock_and_a_killed_run_leaves_it_to_its_command() {
+both!(remote_holder_killed_frees_the_lock_and_a_killed_run_leaves_it_to_its_command: remote_holder_killed_frees_the_lock_and_a_killed_run_leaves_it_to_its_command_direct, remote_holder_killed_frees_the_lock_and_a_killed_run_leaves_it_to_its_command_through_the_daemon);
+
+fn remote_holder_killed_frees_the_lock_and_a_killed_run_leaves_it_to_its_command(env: Env) {
     let Some(pg) = PgServer::start() else { return };
-    let env = Env::new();
     let mut holder = spawn_remote(&env, &pg, &["run", "k", "--", "sh", "-c", "echo locked; exec sleep 1000"]);
     holder.expect_line("locked");
     let cmd = holder.cmd_pid();
@@ -129,10 +146,10 @@ fn remote_holder_killed_frees_the_lock_and_a_killed_run_leaves_it_to_its_command
     remote(&env, &pg, &["run", "-w", "30", "k", "--", "true"]).assert_code(0);
 }
 
-#[test]
-fn remote_server_restart_mid_hold_stops_the_command() {
+both!(remote_server_restart_mid_hold_stops_the_command: remote_server_restart_mid_hold_stops_the_command_direct, remote_server_restart_mid_hold_stops_the_command_through_the_daemon);
+
+fn remote_server_restart_mid_hold_stops_the_command(env: Env) {
     let Some(pg) = PgServer::start() else { return };
-    let env = Env::new();
     let script = "echo locked; exec sleep 1000";
     let mut holder = spawn_remote(&env, &pg, &["run", "r", "--", "sh", "-c", script]);
     holder.expect_line("locked");
@@ -170,10 +187,10 @@ fn remote_tls_verify_full_works_and_a_wrong_root_is_refused() {
     out.assert_stderr_has("certificate").assert_stderr_has("sslrootcert");
 }
 
-#[test]
-fn remote_wrong_password_and_closed_port_are_clear_errors() {
+both!(remote_wrong_password_and_closed_port_are_clear_errors: remote_wrong_password_and_closed_port_are_clear_errors_direct, remote_wrong_password_and_closed_port_are_clear_errors_through_the_daemon);
+
+fn remote_wrong_password_and_closed_port_are_clear_errors(env: Env) {
     let Some(pg) = PgServer::start() else { return };
-    let env = Env::new();
     let bad = format!("postgres://{}:wrong@127.0.0.1:{}/postgres?sslmode=disable", crate::pg_server::USER, pg.port);
     let out = env.run(&["--backend", &bad, "run", "p", "--", "true"]);
     out.assert_code(2).assert_stderr_has("refused user").assert_stderr_has(".pgpass");
@@ -344,4 +361,81 @@ fn remote_lock_and_session_end_when_cmd_exits_even_if_a_background_child_lives_o
     // The server was told: no session of ours stays open for the child's copy of the socket.
     wait_until(|| pg.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'buildlock'") == "0");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(bg), nix::sys::signal::Signal::SIGKILL).unwrap();
+}
+
+#[test]
+fn remote_through_the_daemon_daemon_status_shows_the_holder_and_its_backend() {
+    let Some(pg) = PgServer::start() else { return };
+    let env = Env::daemon();
+    let mut holder =
+        spawn_remote(&env, &pg, &["run", "-o", "deploying", "st", "--", "sh", "-c", "echo locked; exec sleep 1000"]);
+    holder.expect_line("locked");
+    let cmd = holder.cmd_pid();
+    let mut waiter = spawn_remote(&env, &pg, &["run", "st", "--", "true"]);
+    wait_until(|| waiting(&pg) == 1);
+    // The daemon holds both sessions and names the holder (its command, once bound to it), the
+    // lock's backend and the waiter; never the password of the URL it was given.
+    let mut out = env.run(&["daemon", "status"]);
+    wait_until(|| {
+        out = env.run(&["daemon", "status"]);
+        out.stdout.contains(&format!("held by pid {cmd} "))
+    });
+    out.assert_code(0).assert_stdout_has(&format!("remote lock st on postgres://127.0.0.1:{}/postgres:", pg.port));
+    out.assert_stdout_has("(deploying), exclusive, token").assert_stdout_has(&format!("waiting: pid {}", waiter.pid()));
+    assert!(!out.stdout.contains(crate::pg_server::PASSWORD), "{}", out.stdout);
+    // Through the daemon, `run` itself has no server connection: stopping the daemon's sessions
+    // (from the server's side) is what ends the lock, and `run` is told.
+    let killed =
+        pg.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' AND granted");
+    assert_eq!(killed, "1");
+    assert_eq!(holder.wait().code(), Some(122), "{}", holder.stderr());
+    assert!(holder.stderr().contains("lock st on postgres://127.0.0.1:"), "{}", holder.stderr());
+    assert!(is_dead(cmd));
+    assert!(waiter.wait().success(), "the waiter is granted once the holder's session ended: {}", waiter.stderr());
+}
+
+#[test]
+fn remote_through_the_daemon_daemon_killed_mid_hold_stops_the_command() {
+    let Some(pg) = PgServer::start() else { return };
+    let env = Env::daemon();
+    let mut holder = spawn_remote(&env, &pg, &["run", "dk", "--", "sh", "-c", "echo locked; exec sleep 1000"]);
+    holder.expect_line("locked");
+    let cmd = holder.cmd_pid();
+    let daemon = env.daemon_pid().expect("a daemon serves the test");
+    // The daemon holds the server session: its death ends the session, so the lock is lost,
+    // and `run` (which sees the daemon's socket close) stops its command.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    assert_eq!(holder.wait().code(), Some(122), "{}", holder.stderr());
+    let err = holder.stderr();
+    assert!(err.contains("lock dk on postgres://127.0.0.1:") && err.contains("was lost while held"), "{err}");
+    assert!(err.contains("buildlockd"), "{err}");
+    assert!(is_dead(cmd));
+    // Nobody holds it on the server any more.
+    remote(&env, &pg, &["--no-daemon", "run", "-w", "30", "dk", "--", "true"]).assert_code(0);
+}
+
+#[test]
+fn remote_through_the_daemon_a_dead_waiter_leaves_the_server_queue_and_a_dead_holder_frees_the_lock() {
+    let Some(pg) = PgServer::start() else { return };
+    let env = Env::daemon();
+    let mut holder = spawn_remote(&env, &pg, &["run", "dw", "--", "sh", "-c", "echo locked; exec sleep 1000"]);
+    holder.expect_line("locked");
+    let cmd = holder.cmd_pid();
+    let mut waiter = spawn_remote(&env, &pg, &["run", "dw", "--", "true"]);
+    wait_until(|| waiting(&pg) == 1);
+    // The waiting client dies: the daemon ends its session, and the server's queue forgets it.
+    waiter.kill9();
+    waiter.wait();
+    wait_until(|| waiting(&pg) == 0);
+    // The holder's `run` and command die together: released on the server at once, and a waiter
+    // from another process (a direct client) is granted.
+    let mut next = spawn_remote(&env, &pg, &["--no-daemon", "run", "dw", "--", "sh", "-c", "echo got it"]);
+    wait_until(|| waiting(&pg) == 1);
+    holder.kill9();
+    holder.wait();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(cmd as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    assert_eq!(next.next_line().as_deref(), Some("got it"), "{}", next.stderr());
+    assert!(next.wait().success());
+    // Other clients of the daemon were never disturbed: a local lock through it works.
+    env.run(&["run", "local", "--", "true"]).assert_code(0);
 }

@@ -22,6 +22,9 @@ pub(crate) struct Connected {
     /// A duplicate of the socket, for a command to inherit (the session then lasts while it
     /// lives, as a lock file's descriptor does).
     pub socket: File,
+    /// Ends the task that drives the connection, closing the socket at once (even while a
+    /// query waits in the server's lock queue).
+    pub abort: tokio::task::AbortHandle,
 }
 
 pub(crate) async fn connect(s: &Settings) -> Result<Connected, Error> {
@@ -55,8 +58,8 @@ async fn connect_inner(s: &Settings) -> Result<Connected, Error> {
             config.ssl_mode(tokio_postgres::config::SslMode::Disable);
             let (client, conn) =
                 config.connect_raw(stream, tokio_postgres::NoTls).await.map_err(|e| Error::from_connect(s, e))?;
-            spawn_connection(conn, tx);
-            Ok(Connected { client, closed, socket })
+            let abort = spawn_connection(conn, tx);
+            Ok(Connected { client, closed, socket, abort })
         }
         #[cfg(not(unix))]
         Host::Unix(_) => Err(Error::Settings("Unix sockets are not supported on this platform".into())),
@@ -67,8 +70,8 @@ async fn connect_inner(s: &Settings) -> Result<Connected, Error> {
                 config.ssl_mode(tokio_postgres::config::SslMode::Disable);
                 let (client, conn) =
                     config.connect_raw(stream, tokio_postgres::NoTls).await.map_err(|e| Error::from_connect(s, e))?;
-                spawn_connection(conn, tx);
-                return Ok(Connected { client, closed, socket });
+                let abort = spawn_connection(conn, tx);
+                return Ok(Connected { client, closed, socket, abort });
             }
             config.ssl_mode(match s.sslmode {
                 SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
@@ -81,13 +84,13 @@ async fn connect_inner(s: &Settings) -> Result<Connected, Error> {
                 )
                 .map_err(|e| Error::Settings(format!("host {host:?} cannot be checked against a certificate: {e}")))?;
             let (client, conn) = config.connect_raw(stream, tls).await.map_err(|e| Error::from_connect(s, e))?;
-            spawn_connection(conn, tx);
-            Ok(Connected { client, closed, socket })
+            let abort = spawn_connection(conn, tx);
+            Ok(Connected { client, closed, socket, abort })
         }
     }
 }
 
-fn spawn_connection<F>(conn: F, tx: watch::Sender<Option<String>>)
+fn spawn_connection<F>(conn: F, tx: watch::Sender<Option<String>>) -> tokio::task::AbortHandle
 where
     F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
 {
@@ -97,7 +100,8 @@ where
             Err(e) => crate::error::describe(&e),
         };
         let _ = tx.send(Some(why));
-    });
+    })
+    .abort_handle()
 }
 
 /// A TCP connection with the client side's liveness settings: keepalives after a quarter of the

@@ -67,6 +67,7 @@ pub struct Session {
     client: tokio_postgres::Client,
     closed: watch::Receiver<Option<String>>,
     socket: File,
+    abort: tokio::task::AbortHandle,
 }
 
 impl Session {
@@ -75,7 +76,13 @@ impl Session {
     /// that are gone.
     pub async fn connect(settings: &Settings) -> Result<Session, Error> {
         let c = net::connect(settings).await?;
-        let s = Session { settings: settings.clone(), client: c.client, closed: c.closed, socket: c.socket };
+        let s = Session {
+            settings: settings.clone(),
+            client: c.client,
+            closed: c.closed,
+            socket: c.socket,
+            abort: c.abort,
+        };
         let t = settings.remote_timeout;
         let idle = (t.as_secs() / 3).max(1);
         let interval = (t.as_secs() / 10).max(1);
@@ -112,6 +119,13 @@ impl Session {
     /// holds a copy the server sees the session alive, as a lock file's descriptor does.
     pub fn socket(&self) -> &File {
         &self.socket
+    }
+
+    /// What ends the connection at once (its socket closed in this process, even while a query
+    /// waits in the server's lock queue): for a holder that must give up a wait or a lock
+    /// without a round trip (the daemon, when its client is gone).
+    pub fn abort_handle(&self) -> tokio::task::AbortHandle {
+        self.abort.clone()
     }
 
     /// `Some(why)` once the connection has ended.
@@ -184,7 +198,7 @@ impl Session {
 
     /// Takes lock `req.name` in this session. The server's lock queue is the order (FIFO);
     /// `on_wait` is told who holds it once, then about once a second while waiting.
-    pub async fn acquire(&mut self, req: &Request, on_wait: &mut dyn FnMut(&Holder)) -> Result<Grant, Error> {
+    pub async fn acquire<F: FnMut(&Holder)>(&mut self, req: &Request, on_wait: &mut F) -> Result<Grant, Error> {
         let id = self.lock_id(&req.name).await?;
         let mode_text = if req.mode == Mode::Shared { "shared" } else { "exclusive" };
         let q = |e| Error::from_query(&self.settings, "recording this waiter", e);
@@ -241,13 +255,13 @@ impl Session {
     }
 
     /// Blocks in the server's lock queue (with `lock_timeout` for a bounded wait).
-    async fn wait_for(
+    async fn wait_for<F: FnMut(&Holder)>(
         &mut self,
         req: &Request,
         id: i32,
         lock_fn: &str,
         mut holder: Option<Holder>,
-        on_wait: &mut dyn FnMut(&Holder),
+        on_wait: &mut F,
     ) -> Result<(), Error> {
         if let Wait::Timeout(t) = req.wait {
             // lock_timeout is whole milliseconds, and 0 would mean forever.

@@ -201,6 +201,42 @@ impl Settings {
         }
     }
 
+    /// These settings as one URL that [`Settings::from_url`] reads back to the same settings
+    /// (the password included, as found in the URL or `.pgpass`; a relative `sslrootcert` made
+    /// absolute), for a process of the same user that connects on this one's behalf (the
+    /// daemon). The remote timeout is not part of it. Never print it: [`redact`] it.
+    pub fn to_url(&self) -> String {
+        let host = match &self.host {
+            Host::Tcp(h) => h.clone(),
+            Host::Unix(d) => d.display().to_string(),
+        };
+        let sslmode = match self.sslmode {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        };
+        let mut params = vec![
+            ("host", host),
+            ("port", self.port.to_string()),
+            ("user", self.user.clone()),
+            ("dbname", self.dbname.clone()),
+            ("application_name", self.application_name.clone()),
+            ("sslmode", sslmode.to_owned()),
+            ("connect_timeout", self.connect_timeout.as_secs().max(2).to_string()),
+        ];
+        if let Some(p) = &self.sslrootcert {
+            let p = std::path::absolute(p).unwrap_or_else(|_| p.clone());
+            params.push(("sslrootcert", p.display().to_string()));
+        }
+        if let Some(p) = &self.password {
+            params.push(("password", p.clone()));
+        }
+        let query: Vec<String> = params.iter().map(|(k, v)| format!("{k}={}", encode(v))).collect();
+        format!("postgres://?{}", query.join("&"))
+    }
+
     /// `host:port`, or the socket's path, for messages.
     pub fn server(&self) -> String {
         match &self.host {
@@ -227,6 +263,19 @@ impl Settings {
     pub fn heartbeat(&self) -> Duration {
         self.remote_timeout / 4
     }
+}
+
+/// Percent-encodes everything but unreserved characters (RFC 3986), for [`Settings::to_url`].
+fn encode(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// `url` with any password replaced by `***`, for messages.
@@ -363,6 +412,21 @@ fn split_pgpass(line: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn to_url_reads_back_to_the_same_settings() {
+        for url in [
+            "postgres://ci:s%3Ac%26r%20et@db.internal:6543/locks?sslmode=verify-full&sslrootcert=/etc/ca.pem&connect_timeout=5&application_name=a%20b",
+            "postgres://u:p@[::1]:5433/d?sslmode=disable",
+            "postgres://u:p@/d?host=/run/postgresql&port=5444",
+        ] {
+            let s = Settings::from_url(url).unwrap();
+            let again = Settings::from_url(&s.to_url()).unwrap();
+            assert_eq!(again, s, "{url} -> {}", redact(&s.to_url()));
+        }
+        let s = Settings::from_url("postgres://u:secret@h/d").unwrap();
+        assert!(!redact(&s.to_url()).contains("secret"));
+    }
 
     #[test]
     fn url_with_everything() {

@@ -54,9 +54,11 @@
 //! **Remote locks** ([`Options::remote`], set from `--backend`, `BUILDLOCK_BACKEND` or the
 //! [`config`] file): the lock lives on a PostgreSQL server, shared by every host that uses it
 //! (`buildlock_remote`). A lock's backend is part of its identity: the remote lock `deploy` is
-//! not the local lock `deploy`. For now the library talks to the server itself in every
-//! [`Connect`] mode (the daemon does not hold server connections yet). [`Lease::check`] reports
-//! a lost connection as [`Error::Remote`] (`buildlock_remote::Error::Lost`).
+//! not the local lock `deploy`. In `Auto`/`DaemonOnly` the daemon holds the server session and
+//! this process speaks only the local protocol; with `Direct` (or no daemon to be had in
+//! `Auto`) the library talks to the server itself. Either way [`Lease::check`] reports a lost
+//! session as [`Error::Remote`] (`buildlock_remote::Error::Lost`): through the daemon, when it
+//! says so (`LeaseLost`) or when the daemon's connection is gone (its sessions died with it).
 //!
 //! **Daemon leases and daemon death.** On Linux the daemon hands the client a duplicate of the
 //! locked descriptor, and the client keeps it for as long as it holds the lease: if the daemon
@@ -258,6 +260,9 @@ enum Inner {
         /// directory: with the token they name the daemon's journal entry for the lease.
         bound: Option<u32>,
         runtime_dir: PathBuf,
+        /// A remote lock whose server session the daemon holds: its server
+        /// (`postgres://host:port/db`); `path` is then the lock's name.
+        remote: Option<String>,
     },
     Direct(buildlock_disk::Guard),
     Remote(buildlock_remote::Lease),
@@ -277,6 +282,11 @@ pub fn acquire(target: &LockTarget, opts: &Options, on_wait: &mut dyn FnMut(&Wai
 
 fn acquire_any(target: &LockTarget, opts: &Options, on_wait: &mut dyn FnMut(&WaitInfo)) -> Result<Lease, Error> {
     if let Some(settings) = &opts.remote {
+        // Through the daemon, which holds the server session, unless `Direct`.
+        #[cfg(unix)]
+        if opts.connect != Connect::Direct {
+            return acquire_through_daemon(target, opts, on_wait);
+        }
         return acquire_remote(settings, target, opts, on_wait);
     }
     #[cfg(not(unix))]
@@ -319,6 +329,9 @@ fn acquire_through_daemon(
                 if let Some(d) = deadline {
                     left.wait = Wait::Timeout(d.saturating_duration_since(Instant::now()));
                 }
+                if let Some(settings) = &opts.remote {
+                    return acquire_remote(settings, target, &left, on_wait);
+                }
                 return acquire_direct(target, &left, on_wait);
             }
             Err(why) => return Err(Error::NoDaemon(why)),
@@ -333,8 +346,8 @@ fn acquire_through_daemon(
     Err(Error::DaemonGone(format!("{MAX_DAEMONS} daemons in a row went away; see its log in the runtime directory")))
 }
 
-/// On the PostgreSQL server of `settings`, talking to it from this process (the daemon does
-/// not hold server connections yet).
+/// On the PostgreSQL server of `settings`, talking to it from this process (`Direct`, or no
+/// daemon to be had in `Auto`).
 fn acquire_remote(
     settings: &buildlock_remote::Settings,
     target: &LockTarget,
@@ -497,7 +510,11 @@ fn acquire_daemon(
     deadline: Option<Instant>,
     on_wait: &mut dyn FnMut(&WaitInfo),
 ) -> Result<Lease, Error> {
-    let path = daemon_path(target)?.display().to_string();
+    // A remote lock is named by its name; the daemon holds its server session.
+    let path = match &opts.remote {
+        Some(_) => target.name.clone(),
+        None => daemon_path(target)?.display().to_string(),
+    };
     let wait = match (effective_wait(opts.wait), deadline) {
         (Wait::NoWait, _) => WaitFor::NoWait,
         // What is left of the caller's wait (a daemon that went away took some).
@@ -528,6 +545,8 @@ fn acquire_daemon(
         thread: buildlock_sys::current_thread_id(),
         max_hold_ms: opts.max_hold.map(millis),
         kill_after_ms: opts.kill_after.map(millis),
+        remote: opts.remote.as_ref().map(buildlock_remote::Settings::to_url),
+        remote_timeout_ms: opts.remote.as_ref().map(|s| millis(s.remote_timeout)),
     }))
     .map_err(gone)?;
     let mut holder: Option<buildlock_proto::Holder> = None;
@@ -550,7 +569,8 @@ fn acquire_daemon(
                 let id = file.as_ref().and_then(file_id);
                 let (bound, runtime_dir) = (opts.bind_pid, opts.runtime_dir());
                 drop(replies);
-                let inner = Inner::Daemon { mux, lease, path, file, id, bound, runtime_dir };
+                let remote = opts.remote.as_ref().map(buildlock_remote::Settings::display);
+                let inner = Inner::Daemon { mux, lease, path, file, id, bound, runtime_dir, remote };
                 return Ok(Lease { target: target.clone(), token, inner: Some(inner), _held: None, history: None });
             }
             Some((Reply::Error(e), _)) => {
@@ -593,6 +613,8 @@ impl Lease {
     pub fn remote_server(&self) -> Option<&str> {
         match &self.inner {
             Some(Inner::Remote(r)) => Some(r.server()),
+            #[cfg(unix)]
+            Some(Inner::Daemon { remote: Some(server), .. }) => Some(server),
             _ => None,
         }
     }
@@ -676,6 +698,17 @@ impl Lease {
     /// hand over the descriptor), that the daemon is still there to hold it.
     pub fn check(&self) -> Result<(), Error> {
         match &self.inner {
+            // The daemon holds the server session: it says when it was lost, and its own death
+            // (the connection broken) ends the session, so the lock, too.
+            #[cfg(unix)]
+            Some(Inner::Daemon { remote: Some(server), mux, lease, path, .. }) => match mux.poll_lost(*lease) {
+                Some(why) => Err(Error::Remote(buildlock_remote::Error::Lost {
+                    lock: path.clone(),
+                    server: server.clone(),
+                    why,
+                })),
+                None => Ok(()),
+            },
             #[cfg(unix)]
             Some(Inner::Daemon { file: None, mux, path, .. }) if mux.daemon_gone() => Err(Error::Lost {
                 path: PathBuf::from(path),
@@ -733,7 +766,40 @@ impl Lease {
             }
             Inner::Remote(r) => r.release().map_err(Error::from),
             #[cfg(unix)]
-            Inner::Daemon { mux, lease, path, file, id, bound, runtime_dir } => {
+            Inner::Daemon { mux, lease, path, remote: Some(server), .. } => {
+                forked_check(&mux)?;
+                let lost = mux.poll_lost(lease);
+                let released = if confirmed && lost.is_none() {
+                    let replies = mux.listen(lease);
+                    mux.send(&Request::Release { lease }).and_then(|()| loop {
+                        match replies.recv(None)? {
+                            Some((Reply::Released { .. }, _)) => return Ok(()),
+                            Some((Reply::Error(e), _)) if e.code == ErrorCode::NotHeld => return Ok(()),
+                            Some((Reply::Error(e), _)) => {
+                                return Err(Error::Daemon { code: e.code, message: e.message })
+                            }
+                            _ => {}
+                        }
+                    })
+                } else {
+                    mux.send(&Request::Release { lease })
+                };
+                mux.forget(lease);
+                if let Some(why) = lost {
+                    return Err(Error::Remote(buildlock_remote::Error::Lost { lock: path, server, why }));
+                }
+                match released {
+                    // The daemon is gone, and the session with it: the server has freed the lock.
+                    Err(Error::Protocol(why)) => Err(Error::Remote(buildlock_remote::Error::Lost {
+                        lock: path,
+                        server,
+                        why: format!("buildlockd, which held the server session, went away ({why})"),
+                    })),
+                    other => other,
+                }
+            }
+            #[cfg(unix)]
+            Inner::Daemon { mux, lease, path, file, id, bound, runtime_dir, remote: None } => {
                 if let Err(e) = forked_check(&mux) {
                     // Our copy of the descriptor closes (the parent's and the daemon's keep the
                     // lock); nothing goes on the wire.

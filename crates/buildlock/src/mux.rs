@@ -69,6 +69,9 @@ struct Routes {
     /// A waiting thread is reading the socket; the others sleep until their reply is routed
     /// to them or the role is free.
     reading: bool,
+    /// Leases the daemon said were lost (`Reply::LeaseLost`, unsolicited), with why, until
+    /// they are released.
+    lost: HashMap<LeaseRef, String>,
 }
 
 #[derive(Debug, Default)]
@@ -134,6 +137,43 @@ impl Mux {
     /// Whether the daemon has gone: the connection broke, or the socket says the peer closed.
     pub(crate) fn daemon_gone(&self) -> bool {
         self.is_broken() || buildlock_sys::ipc::peer_closed(lock(&self.writer).as_fd())
+    }
+
+    /// Whether the daemon said lease `id` was lost (`Reply::LeaseLost`), or the connection is
+    /// over: `Some(why)`. Reads what the daemon sent meanwhile, without blocking (unless another
+    /// thread is reading already, which routes it), so a holder that polls sees a loss at once.
+    pub(crate) fn poll_lost(&self, id: LeaseRef) -> Option<String> {
+        let mut routes = lock(&self.routes);
+        if !routes.reading && !routes.lost.contains_key(&id) && routes.broken.is_none() {
+            routes.reading = true;
+            drop(routes);
+            let ready = {
+                let rs = lock(&self.reader);
+                // Whole frames read earlier were routed then: only new bytes can say anything.
+                buildlock_sys::ipc::wait_readable(&[rs.stream.as_fd()], Some(Duration::ZERO)).is_ok_and(|r| r.is_some())
+            };
+            let got = if ready { Some(self.read_some()) } else { None };
+            routes = lock(&self.routes);
+            routes.reading = false;
+            match got {
+                Some(Ok(deliveries)) => route(&mut routes, deliveries),
+                Some(Err(why)) => Self::break_routes(&mut routes, why),
+                None => {}
+            }
+            hand_over(&routes, id);
+        }
+        if let Some(why) = routes.lost.get(&id) {
+            return Some(why.clone());
+        }
+        routes
+            .broken
+            .as_ref()
+            .map(|why| format!("the connection to buildlockd, which held the server session, is gone ({why})"))
+    }
+
+    /// Forgets what was recorded about lease `id` (it is released).
+    pub(crate) fn forget(&self, id: LeaseRef) {
+        lock(&self.routes).lost.remove(&id);
     }
 
     /// A new lease id, unique on this connection.
@@ -227,6 +267,9 @@ impl Mux {
 fn route(routes: &mut Routes, deliveries: Vec<Delivery>) {
     for (reply, fd) in deliveries {
         let id = lease_of(&reply);
+        if let Reply::LeaseLost { reason, .. } = &reply {
+            routes.lost.insert(id, reason.clone());
+        }
         match routes.mailboxes.get_mut(&id) {
             Some(mailbox) if id != 0 => {
                 mailbox.replies.push_back((reply, fd));
@@ -350,5 +393,14 @@ mod tests {
         assert_eq!(ids(1), [1]);
         assert_eq!(ids(2), [2]);
         assert_eq!(routes.mailboxes.len(), 2, "no mailbox is made for a reply nobody waits for");
+    }
+
+    #[test]
+    fn an_unsolicited_lease_lost_is_recorded_for_a_lease_nobody_waits_on() {
+        let mut routes = Routes::default();
+        let lost = Reply::LeaseLost { lease: 4, path: "deploy".into(), reason: "server restarted".into() };
+        route(&mut routes, vec![(lost, None), (granted(5), None)]);
+        assert_eq!(routes.lost.get(&4).map(String::as_str), Some("server restarted"));
+        assert!(!routes.lost.contains_key(&5));
     }
 }

@@ -14,6 +14,9 @@
 //!   outside holder in that lock file's waiter thread, `outside`) and hands it over.
 //! - `outside`: waiting for a process outside the daemon to let go of a lock file: one thread
 //!   blocked in the kernel per lock file, shared by every lease waiting for it.
+//! - `remote`: remote leases (locks on a PostgreSQL server, `buildlock-remote`): one server
+//!   session per lease on the daemon's runtime, released when its client and bound process
+//!   are gone, and `LeaseLost` sent the moment the session is lost. Not in the local queue.
 //! - `server`: the accept loop, connection admission (limits), timers (deadlines, idle exit) and
 //!   shutdown.
 //! - [`main`]: the `buildlockd` command: runtime directory checks, the single-instance lock,
@@ -30,6 +33,10 @@
 //! next waiter granted) only when its connection is gone or released it *and* its bound
 //! process, if any, has exited.
 //!
+//! **Architecture invariant:** a remote lease is granted only when the server granted its own
+//! session the lock; its session ends (and the server frees the lock) when the lease is
+//! released, or its connection is gone and its bound process has exited.
+//!
 //! **Architecture invariant:** bad input from one connection (garbage, a huge frame, a wrong
 //! version) closes that connection only; no other client's lease is touched.
 //!
@@ -43,6 +50,8 @@ use std::time::Duration;
 mod conn;
 #[cfg(unix)]
 mod journal;
+#[cfg(unix)]
+mod remote;
 #[cfg(unix)]
 mod server;
 #[cfg(unix)]

@@ -60,6 +60,8 @@ pub(crate) struct State {
     /// When held leases with a `--max-hold` are next due to be stopped (SIGTERM, then SIGKILL),
     /// for the daemon's one timer.
     hold_deadlines: BTreeSet<(Instant, LeaseId)>,
+    /// Remote leases (locks on a PostgreSQL server), kept apart from the queue (`remote.rs`).
+    pub(crate) remote: crate::remote::Books,
 }
 
 /// The state, locked. When it is released, the grants decided meanwhile are carried out (the
@@ -109,6 +111,7 @@ impl State {
             outside: HashMap::new(),
             to_lock: Vec::new(),
             hold_deadlines: BTreeSet::new(),
+            remote: Default::default(),
         }
     }
 
@@ -116,11 +119,26 @@ impl State {
     /// connection (not even one in its handshake) and no lease (not even one kept for a bound
     /// process whose client has gone).
     pub(crate) fn note_activity(&mut self) {
-        if self.live_conns > 0 || !self.leases.is_empty() {
+        if self.live_conns > 0 || !self.leases.is_empty() || !self.remote.is_empty() {
             self.idle_since = None;
         } else if self.idle_since.is_none() {
             self.idle_since = Some(Instant::now());
         }
+    }
+
+    /// Connection `owner`'s reply channel and client pid, if it is open.
+    pub(crate) fn conns_tx(&self, owner: OwnerId) -> Option<(Tx, u32)> {
+        self.conns.get(&owner).map(|c| (c.tx.clone(), c.pid))
+    }
+
+    /// Leases held or queued, local and remote (for the lease limit).
+    pub(crate) fn lease_count(&self) -> usize {
+        self.leases.len() + self.remote.len()
+    }
+
+    /// Whether connection `owner` already has a lease (local or remote) with id `id`.
+    pub(crate) fn lease_in_use(&self, owner: OwnerId, id: LeaseRef) -> bool {
+        self.conns.get(&owner).is_some_and(|c| c.leases.contains_key(&id)) || self.remote.contains(owner, id)
     }
 
     /// Takes `lease` out of every book (the lease map, its connection's set, the waiter
@@ -341,9 +359,12 @@ impl Daemon {
     /// Carries out one request from connection `owner`.
     pub(crate) fn handle(self: &Arc<Self>, owner: OwnerId, req: Request) {
         match req {
+            Request::Acquire(a) if a.remote.is_some() => self.acquire_remote(owner, a),
             Request::Acquire(a) => self.acquire(owner, a),
+            Request::Release { lease } if self.release_remote(owner, lease) => {}
             Request::Release { lease } => self.release(owner, lease),
             Request::ReleasePid { path, pid } => self.release_pid(owner, &path, pid),
+            Request::Bind { lease, pid } if self.bind_remote(owner, lease, pid) => {}
             Request::Bind { lease, pid } => self.bind(owner, lease, pid),
             Request::Status { path } => {
                 let reply = self.status(path.as_deref());
@@ -381,7 +402,7 @@ impl Daemon {
             return;
         };
         let max = self.config.limits.max_leases;
-        if st.leases.len() >= max {
+        if st.lease_count() >= max {
             let msg = match self.config.limits.open_files {
                 Some(fds) => format!(
                     "buildlockd already holds or queues {max} leases, all that its open-file limit ({fds} \
@@ -400,7 +421,7 @@ impl Daemon {
             tracing::warn!("{msg}");
             return Self::send(&st, owner, error(id, ErrorCode::LimitExceeded, msg, None), None);
         }
-        let in_use = st.conns.get(&owner).is_some_and(|c| c.leases.contains_key(&id));
+        let in_use = st.lease_in_use(owner, id);
         if id == 0 || in_use {
             let msg = format!(
                 "lease id {id} is {} on this connection, so lock {} was not queued: give every lease of a \
@@ -1108,6 +1129,7 @@ impl Daemon {
         for lease in conn.leases.into_values() {
             self.drop_lease(&mut st, lease, false);
         }
+        Self::remote_disconnected(&mut st, owner);
         st.note_activity();
     }
 
@@ -1212,7 +1234,9 @@ impl Daemon {
     fn status(&self, path: Option<&str>) -> Reply {
         let st = self.state();
         let mut keys: Vec<PathBuf> = match path {
-            Some(p) => vec![PathBuf::from(p)],
+            Some(p) if Path::new(p).is_absolute() => vec![PathBuf::from(p)],
+            // A remote lock's name (`remote.rs`).
+            Some(_) => Vec::new(),
             None => st.queue.keys().cloned().collect(),
         };
         keys.sort();
@@ -1248,12 +1272,19 @@ impl Daemon {
                 LockInfo { path: key.display().to_string(), holders, waiters }
             })
             .collect();
+        let mut locks: Vec<LockInfo> = locks;
+        // Remote locks are named `NAME on postgres://...`, never by an absolute path.
+        if !path.is_some_and(|p| Path::new(p).is_absolute()) {
+            locks.extend(Self::remote_status(&st, path));
+        }
         Reply::Status { locks }
     }
 
     fn info(&self) -> DaemonInfo {
         let st = self.state();
         let (leases, waiters) = st.queue.counts();
+        let (remote_held, remote_waiting) = st.remote.counts();
+        let (leases, waiters) = (leases + remote_held, waiters + remote_waiting);
         DaemonInfo {
             pid: std::process::id(),
             version: buildlock_proto::PROTOCOL_VERSION,
@@ -1274,7 +1305,10 @@ impl Daemon {
     /// stays, or finds it stopping and is closed, and its client starts the next daemon.
     pub(crate) fn stop_if_idle(&self, idle: std::time::Duration) -> bool {
         let st = self.state();
-        let idle = st.live_conns == 0 && st.leases.is_empty() && st.idle_since.is_some_and(|t| t.elapsed() >= idle);
+        let idle = st.live_conns == 0
+            && st.leases.is_empty()
+            && st.remote.is_empty()
+            && st.idle_since.is_some_and(|t| t.elapsed() >= idle);
         if idle {
             self.shutdown();
         }
@@ -1335,7 +1369,7 @@ fn release_hold(hold: OsHold) {
 }
 
 /// Resolves when process `pid` has exited.
-async fn wait_for_exit(pid: u32) {
+pub(crate) async fn wait_for_exit(pid: u32) {
     match buildlock_sys::ipc::pidfd_open(pid) {
         Ok(Some(fd)) => {
             // SAFETY: the AsyncFd owns `fd` (an OwnedFd) for its whole life, so the descriptor

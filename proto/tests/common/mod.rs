@@ -51,6 +51,8 @@ pub fn sample_requests() -> Vec<Request> {
         thread: 0,
         max_hold_ms: None,
         kill_after_ms: None,
+        remote: None,
+        remote_timeout_ms: None,
     };
     vec![
         Request::Acquire(acquire.clone()),
@@ -61,6 +63,8 @@ pub fn sample_requests() -> Vec<Request> {
             thread: 0,
             max_hold_ms: None,
             kill_after_ms: None,
+            remote: None,
+            remote_timeout_ms: None,
             ..acquire.clone()
         }),
         Request::Acquire(AcquireRequest {

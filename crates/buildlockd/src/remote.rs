@@ -1,0 +1,462 @@
+//! Remote leases: locks on a PostgreSQL server whose sessions the daemon holds for its clients.
+//!
+//! An `Acquire` with `remote` set is not put in the local queue (nor in its wait-for graph:
+//! deadlock detection is for local locks only). The daemon opens one `buildlock_remote::Session`
+//! per lease on its own runtime, in a task of its own (`drive`): it connects within the
+//! connect timeout, waits in the server's lock queue (FIFO is the server's), answers `Granted`
+//! with the token and no descriptor, then checks in every quarter of the remote timeout.
+//!
+//! - The lease ends (the session is released and closed at once) when its client releases it,
+//!   or when its connection has closed *and* its bound process (`Bind`, `run`'s command), if
+//!   any, has exited: the rule of local leases.
+//! - A lost session (server restart, network cut, a check-in unanswered) marks the lease lost
+//!   and tells its client at once with `Reply::LeaseLost`.
+//! - Nothing here blocks the runtime: the URL (which may read `~/.pgpass`) is parsed in a
+//!   blocking-pool thread, everything else is async; a failure is one `Error` reply to the
+//!   lease's client and touches nothing else.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use buildlock_proto::{
+    AcquireRequest, ErrorCode, ErrorReply, Holder, LeaseRef, LockInfo, Mode, Reply, WaitFor, Waiter,
+};
+use buildlock_queue::OwnerId;
+use buildlock_remote::Session;
+use tokio::sync::oneshot;
+
+use crate::server::Daemon;
+use crate::state::{Outgoing, State, Tx};
+
+/// A remote lease's key: its connection and the id its client gave it.
+type Key = (OwnerId, LeaseRef);
+
+/// Every remote lease the daemon holds or waits for.
+#[derive(Default)]
+pub(crate) struct Books {
+    leases: HashMap<Key, RemoteLease>,
+}
+
+impl Books {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.leases.is_empty()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.leases.len()
+    }
+
+    pub(crate) fn contains(&self, owner: OwnerId, id: LeaseRef) -> bool {
+        self.leases.contains_key(&(owner, id))
+    }
+
+    /// Held and waiting remote leases.
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        let held = self.leases.values().filter(|l| matches!(l.phase, Phase::Held { .. })).count();
+        (held, self.leases.len() - held)
+    }
+}
+
+struct RemoteLease {
+    name: String,
+    /// The server, as users see it (`postgres://host:port/db`, never the password).
+    server: String,
+    tx: Tx,
+    mode: Mode,
+    operation: String,
+    command: String,
+    /// The process named as the holder: the bound one, else the client.
+    holder_pid: u32,
+    bind_pid: Option<u32>,
+    requested: Instant,
+    phase: Phase,
+    conn_open: bool,
+    pid_running: bool,
+    /// Dropped (or fired) to end the session: released on the server at once.
+    _stop: oneshot::Sender<()>,
+}
+
+enum Phase {
+    Waiting { holder: Option<buildlock_remote::Holder> },
+    Held { token: u64, since: SystemTime },
+    Lost,
+}
+
+impl RemoteLease {
+    fn holder(&self) -> Holder {
+        let (token, since) = match self.phase {
+            Phase::Held { token, since } => (Some(token), Some(since)),
+            _ => (None, None),
+        };
+        let what = if self.operation.is_empty() { &self.command } else { &self.operation };
+        let mut description = format!("pid {}", self.holder_pid);
+        if !what.is_empty() {
+            description.push_str(&format!(" ({what})"));
+        }
+        description.push_str(&format!(", {}", self.mode));
+        if let Some(t) = token {
+            description.push_str(&format!(", token {t}"));
+        }
+        description.push_str(&format!(", on {}", self.server));
+        if matches!(self.phase, Phase::Lost) {
+            description.push_str(" (its session was lost)");
+        }
+        Holder {
+            pid: Some(self.holder_pid),
+            command: Some(self.command.clone()).filter(|c| !c.is_empty()),
+            host: Some(buildlock_sys::hostname()),
+            mode: Some(self.mode),
+            since_unix_ms: since
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as i64),
+            operation: Some(self.operation.clone()),
+            token,
+            outside: false,
+            description,
+            max_hold_ms: None,
+        }
+    }
+
+    fn send(&self, reply: Reply) {
+        let _ = self.tx.send(Outgoing { reply, fd: None });
+    }
+}
+
+/// A holder on the server (any host), as the wire describes holders.
+fn server_holder(h: &buildlock_remote::Holder) -> Holder {
+    Holder {
+        pid: h.pid,
+        command: Some(h.command.clone()).filter(|c| !c.is_empty()),
+        host: Some(h.host.clone()),
+        mode: Some(match h.mode {
+            buildlock_remote::Mode::Shared => Mode::Shared,
+            buildlock_remote::Mode::Exclusive => Mode::Exclusive,
+        }),
+        since_unix_ms: None,
+        operation: Some(h.operation.clone()),
+        token: h.token,
+        outside: false,
+        description: h.describe(),
+        max_hold_ms: None,
+    }
+}
+
+fn error(lease: LeaseRef, code: ErrorCode, message: String) -> Reply {
+    Reply::Error(ErrorReply { code, message, holder: None, lease })
+}
+
+/// The wire's error code for a remote failure.
+fn code_of(e: &buildlock_remote::Error) -> ErrorCode {
+    use buildlock_remote::Error as E;
+    match e {
+        E::Busy { timed_out: true, .. } => ErrorCode::Timeout,
+        E::Busy { .. } => ErrorCode::WouldBlock,
+        E::Auth { .. } | E::Privilege { .. } => ErrorCode::PermissionDenied,
+        E::Settings(_) => ErrorCode::InvalidRequest,
+        E::Unreachable { .. } | E::Lost { .. } | E::Server { .. } => ErrorCode::Io,
+    }
+}
+
+impl Daemon {
+    /// `Acquire` of a remote lock: booked, and its session started in a task of its own.
+    pub(crate) fn acquire_remote(self: &Arc<Self>, owner: OwnerId, a: AcquireRequest) {
+        let id = a.lease;
+        let url = a.remote.clone().unwrap_or_default();
+        let mut st = self.state();
+        let Some((tx, client_pid)) = st.conns_tx(owner) else { return };
+        let refuse = |msg: String, code| {
+            let _ = tx.send(Outgoing { reply: error(id, code, msg), fd: None });
+        };
+        let max = self.config.limits.max_leases;
+        if st.lease_count() >= max {
+            return refuse(
+                format!(
+                    "buildlockd already holds or queues {max} leases for this user (its limit), so lock {} was not \
+                     queued: release some, or raise the limit with `buildlockd --max-leases N` \
+                     (BUILDLOCKD_MAX_LEASES) and restart the daemon (`buildlock-client daemon stop`)",
+                    a.path
+                ),
+                ErrorCode::LimitExceeded,
+            );
+        }
+        if id == 0 || st.lease_in_use(owner, id) {
+            return refuse(
+                format!(
+                    "lease id {id} is {} on this connection, so lock {} was not queued: give every lease of a \
+                     connection its own id (not 0)",
+                    if id == 0 { "reserved" } else { "already in use" },
+                    a.path
+                ),
+                ErrorCode::InvalidRequest,
+            );
+        }
+        if a.path.is_empty() {
+            return refuse("a remote lock needs a name (in `path`)".into(), ErrorCode::InvalidName);
+        }
+        let remote_timeout =
+            a.remote_timeout_ms.map_or(buildlock_remote::DEFAULT_REMOTE_TIMEOUT, Duration::from_millis);
+        let mode = match a.mode {
+            Mode::Shared => buildlock_remote::Mode::Shared,
+            Mode::Exclusive => buildlock_remote::Mode::Exclusive,
+        };
+        let wait = match a.wait {
+            WaitFor::NoWait => buildlock_remote::Wait::NoWait,
+            WaitFor::Millis(ms) => buildlock_remote::Wait::Timeout(Duration::from_millis(ms)),
+            WaitFor::Forever => buildlock_remote::Wait::Forever,
+        };
+        let holder_pid = a.bind_pid.unwrap_or(client_pid);
+        let mut req = buildlock_remote::Request::new(&a.path, mode, wait, &a.operation);
+        req.pid = holder_pid;
+        req.command = a.command.clone();
+        let (stop_tx, stop) = oneshot::channel();
+        let lease = RemoteLease {
+            name: a.path.clone(),
+            // Until the URL is read (in a blocking-pool thread): never the URL itself.
+            server: "its PostgreSQL server".into(),
+            tx: tx.clone(),
+            mode: a.mode,
+            operation: a.operation,
+            command: a.command,
+            holder_pid,
+            bind_pid: a.bind_pid,
+            requested: Instant::now(),
+            phase: Phase::Waiting { holder: None },
+            conn_open: true,
+            pid_running: a.bind_pid.is_some(),
+            _stop: stop_tx,
+        };
+        st.remote.leases.insert((owner, id), lease);
+        st.note_activity();
+        drop(st);
+        if let Some(pid) = a.bind_pid {
+            self.watch_remote_pid((owner, id), pid);
+        }
+        tokio::spawn(drive(self.clone(), (owner, id), url, remote_timeout, req, stop));
+    }
+
+    /// `Release` of a remote lease; `false` if `id` is not one.
+    pub(crate) fn release_remote(self: &Arc<Self>, owner: OwnerId, id: LeaseRef) -> bool {
+        let mut st = self.state();
+        let Some(l) = st.remote.leases.remove(&(owner, id)) else { return false };
+        l.send(Reply::Released { lease: id, path: l.name.clone() });
+        st.note_activity();
+        true
+    }
+
+    /// `Bind` of a remote lease (what `run` does with its command): the lease then lasts until
+    /// that process has exited too. `false` if `id` is not a remote lease.
+    pub(crate) fn bind_remote(self: &Arc<Self>, owner: OwnerId, id: LeaseRef, pid: u32) -> bool {
+        let mut st = self.state();
+        let Some(l) = st.remote.leases.get_mut(&(owner, id)) else { return false };
+        if !matches!(l.phase, Phase::Held { .. }) {
+            let msg = format!("this connection holds no granted lease {id} to bind to pid {pid}");
+            l.send(error(id, ErrorCode::NotHeld, msg));
+            return true;
+        }
+        l.bind_pid = Some(pid);
+        l.holder_pid = pid;
+        l.pid_running = true;
+        l.send(Reply::Bound { lease: id, path: l.name.clone(), pid });
+        drop(st);
+        self.watch_remote_pid((owner, id), pid);
+        true
+    }
+
+    /// Connection `owner` closed: its remote leases end, except those bound to a process that
+    /// still runs (a killed `run`'s command), which end when it exits.
+    pub(crate) fn remote_disconnected(st: &mut State, owner: OwnerId) {
+        let keys: Vec<Key> = st.remote.leases.keys().filter(|k| k.0 == owner).copied().collect();
+        for key in keys {
+            let Some(l) = st.remote.leases.get_mut(&key) else { continue };
+            l.conn_open = false;
+            let keep = l.pid_running && matches!(l.phase, Phase::Held { .. });
+            if !keep {
+                st.remote.leases.remove(&key);
+            }
+        }
+    }
+
+    fn watch_remote_pid(self: &Arc<Self>, key: Key, pid: u32) {
+        let d = self.clone();
+        tokio::spawn(async move {
+            crate::state::wait_for_exit(pid).await;
+            let mut st = d.state();
+            let Some(l) = st.remote.leases.get_mut(&key) else { return };
+            if l.bind_pid != Some(pid) {
+                return;
+            }
+            l.pid_running = false;
+            if !l.conn_open {
+                st.remote.leases.remove(&key);
+                st.note_activity();
+            }
+        });
+    }
+
+    /// The remote locks this daemon holds or waits for, one `LockInfo` per lock and server;
+    /// `path` reads `NAME on postgres://host:port/db`.
+    pub(crate) fn remote_status(st: &State, path: Option<&str>) -> Vec<LockInfo> {
+        let mut by_lock: std::collections::BTreeMap<String, LockInfo> = Default::default();
+        let mut outside: HashMap<String, Holder> = HashMap::new();
+        let label_of = |l: &RemoteLease| format!("{} on {}", l.name, l.server);
+        let mut leases: Vec<&RemoteLease> = st.remote.leases.values().collect();
+        leases.sort_by_key(|l| l.requested);
+        for l in leases {
+            let label = label_of(l);
+            if path.is_some_and(|p| p != label && p != l.name) {
+                continue;
+            }
+            let info = by_lock.entry(label.clone()).or_insert_with(|| LockInfo {
+                path: label,
+                holders: Vec::new(),
+                waiters: Vec::new(),
+            });
+            match &l.phase {
+                Phase::Waiting { holder } => {
+                    info.waiters.push(Waiter {
+                        pid: l.holder_pid,
+                        mode: l.mode,
+                        waited_ms: l.requested.elapsed().as_millis() as u64,
+                        operation: l.operation.clone(),
+                    });
+                    if let Some(h) = holder {
+                        outside.entry(label_of(l)).or_insert_with(|| server_holder(h));
+                    }
+                }
+                _ => info.holders.push(l.holder()),
+            }
+        }
+        // Held by another host (or a session outside this daemon): as the server said to its
+        // waiters here, when no lease of this daemon holds it.
+        for (label, h) in outside {
+            if let Some(info) = by_lock.get_mut(&label).filter(|i| i.holders.is_empty()) {
+                info.holders.push(h);
+            }
+        }
+        by_lock.into_values().collect()
+    }
+}
+
+/// The lease `key`'s session, from connecting to the end.
+async fn drive(
+    daemon: Arc<Daemon>,
+    key: Key,
+    url: String,
+    remote_timeout: Duration,
+    req: buildlock_remote::Request,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let fail = |e: buildlock_remote::Error| {
+        let e = match e {
+            // Nothing was held yet: the connection ended while connecting or waiting.
+            buildlock_remote::Error::Lost { server, why, .. } => buildlock_remote::Error::Server {
+                server,
+                why: format!("{why}; lock {} was not taken, try again", req.name),
+            },
+            other => other,
+        };
+        let mut st = daemon.state();
+        if let Some(l) = st.remote.leases.remove(&key) {
+            l.send(error(key.1, code_of(&e), e.to_string()));
+        }
+        st.note_activity();
+    };
+    // Parsing the URL may read ~/.pgpass: not on the runtime's thread.
+    let parsed = tokio::task::spawn_blocking(move || {
+        buildlock_remote::Settings::from_url(&url).and_then(|s| s.with_remote_timeout(remote_timeout))
+    })
+    .await;
+    let settings = match parsed {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return fail(e),
+        Err(e) => return fail(buildlock_remote::Error::Settings(format!("cannot read the backend URL: {e}"))),
+    };
+    if let Some(l) = daemon.state().remote.leases.get_mut(&key) {
+        l.server = settings.display();
+    }
+    let mut session = tokio::select! {
+        _ = &mut stop => return,
+        r = Session::connect(&settings) => match r {
+            Ok(s) => s,
+            Err(e) => return fail(e),
+        },
+    };
+    let abort = session.abort_handle();
+    let mut told = false;
+    let acquired = {
+        let mut on_wait = |h: &buildlock_remote::Holder| {
+            let mut st = daemon.state();
+            let Some(l) = st.remote.leases.get_mut(&key) else { return };
+            if !told {
+                told = true;
+                let holder = server_holder(h);
+                l.send(Reply::Waiting { lease: key.1, path: l.name.clone(), position: 1, holder: Some(holder) });
+            }
+            l.phase = Phase::Waiting { holder: Some(h.clone()) };
+        };
+        tokio::select! {
+            _ = &mut stop => None,
+            r = session.acquire(&req, &mut on_wait) => Some(r),
+        }
+    };
+    let grant = match acquired {
+        // Its client gave up (released, or died) while it waited: the session ends now, and
+        // the server drops it from its queue.
+        None => return abort.abort(),
+        Some(Err(e)) => {
+            abort.abort();
+            return fail(e);
+        }
+        Some(Ok(g)) => g,
+    };
+    {
+        let mut st = daemon.state();
+        // Gone meanwhile (released, or its holders died): released below.
+        if let Some(l) = st.remote.leases.get_mut(&key) {
+            l.phase = Phase::Held { token: grant.token, since: SystemTime::now() };
+            l.send(Reply::Granted { lease: key.1, path: l.name.clone(), token: grant.token, fd_attached: false });
+        }
+    }
+    let every = settings.heartbeat();
+    let mut closed = session.closed();
+    let lost = loop {
+        tokio::select! {
+            _ = &mut stop => break None,
+            _ = closed.changed() => {
+                break Some(closed.borrow().clone().unwrap_or_else(|| "the connection ended".into()));
+            }
+            _ = tokio::time::sleep(every) => match tokio::time::timeout(every, session.heartbeat()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => break Some(format!("checking in failed: {e}")),
+                Err(_) => break Some(format!(
+                    "the server did not answer within {}s (network cut off, or the server hangs)",
+                    every.as_secs_f64()
+                )),
+            },
+        }
+    };
+    match lost {
+        None => {
+            // Released (or its holders are gone): on the server at once, bounded in time.
+            if let Ok(Err(e)) = tokio::time::timeout(every, session.release(&req.name, grant)).await {
+                tracing::warn!("{e}");
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), session.close()).await;
+            abort.abort();
+        }
+        Some(why) => {
+            abort.abort();
+            tracing::warn!("remote lock {} on {} was lost: {why}", req.name, settings.display());
+            let mut st = daemon.state();
+            let Some(l) = st.remote.leases.get_mut(&key) else { return };
+            l.phase = Phase::Lost;
+            l.send(Reply::LeaseLost { lease: key.1, path: l.name.clone(), reason: why });
+            // Nobody can hold it for a process whose client is gone: forget it.
+            if !l.conn_open {
+                st.remote.leases.remove(&key);
+                st.note_activity();
+            }
+        }
+    }
+}
