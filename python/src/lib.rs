@@ -427,7 +427,7 @@ impl Lock {
         }
         self.changed.notify_all();
         match lease {
-            Some(l) => py.detach(|| l.release()).map_err(|e| to_py(py, &e)),
+            Some(l) => py.detach(|| l.release_confirmed()).map_err(|e| to_py(py, &e)),
             None => Ok(()),
         }
     }
