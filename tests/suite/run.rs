@@ -332,3 +332,24 @@ fn max_hold_passes_ctrl_c_on_to_the_command() {
     assert_eq!(holder.wait().code(), Some(7), "{}", holder.stderr());
     env.run(&["run", "-n", "x", "--", "true"]).assert_code(0);
 }
+
+/// `status` (and any waiter) shows a holder's max-hold, from its metadata, in both modes.
+fn status_shows_the_max_hold(env: &Env) {
+    let mut holder = env.spawn(&["run", "--max-hold", "20m", "x", "--", "sh", "-c", "echo locked; read x"]);
+    holder.expect_line("locked");
+    env.wait_for_handover("x", holder.pid());
+    env.run(&["status", "x"]).assert_code(0).assert_stdout_has("max-hold 20m");
+    env.run(&["run", "-n", "x", "--", "true"]).assert_code(1).assert_stderr_has("max-hold 20m");
+    holder.send_line();
+    assert!(holder.wait().success());
+}
+
+#[test]
+fn status_shows_the_max_hold_direct() {
+    status_shows_the_max_hold(&Env::new());
+}
+
+#[test]
+fn status_shows_the_max_hold_through_the_daemon() {
+    status_shows_the_max_hold(&Env::daemon());
+}

@@ -84,6 +84,8 @@ pub struct LockOptions {
     /// Watch the lock file while holding it and report at once if it is deleted or replaced.
     /// (Soft locks always do, to refresh their heartbeat; release checks in any case.)
     pub watch: bool,
+    /// The holder's max-hold, written into metadata so that `status` and waiters show it.
+    pub max_hold: Option<Duration>,
 }
 
 impl Default for LockOptions {
@@ -95,6 +97,7 @@ impl Default for LockOptions {
             operation: String::new(),
             command: None,
             watch: false,
+            max_hold: None,
         }
     }
 }
@@ -165,6 +168,9 @@ impl fmt::Display for Holder {
                 }
                 if !m.operation.is_empty() {
                     write!(f, ", operation '{}'", shorten(&m.operation, 80))?;
+                }
+                if let Some(ms) = m.max_hold_ms {
+                    write!(f, ", max-hold {}", stale::secs(Duration::from_millis(ms)))?;
                 }
             }
             (None, Some(pid)) => {

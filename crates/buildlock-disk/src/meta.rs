@@ -53,6 +53,8 @@ pub struct Metadata {
     /// did not take it itself: `buildlock-client run` names the command it started as the
     /// holder, and itself here. If that process is gone, the holder still holds the lock.
     pub via_pid: Option<u32>,
+    /// The holder's `--max-hold`, in milliseconds: past it, `run` (and the daemon) stop it.
+    pub max_hold_ms: Option<u64>,
 }
 
 /// What reading a metadata file found.
@@ -109,6 +111,7 @@ impl Metadata {
             id: Some(unique_id()),
             version: Some(FORMAT_VERSION.to_owned()),
             via_pid: None,
+            max_hold_ms: None,
         }
     }
 
@@ -156,6 +159,7 @@ impl Metadata {
         opt("id", self.id.as_ref().map(|v| json!(v)));
         opt("version", self.version.as_ref().map(|v| json!(v)));
         opt("via_pid", self.via_pid.map(|v| json!(v)));
+        opt("max_hold_ms", self.max_hold_ms.map(|v| json!(v)));
         Value::Object(obj).to_string()
     }
 
@@ -194,6 +198,7 @@ impl Metadata {
             id: text("id"),
             version: text("version"),
             via_pid: obj.get("via_pid").and_then(Value::as_u64).and_then(|p| u32::try_from(p).ok()),
+            max_hold_ms: obj.get("max_hold_ms").and_then(Value::as_u64),
         })
     }
 }

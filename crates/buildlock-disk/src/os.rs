@@ -226,7 +226,8 @@ fn block_until_locked(target: &LockTarget, opts: &LockOptions) -> Result<Locked,
 
 /// The lock is ours: account for leftover metadata, write ours, and wrap it in a guard.
 fn take_over(target: &LockTarget, opts: &LockOptions, file: Locked, fence: Option<FenceFile>) -> Result<Guard, Error> {
-    let ours = Metadata::for_current_process(opts.mode, "os", &opts.operation, opts.command.clone());
+    let mut ours = Metadata::for_current_process(opts.mode, "os", &opts.operation, opts.command.clone());
+    ours.max_hold_ms = opts.max_hold.and_then(|d| u64::try_from(d.as_millis()).ok());
     let mut fence = fence;
     let hold = claim_with(target, opts.mode, file, ours, &mut fence)?;
     let mut guard = Guard::new(target, hold.meta, Held::Os(hold.file), hold.id, None, opts.watch);

@@ -125,6 +125,7 @@ mod tests {
             id: None,
             version: None,
             via_pid: None,
+            max_hold_ms: None,
         })
     }
 

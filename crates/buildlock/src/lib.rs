@@ -392,6 +392,7 @@ fn acquire_direct(target: &LockTarget, opts: &Options, on_wait: &mut dyn FnMut(&
         operation: opts.operation.clone(),
         command: opts.command.clone(),
         watch: opts.watch,
+        max_hold: opts.max_hold,
     };
     if effective_wait(opts.wait) != Wait::NoWait {
         if let Err(held) = held::check(&target.path, opts.mode) {

@@ -330,7 +330,10 @@ impl Lease {
             Some(ident) if ident.pid == self.holder_pid => ident.clone(),
             _ => buildlock_sys::identify(self.holder_pid),
         };
-        Metadata::for_process(ident, lock_mode(self.mode), "os", &self.operation, Some(self.command.clone()))
+        let mut m =
+            Metadata::for_process(ident, lock_mode(self.mode), "os", &self.operation, Some(self.command.clone()));
+        m.max_hold_ms = self.max_hold.as_ref().and_then(|mh| u64::try_from(mh.limit.as_millis()).ok());
+        m
     }
 }
 
