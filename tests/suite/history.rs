@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 use crate::stale::hostname;
-use crate::util::{age_file, dead_pid, wait_until, Env, Proc};
+use crate::util::{age_file, dead_pid, Env, Proc};
 
 /// The events of lock `name`, oldest first (`history --json --since all`).
 fn events(env: &Env, name: &str) -> Vec<Value> {
@@ -16,12 +16,16 @@ fn events(env: &Env, name: &str) -> Vec<Value> {
 /// Waits until the history of `name` holds at least `n` events of `kind` (the daemon writes
 /// from a background thread) and returns all its events.
 pub(crate) fn events_when(env: &Env, name: &str, kind: &str, n: usize) -> Vec<Value> {
-    let mut all = Vec::new();
-    wait_until(|| {
-        all = events(env, name);
-        all.iter().filter(|e| e["kind"] == kind).count() >= n
-    });
-    all
+    let start = std::time::Instant::now();
+    loop {
+        let all = events(env, name);
+        if all.iter().filter(|e| e["kind"] == kind).count() >= n {
+            return all;
+        }
+        // A bound on a hang, naming what was there.
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "no {n} {kind} events for {name} in {all:?}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 fn of<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {

@@ -422,12 +422,29 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
             Err(e) => return Err(io(e)),
         }
-        let text = std::fs::read(&claimed).map_err(io)?;
+        // A writer that opened the spool just before the rename appends to the claimed file: give
+        // such a write (an open, one write, a close: microseconds) a moment to land before
+        // reading, and read again below if the file grew meanwhile.
+        std::thread::sleep(Duration::from_millis(10));
+        let mut text = std::fs::read(&claimed).map_err(io)?;
         let events: Vec<Event> = text
             .split(|&b| b == b'\n')
             .filter(|l| !l.is_empty())
             .filter_map(|l| serde_json::from_slice(l).ok())
             .collect();
+        let mut events = events;
+        if let Ok(meta) = std::fs::metadata(&claimed) {
+            if meta.len() > text.len() as u64 {
+                let all = std::fs::read(&claimed).map_err(io)?;
+                let late = &all[text.len().min(all.len())..];
+                events.extend(
+                    late.split(|&b| b == b'\n')
+                        .filter(|l| !l.is_empty())
+                        .filter_map(|l| serde_json::from_slice(l).ok()),
+                );
+                text = all;
+            }
+        }
         let result = self.insert_with(&events, keep);
         if result.is_ok() {
             let _ = std::fs::remove_file(&claimed);

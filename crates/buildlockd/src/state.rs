@@ -445,7 +445,8 @@ impl Daemon {
                     st.leases.get(&held).is_some_and(|l| {
                         let same_thread = l.bind_pid.is_some() || a.bind_pid.is_some() || l.thread == a.thread;
                         (l.holder_pid == asker && same_thread)
-                            || ancestors.get_or_init(|| buildlock_sys::ancestors(asker)).contains(&l.holder_pid)
+                            || (l.bind_pid.is_some()
+                                && ancestors.get_or_init(|| buildlock_sys::ancestors(asker)).contains(&l.holder_pid))
                     })
                 },
                 |waiting, held| Self::acts_for(&st, waiting, held),
@@ -510,14 +511,17 @@ impl Daemon {
     }
 
     /// Whether the waiting lease `waiting` waits on behalf of the holder of `held`: the same
-    /// thread (or, for leases bound to a process, the same process), or a process the holder
-    /// started (a nested `run` in a build recipe acts for the build).
+    /// thread (or, for leases bound to a process, the same process), or a process started below
+    /// a process a lease is bound to (a nested `run` in a build recipe acts for the build: the
+    /// command `run` started, or a script that took the lock with `acquire --pid`, waits for
+    /// what it starts). A process holding a lease through the library, which may go on to
+    /// release it while its children wait, is not taken to wait for them.
     fn acts_for(st: &State, waiting: LeaseId, held: LeaseId) -> bool {
         let (Some(w), Some(h)) = (st.leases.get(&waiting), st.leases.get(&held)) else { return false };
         if w.holder_pid == h.holder_pid {
             return w.bind_pid.is_some() || h.bind_pid.is_some() || w.thread == h.thread;
         }
-        w.ancestors.contains(&h.holder_pid)
+        h.bind_pid.is_some() && w.ancestors.contains(&h.holder_pid)
     }
 
     /// The deadlock a request would close, for a person: who holds what and waits for what.
