@@ -614,7 +614,7 @@ pub fn spool_path(db: &Path) -> PathBuf {
 }
 
 /// Appends `events` to the spool of the database at `db` (one `write` of whole lines) and
-/// returns the spool's size afterwards.
+/// returns the spool's size afterwards, asked on every 64th append of this process (0 otherwise).
 pub fn spool_append(db: &Path, events: &[Event]) -> Result<u64, Error> {
     use std::io::Write as _;
     let spool = spool_path(db);
@@ -631,7 +631,7 @@ pub fn spool_append(db: &Path, events: &[Event]) -> Result<u64, Error> {
     // Its size matters only near the import threshold: asked every 64 appends of this process
     // (a system call saved on the others).
     static APPENDS: AtomicU64 = AtomicU64::new(0);
-    if APPENDS.fetch_add(1, Ordering::Relaxed) % 64 != 63 {
+    if APPENDS.fetch_add(1, Ordering::Relaxed) % 64 != 0 {
         return Ok(0);
     }
     Ok(f.metadata().map(|m| m.len()).unwrap_or(0))

@@ -346,8 +346,8 @@ fn pruning_is_occasional_not_per_write() {
 fn spooled_rows_are_imported_once() {
     let (dir, s) = store();
     let db = dir.path().join("sub/history.sqlite3");
-    let size = spool_append(&db, &[granted(1, 5), released(2, 7, "make")]).unwrap();
-    assert!(size > 0);
+    spool_append(&db, &[granted(1, 5), released(2, 7, "make")]).unwrap();
+    assert!(std::fs::metadata(spool_path(&db)).unwrap().len() > 0);
     // A line a crashed writer left half-written is skipped, not an error.
     std::fs::OpenOptions::new()
         .append(true)
