@@ -286,7 +286,8 @@ def main():
         for r in results:
             t = r.get("target")
             if t is not None:
-                verdict = "met" if r["calls_per_op"] <= t else "missed"
+                # Per-op figures are differences of two runs: a few hundredths either way is noise.
+                verdict = "met" if r["calls_per_op"] <= t + 0.05 else "missed"
                 print(f"target {r['what']} <= {t}: {verdict} ({r['calls_per_op']:.1f})")
     return 1 if failures else 0
 

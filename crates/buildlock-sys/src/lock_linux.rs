@@ -42,8 +42,11 @@ fn kind(mode: LockMode) -> libc::c_int {
 
 impl LockFile {
     pub(crate) fn open(path: &Path, create: bool) -> io::Result<LockFile> {
-        // Read and write, so both lock kinds are possible; std opens with O_CLOEXEC.
-        let (file, meta) = crate::fs::open_regular_rw_stat(path, create, false, true)?;
+        // Read and write, so both lock kinds are possible; std opens with O_CLOEXEC. O_NONBLOCK
+        // (from the open that refuses FIFOs) stays: on a regular file it changes nothing for
+        // reads, writes or locks (F_OFD_SETLKW still waits), and clearing it would cost a call
+        // per acquisition.
+        let (file, meta) = crate::fs::open_regular_rw_stat(path, create, false, false)?;
         Ok(LockFile { file, id: Some(FileId { dev: meta.dev(), ino: meta.ino() }) })
     }
 
