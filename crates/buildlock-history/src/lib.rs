@@ -631,7 +631,7 @@ pub fn spool_append(db: &Path, events: &[Event]) -> Result<u64, Error> {
     // Its size matters only near the import threshold: asked every 64 appends of this process
     // (a system call saved on the others).
     static APPENDS: AtomicU64 = AtomicU64::new(0);
-    if APPENDS.fetch_add(1, Ordering::Relaxed) % 64 != 0 {
+    if !APPENDS.fetch_add(1, Ordering::Relaxed).is_multiple_of(64) {
         return Ok(0);
     }
     Ok(f.metadata().map(|m| m.len()).unwrap_or(0))
