@@ -591,16 +591,59 @@ fn is_busy(e: &Error) -> bool {
         if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
 }
 
-/// Events seen while a lock was being taken (stale recoveries reported by the on-disk engine),
-/// kept until the lock is released and [`record_direct`] writes them.
-static PENDING: Mutex<Vec<Event>> = Mutex::new(Vec::new());
+/// Events not yet appended to the spool: those seen while a lock was being taken (stale
+/// recoveries reported by the on-disk engine), and recorded ones held back so that a process
+/// taking many locks appends them a batch at a time ([`BATCH_EVENTS`], [`BATCH_AGE`]), and the
+/// rest when it exits.
+static PENDING: Mutex<Held> = Mutex::new(Held { pid: 0, since: None, events: Vec::new() });
+
+struct Held {
+    /// The process the events are of: a forked child starts with none (its parent writes them).
+    pid: u32,
+    /// When the oldest of `events` was held back.
+    since: Option<std::time::Instant>,
+    events: Vec<Event>,
+}
+
+impl Held {
+    fn of_this_process(&mut self) -> &mut Held {
+        let me = buildlock_sys::current_pid();
+        if self.pid != me {
+            if self.pid != 0 {
+                self.events.clear();
+                self.since = None;
+            }
+            self.pid = me;
+        }
+        self
+    }
+}
+
+/// A process appends its events once this many are held back, ...
+pub const BATCH_EVENTS: usize = 64;
+/// ... or with the first event after the oldest held back is this old, and at its exit.
+pub const BATCH_AGE: Duration = Duration::from_secs(1);
 
 /// Keeps `event` in memory until the next [`record_direct`] (never writes now).
 pub fn defer(event: Event) {
     let mut p = PENDING.lock().unwrap_or_else(|e| e.into_inner());
-    if p.len() < 1024 {
-        p.push(event);
+    let p = p.of_this_process();
+    if p.events.len() < 1024 {
+        p.events.push(event);
+        p.since.get_or_insert_with(std::time::Instant::now);
     }
+}
+
+/// Writes what is held back when the process exits (`atexit`). A thread holding the queue at
+/// that moment keeps it: the exit never waits.
+extern "C" fn write_at_exit() {
+    let _ = std::panic::catch_unwind(|| {
+        let held = match PENDING.try_lock() {
+            Ok(mut p) => std::mem::take(&mut p.of_this_process().events),
+            Err(_) => return,
+        };
+        write_direct(held);
+    });
 }
 
 /// Past this size, a direct-mode writer moves the spool into the database itself.
@@ -666,9 +709,34 @@ fn looks_like_a_database(db: &Path) -> Result<(), Error> {
 /// them to the spool, and moves the spool into the database once it is large. Never waits for
 /// another writer; a database that cannot be used is warned about once per process; nothing is
 /// ever returned to the caller.
+///
+/// Events are held back and appended a batch at a time (at most [`BATCH_EVENTS`], or
+/// [`BATCH_AGE`] old), and at the process's normal exit; `record_direct(Vec::new())` writes at
+/// once. A process killed by a signal loses what it held back (at most a second of events).
 pub fn record_direct(events: Vec<Event>) {
-    let mut all = std::mem::take(&mut *PENDING.lock().unwrap_or_else(|e| e.into_inner()));
-    all.extend(events);
+    let flush = events.is_empty();
+    let all = {
+        let mut p = PENDING.lock().unwrap_or_else(|e| e.into_inner());
+        let p = p.of_this_process();
+        p.events.extend(events);
+        if p.events.is_empty() {
+            return;
+        }
+        let since = *p.since.get_or_insert_with(std::time::Instant::now);
+        // Held back only where the exit can write them (atexit).
+        static AT_EXIT: OnceLock<bool> = OnceLock::new();
+        let at_exit = *AT_EXIT.get_or_init(|| buildlock_sys::at_exit(write_at_exit));
+        if at_exit && !flush && p.events.len() < BATCH_EVENTS && since.elapsed() < BATCH_AGE {
+            return;
+        }
+        p.since = None;
+        std::mem::take(&mut p.events)
+    };
+    write_direct(all);
+}
+
+/// Appends `all` to the spool (and imports the spool once it is large).
+fn write_direct(all: Vec<Event>) {
     if all.is_empty() {
         return;
     }

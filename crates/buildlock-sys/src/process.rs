@@ -272,6 +272,23 @@ pub fn signal_group(pgid: u32, signal: Option<i32>) -> io::Result<bool> {
     }
 }
 
+/// Has `f` run when this process exits normally (returns from `main` or calls `exit`), after
+/// what it registered earlier has run (`atexit(3)`); `false` where that is not available. Not on
+/// death by a signal.
+pub fn at_exit(f: extern "C" fn()) -> bool {
+    #[cfg(unix)]
+    {
+        // SAFETY: `f` is a plain function with the C calling convention and no arguments,
+        // which is what atexit(3) calls; it lives for the whole program.
+        unsafe { nix::libc::atexit(f) == 0 }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = f;
+        false
+    }
+}
+
 /// An id of the calling thread, for telling a process's threads apart (deadlock detection):
 /// the kernel's thread id on Linux, elsewhere a number given to each thread of this process on
 /// first use.
