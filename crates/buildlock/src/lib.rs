@@ -588,6 +588,29 @@ fn acquire_daemon(
     }
 }
 
+/// Asks the daemon to release `lease`; with `confirmed`, waits for its answer (a lease already
+/// released meanwhile, by `ReleasePid` from a keeper's script's `release`, counts as released).
+#[cfg(unix)]
+fn send_release(
+    mux: &std::sync::Arc<mux::Mux>,
+    lease: buildlock_proto::LeaseRef,
+    confirmed: bool,
+) -> Result<(), Error> {
+    if !confirmed {
+        return mux.send(&Request::Release { lease });
+    }
+    let replies = mux.listen(lease);
+    mux.send(&Request::Release { lease })?;
+    loop {
+        match replies.recv(None)? {
+            Some((Reply::Released { .. }, _)) => return Ok(()),
+            Some((Reply::Error(e), _)) if e.code == ErrorCode::NotHeld => return Ok(()),
+            Some((Reply::Error(e), _)) => return Err(Error::Daemon { code: e.code, message: e.message }),
+            _ => {}
+        }
+    }
+}
+
 /// Milliseconds for the wire, saturating.
 #[cfg(unix)]
 fn millis(d: Duration) -> u64 {
@@ -770,21 +793,7 @@ impl Lease {
             Inner::Daemon { mux, lease, path, remote: Some(server), .. } => {
                 forked_check(&mux)?;
                 let lost = mux.poll_lost(lease);
-                let released = if confirmed && lost.is_none() {
-                    let replies = mux.listen(lease);
-                    mux.send(&Request::Release { lease }).and_then(|()| loop {
-                        match replies.recv(None)? {
-                            Some((Reply::Released { .. }, _)) => return Ok(()),
-                            Some((Reply::Error(e), _)) if e.code == ErrorCode::NotHeld => return Ok(()),
-                            Some((Reply::Error(e), _)) => {
-                                return Err(Error::Daemon { code: e.code, message: e.message })
-                            }
-                            _ => {}
-                        }
-                    })
-                } else {
-                    mux.send(&Request::Release { lease })
-                };
+                let released = send_release(&mux, lease, confirmed && lost.is_none());
                 mux.forget(lease);
                 if let Some(why) = lost {
                     return Err(Error::Remote(buildlock_remote::Error::Lost { lock: path, server, why }));
@@ -814,22 +823,7 @@ impl Lease {
                 // Close our copy first, never unlocking it: the daemon's copy shares the lock
                 // until the daemon has removed our metadata.
                 drop(file);
-                let released = if confirmed {
-                    let replies = mux.listen(lease);
-                    mux.send(&Request::Release { lease }).and_then(|()| loop {
-                        match replies.recv(None)? {
-                            Some((Reply::Released { .. }, _)) => return Ok(()),
-                            // Released meanwhile by `ReleasePid` (a keeper's script's `release`).
-                            Some((Reply::Error(e), _)) if e.code == ErrorCode::NotHeld => return Ok(()),
-                            Some((Reply::Error(e), _)) => {
-                                return Err(Error::Daemon { code: e.code, message: e.message })
-                            }
-                            _ => {}
-                        }
-                    })
-                } else {
-                    mux.send(&Request::Release { lease })
-                };
+                let released = send_release(&mux, lease, confirmed);
                 match released {
                     Err(Error::Daemon { code, message }) => {
                         tracing::warn!("buildlockd did not release lock {path}: {message} ({code})")
