@@ -130,26 +130,13 @@ pub fn path_stamp(path: &Path) -> io::Result<FileStamp> {
 pub fn install_file(path: &Path, bytes: &[u8], may_replace: &mut dyn FnMut() -> bool) -> io::Result<Option<FileStamp>> {
     let tmp = temp_path(path);
     let result = (|| {
-        let mut opts = OpenOptions::new();
-        opts.write(true).create_new(true);
-        imp::set_mode(&mut opts, 0o644);
-        let mut f = opts.open(&tmp)?;
-        f.write_all(bytes)?;
-        let stamp = FileStamp::of(&f.metadata()?);
-        drop(f);
-        match imp::rename_noreplace(&tmp, path) {
-            Ok(true) => return Ok(Some(stamp)),
-            Ok(false) => {}
-            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
-            Err(_) => {}
-        }
-        // Something is at `path` (or the file system cannot say without replacing it).
-        if !may_replace() {
+        let stamp = write_new(&tmp, bytes)?;
+        if move_into_place(&tmp, path, may_replace)? {
+            Ok(Some(stamp))
+        } else {
             let _ = std::fs::remove_file(&tmp);
-            return Ok(None);
+            Ok(None)
         }
-        std::fs::rename(&tmp, path)?;
-        Ok(Some(stamp))
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -187,17 +174,35 @@ pub fn install_file_reusing(
     imp::write_all_at(&file, data)?;
     drop(file);
     let stamp = FileStamp { id: imp::file_id(&meta), len: data.len() as u64, modified: None };
-    match imp::rename_noreplace(spare, path) {
-        Ok(true) => return Ok(Some(stamp)),
+    Ok(move_into_place(spare, path, may_replace)?.then_some(stamp))
+}
+
+/// A new file at `tmp` (created exclusively, so a planted link is never followed; mode
+/// `rw-r--r--`) holding `bytes`; returns its stamp.
+fn write_new(tmp: &Path, bytes: &[u8]) -> io::Result<FileStamp> {
+    let mut opts = OpenOptions::new();
+    opts.write(true).create_new(true);
+    imp::set_mode(&mut opts, 0o644);
+    let mut f = opts.open(tmp)?;
+    f.write_all(bytes)?;
+    Ok(FileStamp::of(&f.metadata()?))
+}
+
+/// Renames `from` to `path` without replacing anything; if something is at `path` (or the
+/// file system cannot say without replacing it), only if `may_replace` says so, replacing it
+/// atomically. `Ok(false)`: left where it was.
+fn move_into_place(from: &Path, path: &Path, may_replace: &mut dyn FnMut() -> bool) -> io::Result<bool> {
+    match imp::rename_noreplace(from, path) {
+        Ok(true) => return Ok(true),
         Ok(false) => {}
         Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
         Err(_) => {}
     }
     if !may_replace() {
-        return Ok(None);
+        return Ok(false);
     }
-    std::fs::rename(spare, path)?;
-    Ok(Some(stamp))
+    std::fs::rename(from, path)?;
+    Ok(true)
 }
 
 /// Replaces the file at `path` (which must exist: the caller's own) with a new one holding
@@ -209,13 +214,7 @@ pub fn install_file_reusing(
 pub fn replace_file_keeping(path: &Path, bytes: &[u8], spare: &Path) -> io::Result<FileStamp> {
     let tmp = temp_path(path);
     let result = (|| {
-        let mut opts = OpenOptions::new();
-        opts.write(true).create_new(true);
-        imp::set_mode(&mut opts, 0o644);
-        let mut f = opts.open(&tmp)?;
-        f.write_all(bytes)?;
-        let stamp = FileStamp::of(&f.metadata()?);
-        drop(f);
+        let stamp = write_new(&tmp, bytes)?;
         if imp::rename_exchange(&tmp, path)? {
             // `tmp` now names the old file.
             if !matches!(imp::rename_noreplace(&tmp, spare), Ok(true)) {
