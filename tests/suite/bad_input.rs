@@ -147,7 +147,7 @@ fn huge_waits_wait_like_forever_in_both_modes() {
 /// closes its end.
 #[test]
 fn a_client_that_cannot_be_written_to_loses_its_connection_and_its_lease() {
-    use buildlock_proto::{AcquireRequest, Hello, Mode, Reply, Request, WaitFor};
+    use buildlock_proto::{AcquireRequest, Hello, Reply, Request, WaitFor};
     use std::io::Write;
     use std::os::unix::net::UnixStream;
 
@@ -160,18 +160,8 @@ fn a_client_that_cannot_be_written_to_loses_its_connection_and_its_lease() {
     send(&mut s, buildlock_proto::encode(&Hello::new(std::process::id())).unwrap());
     buildlock_proto::check_welcome(&buildlock_proto::read_frame(&mut s).unwrap().unwrap()).unwrap();
     let acquire = Request::Acquire(AcquireRequest {
-        lease: 1,
-        path: path.clone(),
-        mode: Mode::Exclusive,
-        wait: WaitFor::NoWait,
         operation: "stops reading".into(),
-        command: String::new(),
-        bind_pid: None,
-        thread: crate::util::fake_thread(),
-        max_hold_ms: None,
-        kill_after_ms: None,
-        remote: None,
-        remote_timeout_ms: None,
+        ..crate::util::acquire_request(1, path.clone(), WaitFor::NoWait)
     });
     send(&mut s, buildlock_proto::encode(&acquire).unwrap());
     // Read (and so close: a plain read drops the descriptor that came with it) the grant.

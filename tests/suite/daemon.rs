@@ -306,20 +306,8 @@ fn garbage_and_oversized_frames_close_only_that_connection() {
     let _ = buildlock_proto::read_frame(&mut s);
     // A relative path.
     let mut s = raw_client(&env);
-    let req = Request::Acquire(buildlock_proto::AcquireRequest {
-        lease: 1,
-        path: "relative.lock".into(),
-        mode: buildlock_proto::Mode::Exclusive,
-        wait: buildlock_proto::WaitFor::NoWait,
-        operation: String::new(),
-        command: String::new(),
-        bind_pid: None,
-        thread: crate::util::fake_thread(),
-        max_hold_ms: None,
-        kill_after_ms: None,
-        remote: None,
-        remote_timeout_ms: None,
-    });
+    let req =
+        Request::Acquire(crate::util::acquire_request(1, "relative.lock".into(), buildlock_proto::WaitFor::NoWait));
     buildlock_proto::write_frame(&mut s, &req).unwrap();
     let reply: Reply = buildlock_proto::read_message(&mut s).unwrap().unwrap();
     assert!(matches!(&reply, Reply::Error(e) if e.code == buildlock_proto::ErrorCode::InvalidName), "{reply:?}");

@@ -7,7 +7,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use buildlock_proto::{AcquireRequest, ErrorCode, Hello, Mode, Reply, Request, WaitFor};
+use buildlock_proto::{AcquireRequest, ErrorCode, Hello, Reply, Request, WaitFor};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -44,18 +44,13 @@ fn acquire(s: &mut UnixStream, path: &std::path::Path, wait: WaitFor) {
     // Every lease on a connection has an id of its own.
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let req = Request::Acquire(AcquireRequest {
-        lease: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        path: path.display().to_string(),
-        mode: Mode::Exclusive,
-        wait,
         operation: "test".into(),
         command: "test".into(),
-        bind_pid: None,
-        thread: crate::util::fake_thread(),
-        max_hold_ms: None,
-        kill_after_ms: None,
-        remote: None,
-        remote_timeout_ms: None,
+        ..crate::util::acquire_request(
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            path.display().to_string(),
+            wait,
+        )
     });
     s.write_all(&buildlock_proto::encode(&req).unwrap()).unwrap();
 }
@@ -257,18 +252,14 @@ fn the_idle_clock_starts_when_the_last_bound_process_is_gone() {
     // Every lease on a connection has an id of its own.
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let req = Request::Acquire(AcquireRequest {
-        lease: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        path: env.lock_file("x").display().to_string(),
-        mode: Mode::Exclusive,
-        wait: WaitFor::NoWait,
         operation: "script".into(),
         command: "sh".into(),
         bind_pid: Some(script_pid),
-        thread: crate::util::fake_thread(),
-        max_hold_ms: None,
-        kill_after_ms: None,
-        remote: None,
-        remote_timeout_ms: None,
+        ..crate::util::acquire_request(
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            env.lock_file("x").display().to_string(),
+            WaitFor::NoWait,
+        )
     });
     s.write_all(&buildlock_proto::encode(&req).unwrap()).unwrap();
     assert!(matches!(reply(&mut s), Reply::Granted { .. }));

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 
-use buildlock_proto::{AcquireRequest, Hello, Mode, Reply, Request, WaitFor};
+use buildlock_proto::{Hello, Reply, Request, WaitFor};
 
 use crate::util::Env;
 
@@ -18,20 +18,11 @@ fn connect(env: &Env) -> UnixStream {
 fn acquire(s: &mut UnixStream, path: &str) -> Reply {
     // Every lease on a connection has an id of its own.
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    let req = Request::Acquire(AcquireRequest {
-        lease: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        path: path.to_owned(),
-        mode: Mode::Exclusive,
-        wait: WaitFor::Forever,
-        operation: String::new(),
-        command: String::new(),
-        bind_pid: None,
-        thread: crate::util::fake_thread(),
-        max_hold_ms: None,
-        kill_after_ms: None,
-        remote: None,
-        remote_timeout_ms: None,
-    });
+    let req = Request::Acquire(crate::util::acquire_request(
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        path.to_owned(),
+        WaitFor::Forever,
+    ));
     s.write_all(&buildlock_proto::encode(&req).unwrap()).unwrap();
     buildlock_proto::decode(&buildlock_proto::read_frame(s).unwrap().unwrap()).unwrap()
 }

@@ -452,6 +452,25 @@ pub fn age_file(path: &Path, secs: u64) {
     f.set_modified(std::time::SystemTime::now() - Duration::from_secs(secs)).unwrap();
 }
 
+/// A request a test writes by hand: an exclusive lease `lease` on `path`, waiting `wait`, from
+/// a thread of its own ([`fake_thread`]), nothing else set (struct update for the rest).
+pub fn acquire_request(lease: u64, path: String, wait: buildlock_proto::WaitFor) -> buildlock_proto::AcquireRequest {
+    buildlock_proto::AcquireRequest {
+        lease,
+        path,
+        mode: buildlock_proto::Mode::Exclusive,
+        wait,
+        operation: String::new(),
+        command: String::new(),
+        bind_pid: None,
+        thread: fake_thread(),
+        max_hold_ms: None,
+        kill_after_ms: None,
+        remote: None,
+        remote_timeout_ms: None,
+    }
+}
+
 /// A thread id for a request a test writes by hand: each call another, as if each connection
 /// the test opens were a thread of its own (requests of one thread for a lock it holds are
 /// refused as deadlocks).
