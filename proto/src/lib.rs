@@ -69,8 +69,8 @@ pub use error::{HandshakeError, Peer, ProtoError};
 pub use frame::{decode, encode, read_frame, read_message, write_frame, FrameDecoder};
 pub use handshake::{check_hello, check_welcome, Hello, Welcome};
 pub use message::{
-    AcquireRequest, DaemonInfo, ErrorCode, ErrorReply, Holder, LeaseRef, LockInfo, Mode, Reply, Request, WaitFor,
-    Waiter,
+    AcquireRequest, DaemonInfo, ErrorCode, ErrorReply, FileRef, Holder, LeaseRef, LockInfo, Mode, Reply, Request,
+    WaitFor, Waiter,
 };
 
 /// The first four bytes of every [`Hello`] and [`Welcome`] payload: tells a buildlock peer from
@@ -93,7 +93,11 @@ pub const MAGIC: [u8; 4] = *b"BLCK";
 /// lease (`Granted`, `Waiting`, `Released`, `Bound`, `LeaseLost`, `ErrorReply.lease`) says
 /// which one it answers, so one connection carries all of a process's leases, several on one
 /// lock too, with requests pipelined.
-pub const PROTOCOL_VERSION: u16 = 3;
+///
+/// Version 4 lets a client say it will not wait for a release's answer (`Release.answer`), and
+/// `Granted` carries the locked file's identity (`Granted.file`), so the client need not
+/// `fstat` the descriptor it receives.
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The largest payload a frame may carry, in bytes. Every message buildlock sends is far smaller
 /// (a status of a few hundred locks fits); the limit exists so a broken or hostile peer cannot

@@ -95,11 +95,16 @@ pub enum Request {
     /// [`Reply::Error`].
     Acquire(AcquireRequest),
     /// Release this connection's lease `lease` (held, or still waiting: the wait is cancelled).
-    /// Answered by [`Reply::Released`] or [`ErrorCode::NotHeld`]. A client need not wait for
-    /// the answer before sending its next request.
+    /// Answered by [`Reply::Released`] (only when `answer` is set) or [`ErrorCode::NotHeld`].
+    /// A client need not wait for the answer before sending its next request: the daemon handles
+    /// a connection's requests in order, so the lease is gone before the next one is looked at.
     Release {
         /// The lease, as named in its `Acquire`.
         lease: LeaseRef,
+        /// Whether to say [`Reply::Released`] once the lock is free. A client that does not wait
+        /// for it sets `false` and saves the daemon a write and itself a read; errors are sent
+        /// either way.
+        answer: bool,
     },
     /// Release the lease on `path` bound to `pid` (see [`AcquireRequest::bind_pid`]), whichever
     /// connection took it. Answered by [`Reply::Released`] or [`ErrorCode::NotHeld`].
@@ -287,6 +292,13 @@ impl fmt::Display for ErrorReply {
 
 impl std::error::Error for ErrorReply {}
 
+/// A file's identity on its machine: the device and inode numbers `stat` gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRef {
+    pub dev: u64,
+    pub ino: u64,
+}
+
 /// A message from daemon to client after the handshake. Append-only: see the module docs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
@@ -302,6 +314,10 @@ pub enum Reply {
         /// The client keeps it open while it holds the lease and closes it (never unlocking it:
         /// the daemon's copy shares the lock) before sending `Release`.
         fd_attached: bool,
+        /// The locked file's identity (device, inode) as the daemon checked it against `path`:
+        /// what the client compares the path with later to tell whether the lock file was
+        /// replaced while held. `None` when no descriptor is attached.
+        file: Option<FileRef>,
     },
     /// The request is queued. Sent when queued, then about once a second while waiting.
     Waiting {

@@ -9,27 +9,27 @@
 mod common;
 
 use buildlock_proto::{
-    decode, encode, AcquireRequest, DaemonInfo, ErrorCode, ErrorReply, Hello, Holder, LockInfo, Mode, Reply, Request,
-    WaitFor, Waiter, Welcome, MAGIC, PROTOCOL_VERSION,
+    decode, encode, AcquireRequest, DaemonInfo, ErrorCode, ErrorReply, FileRef, Hello, Holder, LockInfo, Mode, Reply,
+    Request, WaitFor, Waiter, Welcome, MAGIC, PROTOCOL_VERSION,
 };
 use common::{from_hex, reply_variant, request_variant, to_hex, REPLY_VARIANTS, REQUEST_VARIANTS};
 
 /// The protocol version the fixture was generated for.
-const FIXTURE_PROTOCOL_VERSION: u16 = 3;
+const FIXTURE_PROTOCOL_VERSION: u16 = 4;
 
 /// (name, whole frame as hex: 4-byte little-endian length, then the postcard payload).
 const FIXTURE: &[(&str, &str)] = &[
-    ("Hello", "0d000000424c434b0305302e312e30d209"),
-    ("Welcome", "0d000000424c434b0305302e312e306300"),
-    ("Welcome(refused)", "10000000424c434b0305302e312e306301026e6f"),
+    ("Hello", "0d000000424c434b0405302e312e30d209"),
+    ("Welcome", "0d000000424c434b0405302e312e306300"),
+    ("Welcome(refused)", "10000000424c434b0405302e312e306301026e6f"),
     ("Request::Acquire", "200000000003072f6c2e6c6f636b0001e807026f7003636d640107e12101e0d403000000"),
-    ("Request::Release", "020000000103"),
+    ("Request::Release", "03000000010301"),
     ("Request::ReleasePid", "0c00000002072f6c2e6c6f636b808004"),
     ("Request::Status", "020000000300"),
     ("Request::DaemonStatus", "0100000004"),
     ("Request::Shutdown", "0100000005"),
     ("Request::Bind", "0400000006039221"),
-    ("Reply::Granted", "0c0000000003072f6c2e6c6f636b0501"),
+    ("Reply::Granted", "120000000003072f6c2e6c6f636b0501018110828008"),
     ("Reply::Waiting", "290000000103072f6c2e6c6f636b020101922101046d616b650101680101010301026f7001ac02000164018827"),
     ("Reply::Released", "0a0000000203072f6c2e6c6f636b"),
     (
@@ -109,7 +109,7 @@ fn messages() -> Vec<(String, Msg)> {
             remote: None,
             remote_timeout_ms: None,
         }),
-        Request::Release { lease: 3 },
+        Request::Release { lease: 3, answer: true },
         Request::ReleasePid { path: "/l.lock".into(), pid: 65536 },
         Request::Status { path: None },
         Request::DaemonStatus,
@@ -117,7 +117,13 @@ fn messages() -> Vec<(String, Msg)> {
         Request::Bind { lease: 3, pid: 4242 },
     ];
     let replies = vec![
-        Reply::Granted { lease: 3, path: "/l.lock".into(), token: 5, fd_attached: true },
+        Reply::Granted {
+            lease: 3,
+            path: "/l.lock".into(),
+            token: 5,
+            fd_attached: true,
+            file: Some(FileRef { dev: 2049, ino: 131_074 }),
+        },
         Reply::Waiting { lease: 3, path: "/l.lock".into(), position: 2, holder: Some(holder()) },
         Reply::Released { lease: 3, path: "/l.lock".into() },
         Reply::Status {

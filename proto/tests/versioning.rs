@@ -29,6 +29,12 @@ const VARIANTS: &[(u16, &str, u8)] = &[
     (3, "ErrorCode", 15),
     (3, "Mode", 2),
     (3, "WaitFor", 3),
+    // 4: `Release.answer`, `Granted.file` (fields added).
+    (4, "Request", 7),
+    (4, "Reply", 9),
+    (4, "ErrorCode", 15),
+    (4, "Mode", 2),
+    (4, "WaitFor", 3),
 ];
 
 /// Whether a payload starting with variant index `i` (and padded with zeros for its content)

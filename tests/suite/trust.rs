@@ -98,8 +98,10 @@ fn serve_fake(mut conn: UnixStream, frames: &Mutex<Vec<String>>) {
         let Ok(req) = buildlock_proto::decode::<Request>(&frame) else { return };
         frames.lock().unwrap().push(format!("{req:?}"));
         let reply = match req {
-            Request::Acquire(a) => Reply::Granted { lease: a.lease, path: a.path, token: 1, fd_attached: false },
-            Request::Release { lease } => Reply::Released { lease, path: String::new() },
+            Request::Acquire(a) => {
+                Reply::Granted { lease: a.lease, path: a.path, token: 1, fd_attached: false, file: None }
+            }
+            Request::Release { lease, .. } => Reply::Released { lease, path: String::new() },
             _ => continue,
         };
         let _ = std::io::Write::write_all(&mut conn, &buildlock_proto::encode(&reply).unwrap());

@@ -245,3 +245,57 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "99");
     }
 }
+
+/// The fence files of the locks the daemon granted last, kept open between grants (at most
+/// [`kept::MAX_KEPT`], none older than [`FenceFile::is_fresh`] allows). Only for the daemon's
+/// grants: a library process keeps its fence file with its idle lock file instead (`os.rs`).
+pub(crate) mod kept {
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    use super::FenceFile;
+
+    /// Descriptors kept at most, whatever the number of locks held.
+    pub(crate) const MAX_KEPT: usize = 16;
+
+    struct Entry {
+        pid: u32,
+        path: PathBuf,
+        fence: FenceFile,
+    }
+
+    static KEPT: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+
+    fn entries() -> std::sync::MutexGuard<'static, Vec<Entry>> {
+        let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+        // A forked child closes its copies of its parent's (they are its own descriptors; the
+        // parent's stay open) and never writes through them.
+        let pid = buildlock_sys::current_pid();
+        kept.retain(|e| e.pid == pid);
+        kept
+    }
+
+    /// The open fence file of the lock at `path`, if one was kept and is fresh.
+    pub(crate) fn take(path: &Path) -> Option<FenceFile> {
+        let mut kept = entries();
+        let i = kept.iter().position(|e| e.path == path)?;
+        Some(kept.swap_remove(i).fence).filter(FenceFile::is_fresh)
+    }
+
+    /// Keeps `fence`, the fence file of the lock at `path`, for the next grant.
+    pub(crate) fn put(path: &Path, fence: FenceFile) {
+        if !fence.is_fresh() {
+            return;
+        }
+        let mut kept = entries();
+        if kept.len() >= MAX_KEPT {
+            kept.remove(0);
+        }
+        kept.push(Entry { pid: buildlock_sys::current_pid(), path: path.to_owned(), fence });
+    }
+
+    #[cfg(test)]
+    pub(crate) fn keeps(path: &Path) -> bool {
+        entries().iter().any(|e| e.path == path)
+    }
+}

@@ -10,7 +10,7 @@
 //! timeout stays blocked in the kernel until the lock is next free, then lets go at once. (The
 //! daemon, which waits for many clients, shares one such thread per lock: [`crate::wait_lock`].)
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use buildlock_sys::fs::FileStamp;
@@ -230,7 +230,9 @@ fn take_over(target: &LockTarget, opts: &LockOptions, file: Locked, fence: Optio
     ours.max_hold_ms = opts.max_hold.and_then(|d| u64::try_from(d.as_millis()).ok());
     let mut fence = fence;
     let hold = claim_with(target, opts.mode, file, ours, &mut fence)?;
-    let mut guard = Guard::new(target, hold.meta, Held::Os(hold.file), hold.id, None, opts.watch);
+    // Made just now, so never shared yet.
+    let file = Arc::into_inner(hold.file).expect("a fresh hold's lock file is not shared");
+    let mut guard = Guard::new(target, hold.meta, Held::Os(file), hold.id, None, opts.watch);
     guard.set_reusable(hold.meta_stamp, fence);
     Ok(guard)
 }
@@ -240,7 +242,8 @@ fn take_over(target: &LockTarget, opts: &LockOptions, file: Locked, fence: Optio
 #[derive(Debug)]
 pub struct OsHold {
     target: LockTarget,
-    file: LockFile,
+    /// Shared only with replies being sent ([`OsHold::shared_file`]).
+    file: Arc<LockFile>,
     id: FileId,
     meta: Metadata,
     /// The metadata file as written, to remove exactly it without reading it back.
@@ -267,11 +270,18 @@ impl OsHold {
         buildlock_sys::path_id(&self.target.path).is_ok_and(|now| now == self.id)
     }
 
-    /// A duplicate of the locked file, to hand to the holder (Linux: the duplicate shares the
-    /// open file description, so it holds the same lock until every copy is closed).
+    /// The locked file, to send to the holder (`SCM_RIGHTS`) without a `dup`: the receiver
+    /// gets a descriptor of its own for the same open file description, which shares the lock
+    /// (Linux). The copy kept here keeps our descriptor open until the reply has gone; an
+    /// explicit release unlocks the open file description whatever copies are still open.
     #[cfg(target_os = "linux")]
-    pub fn try_clone_file(&self) -> std::io::Result<std::fs::File> {
-        self.file.file().try_clone()
+    pub fn shared_file(&self) -> Arc<LockFile> {
+        self.file.clone()
+    }
+
+    /// The locked file's identity, as checked against the path when it was locked.
+    pub fn file_id(&self) -> FileId {
+        self.id
     }
 
     /// Names process `to` (with `command`) as the holder in the metadata, `via` as the process
@@ -307,9 +317,17 @@ impl OsHold {
     }
 }
 
-/// Records `ours` as the holder of the lock just taken on `file` (with its fencing token).
+/// Records `ours` as the holder of the lock just taken on `file` (with its fencing token): the
+/// daemon's grants. The fence file comes from, and goes back to, a small cache of open ones
+/// ([`crate::fence::kept`]): a lock granted again and again costs no `open`, `fstat` and
+/// `close` of it each time, and no descriptor stays open per held lock.
 fn claim(target: &LockTarget, mode: LockMode, locked: Locked, ours: Metadata) -> Result<OsHold, Error> {
-    claim_with(target, mode, locked, ours, &mut None)
+    let mut fence = if mode == LockMode::Exclusive { crate::fence::kept::take(&target.path) } else { None };
+    let hold = claim_with(target, mode, locked, ours, &mut fence);
+    if let Some(f) = fence {
+        crate::fence::kept::put(&target.path, f);
+    }
+    hold
 }
 
 /// [`claim`], advancing the token through `fence` if it is open (it is opened if not, and left
@@ -394,7 +412,7 @@ fn claim_with(
             ours.id = None;
         }
     }
-    Ok(OsHold { target: target.clone(), file, id, meta: ours, meta_stamp })
+    Ok(OsHold { target: target.clone(), file: Arc::new(file), id, meta: ours, meta_stamp })
 }
 
 /// Takes the OS lock without waiting, for the process `meta` names. `Ok(None)`: busy.
@@ -744,6 +762,33 @@ mod tests {
         let guard = take(&target);
         assert_held_at_path(&target);
         guard.release().unwrap();
+    }
+
+    #[test]
+    fn grants_for_the_daemon_keep_the_fence_file_and_tokens_still_grow_when_it_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = LockTarget::resolve("granted", dir.path()).unwrap();
+        let grant = || {
+            let meta = Metadata::for_current_process(LockMode::Exclusive, "os", "grant", None);
+            try_lock_for(&target, LockMode::Exclusive, meta).unwrap().expect("the lock is free")
+        };
+        let first = grant();
+        assert!(crate::fence::kept::keeps(&target.path), "the fence file was not kept for the next grant");
+        let t1 = first.token();
+        first.release_all().unwrap();
+        let second = grant();
+        assert!(second.token() > t1, "token {} after {t1}", second.token());
+        assert_eq!(crate::fence::current(&target), second.token(), "the kept fence file was not written");
+        let t2 = second.token();
+        second.release_all().unwrap();
+        // Somebody replaces the fence file with an older number: the kept file is no longer the
+        // one at the path, yet the next token still exceeds every earlier one.
+        let fence = crate::fence::fence_path(&target);
+        std::fs::remove_file(&fence).unwrap();
+        std::fs::write(&fence, "00000000000000000001\n").unwrap();
+        let third = grant();
+        assert!(third.token() > t2, "token {} after {t2}", third.token());
+        third.release_all().unwrap();
     }
 
     #[test]

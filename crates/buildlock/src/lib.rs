@@ -565,9 +565,14 @@ fn acquire_daemon(
                 holder = h.or(holder);
                 place = (position > 0).then_some(position);
             }
-            Some((Reply::Granted { token, .. }, fd)) => {
+            Some((Reply::Granted { token, file: checked, .. }, fd)) => {
                 let file = fd.map(File::from);
-                let id = file.as_ref().and_then(file_id);
+                // The daemon says which file it locked (and checked against the path); an
+                // `fstat` of our own only if it did not.
+                let id = match (&file, checked) {
+                    (Some(_), Some(f)) => Some(buildlock_sys::FileId { dev: f.dev, ino: f.ino }),
+                    (f, _) => f.as_ref().and_then(file_id),
+                };
                 let (bound, runtime_dir) = (opts.bind_pid, opts.runtime_dir());
                 drop(replies);
                 let remote = opts.remote.as_ref().map(buildlock_remote::Settings::display);
@@ -597,10 +602,10 @@ fn send_release(
     confirmed: bool,
 ) -> Result<(), Error> {
     if !confirmed {
-        return mux.send(&Request::Release { lease });
+        return mux.send(&Request::Release { lease, answer: false });
     }
     let replies = mux.listen(lease);
-    mux.send(&Request::Release { lease })?;
+    mux.send(&Request::Release { lease, answer: true })?;
     loop {
         match replies.recv(None)? {
             Some((Reply::Released { .. }, _)) => return Ok(()),

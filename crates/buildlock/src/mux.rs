@@ -273,7 +273,12 @@ fn route(routes: &mut Routes, deliveries: Vec<Delivery>) {
         match routes.mailboxes.get_mut(&id) {
             Some(mailbox) if id != 0 => {
                 mailbox.replies.push_back((reply, fd));
-                mailbox.wake.notify_one();
+                // Its thread, if asleep; awake, it looks at its mailbox before it sleeps (the
+                // flag is set and cleared under the routes lock), so no wake-up is lost and
+                // the reading thread's own replies cost no futex call.
+                if mailbox.sleeping {
+                    mailbox.wake.notify_one();
+                }
             }
             // The answer to a pipelined request: nobody waits for it.
             _ => match reply {
@@ -378,7 +383,7 @@ mod tests {
     use buildlock_proto::{ErrorCode, ErrorReply};
 
     fn granted(lease: LeaseRef) -> Reply {
-        Reply::Granted { lease, path: "/l.lock".into(), token: 1, fd_attached: false }
+        Reply::Granted { lease, path: "/l.lock".into(), token: 1, fd_attached: false, file: None }
     }
 
     #[test]

@@ -415,7 +415,13 @@ async fn drive(
         // Gone meanwhile (released, or its holders died): released below.
         if let Some(l) = st.remote.leases.get_mut(&key) {
             l.phase = Phase::Held { token: grant.token, since: SystemTime::now() };
-            l.send(Reply::Granted { lease: key.1, path: l.name.clone(), token: grant.token, fd_attached: false });
+            l.send(Reply::Granted {
+                lease: key.1,
+                path: l.name.clone(),
+                token: grant.token,
+                fd_attached: false,
+                file: None,
+            });
         }
     }
     let every = settings.heartbeat();

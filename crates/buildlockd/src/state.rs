@@ -11,7 +11,6 @@
 //! async mutex would only add cost.
 
 use std::collections::{BTreeSet, HashMap};
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -34,8 +33,11 @@ pub(crate) use history::{flush as flush_history, start as start_history};
 #[derive(Debug)]
 pub(crate) struct Outgoing {
     pub(crate) reply: Reply,
-    pub(crate) fd: Option<OwnedFd>,
+    pub(crate) fd: Option<SendFd>,
 }
+
+/// A descriptor to send with a reply: the lock file the daemon holds, kept open until sent.
+pub(crate) type SendFd = Arc<buildlock_sys::LockFile>;
 
 pub(crate) type Tx = mpsc::UnboundedSender<Outgoing>;
 
@@ -353,7 +355,7 @@ impl Daemon {
         owner
     }
 
-    fn send(st: &State, owner: OwnerId, reply: Reply, fd: Option<OwnedFd>) {
+    fn send(st: &State, owner: OwnerId, reply: Reply, fd: Option<SendFd>) {
         if let Some(c) = st.conns.get(&owner) {
             let _ = c.tx.send(Outgoing { reply, fd });
         }
@@ -364,8 +366,8 @@ impl Daemon {
         match req {
             Request::Acquire(a) if a.remote.is_some() => self.acquire_remote(owner, a),
             Request::Acquire(a) => self.acquire(owner, a),
-            Request::Release { lease } if self.release_remote(owner, lease) => {}
-            Request::Release { lease } => self.release(owner, lease),
+            Request::Release { lease, .. } if self.release_remote(owner, lease) => {}
+            Request::Release { lease, answer } => self.release(owner, lease, answer),
             Request::ReleasePid { path, pid } => self.release_pid(owner, &path, pid),
             Request::Bind { lease, pid } if self.bind_remote(owner, lease, pid) => {}
             Request::Bind { lease, pid } => self.bind(owner, lease, pid),
@@ -828,6 +830,10 @@ impl Daemon {
         match result {
             Ok(hold) => {
                 let fd = hand_over(&hold);
+                let file = fd.as_ref().map(|_| {
+                    let id = hold.file_id();
+                    buildlock_proto::FileRef { dev: id.dev, ino: id.ino }
+                });
                 let token = hold.token();
                 let conn_open = st.conns.contains_key(&owner);
                 let l = st.leases.get_mut(&lease).expect("looked up above");
@@ -843,7 +849,7 @@ impl Daemon {
                     self.timer.notify_one();
                 }
                 let fd_attached = fd.is_some();
-                Self::send(&st, owner, Reply::Granted { lease: id, path, token, fd_attached }, fd);
+                Self::send(&st, owner, Reply::Granted { lease: id, path, token, fd_attached, file }, fd);
                 if let Some(pid) = bind {
                     if let Some(l) = st.leases.get_mut(&lease) {
                         self.journal_lease(l);
@@ -903,7 +909,7 @@ impl Daemon {
         self.pump(st);
     }
 
-    fn release(self: &Arc<Self>, owner: OwnerId, id: LeaseRef) {
+    fn release(self: &Arc<Self>, owner: OwnerId, id: LeaseRef, answer: bool) {
         let mut st = self.state();
         let found = st.conns.get(&owner).and_then(|c| c.leases.get(&id)).copied();
         let Some(lease) = found else {
@@ -912,7 +918,9 @@ impl Daemon {
         };
         let path = st.leases.get(&lease).map(|l| l.target.path.display().to_string()).unwrap_or_default();
         self.drop_lease(&mut st, lease, true);
-        Self::send(&st, owner, Reply::Released { lease: id, path }, None);
+        if answer {
+            Self::send(&st, owner, Reply::Released { lease: id, path }, None);
+        }
     }
 
     /// Ends `lease` at its owner's wish or death: a waiter leaves the queue, a lock being taken
@@ -1337,18 +1345,13 @@ fn validate_path(path: &str) -> Result<LockTarget, String> {
     LockTarget::resolve(path, Path::new("/")).map_err(|e| e.to_string())
 }
 
-/// The descriptor to hand the client: a duplicate sharing the lock (Linux). Elsewhere the
-/// daemon's own copy is the only one and `None` is sent.
-fn hand_over(hold: &OsHold) -> Option<OwnedFd> {
+/// The descriptor to hand the client (Linux): the daemon's own, shared until it is sent, with
+/// no `dup` (the client receives a descriptor of its own for the same open file description,
+/// and so shares the lock). Elsewhere the daemon's copy is the only one and `None` is sent.
+fn hand_over(hold: &OsHold) -> Option<SendFd> {
     #[cfg(target_os = "linux")]
     {
-        match hold.try_clone_file() {
-            Ok(f) => Some(OwnedFd::from(f)),
-            Err(e) => {
-                tracing::warn!("cannot duplicate the lock descriptor: {e}; the daemon alone holds the lock");
-                None
-            }
-        }
+        Some(hold.shared_file())
     }
     #[cfg(not(target_os = "linux"))]
     {

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use buildlock_proto::{
-    AcquireRequest, DaemonInfo, ErrorCode, ErrorReply, Holder, LockInfo, Mode, Reply, Request, WaitFor, Waiter,
+    AcquireRequest, DaemonInfo, ErrorCode, ErrorReply, FileRef, Holder, LockInfo, Mode, Reply, Request, WaitFor, Waiter,
 };
 
 /// A holder with every field set, including multi-byte varints, a negative i64 and non-ASCII text.
@@ -73,8 +73,8 @@ pub fn sample_requests() -> Vec<Request> {
             operation: String::new(),
             ..acquire
         }),
-        Request::Release { lease: 1 },
-        Request::Release { lease: u64::MAX },
+        Request::Release { lease: 1, answer: true },
+        Request::Release { lease: u64::MAX, answer: false },
         Request::ReleasePid { path: "/tmp/a.lock".into(), pid: u32::MAX },
         Request::Status { path: Some("/tmp/a.lock".into()) },
         Request::Status { path: None },
@@ -87,8 +87,14 @@ pub fn sample_requests() -> Vec<Request> {
 /// Every `Reply` variant, some more than once with different field values.
 pub fn sample_replies() -> Vec<Reply> {
     vec![
-        Reply::Granted { lease: 1, path: "/tmp/a.lock".into(), token: 1, fd_attached: true },
-        Reply::Granted { lease: u64::MAX, path: "/tmp/a.lock".into(), token: u64::MAX, fd_attached: false },
+        Reply::Granted {
+            lease: 1,
+            path: "/tmp/a.lock".into(),
+            token: 1,
+            fd_attached: true,
+            file: Some(FileRef { dev: 2049, ino: 131_074 }),
+        },
+        Reply::Granted { lease: u64::MAX, path: "/tmp/a.lock".into(), token: u64::MAX, fd_attached: false, file: None },
         Reply::Waiting { lease: 2, path: "/tmp/a.lock".into(), position: 3, holder: Some(full_holder()) },
         Reply::Waiting { lease: 3, path: "/tmp/a.lock".into(), position: 1, holder: None },
         Reply::Released { lease: 1, path: "/tmp/a.lock".into() },
