@@ -1,10 +1,12 @@
-//! Remote leases: locks on a PostgreSQL server whose sessions the daemon holds for its clients.
+//! Remote leases: locks on a server (PostgreSQL) whose sessions the daemon holds for its clients.
 //!
 //! An `Acquire` with `remote` set is not put in the local queue (nor in its wait-for graph:
-//! deadlock detection is for local locks only). The daemon opens one `buildlock_remote::Session`
-//! per lease on its own runtime, in a task of its own (`drive`): it connects within the
-//! connect timeout, waits in the server's lock queue (FIFO is the server's), answers `Granted`
-//! with the token and no descriptor, then checks in every quarter of the remote timeout.
+//! deadlock detection is for local locks only). The daemon knows the server only through
+//! `buildlock_remote::Engine` (chosen by the URL's scheme, `buildlock_remote::from_url`) and
+//! opens one `Box<dyn EngineSession>` per lease on its own runtime, in a task of its own
+//! (`drive`): it connects within the connect timeout, waits in the server's lock queue (its
+//! order is the server's), answers `Granted` with the token and no descriptor, then checks in
+//! every quarter of the remote timeout.
 //!
 //! - The lease ends (the session is released and closed at once) when its client releases it,
 //!   or when its connection has closed *and* its bound process (`Bind`, `run`'s command), if
@@ -23,7 +25,6 @@ use buildlock_proto::{
     AcquireRequest, ErrorCode, ErrorReply, Holder, LeaseRef, LockInfo, Mode, Reply, WaitFor, Waiter,
 };
 use buildlock_queue::OwnerId;
-use buildlock_remote::Session;
 use tokio::sync::oneshot;
 
 use crate::server::Daemon;
@@ -338,7 +339,7 @@ impl Daemon {
     }
 }
 
-/// The lease `key`'s session, from connecting to the end.
+/// The lease `key`'s session, from connecting to the end, through the engine its URL names.
 async fn drive(
     daemon: Arc<Daemon>,
     key: Key,
@@ -364,25 +365,24 @@ async fn drive(
     };
     // Parsing the URL may read ~/.pgpass: not on the runtime's thread.
     let parsed = tokio::task::spawn_blocking(move || {
-        buildlock_remote::Settings::from_url(&url).and_then(|s| s.with_remote_timeout(remote_timeout))
+        buildlock_remote::from_url(&url).and_then(|s| s.with_remote_timeout(remote_timeout))
     })
     .await;
-    let settings = match parsed {
+    let server = match parsed {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return fail(e),
         Err(e) => return fail(buildlock_remote::Error::Settings(format!("cannot read the backend URL: {e}"))),
     };
     if let Some(l) = daemon.state().remote.leases.get_mut(&key) {
-        l.server = settings.display();
+        l.server = server.display();
     }
     let mut session = tokio::select! {
         _ = &mut stop => return,
-        r = Session::connect(&settings) => match r {
+        r = server.connect() => match r {
             Ok(s) => s,
             Err(e) => return fail(e),
         },
     };
-    let abort = session.abort_handle();
     let mut told = false;
     let acquired = {
         let mut on_wait = |h: &buildlock_remote::Holder| {
@@ -400,25 +400,25 @@ async fn drive(
             r = session.acquire(&req, &mut on_wait) => Some(r),
         }
     };
-    let grant = match acquired {
+    let token = match acquired {
         // Its client gave up (released, or died) while it waited: the session ends now, and
         // the server drops it from its queue.
-        None => return abort.abort(),
+        None => return session.abort(),
         Some(Err(e)) => {
-            abort.abort();
+            session.abort();
             return fail(e);
         }
-        Some(Ok(g)) => g,
+        Some(Ok(token)) => token,
     };
     {
         let mut st = daemon.state();
         // Gone meanwhile (released, or its holders died): released below.
         if let Some(l) = st.remote.leases.get_mut(&key) {
-            l.phase = Phase::Held { token: grant.token, since: SystemTime::now() };
-            l.send(Reply::Granted { lease: key.1, path: l.name.clone(), token: grant.token, fd_attached: false });
+            l.phase = Phase::Held { token, since: SystemTime::now() };
+            l.send(Reply::Granted { lease: key.1, path: l.name.clone(), token, fd_attached: false });
         }
     }
-    let every = settings.heartbeat();
+    let every = server.heartbeat();
     let mut closed = session.closed();
     let lost = loop {
         tokio::select! {
@@ -439,15 +439,15 @@ async fn drive(
     match lost {
         None => {
             // Released (or its holders are gone): on the server at once, bounded in time.
-            if let Ok(Err(e)) = tokio::time::timeout(every, session.release(&req.name, grant)).await {
+            if let Ok(Err(e)) = tokio::time::timeout(every, session.release()).await {
                 tracing::warn!("{e}");
             }
-            let _ = tokio::time::timeout(Duration::from_secs(1), session.close()).await;
-            abort.abort();
+            // Bounded by the engine (a second), then aborted.
+            session.close().await;
         }
         Some(why) => {
-            abort.abort();
-            tracing::warn!("remote lock {} on {} was lost: {why}", req.name, settings.display());
+            session.abort();
+            tracing::warn!("remote lock {} on {} was lost: {why}", req.name, server.display());
             let mut st = daemon.state();
             let Some(l) = st.remote.leases.get_mut(&key) else { return };
             l.phase = Phase::Lost;
