@@ -53,7 +53,8 @@
 //!
 //! **Remote locks** ([`Options::remote`], set from `--backend`, `BUILDLOCK_BACKEND` or the
 //! [`config`] file): the lock lives on a PostgreSQL server, shared by every host that uses it
-//! (`buildlock_remote`). A lock's backend is part of its identity: the remote lock `deploy` is
+//! (`buildlock_remote`; a server is an `Arc<dyn buildlock_remote::Engine>` from
+//! `buildlock_remote::from_url`, whose scheme chooses the engine). A lock's backend is part of its identity: the remote lock `deploy` is
 //! not the local lock `deploy`. In `Auto`/`DaemonOnly` the daemon holds the server session and
 //! this process speaks only the local protocol; with `Direct` (or no daemon to be had in
 //! `Auto`) the library talks to the server itself. Either way [`Lease::check`] reports a lost
