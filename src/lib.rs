@@ -318,9 +318,9 @@ impl Context {
     }
 
     /// The server settings for lock `name`, if it is remote.
-    fn remote_for(&self, name: &str) -> Result<Option<buildlock_remote::Settings>, String> {
+    fn remote_for(&self, name: &str) -> Result<Option<std::sync::Arc<dyn buildlock_remote::Engine>>, String> {
         let Some(url) = self.backend_url(name) else { return Ok(None) };
-        let settings = buildlock_remote::Settings::from_url(url).map_err(|e| e.to_string())?;
+        let settings = buildlock_remote::from_url(url).map_err(|e| e.to_string())?;
         settings.with_remote_timeout(self.remote_timeout).map(Some).map_err(|e| e.to_string())
     }
 }

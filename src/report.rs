@@ -220,13 +220,12 @@ fn remote_status(cx: &Context, target: Option<&str>) -> Option<ExitCode> {
     };
     let mut failed = false;
     for url in urls {
-        let settings =
-            match buildlock_remote::Settings::from_url(url).and_then(|s| s.with_remote_timeout(cx.remote_timeout)) {
-                Ok(s) => s,
-                Err(e) => return Some(fail(&e)),
-            };
+        let settings = match buildlock_remote::from_url(url).and_then(|s| s.with_remote_timeout(cx.remote_timeout)) {
+            Ok(s) => s,
+            Err(e) => return Some(fail(&e)),
+        };
         let server = settings.display();
-        let entries = match buildlock_remote::status(&settings, name.as_deref()) {
+        let entries = match buildlock_remote::status(&*settings, name.as_deref()) {
             Ok(e) => e,
             Err(e) if only_remote => return Some(fail(&e)),
             Err(e) => {

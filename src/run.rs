@@ -117,7 +117,7 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
     // A lost remote lock stops CMD's group within a quarter of the remote timeout.
     let lost_grace = match (&opts.remote, args.on_lost.as_str()) {
         (Some(s), "stop") => {
-            let grace = buildlock_remote::Bounds { remote_timeout: s.remote_timeout }.stop_grace();
+            let grace = buildlock_remote::Bounds { remote_timeout: s.remote_timeout() }.stop_grace();
             Some(args.kill_after.map_or(grace, |k| k.min(grace)))
         }
         _ => None,

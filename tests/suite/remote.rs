@@ -439,3 +439,36 @@ fn remote_through_the_daemon_a_dead_waiter_leaves_the_server_queue_and_a_dead_ho
     // Other clients of the daemon were never disturbed: a local lock through it works.
     env.run(&["run", "local", "--", "true"]).assert_code(0);
 }
+
+/// `run --max-hold` on a remote lock, then `run` SIGKILLed: the daemon, which holds the server
+/// session for the command, stops the command's group at the limit (SIGTERM, which ends the
+/// command but not its child, which ignores it; then SIGKILL) and releases the lock on the server
+/// only once the whole group is gone; the history says why.
+#[test]
+fn remote_through_the_daemon_daemon_enforces_max_hold_after_run_is_killed() {
+    let Some(pg) = PgServer::start() else { return };
+    let env = Env::daemon();
+    let script = "sh -c \"trap '' TERM; exec sleep 1000\" & echo $!; wait";
+    let mut holder =
+        spawn_remote(&env, &pg, &["run", "--max-hold", "2", "--kill-after", "0.3", "mh", "--", "sh", "-c", script]);
+    let child: u32 = holder.next_line().unwrap().parse().unwrap();
+    let cmd = holder.cmd_pid();
+    // Bound to the command (so the daemon keeps the lease when `run` dies), with its limit.
+    wait_until(|| env.run(&["daemon", "status"]).stdout.contains(&format!("held by pid {cmd} ")));
+    holder.kill9();
+    holder.wait();
+    assert!(!is_dead(cmd) && !is_dead(child), "the command outlives its killed `run`");
+    let alive = |pid: u32| format!("[ -d /proc/{pid} ] && ! grep -q '^State:.*Z' /proc/{pid}/status");
+    let check = format!("if {} || {}; then echo TOO-EARLY; fi; echo got it", alive(cmd), alive(child));
+    let mut waiter = spawn_remote(&env, &pg, &["run", "mh", "--", "sh", "-c", &check]);
+    assert_eq!(waiter.next_line().as_deref(), Some("got it"), "{}", waiter.stderr());
+    assert!(waiter.wait().success(), "{}", waiter.stderr());
+    assert!(is_dead(cmd) && is_dead(child));
+    // Recorded by the daemon (the killed `run` recorded nothing), under the lock's backend.
+    let label = format!("mh on postgres://127.0.0.1:{}/postgres", pg.port);
+    wait_until(|| {
+        let stats = env.run(&["--json", "stats"]);
+        let v: serde_json::Value = serde_json::from_str(&stats.stdout).unwrap();
+        v["locks"].as_array().unwrap().iter().any(|l| l["lock"] == label.as_str() && l["stopped"] == 1)
+    });
+}

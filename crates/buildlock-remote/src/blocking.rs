@@ -6,10 +6,9 @@ use std::fs::File;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
-use crate::session::{Grant, Session};
-use crate::settings::Settings;
+use crate::engine::{Engine, EngineSession};
 use crate::{Error, Holder, LockEntry, Request};
 
 /// A lock held on the server. Dropping it releases it; [`Lease::release`] does too and reports
@@ -22,7 +21,7 @@ pub struct Lease {
     lost: Arc<Mutex<Option<String>>>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<Result<(), Error>>>,
-    socket: File,
+    socket: Option<File>,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Error> {
@@ -32,16 +31,30 @@ fn runtime() -> Result<tokio::runtime::Runtime, Error> {
         .map_err(|e| Error::Settings(format!("cannot start the remote backend's runtime: {e}")))
 }
 
-/// Takes lock `req.name` on the server of `settings`; `on_wait` is called about once a second
+/// Takes lock `req.name` on the server `engine`; `on_wait` is called about once a second
 /// while waiting, with the holder and the time waited.
-pub fn acquire(settings: &Settings, req: &Request, on_wait: &mut dyn FnMut(&Holder, Duration)) -> Result<Lease, Error> {
+pub fn acquire(engine: &dyn Engine, req: &Request, on_wait: &mut dyn FnMut(&Holder, Duration)) -> Result<Lease, Error> {
     let rt = runtime()?;
     let started = Instant::now();
-    let (session, grant) = rt
+    let (session, token) = rt
         .block_on(async {
-            let mut session = Session::connect(settings).await?;
-            let grant = session.acquire(req, &mut |h| on_wait(h, started.elapsed())).await?;
-            Ok::<_, Error>((session, grant))
+            let mut session = engine.connect().await?;
+            // The engine's future is `Send`, `on_wait` need not be: holders come over a channel
+            // and `on_wait` is called here, each before the wait goes on.
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let mut send = move |h: &Holder| drop(tx.send(h.clone()));
+            let token = {
+                let acquired = session.acquire(req, &mut send);
+                tokio::pin!(acquired);
+                loop {
+                    tokio::select! {
+                        biased;
+                        Some(h) = rx.recv() => on_wait(&h, started.elapsed()),
+                        r = &mut acquired => break r,
+                    }
+                }
+            }?;
+            Ok::<_, Error>((session, token))
         })
         .map_err(|e| match e {
             // Nothing was held yet: the connection ended while connecting or waiting.
@@ -52,39 +65,32 @@ pub fn acquire(settings: &Settings, req: &Request, on_wait: &mut dyn FnMut(&Hold
         })?;
     let socket = session
         .socket()
-        .try_clone()
+        .map(File::try_clone)
+        .transpose()
         .map_err(|e| Error::Settings(format!("cannot duplicate the server connection's socket: {e}")))?;
     let lost = Arc::new(Mutex::new(None));
     let (stop, stopped) = oneshot::channel();
     let name = req.name.clone();
+    let every = engine.heartbeat();
     let thread = {
         let (lost, name) = (lost.clone(), name.clone());
         std::thread::Builder::new()
             .name("buildlock-remote".into())
-            .spawn(move || rt.block_on(keep(session, name, grant, stopped, lost)))
+            .spawn(move || rt.block_on(keep(session, name, every, stopped, lost)))
             .map_err(|e| Error::Settings(format!("cannot start the remote lease's thread: {e}")))?
     };
-    Ok(Lease {
-        name,
-        server: settings.display(),
-        token: grant.token,
-        lost,
-        stop: Some(stop),
-        thread: Some(thread),
-        socket,
-    })
+    Ok(Lease { name, server: engine.display(), token, lost, stop: Some(stop), thread: Some(thread), socket })
 }
 
-/// Holds the lock until told to release it, checking in every `heartbeat` with a deadline of
-/// `heartbeat`; a lost connection is recorded in `lost` the moment it is seen.
+/// Holds the lock until told to release it, checking in every `every` with a deadline of
+/// `every`; a lost connection is recorded in `lost` the moment it is seen.
 async fn keep(
-    mut session: Session,
+    mut session: Box<dyn EngineSession>,
     name: String,
-    grant: Grant,
+    every: Duration,
     mut stop: oneshot::Receiver<()>,
     lost: Arc<Mutex<Option<String>>>,
 ) -> Result<(), Error> {
-    let every = session.settings().heartbeat();
     let mut closed = session.closed();
     let record = |why: String| {
         tracing::debug!("remote lock {name} lost: {why}");
@@ -120,7 +126,7 @@ async fn keep(
             }
         }
     }
-    let released = session.release(&name, grant).await;
+    let released = session.release().await;
     session.close().await;
     released
 }
@@ -139,8 +145,9 @@ impl Lease {
 
     /// A duplicate of the server connection's socket, for a command to inherit: the session
     /// (and so the lock) then lasts while any copy is open, even if this process is killed.
-    pub fn socket(&self) -> &File {
-        &self.socket
+    /// `None` for an engine whose sessions a socket alone does not keep alive.
+    pub fn socket(&self) -> Option<&File> {
+        self.socket.as_ref()
     }
 
     /// `Err(Error::Lost)` once the connection to the server was seen to break.
@@ -187,6 +194,6 @@ impl Drop for Lease {
 }
 
 /// Holders and waiters of every remote lock (or of `name`) on the server, from every host.
-pub fn status(settings: &Settings, name: Option<&str>) -> Result<Vec<LockEntry>, Error> {
-    runtime()?.block_on(async { Session::connect(settings).await?.status(name).await })
+pub fn status(engine: &dyn Engine, name: Option<&str>) -> Result<Vec<LockEntry>, Error> {
+    runtime()?.block_on(async { engine.connect().await?.status(name).await })
 }

@@ -4,6 +4,11 @@
 //! holds and waits for locks there. A lock is a session advisory lock, which lives exactly as
 //! long as its connection, the model the daemon has for local clients.
 //!
+//! Everything outside this crate sees an engine only through two object-safe traits:
+//! [`Engine`] (a server, from [`from_url`], whose URL scheme chooses the engine) and
+//! [`EngineSession`] (one session holding one lock); `engine.rs` says what an engine must
+//! guarantee. PostgreSQL (`postgres.rs`: [`Settings`] and [`Session`]) is the one engine so far.
+//!
 //! - [`Settings`] come from a libpq URL (`sslmode`, `sslrootcert`, `connect_timeout`,
 //!   `application_name`; the password from the URL, `PGPASSFILE` or `~/.pgpass`), plus the
 //!   remote timeout that bounds how long a dead or cut-off host keeps its locks ([`Bounds`]).
@@ -23,10 +28,10 @@
 //! `buildlock_holders` only explain; `pg_locks` decides who holds and waits.
 //!
 //! ```no_run
-//! use buildlock_remote::{acquire, Mode, Request, Settings, Wait};
-//! let settings = Settings::from_url("postgres://ci@db.internal/buildlock")?;
+//! use buildlock_remote::{acquire, from_url, Mode, Request, Wait};
+//! let server = from_url("postgres://ci@db.internal/buildlock")?;
 //! let req = Request::new("deploy-staging", Mode::Exclusive, Wait::Forever, "deploy");
-//! let lease = acquire(&settings, &req, &mut |holder, _waited| eprintln!("waiting for {}", holder.describe()))?;
+//! let lease = acquire(&*server, &req, &mut |holder, _waited| eprintln!("waiting for {}", holder.describe()))?;
 //! println!("token {}", lease.token());
 //! lease.check()?; // Err(Error::Lost) once the connection broke
 //! lease.release()?;
@@ -36,12 +41,15 @@
 use std::time::Duration;
 
 mod blocking;
+mod engine;
 mod error;
 mod net;
+mod postgres;
 mod session;
 mod settings;
 
 pub use blocking::{acquire, status, Lease};
+pub use engine::{from_url, BoxFuture, Engine, EngineSession, SCHEMES};
 pub use error::Error;
 pub use session::{Grant, Session, NAMESPACE, SCHEMA_VERSION};
 pub use settings::{

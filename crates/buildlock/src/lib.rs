@@ -53,7 +53,8 @@
 //!
 //! **Remote locks** ([`Options::remote`], set from `--backend`, `BUILDLOCK_BACKEND` or the
 //! [`config`] file): the lock lives on a PostgreSQL server, shared by every host that uses it
-//! (`buildlock_remote`). A lock's backend is part of its identity: the remote lock `deploy` is
+//! (`buildlock_remote`; a server is an `Arc<dyn buildlock_remote::Engine>` from
+//! `buildlock_remote::from_url`, whose scheme chooses the engine). A lock's backend is part of its identity: the remote lock `deploy` is
 //! not the local lock `deploy`. In `Auto`/`DaemonOnly` the daemon holds the server session and
 //! this process speaks only the local protocol; with `Direct` (or no daemon to be had in
 //! `Auto`) the library talks to the server itself. Either way [`Lease::check`] reports a lost
@@ -138,8 +139,9 @@ pub struct Options {
     /// deleted or replaced, and report it at once. Callers that poll [`Lease::check`] themselves
     /// can turn it off; release checks in any case.
     pub watch: bool,
-    /// Take the lock on this PostgreSQL server instead of the lock directory (`None`: local).
-    pub remote: Option<buildlock_remote::Settings>,
+    /// Take the lock on this server instead of the lock directory (`None`: local), from
+    /// [`buildlock_remote::from_url`] (a `postgres://` URL: PostgreSQL).
+    pub remote: Option<std::sync::Arc<dyn buildlock_remote::Engine>>,
     /// Through the daemon, with the lease bound to a process (`run`'s command): past this long
     /// held, the daemon stops that process's group (SIGTERM, then SIGKILL after `kill_after`),
     /// even if the process that asked is gone; `status` shows it. `run --max-hold` also stops
@@ -287,7 +289,7 @@ fn acquire_any(target: &LockTarget, opts: &Options, on_wait: &mut dyn FnMut(&Wai
         if opts.connect != Connect::Direct {
             return acquire_through_daemon(target, opts, on_wait);
         }
-        return acquire_remote(settings, target, opts, on_wait);
+        return acquire_remote(&**settings, target, opts, on_wait);
     }
     #[cfg(not(unix))]
     {
@@ -330,7 +332,7 @@ fn acquire_through_daemon(
                     left.wait = Wait::Timeout(d.saturating_duration_since(Instant::now()));
                 }
                 if let Some(settings) = &opts.remote {
-                    return acquire_remote(settings, target, &left, on_wait);
+                    return acquire_remote(&**settings, target, &left, on_wait);
                 }
                 return acquire_direct(target, &left, on_wait);
             }
@@ -346,10 +348,10 @@ fn acquire_through_daemon(
     Err(Error::DaemonGone(format!("{MAX_DAEMONS} daemons in a row went away; see its log in the runtime directory")))
 }
 
-/// On the PostgreSQL server of `settings`, talking to it from this process (`Direct`, or no
-/// daemon to be had in `Auto`).
+/// On the server `settings`, talking to it from this process (`Direct`, or no daemon to be had
+/// in `Auto`).
 fn acquire_remote(
-    settings: &buildlock_remote::Settings,
+    settings: &dyn buildlock_remote::Engine,
     target: &LockTarget,
     opts: &Options,
     on_wait: &mut dyn FnMut(&WaitInfo),
@@ -546,8 +548,8 @@ fn acquire_daemon(
         thread: buildlock_sys::current_thread_id(),
         max_hold_ms: opts.max_hold.map(millis),
         kill_after_ms: opts.kill_after.map(millis),
-        remote: opts.remote.as_ref().map(buildlock_remote::Settings::to_url),
-        remote_timeout_ms: opts.remote.as_ref().map(|s| millis(s.remote_timeout)),
+        remote: opts.remote.as_ref().map(|s| s.to_url()),
+        remote_timeout_ms: opts.remote.as_ref().map(|s| millis(s.remote_timeout())),
     }))
     .map_err(gone)?;
     let mut holder: Option<buildlock_proto::Holder> = None;
@@ -575,7 +577,7 @@ fn acquire_daemon(
                 };
                 let (bound, runtime_dir) = (opts.bind_pid, opts.runtime_dir());
                 drop(replies);
-                let remote = opts.remote.as_ref().map(buildlock_remote::Settings::display);
+                let remote = opts.remote.as_ref().map(|s| s.display());
                 let inner = Inner::Daemon { mux, lease, path, file, id, bound, runtime_dir, remote };
                 return Ok(Lease { target: target.clone(), token, inner: Some(inner), _held: None, history: None });
             }
@@ -653,7 +655,7 @@ impl Lease {
     /// lock, then lasts while any process holds a copy, even if this one is killed).
     pub fn inherit_file(&self) -> Option<&File> {
         match &self.inner {
-            Some(Inner::Remote(r)) => Some(r.socket()),
+            Some(Inner::Remote(r)) => r.socket(),
             _ => self.os_file(),
         }
     }

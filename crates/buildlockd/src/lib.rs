@@ -14,9 +14,11 @@
 //!   outside holder in that lock file's waiter thread, `outside`) and hands it over.
 //! - `outside`: waiting for a process outside the daemon to let go of a lock file: one thread
 //!   blocked in the kernel per lock file, shared by every lease waiting for it.
-//! - `remote`: remote leases (locks on a PostgreSQL server, `buildlock-remote`): one server
-//!   session per lease on the daemon's runtime, released when its client and bound process
-//!   are gone, and `LeaseLost` sent the moment the session is lost. Not in the local queue.
+//! - `remote`: remote leases (locks on a PostgreSQL server, `buildlock-remote`, seen only through
+//!   its `Engine`/`EngineSession` traits): one server session per lease on the daemon's
+//!   runtime, released when its client and bound process are gone, and `LeaseLost` sent the
+//!   moment the session is lost; `--max-hold` stops the bound group as for local leases. Not in
+//!   the local queue.
 //! - `server`: the accept loop, connection admission (limits), timers (deadlines, idle exit) and
 //!   shutdown.
 //! - [`main`]: the `buildlockd` command: runtime directory checks, the single-instance lock,

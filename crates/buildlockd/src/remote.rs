@@ -1,16 +1,23 @@
-//! Remote leases: locks on a PostgreSQL server whose sessions the daemon holds for its clients.
+//! Remote leases: locks on a server (PostgreSQL) whose sessions the daemon holds for its clients.
 //!
 //! An `Acquire` with `remote` set is not put in the local queue (nor in its wait-for graph:
-//! deadlock detection is for local locks only). The daemon opens one `buildlock_remote::Session`
-//! per lease on its own runtime, in a task of its own (`drive`): it connects within the
-//! connect timeout, waits in the server's lock queue (FIFO is the server's), answers `Granted`
-//! with the token and no descriptor, then checks in every quarter of the remote timeout.
+//! deadlock detection is for local locks only). The daemon knows the server only through
+//! `buildlock_remote::Engine` (chosen by the URL's scheme, `buildlock_remote::from_url`) and
+//! opens one `Box<dyn EngineSession>` per lease on its own runtime, in a task of its own
+//! (`drive`): it connects within the connect timeout, waits in the server's lock queue (its
+//! order is the server's), answers `Granted` with the token and no descriptor, then checks in
+//! every quarter of the remote timeout.
 //!
 //! - The lease ends (the session is released and closed at once) when its client releases it,
 //!   or when its connection has closed *and* its bound process (`Bind`, `run`'s command), if
 //!   any, has exited: the rule of local leases.
 //! - A lost session (server restart, network cut, a check-in unanswered) marks the lease lost
 //!   and tells its client at once with `Reply::LeaseLost`.
+//! - `--max-hold` (`max_hold_ms`) is enforced as for local leases, on the lease's own task:
+//!   past the limit (one grace later while `run` is still connected: it stops its command
+//!   itself), the bound process's group gets SIGTERM, then SIGKILL after `kill_after`; the
+//!   lease then ends once the bound process has exited and its group is gone, and the history
+//!   records `stopped_max_hold`. Nothing is ever taken from a holder.
 //! - Nothing here blocks the runtime: the URL (which may read `~/.pgpass`) is parsed in a
 //!   blocking-pool thread, everything else is async; a failure is one `Error` reply to the
 //!   lease's client and touches nothing else.
@@ -23,7 +30,6 @@ use buildlock_proto::{
     AcquireRequest, ErrorCode, ErrorReply, Holder, LeaseRef, LockInfo, Mode, Reply, WaitFor, Waiter,
 };
 use buildlock_queue::OwnerId;
-use buildlock_remote::Session;
 use tokio::sync::oneshot;
 
 use crate::server::Daemon;
@@ -73,8 +79,33 @@ struct RemoteLease {
     phase: Phase,
     conn_open: bool,
     pid_running: bool,
+    /// The bound process as identified when bound (pid and start time): only that very process
+    /// (and its group) is ever signalled.
+    bound: Option<buildlock_sys::ProcessIdentity>,
+    /// Its `--max-hold`, and how far stopping its bound process has gone.
+    max_hold: Option<MaxHold>,
     /// Dropped (or fired) to end the session: released on the server at once.
     _stop: oneshot::Sender<()>,
+}
+
+/// A remote lease's `--max-hold`.
+struct MaxHold {
+    limit: Duration,
+    kill_after: Duration,
+    stage: Stage,
+    /// The limit came while the client (`run`) was connected: it stops its command itself, so
+    /// the daemon waits one grace (and a second) more.
+    deferred: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Held within its limit (or not held yet).
+    Running,
+    /// SIGTERM sent to the bound process's group.
+    Terminated,
+    /// SIGKILL sent.
+    Killed,
 }
 
 enum Phase {
@@ -114,8 +145,26 @@ impl RemoteLease {
             token,
             outside: false,
             description,
-            max_hold_ms: None,
+            max_hold_ms: self.max_hold.as_ref().and_then(|m| u64::try_from(m.limit.as_millis()).ok()),
         }
+    }
+
+    /// `NAME on SERVER`: how `status` and the history name a remote lock.
+    fn label(&self) -> String {
+        format!("{} on {}", self.name, self.server)
+    }
+
+    /// Records `kind` for this lease in the lock history (off the grant path: queued).
+    fn record(&self, kind: buildlock_history::Kind, detail: String) {
+        let mut e = buildlock_history::Event::new(self.label(), kind);
+        e.mode = self.mode.to_string();
+        e.backend = self.server.clone();
+        e.pid = Some(self.holder_pid);
+        e.command = self.command.clone();
+        e.operation = self.operation.clone();
+        e.host = buildlock_sys::hostname();
+        e.detail = detail;
+        buildlock_history::background().record(e);
     }
 
     fn send(&self, reply: Reply) {
@@ -224,6 +273,13 @@ impl Daemon {
             phase: Phase::Waiting { holder: None },
             conn_open: true,
             pid_running: a.bind_pid.is_some(),
+            bound: a.bind_pid.map(buildlock_sys::identify),
+            max_hold: a.max_hold_ms.map(|ms| MaxHold {
+                limit: Duration::from_millis(ms),
+                kill_after: Duration::from_millis(a.kill_after_ms.unwrap_or(10_000)),
+                stage: Stage::Running,
+                deferred: false,
+            }),
             _stop: stop_tx,
         };
         st.remote.leases.insert((owner, id), lease);
@@ -255,6 +311,7 @@ impl Daemon {
             return true;
         }
         l.bind_pid = Some(pid);
+        l.bound = Some(buildlock_sys::identify(pid));
         l.holder_pid = pid;
         l.pid_running = true;
         l.send(Reply::Bound { lease: id, path: l.name.clone(), pid });
@@ -281,6 +338,17 @@ impl Daemon {
         let d = self.clone();
         tokio::spawn(async move {
             crate::state::wait_for_exit(pid).await;
+            // Stopped past its max-hold: the group it leads may outlive it (a child that ignores
+            // SIGTERM); the lock is released only once the group is gone (SIGKILL follows).
+            let stopped = |d: &Daemon| {
+                d.state().remote.leases.get(&key).is_some_and(|l| {
+                    l.bind_pid == Some(pid) && l.max_hold.as_ref().is_some_and(|m| m.stage != Stage::Running)
+                })
+            };
+            // Polled: a group has no descriptor to wait on. Only after a max-hold stop.
+            while stopped(&d) && matches!(buildlock_sys::signal_group(pid, None), Ok(true)) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             let mut st = d.state();
             let Some(l) = st.remote.leases.get_mut(&key) else { return };
             if l.bind_pid != Some(pid) {
@@ -294,16 +362,82 @@ impl Daemon {
         });
     }
 
+    /// Lease `key` is past its `--max-hold` (or its grace after SIGTERM), as `stop_overdue` of
+    /// local leases: SIGTERM to its bound process's group, then SIGKILL. Returns when to look
+    /// again.
+    fn stop_overdue_remote(&self, key: Key) -> Option<tokio::time::Instant> {
+        let now = tokio::time::Instant::now();
+        let mut st = self.state();
+        let l = st.remote.leases.get_mut(&key)?;
+        if !matches!(l.phase, Phase::Held { .. }) {
+            return None;
+        }
+        let conn_open = l.conn_open;
+        let mh = l.max_hold.as_mut()?;
+        // `run` alive stops its own command first (and says so, and exits 124); the daemon is
+        // the safety net for a `run` that was killed, or is stuck.
+        if mh.stage == Stage::Running && conn_open && !mh.deferred {
+            mh.deferred = true;
+            return Some(now + mh.kill_after + Duration::from_secs(1));
+        }
+        let (sig, next) = match mh.stage {
+            Stage::Running => (crate::state::nix_sig::TERM, Stage::Terminated),
+            Stage::Terminated => (crate::state::nix_sig::KILL, Stage::Killed),
+            Stage::Killed => return None,
+        };
+        mh.stage = next;
+        let (limit, kill_after) = (mh.limit, mh.kill_after);
+        let (Some(pid), Some(bound)) = (l.bind_pid, l.bound.clone()) else {
+            tracing::warn!(
+                "remote lock {} has been held for {limit:?}, past its max-hold, by pid {}, which is not bound to                  it: nothing to stop",
+                l.label(),
+                l.holder_pid
+            );
+            return None;
+        };
+        // The bound process, proven the same (its start time), leads a group of its own (`run`
+        // starts it so): the whole group is stopped. SIGKILL also reaches a group whose leader
+        // died of the SIGTERM: its number stays its own while any member lives.
+        let alive = buildlock_sys::process_state(&bound) == buildlock_sys::ProcessState::Alive;
+        let group = matches!(buildlock_sys::signal_group(pid, None), Ok(true));
+        let left = alive || (next == Stage::Killed && group);
+        if !left {
+            return None;
+        }
+        let what = if next == Stage::Terminated { "SIGTERM" } else { "SIGKILL" };
+        if next == Stage::Terminated {
+            l.record(
+                buildlock_history::Kind::StoppedMaxHold,
+                format!(
+                    "held past its max-hold of {limit:?}: SIGTERM to pid {pid}'s group, SIGKILL after {kill_after:?}"
+                ),
+            );
+        }
+        tracing::warn!(
+            "remote lock {} has been held past its max-hold ({limit:?}) by pid {pid} ({}): {what} to its process group",
+            l.label(),
+            l.command
+        );
+        let sent = match buildlock_sys::signal_group(pid, Some(sig)) {
+            Ok(true) => Ok(()),
+            _ if alive => buildlock_sys::send_signal(pid, sig),
+            _ => Ok(()),
+        };
+        if let Err(e) = sent {
+            tracing::warn!("cannot stop pid {pid}: {e}");
+        }
+        (next == Stage::Terminated).then(|| now + kill_after)
+    }
+
     /// The remote locks this daemon holds or waits for, one `LockInfo` per lock and server;
     /// `path` reads `NAME on postgres://host:port/db`.
     pub(crate) fn remote_status(st: &State, path: Option<&str>) -> Vec<LockInfo> {
         let mut by_lock: std::collections::BTreeMap<String, LockInfo> = Default::default();
         let mut outside: HashMap<String, Holder> = HashMap::new();
-        let label_of = |l: &RemoteLease| format!("{} on {}", l.name, l.server);
         let mut leases: Vec<&RemoteLease> = st.remote.leases.values().collect();
         leases.sort_by_key(|l| l.requested);
         for l in leases {
-            let label = label_of(l);
+            let label = l.label();
             if path.is_some_and(|p| p != label && p != l.name) {
                 continue;
             }
@@ -321,7 +455,7 @@ impl Daemon {
                         operation: l.operation.clone(),
                     });
                     if let Some(h) = holder {
-                        outside.entry(label_of(l)).or_insert_with(|| server_holder(h));
+                        outside.entry(l.label()).or_insert_with(|| server_holder(h));
                     }
                 }
                 _ => info.holders.push(l.holder()),
@@ -338,7 +472,7 @@ impl Daemon {
     }
 }
 
-/// The lease `key`'s session, from connecting to the end.
+/// The lease `key`'s session, from connecting to the end, through the engine its URL names.
 async fn drive(
     daemon: Arc<Daemon>,
     key: Key,
@@ -364,25 +498,24 @@ async fn drive(
     };
     // Parsing the URL may read ~/.pgpass: not on the runtime's thread.
     let parsed = tokio::task::spawn_blocking(move || {
-        buildlock_remote::Settings::from_url(&url).and_then(|s| s.with_remote_timeout(remote_timeout))
+        buildlock_remote::from_url(&url).and_then(|s| s.with_remote_timeout(remote_timeout))
     })
     .await;
-    let settings = match parsed {
+    let server = match parsed {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return fail(e),
         Err(e) => return fail(buildlock_remote::Error::Settings(format!("cannot read the backend URL: {e}"))),
     };
     if let Some(l) = daemon.state().remote.leases.get_mut(&key) {
-        l.server = settings.display();
+        l.server = server.display();
     }
     let mut session = tokio::select! {
         _ = &mut stop => return,
-        r = Session::connect(&settings) => match r {
+        r = server.connect() => match r {
             Ok(s) => s,
             Err(e) => return fail(e),
         },
     };
-    let abort = session.abort_handle();
     let mut told = false;
     let acquired = {
         let mut on_wait = |h: &buildlock_remote::Holder| {
@@ -400,35 +533,33 @@ async fn drive(
             r = session.acquire(&req, &mut on_wait) => Some(r),
         }
     };
-    let grant = match acquired {
+    let token = match acquired {
         // Its client gave up (released, or died) while it waited: the session ends now, and
         // the server drops it from its queue.
-        None => return abort.abort(),
+        None => return session.abort(),
         Some(Err(e)) => {
-            abort.abort();
+            session.abort();
             return fail(e);
         }
-        Some(Ok(g)) => g,
+        Some(Ok(token)) => token,
     };
+    // Past `--max-hold`, `stop_overdue_remote` (then again after its grace).
+    let mut overdue = None;
     {
         let mut st = daemon.state();
         // Gone meanwhile (released, or its holders died): released below.
         if let Some(l) = st.remote.leases.get_mut(&key) {
-            l.phase = Phase::Held { token: grant.token, since: SystemTime::now() };
-            l.send(Reply::Granted {
-                lease: key.1,
-                path: l.name.clone(),
-                token: grant.token,
-                fd_attached: false,
-                file: None,
-            });
+            overdue = l.max_hold.as_ref().map(|m| tokio::time::Instant::now() + m.limit);
+            l.phase = Phase::Held { token, since: SystemTime::now() };
+            l.send(Reply::Granted { lease: key.1, path: l.name.clone(), token, fd_attached: false, file: None });
         }
     }
-    let every = settings.heartbeat();
+    let every = server.heartbeat();
     let mut closed = session.closed();
     let lost = loop {
         tokio::select! {
             _ = &mut stop => break None,
+            _ = until(overdue) => overdue = daemon.stop_overdue_remote(key),
             _ = closed.changed() => {
                 break Some(closed.borrow().clone().unwrap_or_else(|| "the connection ended".into()));
             }
@@ -445,15 +576,15 @@ async fn drive(
     match lost {
         None => {
             // Released (or its holders are gone): on the server at once, bounded in time.
-            if let Ok(Err(e)) = tokio::time::timeout(every, session.release(&req.name, grant)).await {
+            if let Ok(Err(e)) = tokio::time::timeout(every, session.release()).await {
                 tracing::warn!("{e}");
             }
-            let _ = tokio::time::timeout(Duration::from_secs(1), session.close()).await;
-            abort.abort();
+            // Bounded by the engine (a second), then aborted.
+            session.close().await;
         }
         Some(why) => {
-            abort.abort();
-            tracing::warn!("remote lock {} on {} was lost: {why}", req.name, settings.display());
+            session.abort();
+            tracing::warn!("remote lock {} on {} was lost: {why}", req.name, server.display());
             let mut st = daemon.state();
             let Some(l) = st.remote.leases.get_mut(&key) else { return };
             l.phase = Phase::Lost;
@@ -464,5 +595,13 @@ async fn drive(
                 st.note_activity();
             }
         }
+    }
+}
+
+/// Sleeps until `due`, or for ever.
+async fn until(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }

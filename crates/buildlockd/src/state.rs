@@ -1333,9 +1333,9 @@ impl Daemon {
 
 /// A lock path from a client: absolute, and a valid lock target.
 /// The two signals `--max-hold` sends (Unix numbers; the daemon runs on Unix only).
-mod nix_sig {
-    pub(super) const TERM: i32 = 15;
-    pub(super) const KILL: i32 = 9;
+pub(crate) mod nix_sig {
+    pub(crate) const TERM: i32 = 15;
+    pub(crate) const KILL: i32 = 9;
 }
 
 fn validate_path(path: &str) -> Result<LockTarget, String> {
