@@ -109,7 +109,9 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
     };
     let passed =
         copy.is_some() || lease.inherit_file().is_some_and(|file| buildlock_sys::pass_to_child(&mut cmd, file));
-    // A remote lease the daemon holds is bound to CMD below, so CMD keeps it if `run` dies.
+    // A remote lease the daemon holds: CMD inherits a copy of `run`'s connection to the daemon
+    // (which ends the lease only when every copy is closed), and the lease is bound to CMD
+    // below; so CMD keeps it if `run` dies, even before the binding reached the daemon.
     let daemon_keeps = lease.via_daemon() && lease.remote_server().is_some();
     if !passed && !daemon_keeps && !buildlock_sys::kill_on_parent_death(&mut cmd) {
         tracing::debug!("this platform cannot stop CMD if buildlock-client is killed");
@@ -140,6 +142,7 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
         }
     };
     forward.set_child(child.id(), group);
+    stall_before_binding_in_tests();
     // CMD holds the lock now (its inherited descriptor; through the daemon, the binding too):
     // the metadata names it, so that nobody takes a killed `run` for a dead holder.
     if let Err(e) = lease.bind_pid(child.id()) {
@@ -537,5 +540,18 @@ mod signals {
         pub(super) fn set_child(&self, _pid: u32, _group: bool) {}
 
         pub(super) fn set_child_exited(&self) {}
+    }
+}
+
+/// Test builds only: `BUILDLOCK_TEST_STALL_BEFORE_BIND` stops `run` for good between starting CMD
+/// and binding the lease to it, so a test can kill it in that window (which is otherwise a few
+/// microseconds wide) and check that CMD still keeps the lock.
+fn stall_before_binding_in_tests() {
+    #[cfg(debug_assertions)]
+    if std::env::var_os("BUILDLOCK_TEST_STALL_BEFORE_BIND").is_some() {
+        eprintln!("buildlock-client: stalled before binding the lease (BUILDLOCK_TEST_STALL_BEFORE_BIND)");
+        loop {
+            std::thread::park();
+        }
     }
 }

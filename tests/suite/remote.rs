@@ -146,6 +146,29 @@ fn remote_holder_killed_frees_the_lock_and_a_killed_run_leaves_it_to_its_command
     remote(&env, &pg, &["run", "-w", "30", "k", "--", "true"]).assert_code(0);
 }
 
+both!(remote_run_killed_before_binding_its_command_leaves_the_lock_to_the_command: remote_run_killed_before_binding_its_command_leaves_the_lock_to_the_command_direct, remote_run_killed_before_binding_its_command_leaves_the_lock_to_the_command_through_the_daemon);
+
+/// `run` killed after starting CMD but before the daemon heard that the lease is CMD's: CMD
+/// inherited what keeps the lock (the server connection, or a copy of `run`'s connection to the
+/// daemon), so the lock is not free while CMD runs.
+fn remote_run_killed_before_binding_its_command_leaves_the_lock_to_the_command(env: Env) {
+    let Some(pg) = PgServer::start() else { return };
+    let url = pg.url();
+    let mut c = env.cli();
+    c.env("BUILDLOCK_TEST_STALL_BEFORE_BIND", "1");
+    c.args(["--backend", url.as_str(), "run", "b", "--", "sh", "-c", "echo locked; exec sleep 1000"]);
+    let mut holder = Proc::spawn(c);
+    holder.expect_line("locked");
+    holder.expect_stderr("stalled before binding");
+    let cmd = holder.cmd_pid();
+    holder.kill9();
+    holder.wait();
+    remote(&env, &pg, &["run", "-n", "b", "--", "true"]).assert_code(1).assert_stderr_has("busy: lock b");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(cmd as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_dead(cmd);
+    remote(&env, &pg, &["run", "-w", "30", "b", "--", "true"]).assert_code(0);
+}
+
 both!(remote_server_restart_mid_hold_stops_the_command: remote_server_restart_mid_hold_stops_the_command_direct, remote_server_restart_mid_hold_stops_the_command_through_the_daemon);
 
 fn remote_server_restart_mid_hold_stops_the_command(env: Env) {

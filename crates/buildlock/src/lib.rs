@@ -568,10 +568,16 @@ fn acquire_daemon(
                 place = (position > 0).then_some(position);
             }
             Some((Reply::Granted { token, file: checked, .. }, fd)) => {
-                let file = fd.map(File::from);
+                // A remote lease: no lock file, but a copy of the connection for a command to
+                // inherit (`inherit_file`).
+                let file = match (fd, &opts.remote) {
+                    (None, Some(_)) => mux.connection_copy().ok(),
+                    (fd, _) => fd.map(File::from),
+                };
                 // The daemon says which file it locked (and checked against the path); an
                 // `fstat` of our own only if it did not.
                 let id = match (&file, checked) {
+                    _ if opts.remote.is_some() => None,
                     (Some(_), Some(f)) => Some(buildlock_sys::FileId { dev: f.dev, ino: f.ino }),
                     (f, _) => f.as_ref().and_then(file_id),
                 };
@@ -653,9 +659,17 @@ impl Lease {
     /// What a command should inherit so the lock lives while it does: the locked file
     /// ([`Lease::os_file`]), or a remote lease's server connection (the session, and so the
     /// lock, then lasts while any process holds a copy, even if this one is killed).
+    ///
+    /// For a remote lease the daemon holds, a copy of this process's connection to the daemon:
+    /// the daemon ends the connection's leases only once every copy is closed, so a command
+    /// started with it keeps the lock if this process is killed before it could bind the lease
+    /// to the command ([`Lease::bind_pid`]). Every lease of this process on that connection
+    /// then lasts as long: pass it from a process that holds one lease, as `run` does.
     pub fn inherit_file(&self) -> Option<&File> {
         match &self.inner {
             Some(Inner::Remote(r)) => r.socket(),
+            #[cfg(unix)]
+            Some(Inner::Daemon { file, remote: Some(_), .. }) => file.as_ref(),
             _ => self.os_file(),
         }
     }
@@ -718,7 +732,9 @@ impl Lease {
     pub fn os_file(&self) -> Option<&File> {
         match &self.inner {
             #[cfg(unix)]
-            Some(Inner::Daemon { file, .. }) => file.as_ref(),
+            Some(Inner::Daemon { file, remote: None, .. }) => file.as_ref(),
+            #[cfg(unix)]
+            Some(Inner::Daemon { remote: Some(_), .. }) => None,
             Some(Inner::Direct(guard)) => guard.os_file(),
             Some(Inner::Remote(_)) | None => None,
         }

@@ -124,6 +124,13 @@ impl Mux {
         }))
     }
 
+    /// A new descriptor of the connection (close-on-exec), for a command to inherit: the daemon
+    /// sees the connection end only once every copy is closed.
+    pub(crate) fn connection_copy(&self) -> io::Result<std::fs::File> {
+        let copy = lock(&self.writer).try_clone()?;
+        Ok(std::fs::File::from(std::os::fd::OwnedFd::from(copy)))
+    }
+
     /// Whether this process made the connection (false in a forked child).
     pub(crate) fn is_mine(&self) -> bool {
         self.pid == buildlock_sys::current_pid()
