@@ -358,6 +358,10 @@ where
     };
     let remote_timeout = cli.remote_timeout.unwrap_or(buildlock_remote::DEFAULT_REMOTE_TIMEOUT);
     let cx = Context { dir, opts, json: cli.json, connect, runtime_dir, backend: cli.backend, remote_timeout, config };
+    if matches!(cli.command, Command::Status { .. } | Command::Stats { .. } | Command::History { .. }) {
+        // They only print (often into `head` or `less`), and hold no lock.
+        buildlock_sys::end_on_closed_pipe();
+    }
     match cli.command {
         Command::Run(args) => run::run(&cx, args),
         #[cfg(unix)]

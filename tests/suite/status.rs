@@ -86,3 +86,19 @@ fn break_refuses_a_live_holder_and_says_who() {
     env.run(&["run", "-n", "x", "--", "true"]).assert_code(1);
     holder.release();
 }
+
+#[test]
+fn status_into_a_closed_pipe_ends_quietly_as_unix_tools_do() {
+    use std::os::unix::process::ExitStatusExt;
+    let env = Env::new();
+    env.run(&["run", "gamma", "--", "true"]).assert_code(0);
+    // `status | head -0`: the reader is gone before anything is written.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut c = env.cli();
+    c.args(["status"]).stdout(writer).stderr(std::process::Stdio::piped());
+    let out = c.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "status panicked on a closed pipe: {stderr}");
+    assert_eq!(out.status.signal(), Some(13), "status did not end by SIGPIPE: {:?}, {stderr}", out.status);
+}

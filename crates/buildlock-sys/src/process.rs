@@ -646,3 +646,18 @@ mod imp {
         Err(io::Error::new(io::ErrorKind::Unsupported, "signals are not supported on Windows"))
     }
 }
+
+/// Lets a write to a closed pipe end the process quietly, as it ends most Unix tools
+/// (`buildlock-client status | head`): Rust ignores `SIGPIPE`, so `println!` would panic instead.
+/// For commands that only print, never for one that holds a lock.
+#[cfg(unix)]
+pub fn end_on_closed_pipe() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: installs the default disposition, not a handler: no code of ours runs in signal
+    // context, and no other thread of this process relies on SIGPIPE being ignored.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}
+
+/// Windows has no `SIGPIPE`: nothing to do.
+#[cfg(windows)]
+pub fn end_on_closed_pipe() {}
