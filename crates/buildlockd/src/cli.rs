@@ -64,11 +64,18 @@ fn fit_limits(mut limits: Limits, fds: u64) -> Limits {
     let fixed = (limits.max_connections + limits.max_outside_waits) as u64 + FD_RESERVE;
     let room = usize::try_from(fds.saturating_sub(fixed)).unwrap_or(usize::MAX).max(1);
     if limits.max_leases > room {
-        tracing::warn!(
+        let msg = format!(
             "the open-file limit ({fds}) leaves room for {room} leases, not the {} asked for: leases are \
              limited to {room}; raise the limit (`ulimit -n`, LimitNOFILE=) or lower --max-connections",
             limits.max_leases
         );
+        // A warning when somebody asked for more; with the defaults, a note (`status` and a
+        // client past the limit say it where it matters).
+        if limits.max_leases == Limits::default().max_leases {
+            tracing::info!("{msg}");
+        } else {
+            tracing::warn!("{msg}");
+        }
         limits.max_leases = room;
         limits.open_files = Some(fds);
     }
