@@ -8,7 +8,9 @@
 //!
 //! - `uncontended`: library acquire+release of one exclusive lock nobody else wants; in direct
 //!   mode also the layer below (`buildlock_disk::acquire`) with and without the keeper thread
-//!   (`watch`) that the library's direct leases run, to show where the time goes.
+//!   (`watch`) that the library's direct leases run, to show where the time goes; in daemon mode
+//!   also a bare one-byte round trip to another process over a Unix socket, the floor of any
+//!   request to the daemon.
 //! - `handoff`: the holder (a thread of this process) releases while a waiter (a child process:
 //!   this binary re-executed in `--handoff-waiter` mode) is blocked; from just before
 //!   `release()` to the waiter's grant. The two sides are in different processes, so they
@@ -120,6 +122,9 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--handoff-waiter") {
         return handoff_waiter(&args[1..]);
+    }
+    if args.first().map(String::as_str) == Some("--echo") {
+        return echo();
     }
     if let Some(i) = args.iter().position(|a| a == "--loop") {
         return loop_mode(&args, args.get(i + 1).map(String::as_str));
@@ -264,6 +269,9 @@ fn uncontended(ctx: &Ctx, mode: Mode) {
         lease.release().unwrap();
     });
     emit("uncontended", mode.name(), &mut samples, json!({"what": "acquire+release, in-process library call"}));
+    if mode == Mode::Daemon {
+        round_trip_floor(ctx);
+    }
     if mode == Mode::Direct {
         // The layer below, for the breakdown: the on-disk protocol without and with the keeper
         // thread (`watch`) that the library's direct leases run.
@@ -274,6 +282,45 @@ fn uncontended(ctx: &Ctx, mode: Mode) {
             });
             let what = "acquire+release, buildlock_disk::acquire: the layer under the library's direct mode";
             emit("uncontended", imp, &mut samples, json!({"what": what}));
+        }
+    }
+}
+
+/// The floor under the daemon path: one byte to another process over a Unix socket and one
+/// byte back (the child: this binary in `--echo` mode), with no work on either side. An
+/// acquire+release through the daemon is one such round trip plus the daemon's work on the
+/// lock files, so its ratio to direct mode cannot go below (this + direct) / direct.
+fn round_trip_floor(ctx: &Ctx) {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    let (mut ours, theirs) = UnixStream::pair().unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .arg("--echo")
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let mut samples = time_each(ctx.scale(5_000, 500), || {
+        ours.write_all(b"x").unwrap();
+        ours.read_exact(&mut byte).unwrap();
+    });
+    drop(ours);
+    child.wait().unwrap();
+    let what = "one byte to another process and back over a Unix socket: the floor of any round trip to the daemon";
+    emit("uncontended", "unix socket round trip", &mut samples, json!({"what": what}));
+}
+
+/// `--echo`: writes back every byte read on stdin (a Unix socket), until it closes.
+fn echo() {
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let stdin = std::io::stdin();
+    let mut sock = std::fs::File::from(stdin.as_fd().try_clone_to_owned().unwrap());
+    let mut byte = [0u8; 1];
+    while sock.read_exact(&mut byte).is_ok() {
+        if sock.write_all(&byte).is_err() {
+            break;
         }
     }
 }
