@@ -338,10 +338,20 @@ pub fn install_exclusive(
     buildlock_sys::fs::install_file_reusing(path, &spare_path(path), meta.to_json().as_bytes(), may_replace)
 }
 
-/// Replaces an exclusive holder's own metadata at `path` with `meta`, atomically, keeping the
-/// old file as the spare (no flush, no file freed: `buildlock_sys::fs::replace_file_keeping`).
+/// The second file kept beside an exclusive holder's metadata (`X.lock.pid.next`): a hand-over
+/// ([`replace_exclusive`]) writes the new metadata into it and exchanges it with `X.lock.pid`,
+/// which leaves the old metadata there. Never read.
+pub fn next_path(path: &Path) -> std::path::PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".next");
+    std::path::PathBuf::from(p)
+}
+
+/// Replaces an exclusive holder's own metadata at `path` with `meta`, atomically, through the
+/// kept file [`next_path`] (no flush, no file created or freed once it exists:
+/// `buildlock_sys::fs::replace_file_keeping`). The spare stays free for the release to take.
 pub fn replace_exclusive(path: &Path, meta: &Metadata) -> io::Result<buildlock_sys::fs::FileStamp> {
-    buildlock_sys::fs::replace_file_keeping(path, meta.to_json().as_bytes(), &spare_path(path))
+    buildlock_sys::fs::replace_file_keeping(path, meta.to_json().as_bytes(), &next_path(path))
 }
 
 /// Removes the metadata at `path` if it is the very file whose `stamp` [`install`] returned

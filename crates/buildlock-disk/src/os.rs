@@ -853,4 +853,42 @@ mod tests {
         guard.release().unwrap();
         assert_eq!(crate::meta::read(&target.meta_path).valid().map(|m| m.pid), Some(u32::MAX - 1));
     }
+
+    /// The files of a hand-over (`run` naming its command) and of the release that follows:
+    /// after the first time, none is created or deleted, the metadata always names the holder,
+    /// and a link planted at the kept file's name is never written through.
+    #[test]
+    fn a_hand_over_reuses_its_kept_file_and_never_writes_through_a_planted_link() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let target = LockTarget::resolve("h", dir.path()).unwrap();
+        let next = crate::meta::next_path(&target.meta_path);
+        let spare = crate::meta::spare_path(&target.meta_path);
+        let hand_over = |to: u32| {
+            let mut guard = take(&target);
+            guard.hand_over_to(to, Some("make".into())).unwrap();
+            let meta = crate::meta::read(&target.meta_path);
+            assert_eq!(meta.valid().map(|m| (m.pid, m.command.clone())), Some((to, Some("make".into()))), "{meta:?}");
+            guard.release().unwrap();
+            assert!(!target.meta_path.exists(), "metadata left behind after release");
+        };
+        let me = std::process::id();
+        hand_over(me);
+        let inodes = |p: &std::path::Path| std::fs::symlink_metadata(p).unwrap().ino();
+        let kept = (inodes(&next), inodes(&spare));
+        for _ in 0..3 {
+            hand_over(me);
+            let now = (inodes(&next), inodes(&spare));
+            assert!(now == kept || now == (kept.1, kept.0), "new files were made: {kept:?} then {now:?}");
+        }
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        for plant in [std::os::unix::fs::symlink::<&std::path::Path, &std::path::Path>, |a, b| std::fs::hard_link(a, b)]
+        {
+            std::fs::remove_file(&next).unwrap();
+            plant(&victim, &next).unwrap();
+            hand_over(me);
+            assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        }
+    }
 }

@@ -205,19 +205,45 @@ fn move_into_place(from: &Path, path: &Path, may_replace: &mut dyn FnMut() -> bo
     Ok(true)
 }
 
-/// Replaces the file at `path` (which must exist: the caller's own) with a new one holding
-/// `bytes`, atomically, by exchanging the two (`renameat2(RENAME_EXCHANGE)`); the old file is
-/// then kept at `spare` for [`install_file_reusing`], or removed if something is there. Replacing
-/// by a plain rename over an existing file would make ext4 write the new file out at once and
-/// free the old one (its "replace by rename" safety net): a millisecond. Falls back to that
-/// where the exchange is not supported.
-pub fn replace_file_keeping(path: &Path, bytes: &[u8], spare: &Path) -> io::Result<FileStamp> {
+/// Replaces the file at `path` (which must exist: the caller's own) with one holding `bytes`,
+/// atomically, by exchanging the two (`renameat2(RENAME_EXCHANGE)`). The new content goes into
+/// the file kept at `next` when there is one (a regular file of ours with a single link, as
+/// [`install_file_reusing`] checks its spare), written in place and padded with spaces, else
+/// into a new file; after the exchange the old file is what `next` names, kept for the next
+/// replacement. So a holder that hands its lock over (`run` naming its command) creates and
+/// frees no file: on ext4 without a journal each new inode costs a search past every one freed
+/// in the last 30 s. Nobody reads `next`; the caller serialises its users (an exclusive lock).
+/// Replacing by a plain rename over an existing file would make ext4 write the new file out at
+/// once and free the old one (its "replace by rename" safety net): a millisecond. Falls back to
+/// that where the exchange is not supported.
+pub fn replace_file_keeping(path: &Path, bytes: &[u8], next: &Path) -> io::Result<FileStamp> {
+    const MAX_KEPT: u64 = 64 * 1024;
+    if let Ok((file, meta)) = open_regular_rw_stat(next, false, true, false) {
+        if meta.len() <= MAX_KEPT {
+            let mut padded;
+            let mut data = bytes;
+            if (bytes.len() as u64) < meta.len() {
+                padded = bytes.to_vec();
+                padded.resize(meta.len() as usize, b' ');
+                data = &padded;
+            }
+            imp::write_all_at(&file, data)?;
+            drop(file);
+            let stamp = FileStamp { id: imp::file_id(&meta), len: data.len() as u64, modified: None };
+            if imp::rename_exchange(next, path)? {
+                // `next` now names the old file, kept for the next time.
+                return Ok(stamp);
+            }
+            std::fs::rename(next, path)?;
+            return Ok(stamp);
+        }
+    }
     let tmp = temp_path(path);
     let result = (|| {
         let stamp = write_new(&tmp, bytes)?;
         if imp::rename_exchange(&tmp, path)? {
-            // `tmp` now names the old file.
-            if !matches!(imp::rename_noreplace(&tmp, spare), Ok(true)) {
+            // `tmp` now names the old file: keep it at `next`, unless something is there.
+            if !matches!(imp::rename_noreplace(&tmp, next), Ok(true)) {
                 std::fs::remove_file(&tmp)?;
             }
         } else {
