@@ -22,7 +22,7 @@ use std::sync::OnceLock;
 
 use buildlock_sys::{LockMode, ProcessIdentity};
 use jiff::{civil::DateTime, tz::TimeZone, Timestamp};
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 
 /// Metadata files larger than this are not metadata; they are read as corrupt.
 pub const MAX_METADATA_BYTES: u64 = 64 * 1024;
@@ -224,18 +224,6 @@ impl Metadata {
     }
 }
 
-/// A timestamp as the seed's tool writes it: naive local ISO 8601 with microseconds. Years
-/// outside 0..=9999 have no such form (ISO wants a signed six-digit year there, which old readers
-/// do not know), so those are written as seconds since the epoch, which every reader accepts.
-fn timestamp_json(t: Timestamp) -> Value {
-    let local = t.to_zoned_datetime(local_tz()).datetime();
-    if (0..=9999).contains(&local.year()) {
-        json!(local.strftime("%Y-%m-%dT%H:%M:%S%.6f").to_string())
-    } else {
-        json!(t.as_second() as f64 + f64::from(t.subsec_nanosecond()) / 1e9)
-    }
-}
-
 /// A JSON object being written: `{` and the commas come with the keys.
 struct JsonObject(Vec<u8>);
 
@@ -272,8 +260,10 @@ impl JsonObject {
     }
 }
 
-/// The seed's format: naive local ISO 8601 with microseconds (`2026-02-14T06:50:11.123456`), as
-/// a JSON string; a float of seconds since the epoch for a year outside 0..=9999.
+/// A timestamp as the seed's tool writes it: naive local ISO 8601 with microseconds
+/// (`2026-02-14T06:50:11.123456`), as a JSON string. Years outside 0..=9999 have no such form
+/// (ISO wants a signed six-digit year there, which old readers do not know), so those are
+/// written as seconds since the epoch, which every reader accepts.
 fn write_timestamp(out: &mut Vec<u8>, t: Timestamp) {
     use std::io::Write as _;
     let local = t.to_zoned_datetime(local_tz()).datetime();
@@ -462,6 +452,17 @@ pub fn remove_if_ours(path: &Path, id: &str) -> io::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{json, Map};
+
+    /// The timestamp as earlier versions wrote it (`jiff`'s `strftime`).
+    fn timestamp_json(t: Timestamp) -> Value {
+        let local = t.to_zoned_datetime(local_tz()).datetime();
+        if (0..=9999).contains(&local.year()) {
+            json!(local.strftime("%Y-%m-%dT%H:%M:%S%.6f").to_string())
+        } else {
+            json!(t.as_second() as f64 + f64::from(t.subsec_nanosecond()) / 1e9)
+        }
+    }
 
     #[test]
     fn reads_the_seed_tools_format() {
