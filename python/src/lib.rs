@@ -310,7 +310,8 @@ impl Lock {
         // A bad name is an error now, not at the first acquire; the lock directory
         // (`$BUILDLOCK_DIR`, ...) is read once, here.
         let target = builder.target().map_err(|e| to_py(py, &e))?;
-        let spec = Spec { name, target, opts: builder.settings().clone(), shared, timeout: secs(py, "timeout", timeout)? };
+        let spec =
+            Spec { name, target, opts: builder.settings().clone(), shared, timeout: secs(py, "timeout", timeout)? };
         Ok(Lock {
             spec,
             state: Mutex::new(State {
