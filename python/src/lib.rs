@@ -12,7 +12,7 @@
 //! dropped) and refuses to release, check or re-enter it, saying the lease is its parent's.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::thread::ThreadId;
@@ -54,35 +54,24 @@ fn to_py(py: Python<'_>, e: &buildlock::Error) -> PyErr {
     raise(py, name, e.to_string())
 }
 
-/// One acquisition's settings, from the constructor's arguments.
+/// One acquisition's settings, from the constructor's arguments: the lock file resolved and the
+/// library's options built once, when the `Lock` is made, so that an acquire reads no
+/// environment variable and allocates nothing of its own.
 #[derive(Clone, Debug)]
 struct Spec {
-    target: String,
+    /// As the caller named it, for messages.
+    name: String,
+    target: LockTarget,
+    /// The library's options, with `Wait::NoWait`: the first attempt of every acquire.
+    opts: buildlock::Options,
     shared: bool,
     timeout: Option<Duration>,
-    operation: String,
-    connect: Connect,
-    lock_dir: Option<PathBuf>,
-    soft: bool,
-    stale_after: Option<Duration>,
 }
 
 impl Spec {
-    fn builder(&self, wait: buildlock::Wait) -> buildlock::Lock<'static> {
-        let mut l = buildlock::Lock::new(self.target.clone()).connect(self.connect).operation(self.operation.clone());
-        if self.shared {
-            l = l.shared();
-        }
-        if let Some(d) = &self.lock_dir {
-            l = l.lock_dir(d);
-        }
-        if self.soft {
-            l = l.soft();
-        }
-        if let Some(s) = self.stale_after {
-            l = l.stale_after(s);
-        }
-        l.wait(wait)
+    /// The options for an acquisition that waits as `wait` says.
+    fn waiting(&self, wait: buildlock::Wait) -> buildlock::Options {
+        buildlock::Options { wait, ..self.opts.clone() }
     }
 }
 
@@ -94,6 +83,9 @@ struct State {
     owner: Option<ThreadId>,
     /// A thread of this process is taking the lock (others wait on the condition variable).
     taking: bool,
+    /// Threads waiting on the condition variable: only they need a notification (a system
+    /// call, which an uncontended acquire and release would otherwise pay each).
+    waiting: usize,
     /// The process that acquired `lease`.
     pid: u32,
     /// Set in a forked child whose copy of the object was held by its parent (that pid).
@@ -103,14 +95,15 @@ struct State {
 impl State {
     /// In a forked child, the parent's lease is forgotten, never released (fork invariant).
     fn after_fork(&mut self) {
-        let me = std::process::id();
+        let me = buildlock_sys::current_pid();
         if self.pid != me {
             if let Some(lease) = self.lease.take() {
                 std::mem::forget(lease);
                 self.parents = Some(self.pid);
             }
-            // Threads of the parent are not here: nobody is taking the lock.
+            // Threads of the parent are not here: nobody is taking the lock or waiting.
             self.taking = false;
+            self.waiting = 0;
             self.pid = me;
         }
     }
@@ -132,7 +125,7 @@ impl State {
 
 impl Drop for State {
     fn drop(&mut self) {
-        if self.pid != std::process::id() {
+        if self.pid != buildlock_sys::current_pid() {
             if let Some(lease) = self.lease.take() {
                 std::mem::forget(lease);
             }
@@ -155,9 +148,19 @@ impl Lock {
         s
     }
 
+    /// Wakes the threads of this process waiting for this object, if there are any (`s` is the
+    /// state as changed, still locked).
+    fn notify(&self, s: MutexGuard<'_, State>) {
+        let any = s.waiting > 0;
+        drop(s);
+        if any {
+            self.changed.notify_all();
+        }
+    }
+
     /// The lock file, as the registry of held locks knows it.
-    fn lease_path(&self) -> Option<PathBuf> {
-        self.spec.builder(buildlock::Wait::NoWait).target().ok().map(|t| t.path)
+    fn lease_path(&self) -> &Path {
+        &self.spec.target.path
     }
 
     /// Takes the OS-level lock for this object (the caller has set `taking`), waiting in a helper
@@ -176,36 +179,35 @@ impl Lock {
         };
         // First without waiting, on this thread (no thread to start when the lock is free, as
         // it mostly is); only a busy lock is waited for, in a helper thread.
-        let mut first = self.spec.builder(buildlock::Wait::NoWait);
-        match py.detach(|| first.acquire()) {
+        let (target, first) = (&self.spec.target, &self.spec.opts);
+        match py.detach(|| buildlock::acquire(target, first, &mut |_| {})) {
             Ok(lease) => return Ok(Some(lease)),
             Err(e) if e.is_conflict() && blocking => {
                 let me = std::thread::current().id();
-                if let Some(path) = self.lease_path() {
-                    if held().iter().any(|(p, t)| *p == path && *t == me) {
-                        return Err(raise(
-                            py,
-                            "Error",
-                            format!(
-                                "this thread already holds lock {} through another buildlock.Lock object, so waiting \
-                                 for it would never end; acquire the same Lock object again (it is re-entrant), or \
-                                 release the other one first",
-                                path.display()
-                            ),
-                        ));
-                    }
+                let path = self.lease_path();
+                if held().iter().any(|(p, t)| p == path && *t == me) {
+                    return Err(raise(
+                        py,
+                        "Error",
+                        format!(
+                            "this thread already holds lock {} through another buildlock.Lock object, so waiting \
+                             for it would never end; acquire the same Lock object again (it is re-entrant), or \
+                             release the other one first",
+                            path.display()
+                        ),
+                    ));
                 }
             }
             Err(e) if e.is_conflict() => return Ok(None),
             Err(e) => return Err(to_py(py, &e)),
         }
-        let mut builder = self.spec.builder(wait);
+        let (target, opts) = (self.spec.target.clone(), self.spec.waiting(wait));
         let (tx, rx) = mpsc::channel::<Result<Lease, buildlock::Error>>();
         let (abandon_tx, abandon_rx) = mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("buildlock-acquire".into())
             .spawn(move || {
-                let got = builder.acquire();
+                let got = buildlock::acquire(&target, &opts, &mut |_| {});
                 // Handed over, or, if the waiter has gone (interrupted, cancelled), released here.
                 if abandon_rx.try_recv().is_err() {
                     if let Err(std::sync::mpsc::SendError(Ok(lease))) = tx.send(got) {
@@ -287,22 +289,29 @@ impl Lock {
                 )))
             }
         };
-        let target = name_or_path
+        let name = name_or_path
             .to_str()
             .ok_or_else(|| PyValueError::new_err(format!("lock name {name_or_path:?} is not valid UTF-8")))?
             .to_owned();
-        let spec = Spec {
-            target,
-            shared,
-            timeout: secs(py, "timeout", timeout)?,
-            operation,
-            connect,
-            lock_dir,
-            soft,
-            stale_after: secs(py, "stale_after", stale_after)?,
-        };
-        // A bad name is an error now, not at the first acquire.
-        spec.builder(buildlock::Wait::NoWait).target().map_err(|e| to_py(py, &e))?;
+        let mut builder =
+            buildlock::Lock::new(name.clone()).connect(connect).operation(operation).wait(buildlock::Wait::NoWait);
+        if shared {
+            builder = builder.shared();
+        }
+        if let Some(d) = &lock_dir {
+            builder = builder.lock_dir(d);
+        }
+        if soft {
+            builder = builder.soft();
+        }
+        if let Some(s) = secs(py, "stale_after", stale_after)? {
+            builder = builder.stale_after(s);
+        }
+        // A bad name is an error now, not at the first acquire; the lock directory
+        // (`$BUILDLOCK_DIR`, ...) is read once, here.
+        let target = builder.target().map_err(|e| to_py(py, &e))?;
+        let spec =
+            Spec { name, target, opts: builder.settings().clone(), shared, timeout: secs(py, "timeout", timeout)? };
         Ok(Lock {
             spec,
             state: Mutex::new(State {
@@ -310,7 +319,8 @@ impl Lock {
                 count: 0,
                 owner: None,
                 taking: false,
-                pid: std::process::id(),
+                waiting: 0,
+                pid: buildlock_sys::current_pid(),
                 parents: None,
             }),
             changed: Condvar::new(),
@@ -356,16 +366,18 @@ impl Lock {
                     "Timeout",
                     format!(
                         "timed out waiting for lock {}: another thread of this process (pid {}) holds it",
-                        self.spec.target,
-                        std::process::id()
+                        self.spec.name,
+                        buildlock_sys::current_pid()
                     ),
                 ));
             }
             drop(s);
             py.detach(|| {
-                let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 if s.count > 0 || s.taking {
-                    drop(self.changed.wait_timeout(s, SLICE));
+                    s.waiting += 1;
+                    let (mut s, _) = self.changed.wait_timeout(s, SLICE).unwrap_or_else(|e| e.into_inner());
+                    s.waiting -= 1;
                 }
             });
             py.check_signals()?;
@@ -381,12 +393,10 @@ impl Lock {
         s.taking = false;
         let result = match got {
             Ok(Some(lease)) => {
-                if let Some(path) = self.lease_path() {
-                    held().push((path, std::thread::current().id()));
-                }
+                held().push((self.lease_path().to_owned(), std::thread::current().id()));
                 s.lease = Some(lease);
                 s.count = 1;
-                s.pid = std::process::id();
+                s.pid = buildlock_sys::current_pid();
                 Ok(true)
             }
             Ok(None) => {
@@ -398,8 +408,7 @@ impl Lock {
                 Err(e)
             }
         };
-        drop(s);
-        self.changed.notify_all();
+        self.notify(s);
         result
     }
 
@@ -410,7 +419,7 @@ impl Lock {
             return Err(e);
         }
         if s.count == 0 {
-            return Err(raise(py, "Error", format!("cannot release lock {}: it is not held", self.spec.target)));
+            return Err(raise(py, "Error", format!("cannot release lock {}: it is not held", self.spec.name)));
         }
         s.count -= 1;
         if s.count > 0 {
@@ -418,14 +427,13 @@ impl Lock {
         }
         let owner = s.owner.take();
         let lease = s.lease.take();
-        drop(s);
-        if let (Some(path), Some(owner)) = (self.lease_path(), owner) {
+        if let Some(owner) = owner {
             let mut h = held();
-            if let Some(i) = h.iter().position(|(p, t)| *p == path && *t == owner) {
+            if let Some(i) = h.iter().position(|(p, t)| p == self.lease_path() && *t == owner) {
                 h.remove(i);
             }
         }
-        self.changed.notify_all();
+        self.notify(s);
         match lease {
             Some(l) => py.detach(|| l.release_confirmed()).map_err(|e| to_py(py, &e)),
             None => Ok(()),
@@ -440,7 +448,7 @@ impl Lock {
         }
         match &s.lease {
             Some(l) => l.check().map_err(|e| to_py(py, &e)),
-            None => Err(raise(py, "Error", format!("cannot check lock {}: it is not held", self.spec.target))),
+            None => Err(raise(py, "Error", format!("cannot check lock {}: it is not held", self.spec.name))),
         }
     }
 
@@ -462,8 +470,8 @@ impl Lock {
     }
 
     #[getter]
-    fn path(&self, py: Python<'_>) -> PyResult<String> {
-        Ok(self.spec.builder(buildlock::Wait::NoWait).target().map_err(|e| to_py(py, &e))?.path.display().to_string())
+    fn path(&self) -> String {
+        self.lease_path().display().to_string()
     }
 
     fn __enter__<'py>(slf: Bound<'py, Self>, py: Python<'py>) -> PyResult<Bound<'py, Self>> {
@@ -481,7 +489,7 @@ impl Lock {
         let s = self.state();
         format!(
             "buildlock.Lock({:?}, shared={}, held={})",
-            self.spec.target,
+            self.spec.name,
             if self.spec.shared { "True" } else { "False" },
             if s.count > 0 && s.parents.is_none() { "True" } else { "False" }
         )
@@ -492,11 +500,11 @@ impl Drop for Lock {
     /// A lock dropped while held (its lease released by `State`'s drop) leaves the registry.
     fn drop(&mut self) {
         let s = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
-        let (held_here, owner) = (s.lease.is_some() && s.pid == std::process::id(), s.owner);
+        let (held_here, owner) = (s.lease.is_some() && s.pid == buildlock_sys::current_pid(), s.owner);
         if held_here {
-            if let (Some(path), Some(owner)) = (self.lease_path(), owner) {
+            if let Some(owner) = owner {
                 let mut h = held();
-                if let Some(i) = h.iter().position(|(p, t)| *p == path && *t == owner) {
+                if let Some(i) = h.iter().position(|(p, t)| p == self.lease_path() && *t == owner) {
                     h.remove(i);
                 }
             }

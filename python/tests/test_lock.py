@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 import threading
 
@@ -335,3 +336,11 @@ def test_a_lock_dropped_while_held_leaves_no_trace(env):
     again = buildlock.Lock(path, mode="direct", timeout=HANG_GUARD)
     assert again.acquire() is True
     again.release()
+
+
+def test_importing_buildlock_leaves_asyncio_unimported():
+    # A killed holder's memory is torn down before the kernel frees its lock: asyncio (8 MB)
+    # is loaded only by AsyncLock, not by every process that takes a lock.
+    code = "import sys, buildlock; print('asyncio' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False", out

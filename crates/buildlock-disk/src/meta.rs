@@ -22,7 +22,7 @@ use std::sync::OnceLock;
 
 use buildlock_sys::{LockMode, ProcessIdentity};
 use jiff::{civil::DateTime, tz::TimeZone, Timestamp};
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 
 /// Metadata files larger than this are not metadata; they are read as corrupt.
 pub const MAX_METADATA_BYTES: u64 = 64 * 1024;
@@ -138,29 +138,50 @@ impl Metadata {
         self.lock.as_deref() == Some("soft")
     }
 
-    /// The JSON text written to disk.
+    /// The JSON text written to disk: one object, keys in alphabetical order (as a
+    /// `serde_json::Map` writes them, which earlier versions used), written straight into one
+    /// string: this runs on every acquisition.
     pub fn to_json(&self) -> String {
-        let mut obj = Map::new();
-        obj.insert("pid".into(), json!(self.pid));
-        obj.insert("timestamp".into(), self.timestamp.map_or(Value::Null, timestamp_json));
-        obj.insert("operation".into(), json!(self.operation));
-        obj.insert("hostname".into(), json!(self.hostname));
-        let mut opt = |k: &str, v: Option<Value>| {
-            if let Some(v) = v {
-                obj.insert(k.into(), v);
-            }
-        };
-        opt("start_time", self.start_time.map(|v| json!(v)));
-        opt("boot_id", self.boot_id.as_ref().map(|v| json!(v)));
-        opt("mode", self.mode.map(|m| json!(m.as_str())));
-        opt("command", self.command.as_ref().map(|v| json!(v)));
-        opt("lock", self.lock.as_ref().map(|v| json!(v)));
-        opt("token", self.token.map(|v| json!(v)));
-        opt("id", self.id.as_ref().map(|v| json!(v)));
-        opt("version", self.version.as_ref().map(|v| json!(v)));
-        opt("via_pid", self.via_pid.map(|v| json!(v)));
-        opt("max_hold_ms", self.max_hold_ms.map(|v| json!(v)));
-        Value::Object(obj).to_string()
+        let mut w = JsonObject(Vec::with_capacity(320));
+        if let Some(v) = &self.boot_id {
+            w.str("boot_id", v);
+        }
+        if let Some(v) = &self.command {
+            w.str("command", v);
+        }
+        w.str("hostname", &self.hostname);
+        if let Some(v) = &self.id {
+            w.str("id", v);
+        }
+        if let Some(v) = &self.lock {
+            w.str("lock", v);
+        }
+        if let Some(v) = self.max_hold_ms {
+            w.num("max_hold_ms", v);
+        }
+        if let Some(m) = self.mode {
+            w.str("mode", m.as_str());
+        }
+        w.str("operation", &self.operation);
+        w.num("pid", u64::from(self.pid));
+        if let Some(v) = self.start_time {
+            w.num("start_time", v);
+        }
+        w.key("timestamp");
+        match self.timestamp {
+            Some(t) => write_timestamp(&mut w.0, t),
+            None => w.0.extend_from_slice(b"null"),
+        }
+        if let Some(v) = self.token {
+            w.num("token", v);
+        }
+        if let Some(v) = &self.version {
+            w.str("version", v);
+        }
+        if let Some(v) = self.via_pid {
+            w.num("via_pid", u64::from(v));
+        }
+        w.finish()
     }
 
     /// Parses metadata text; `Err` says why it is not usable.
@@ -203,16 +224,66 @@ impl Metadata {
     }
 }
 
-/// A timestamp as the seed's tool writes it: naive local ISO 8601 with microseconds. Years
-/// outside 0..=9999 have no such form (ISO wants a signed six-digit year there, which old readers
-/// do not know), so those are written as seconds since the epoch, which every reader accepts.
-fn timestamp_json(t: Timestamp) -> Value {
-    let local = t.to_zoned_datetime(local_tz()).datetime();
-    if (0..=9999).contains(&local.year()) {
-        json!(local.strftime("%Y-%m-%dT%H:%M:%S%.6f").to_string())
-    } else {
-        json!(t.as_second() as f64 + f64::from(t.subsec_nanosecond()) / 1e9)
+/// A JSON object being written: `{` and the commas come with the keys.
+struct JsonObject(Vec<u8>);
+
+impl JsonObject {
+    fn key(&mut self, key: &str) {
+        self.0.push(if self.0.is_empty() { b'{' } else { b',' });
+        self.string(key);
+        self.0.push(b':');
     }
+
+    /// `value` as a JSON string, escaped as serde_json escapes it.
+    fn string(&mut self, value: &str) {
+        // Writing a `str` into a `Vec` cannot fail.
+        let _ = serde_json::to_writer(&mut self.0, value);
+    }
+
+    fn str(&mut self, key: &str, value: &str) {
+        self.key(key);
+        self.string(value);
+    }
+
+    fn num(&mut self, key: &str, value: u64) {
+        self.key(key);
+        self.0.extend_from_slice(value.to_string().as_bytes());
+    }
+
+    fn finish(mut self) -> String {
+        if self.0.is_empty() {
+            self.0.push(b'{');
+        }
+        self.0.push(b'}');
+        // Only `str`s and ASCII went in.
+        String::from_utf8(self.0).unwrap_or_default()
+    }
+}
+
+/// A timestamp as the seed's tool writes it: naive local ISO 8601 with microseconds
+/// (`2026-02-14T06:50:11.123456`), as a JSON string. Years outside 0..=9999 have no such form
+/// (ISO wants a signed six-digit year there, which old readers do not know), so those are
+/// written as seconds since the epoch, which every reader accepts.
+fn write_timestamp(out: &mut Vec<u8>, t: Timestamp) {
+    use std::io::Write as _;
+    let local = t.to_zoned_datetime(local_tz()).datetime();
+    // Writing into a `Vec` cannot fail.
+    let _ = if (0..=9999).contains(&local.year()) {
+        write!(
+            out,
+            "\"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}\"",
+            local.year(),
+            local.month(),
+            local.day(),
+            local.hour(),
+            local.minute(),
+            local.second(),
+            local.subsec_nanosecond() / 1000
+        )
+    } else {
+        serde_json::to_writer(&mut *out, &(t.as_second() as f64 + f64::from(t.subsec_nanosecond()) / 1e9))
+            .map_err(std::io::Error::from)
+    };
 }
 
 /// Reads timestamps as the seed's tool and others write them: naive local ISO 8601, ISO 8601
@@ -391,6 +462,17 @@ pub fn remove_if_ours(path: &Path, id: &str) -> io::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{json, Map};
+
+    /// The timestamp as earlier versions wrote it (`jiff`'s `strftime`).
+    fn timestamp_json(t: Timestamp) -> Value {
+        let local = t.to_zoned_datetime(local_tz()).datetime();
+        if (0..=9999).contains(&local.year()) {
+            json!(local.strftime("%Y-%m-%dT%H:%M:%S%.6f").to_string())
+        } else {
+            json!(t.as_second() as f64 + f64::from(t.subsec_nanosecond()) / 1e9)
+        }
+    }
 
     #[test]
     fn reads_the_seed_tools_format() {
@@ -444,6 +526,71 @@ mod tests {
                 String::from_utf8_lossy(&case[..case.len().min(40)])
             );
             assert!(matches!(read_from(*case), MetaRead::Corrupt(_)));
+        }
+    }
+
+    /// The JSON text as earlier versions wrote it (through a `serde_json::Value`).
+    fn to_json_through_value(m: &Metadata) -> String {
+        let mut obj = Map::new();
+        obj.insert("pid".into(), json!(m.pid));
+        obj.insert("timestamp".into(), m.timestamp.map_or(Value::Null, timestamp_json));
+        obj.insert("operation".into(), json!(m.operation));
+        obj.insert("hostname".into(), json!(m.hostname));
+        let mut opt = |k: &str, v: Option<Value>| {
+            if let Some(v) = v {
+                obj.insert(k.into(), v);
+            }
+        };
+        opt("start_time", m.start_time.map(|v| json!(v)));
+        opt("boot_id", m.boot_id.as_ref().map(|v| json!(v)));
+        opt("mode", m.mode.map(|m| json!(m.as_str())));
+        opt("command", m.command.as_ref().map(|v| json!(v)));
+        opt("lock", m.lock.as_ref().map(|v| json!(v)));
+        opt("token", m.token.map(|v| json!(v)));
+        opt("id", m.id.as_ref().map(|v| json!(v)));
+        opt("version", m.version.as_ref().map(|v| json!(v)));
+        opt("via_pid", m.via_pid.map(|v| json!(v)));
+        opt("max_hold_ms", m.max_hold_ms.map(|v| json!(v)));
+        Value::Object(obj).to_string()
+    }
+
+    #[test]
+    fn to_json_writes_what_a_serde_json_map_wrote() {
+        let mut m =
+            Metadata::for_current_process(LockMode::Exclusive, "os", "build:\"x\"\n\u{1}é/", Some("make -j8".into()));
+        m.token = Some(42);
+        m.max_hold_ms = Some(7);
+        m.via_pid = Some(3);
+        assert_eq!(m.to_json(), to_json_through_value(&m));
+        let bare = Metadata {
+            timestamp: None,
+            start_time: None,
+            boot_id: None,
+            mode: None,
+            command: None,
+            lock: None,
+            id: None,
+            version: None,
+            ..m.clone()
+        };
+        assert_eq!(bare.to_json(), to_json_through_value(&bare));
+        for secs in [
+            0,
+            1,
+            59,
+            1_000_000_007,
+            1_800_000_000,
+            -1,
+            -62_167_219_201,
+            -62_000_000_000,
+            253_402_200_000,
+            253_402_207_200,
+        ] {
+            for nanos in [0, 999, 1000, 123_456_789, 999_999_999] {
+                let t = Timestamp::new(secs, nanos).unwrap();
+                let m = Metadata { timestamp: Some(t), ..m.clone() };
+                assert_eq!(m.to_json(), to_json_through_value(&m), "{t}");
+            }
         }
     }
 
