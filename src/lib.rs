@@ -503,6 +503,7 @@ impl LockArgs {
             remote: None,
             max_hold: None,
             kill_after: None,
+            wait_here: false,
         }
     }
 }

@@ -201,7 +201,10 @@ impl Lock {
             Err(e) if e.is_conflict() => return Ok(None),
             Err(e) => return Err(to_py(py, &e)),
         }
-        let (target, opts) = (self.spec.target.clone(), self.spec.waiting(wait));
+        let (target, mut opts) = (self.spec.target.clone(), self.spec.waiting(wait));
+        // Waiting forever, the helper may block in the kernel itself (this thread keeps the
+        // clock): the lock then comes to Python through one hand-over, not two.
+        opts.wait_here = wait == buildlock::Wait::Forever;
         let (tx, rx) = mpsc::channel::<Result<Lease, buildlock::Error>>();
         let (abandon_tx, abandon_rx) = mpsc::channel::<()>();
         std::thread::Builder::new()

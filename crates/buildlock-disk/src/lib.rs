@@ -86,6 +86,10 @@ pub struct LockOptions {
     pub watch: bool,
     /// The holder's max-hold, written into metadata so that `status` and waiters show it.
     pub max_hold: Option<Duration>,
+    /// With [`Wait::Forever`]: wait in the calling thread, blocked in the kernel, with no
+    /// `on_wait` reports, instead of in a helper thread that hands the lock over (one wake-up
+    /// fewer when the lock comes free). OS locks only; soft locks are polled as always.
+    pub wait_here: bool,
 }
 
 impl Default for LockOptions {
@@ -98,6 +102,7 @@ impl Default for LockOptions {
             command: None,
             watch: false,
             max_hold: None,
+            wait_here: false,
         }
     }
 }

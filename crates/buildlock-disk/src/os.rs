@@ -68,6 +68,7 @@ fn wait_after_busy(
     let deadline = match wait {
         Wait::NoWait => return Err(busy(target, opts, None)),
         Wait::Timeout(t) => Some(Instant::now() + t),
+        Wait::Forever if opts.wait_here => return block_until_locked(target, opts),
         Wait::Forever => None,
     };
     wait_for(target, opts, deadline, on_wait)

@@ -149,6 +149,11 @@ pub struct Options {
     pub max_hold: Option<Duration>,
     /// With `max_hold`: the grace between SIGTERM and SIGKILL [default: 10 s].
     pub kill_after: Option<Duration>,
+    /// Direct mode, waiting forever: block in the calling thread until the lock is free, with no
+    /// `on_wait` reports (a waiting thread of the library's own would report them, then hand
+    /// the lock over, which costs a wake-up when the lock comes free). For a caller that keeps
+    /// the clock itself in another thread, as the Python package does.
+    pub wait_here: bool,
 }
 
 impl Default for Options {
@@ -167,6 +172,7 @@ impl Default for Options {
             remote: None,
             max_hold: None,
             kill_after: None,
+            wait_here: false,
         }
     }
 }
@@ -395,6 +401,7 @@ fn acquire_direct(target: &LockTarget, opts: &Options, on_wait: &mut dyn FnMut(&
         command: opts.command.clone(),
         watch: opts.watch,
         max_hold: opts.max_hold,
+        wait_here: opts.wait_here,
     };
     if effective_wait(opts.wait) != Wait::NoWait {
         if let Err(held) = held::check(&target.path, opts.mode) {
