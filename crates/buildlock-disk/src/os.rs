@@ -793,6 +793,41 @@ mod tests {
     }
 
     #[test]
+    fn waiting_here_blocks_the_calling_thread_until_the_holder_releases() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = LockTarget::resolve("here", dir.path()).unwrap();
+        let holder = take(&target);
+        let released = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (t, r) = (target.clone(), released.clone());
+        let waiter = std::thread::spawn(move || {
+            let opts = LockOptions { wait_here: true, ..LockOptions::default() };
+            let mut reports = 0;
+            let guard = acquire(&t, &opts, Wait::Forever, &mut |_, _| reports += 1).unwrap();
+            // Granted only once the holder had let go (its flag is set before it releases).
+            assert!(r.load(std::sync::atomic::Ordering::SeqCst), "granted while the holder still held the lock");
+            assert_held_at_path(&t);
+            guard.release().unwrap();
+            reports
+        });
+        // Until the kernel lists the waiter as blocked on the lock file (a "->" line of
+        // /proc/locks naming its inode).
+        let ino = format!(":{} ", buildlock_sys::path_id(&target.path).unwrap().ino);
+        let blocked = || {
+            std::fs::read_to_string("/proc/locks")
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.contains("->") && l.contains(ino.as_str()))
+        };
+        while !blocked() && !waiter.is_finished() {
+            std::thread::yield_now();
+        }
+        assert!(!waiter.is_finished(), "the waiter did not wait for the held lock");
+        released.store(true, std::sync::atomic::Ordering::SeqCst);
+        holder.release().unwrap();
+        assert_eq!(waiter.join().unwrap(), 0, "a wait in the calling thread makes no reports");
+    }
+
+    #[test]
     fn a_lent_descriptor_is_never_kept() {
         let dir = tempfile::tempdir().unwrap();
         let target = LockTarget::resolve("lent", dir.path()).unwrap();
