@@ -61,8 +61,7 @@ fn remote_hosts_two_hosts_contending_through_their_daemons_never_both_hold() {
         inside.display(),
         tokens.display()
     );
-    let mut procs: Vec<Proc> =
-        (0..8).map(|i| hosts[i % 2].spawn(&["run", "x", "--", "sh", "-c", &script])).collect();
+    let mut procs: Vec<Proc> = (0..8).map(|i| hosts[i % 2].spawn(&["run", "x", "--", "sh", "-c", &script])).collect();
     for p in &mut procs {
         assert_eq!(p.next_line().as_deref(), Some("done"), "two holders at once: {}", p.stderr());
         assert!(p.wait().success(), "{}", p.stderr());
@@ -127,4 +126,31 @@ fn remote_hosts_a_cut_off_host_stops_its_command_before_the_other_host_gets_the_
     let third = token(&mut again);
     assert!(third > second, "tokens grow after the partition: {second} then {third}");
     assert!(again.wait().success(), "{}", again.stderr());
+}
+
+/// Found by the chaos run across hosts: a `run` whose parent (and so the reader of its stderr)
+/// was gone died of its own report of the loss ("failed printing to stderr") before it stopped
+/// its command, which then ran on without the lock.
+#[test]
+fn remote_lost_lock_stops_the_command_even_when_runs_stderr_is_closed() {
+    let Some(pg) = PgServer::start() else { return };
+    let env = Env::daemon();
+    let mut c = env.cli();
+    c.args(["--backend", &pg.url(), "run", "gone", "--", "sh", "-c", "echo $$; exec sleep 1000"]);
+    c.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut run = c.spawn().unwrap();
+    // Nobody reads `run`'s stderr any more.
+    drop(run.stderr.take());
+    let mut out = std::io::BufReader::new(run.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let cmd: u32 = line.trim().parse().unwrap();
+    pg.restart();
+    let st = wait_bounded(&mut run).unwrap();
+    let stopped = is_dead(cmd);
+    if !stopped {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(cmd as i32), nix::sys::signal::Signal::SIGKILL);
+    }
+    assert!(stopped, "run exited ({st}) and left its command running without the lock");
+    assert_eq!(st.code(), Some(122), "{st}");
 }
