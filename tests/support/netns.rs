@@ -100,6 +100,13 @@ impl NetHost {
         String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect()
     }
 
+    /// Whether process `pid` runs inside this host.
+    pub fn runs(&self, pid: u32) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let ns = std::fs::metadata(format!("/run/netns/{}", self.ns)).map(|m| m.ino());
+        ns.is_ok_and(|ns| std::fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| m.ino() == ns))
+    }
+
     /// SIGKILLs every process of the host (its daemon, `run`s and commands: the machine dies, its
     /// kernel lives on and closes their connections); returns their pids.
     pub fn kill_all(&self) -> Vec<i32> {
