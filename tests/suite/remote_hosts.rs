@@ -154,3 +154,56 @@ fn remote_lost_lock_stops_the_command_even_when_runs_stderr_is_closed() {
     assert!(stopped, "run exited ({st}) and left its command running without the lock");
     assert_eq!(st.code(), Some(122), "{st}");
 }
+
+/// A known gap (docs/RELIABILITY.md), found by the chaos run across hosts: a check-in answered
+/// late (here: the holder's server process stopped for longer than a check-in period) is taken
+/// for a loss, and the daemon closes the session at once; the server, which had not given up on
+/// it, then frees the lock, and the waiter is granted while the holder's `run` has not yet
+/// stopped its command (it checks once a second). While the gap is open this fails in about
+/// one run in three (`TOO-EARLY`: it depends on where `run`'s check falls).
+#[test]
+#[ignore = "known gap: the daemon closes a session on a late check-in before run has stopped its command"]
+fn remote_a_late_check_in_does_not_free_the_lock_before_the_command_is_stopped() {
+    let Some(pg) = PgServer::start() else { return };
+    let holder_env = Env::daemon();
+    let url = pg.url();
+    let mut holder = Proc::spawn({
+        let mut c = holder_env.cli();
+        c.args([
+            "--backend",
+            &url,
+            "--remote-timeout",
+            "8",
+            "run",
+            "late",
+            "--",
+            "sh",
+            "-c",
+            "echo $$; exec sleep 1000",
+        ]);
+        c
+    });
+    let cmd: u32 = holder.next_line().unwrap().parse().unwrap();
+    let check = format!(
+        "if [ -d /proc/{cmd} ] && ! grep -q '^State:.*Z' /proc/{cmd}/status; then echo TOO-EARLY; else echo in-time; fi"
+    );
+    let other = Env::new();
+    let mut waiter = other.spawn(&["--backend", &url, "run", "late", "--", "sh", "-c", &check]);
+    wait_until(|| waiting(&pg) == 1);
+    let backend: i32 = pg.psql("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted").parse().unwrap();
+    let signal = |s| nix::sys::signal::kill(nix::unistd::Pid::from_raw(backend), s).unwrap();
+    // The server process stops answering; the daemon's check-in times out and it closes the
+    // connection (the server's side of it then waits to be read: CLOSE-WAIT).
+    signal(nix::sys::signal::Signal::SIGSTOP);
+    let closed = || {
+        let out = std::process::Command::new("ss").args(["-Htnp", "state", "close-wait"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).contains(&format!("pid={backend},"))
+    };
+    let start = std::time::Instant::now();
+    while !closed() && start.elapsed() < HANG {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    signal(nix::sys::signal::Signal::SIGCONT);
+    assert_eq!(waiter.next_line().as_deref(), Some("in-time"), "granted while the holder's command ran on");
+    assert_eq!(holder.wait().code(), Some(122), "{}", holder.stderr());
+}

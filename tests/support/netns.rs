@@ -7,6 +7,8 @@
 //! chaos harness (`#[path]`).
 
 #![allow(dead_code)]
+// Test hosts die by real signals.
+#![allow(clippy::disallowed_methods)]
 
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
