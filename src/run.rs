@@ -37,6 +37,16 @@ use crate::{fail, Context, RunArgs};
 
 /// `run`'s exit code when CMD was stopped for holding the lock past `--max-hold`, as `timeout(1)`.
 pub(crate) const EXIT_MAX_HOLD: u8 = 124;
+/// `eprintln!` that cannot fail: once CMD runs, `run` must go on to stop it, release the lock
+/// and wait for its group even if nobody reads its stderr any more (its parent killed, a closed
+/// pipe), where `eprintln!` would panic and leave CMD running with a lock that is no longer held.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// `run`'s exit code when CMD was stopped because its remote lock was lost.
 pub(crate) const EXIT_LOST: u8 = 122;
 /// How long CMD has between SIGTERM and SIGKILL when `--kill-after` is not given.
@@ -137,7 +147,7 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             drop(lease);
-            eprintln!("buildlock-client: cannot run {}: {e}", args.cmd[0].to_string_lossy());
+            say!("buildlock-client: cannot run {}: {e}", args.cmd[0].to_string_lossy());
             return ExitCode::from(if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 });
         }
     };
@@ -155,14 +165,14 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
         Ok(_) if stopped == Some(Stopped::Lost) => EXIT_LOST,
         Ok(s) => exit_code(&s),
         Err(e) => {
-            eprintln!("buildlock-client: cannot wait for {}: {e}", args.cmd[0].to_string_lossy());
+            say!("buildlock-client: cannot wait for {}: {e}", args.cmd[0].to_string_lossy());
             1
         }
     };
     match lease.release_confirmed() {
         Ok(()) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("buildlock-client: error: {e}");
+            say!("buildlock-client: error: {e}");
             ExitCode::from(if code == 0 { 1 } else { code })
         }
     }
@@ -204,7 +214,7 @@ fn wait_for(
             let now = Instant::now();
             match &mut stopping {
                 None if now.duration_since(started) >= m.limit => {
-                    eprintln!(
+                    say!(
                         "buildlock-client: the command (pid {pid}) has held lock {name} for {}, its --max-hold: \
                          stopping it (SIGTERM to its process group, SIGKILL after {}); the lock is released once it \
                          is gone",
@@ -226,11 +236,11 @@ fn wait_for(
             Ok(Some(status)) => break Ok(status),
             Ok(None) if !reported => {
                 if let Err(e) = lease.check() {
-                    eprintln!("buildlock-client: error: {e}");
+                    say!("buildlock-client: error: {e}");
                     reported = true;
                     let remote_lost = matches!(e, buildlock::Error::Remote(buildlock_remote::Error::Lost { .. }));
                     if let (true, Some(grace), None) = (remote_lost, lost_grace, &stopping) {
-                        eprintln!(
+                        say!(
                             "buildlock-client: stopping the command (pid {pid}) since it no longer holds lock {name}: \
                              SIGTERM to its process group, SIGKILL after {} (exit {EXIT_LOST}; --on-lost=warn lets it \
                              run on)",
@@ -282,7 +292,7 @@ impl Stopping {
     }
 
     fn kill(&mut self) {
-        eprintln!("buildlock-client: the command's process group {} did not stop after SIGTERM: SIGKILL", self.pgid);
+        say!("buildlock-client: the command's process group {} did not stop after SIGTERM: SIGKILL", self.pgid);
         signal(self.pgid, SIGKILL);
         self.killed = true;
     }
@@ -300,7 +310,7 @@ impl Stopping {
             if self.killed {
                 let since = *killed_at.get_or_insert_with(Instant::now);
                 if since.elapsed() > Duration::from_secs(5) {
-                    eprintln!(
+                    say!(
                         "buildlock-client: processes of the command's group {} outlive SIGKILL (stuck in the kernel?); \
                          releasing the lock anyway",
                         self.pgid
@@ -323,7 +333,7 @@ const SIGKILL: i32 = 9;
 
 fn signal(pgid: u32, sig: i32) {
     if let Err(e) = buildlock_sys::signal_group(pgid, Some(sig)) {
-        eprintln!("buildlock-client: cannot signal the command's process group {pgid}: {e}");
+        say!("buildlock-client: cannot signal the command's process group {pgid}: {e}");
     }
 }
 

@@ -35,6 +35,23 @@
 //! Release errors ("lost while held"), acquire errors and workers that exited badly are counted
 //! and reported; the test fails on release errors, bad exits and panics.
 //!
+//! **Across hosts** (`chaos_remote_across_two_hosts`): the locks live on a PostgreSQL server the
+//! harness starts (`tests/support/pg_server.rs`), and the workers run on two hosts, network
+//! namespaces with a link each to the server (`tests/support/netns.rs`), each host with its own
+//! daemon, runtime and lock directory; `lib` workers go through their host's daemon, `run`
+//! workers too (`--remote-timeout 8`), and one section in twelve of a `run` worker lasts up to
+//! twelve seconds, past the remote timeout (ended early, and logged, on the SIGTERM of a `run`
+//! that lost its lock; the link killer cuts off the host of such a holder). Killers:
+//! holders and waiters, a host's daemon, and a host's link (taken down for longer than the remote
+//! timeout, then up). Leases lost that way are counted, not failures; two holders are. The
+//! check files are on the file system both hosts share, so the check sees across them. Needs
+//! root (skipped, saying so, otherwise); its length is `BUILDLOCK_CHAOS_REMOTE_SECS` (default 20).
+//! The scenarios across hosts are `#[ignore]`d (long); their self-test is not. The run:
+//!
+//! ```text
+//! BUILDLOCK_CHAOS_REMOTE_SECS=60 BUILDLOCK_CHAOS_WORKERS=10 cargo test --release --test chaos -- --nocapture --test-threads=1 --ignored --exact chaos_remote_across_two_hosts
+//! ```
+//!
 //! Short runs (a few seconds per scenario) are part of the test suite. The long run:
 //!
 //! ```text
@@ -53,6 +70,15 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use buildlock::{Backend, Connect, LockMode, LockTarget, Options, Wait};
+
+#[path = "support/netns.rs"]
+mod netns;
+#[path = "support/pg_server.rs"]
+mod pg_server;
+
+/// The remote timeout of the scenario across hosts: the shortest allowed, so that a cut link
+/// loses its leases within the run.
+const REMOTE_TIMEOUT_SECS: u64 = 8;
 
 const LOCKS: usize = 2;
 
@@ -147,6 +173,13 @@ impl Kind {
 /// What a worker process needs to know, from its environment.
 struct Worker {
     dir: PathBuf,
+    /// This worker's host's directory (its daemon's runtime and lock directories): the run's
+    /// directory, except across hosts.
+    host_dir: PathBuf,
+    /// The remote backend's URL, across hosts.
+    backend: Option<String>,
+    /// Set by SIGTERM in a long section across hosts (`run` stopping its command).
+    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     log: PathBuf,
     daemon: bool,
     /// This process: pid and start time (pids are reused within a long run).
@@ -178,6 +211,9 @@ impl Worker {
         let kind = std::env::var("CHAOS_KIND").unwrap_or_default().replace("section", "run");
         Worker {
             kind,
+            host_dir: std::env::var_os("CHAOS_HOST_DIR").map_or_else(|| dir.clone(), PathBuf::from),
+            backend: std::env::var("CHAOS_BACKEND").ok(),
+            stop: None,
             daemon: std::env::var("CHAOS_DAEMON").is_ok(),
             rng: Rng::new(now_us() ^ u64::from(me) << 20),
             dir,
@@ -194,7 +230,8 @@ impl Worker {
     /// The critical section, run while holding `lock` (see the crate doc for the order).
     fn section(&mut self, lock: usize, shared: bool, max_sleep_us: u64) {
         let (inc, tag) = (self.incarnation.clone(), if shared { "s" } else { "x" });
-        self.event(&format!("G {inc} {lock} {} {tag} {}", now_us(), self.kind));
+        let host = std::env::var("CHAOS_HOST").unwrap_or_default();
+        self.event(&format!("G {inc} {lock} {} {tag} {} {host}", now_us(), self.kind));
         let marker = self.dir.join(format!("inside-{lock}/{inc}.{tag}"));
         std::fs::write(&marker, "").expect("write the inside marker");
         let arg =
@@ -205,11 +242,22 @@ impl Worker {
             let others = others_inside(&self.dir, lock, &format!("{inc}.{tag}"));
             self.event(&format!("V {inc} {lock} {} {others} {tag}", now_us()));
         }
-        std::thread::sleep(Duration::from_micros(self.rng.below(max_sleep_us)));
+        let pause = Duration::from_micros(self.rng.below(max_sleep_us));
+        match &self.stop {
+            None => std::thread::sleep(pause),
+            Some(stop) => {
+                let until = Instant::now() + pause;
+                while Instant::now() < until && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
         #[allow(deprecated)]
         let _ = nix::fcntl::flock(self.checks[lock].as_raw_fd(), nix::fcntl::FlockArg::Unlock);
         std::fs::remove_file(&marker).expect("remove the inside marker");
-        self.event(&format!("R {inc} {lock} {}", now_us()));
+        // Whether the section was stopped (across hosts: by `run`, its lock lost).
+        let stopped = self.stop.as_ref().is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed));
+        self.event(&format!("R {inc} {lock} {}{}", now_us(), if stopped { " stopped" } else { "" }));
     }
 
     fn pick(&mut self) -> (usize, bool) {
@@ -219,8 +267,11 @@ impl Worker {
     /// `buildlock-client` for this run's directories and mode.
     fn cli(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_buildlock-client"));
-        c.env("BUILDLOCK_DIR", self.dir.join("locks"))
-            .env("BUILDLOCK_RUNTIME_DIR", self.dir.join("rt"))
+        if let Some(url) = &self.backend {
+            c.args(["--backend", url, "--remote-timeout", &REMOTE_TIMEOUT_SECS.to_string()]);
+        }
+        c.env("BUILDLOCK_DIR", self.host_dir.join("locks"))
+            .env("BUILDLOCK_RUNTIME_DIR", self.host_dir.join("rt"))
             .env("BUILDLOCKD", env!("CARGO_BIN_EXE_buildlockd"))
             .env_remove("BUILDLOCK_NO_DAEMON")
             .stdin(Stdio::null())
@@ -230,6 +281,14 @@ impl Worker {
             c.env("BUILDLOCK_NO_DAEMON", "1");
         }
         c
+    }
+
+    /// Across hosts, a pause after a failed attempt: a cut-off host's attempts fail at once
+    /// ("network is unreachable"), and retrying without one only fills the log.
+    fn backoff(&mut self) {
+        if self.backend.is_some() {
+            std::thread::sleep(Duration::from_millis(20 + self.rng.below(30)));
+        }
     }
 
     fn error(&self, what: &str) {
@@ -248,7 +307,19 @@ fn chaos_worker() {
     if kind == "section" {
         let s = std::env::var("CHAOS_SECTION").unwrap();
         let (lock, mode) = s.split_once(' ').unwrap();
-        w.section(lock.parse().unwrap(), mode == "s", 5000);
+        let mut max_us = 5000;
+        if w.backend.is_some() {
+            // Across hosts, one section in twelve is long, past the remote timeout: a cut link
+            // must stop it before the other host is granted the lock. `run` stops it with
+            // SIGTERM: it ends the section (and logs it) at once.
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone()).unwrap();
+            w.stop = Some(stop);
+            if w.rng.below(12) == 0 {
+                max_us = (REMOTE_TIMEOUT_SECS + 4) * 1_000_000;
+            }
+        }
+        w.section(lock.parse().unwrap(), mode == "s", max_us);
         return;
     }
     let kind = Kind::parse(&kind);
@@ -260,7 +331,11 @@ fn chaos_worker() {
         // An OS-lock user leaves an empty lock file behind, which a soft user takes for a lock
         // until it is older than this: the default (120 s) would stall soft workers for the run.
         stale_after: if kind == Kind::Soft { Duration::from_secs(1) } else { buildlock::DEFAULT_STALE_AFTER },
-        runtime_dir: Some(w.dir.join("rt")),
+        runtime_dir: Some(w.host_dir.join("rt")),
+        remote: w.backend.as_ref().map(|url| {
+            let settings = buildlock_remote::Settings::from_url(url).unwrap();
+            settings.with_remote_timeout(Duration::from_secs(REMOTE_TIMEOUT_SECS)).unwrap()
+        }),
         operation: format!("chaos worker {}", w.incarnation),
         ..Options::default()
     };
@@ -270,7 +345,7 @@ fn chaos_worker() {
         let mode = if shared { "-s" } else { "-x" };
         match kind {
             Kind::Lib | Kind::Soft => {
-                let target = LockTarget::resolve(&name, &w.dir.join("locks")).unwrap();
+                let target = LockTarget::resolve(&name, &w.host_dir.join("locks")).unwrap();
                 let mode = if shared { LockMode::Shared } else { LockMode::Exclusive };
                 let opts = Options { mode, wait: Wait::Forever, ..opts.clone() };
                 // The checker's own test: without the lock, it must see two holders.
@@ -282,11 +357,14 @@ fn chaos_worker() {
                         Err(e) => {
                             // The daemon was killed under us: say so and try again.
                             w.error(&format!("acquire: {e}"));
+                            w.backoff();
                             continue;
                         }
                     }
                 };
-                w.section(lock, shared, 3000);
+                // Across hosts, every acquire opens a server session: longer sections, or the
+                // killer hardly ever finds a holder inside.
+                w.section(lock, shared, if w.backend.is_some() { 30_000 } else { 3000 });
                 if let Some(Err(e)) = lease.map(|l| l.release()) {
                     w.error(&format!("release: {e}"));
                 }
@@ -306,6 +384,7 @@ fn chaos_worker() {
                 // Killed by the run-killer: expected. Anything else is worth a look.
                 if out.status.signal().is_none() && !out.status.success() {
                     w.error(&format!("run: {}: {}", out.status, String::from_utf8_lossy(&out.stderr)));
+                    w.backoff();
                 }
             }
             Kind::Keeper => {
@@ -349,8 +428,32 @@ struct Killers {
     runs: bool,
     /// `acquire --pid` keepers.
     keepers: bool,
-    /// The daemon.
+    /// The daemon (across hosts: one host's).
     daemon: bool,
+    /// Across hosts: a host's link, taken down for longer than the remote timeout, then up.
+    links: bool,
+}
+
+/// The server and the two hosts of the scenario across hosts.
+struct Remote {
+    pg: pg_server::PgServer,
+    hosts: [netns::NetHost; 2],
+}
+
+impl Remote {
+    /// Two hosts and a server listening on each host's link, or `None` (saying why) when this
+    /// machine cannot make them.
+    fn start() -> Option<Remote> {
+        let hosts = [netns::NetHost::create()?, netns::NetHost::create()?];
+        let listen = format!("{},{}", hosts[0].server_ip, hosts[1].server_ip);
+        let pg = pg_server::PgServer::start_listening(Some((&listen, netns::HOSTS_CIDR)))?;
+        Some(Remote { pg, hosts })
+    }
+
+    /// Host `h`'s URL for the server: over its own link.
+    fn url(&self, h: usize) -> String {
+        self.pg.url_with(&self.hosts[h].server_ip, "sslmode=disable&connect_timeout=4")
+    }
 }
 
 struct Scenario {
@@ -361,6 +464,8 @@ struct Scenario {
     /// Workers take no lock: the checker's self-test.
     no_lock: bool,
     secs: u64,
+    /// Across hosts: the locks live on this server, worker `i` runs on host `i % 2`.
+    remote: Option<Remote>,
 }
 
 impl Scenario {
@@ -370,11 +475,19 @@ impl Scenario {
             println!("chaos[{name}]: BUILDLOCK_TEST_PYTHON is unset: no fasteners workers in this run");
             kinds.retain(|k| *k != Kind::Fasteners);
         }
-        Scenario { name, daemon, kinds, killers, no_lock: false, secs: env_num("BUILDLOCK_CHAOS_SECS", 4) }
+        Scenario {
+            name,
+            daemon,
+            kinds,
+            killers,
+            no_lock: false,
+            secs: env_num("BUILDLOCK_CHAOS_SECS", 4),
+            remote: None,
+        }
     }
 }
 
-fn worker_command(dir: &Path, s: &Scenario, kind: Kind, millis: u64) -> Command {
+fn worker_command(dir: &Path, s: &Scenario, kind: Kind, millis: u64, slot: usize) -> Command {
     let mut c = if kind == Kind::Fasteners {
         let mut c = Command::new(std::env::var_os("BUILDLOCK_TEST_PYTHON").unwrap());
         c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/fasteners_tool.py")).args([
@@ -385,13 +498,26 @@ fn worker_command(dir: &Path, s: &Scenario, kind: Kind, millis: u64) -> Command 
         ]);
         c
     } else {
-        let mut c = Command::new(std::env::current_exe().unwrap());
+        let exe = std::env::current_exe().unwrap();
+        let mut c = match &s.remote {
+            Some(r) => r.hosts[slot % 2].command(exe),
+            None => Command::new(exe),
+        };
         c.args(["chaos_worker", "--exact", "--ignored", "--nocapture", "--test-threads=1"]);
         c
     };
-    c.env("CHAOS_DIR", dir)
+    if let Some(r) = &s.remote {
+        let host_dir = dir.join(format!("host{}", slot % 2));
+        c.env("CHAOS_HOST_DIR", &host_dir)
+            .env("CHAOS_HOST", format!("host{}", slot % 2))
+            .env("CHAOS_BACKEND", r.url(slot % 2))
+            .env("BUILDLOCK_HISTORY", host_dir.join("history.sqlite3"));
+    }
+    if s.remote.is_none() {
         // The run's own lock history, not the user's (workers killed mid-write included).
-        .env("BUILDLOCK_HISTORY", dir.join("history.sqlite3"))
+        c.env("BUILDLOCK_HISTORY", dir.join("history.sqlite3"));
+    }
+    c.env("CHAOS_DIR", dir)
         .env("CHAOS_KIND", kind.name())
         .env("CHAOS_MILLIS", millis.to_string())
         .env("BUILDLOCKD", env!("CARGO_BIN_EXE_buildlockd"))
@@ -420,6 +546,9 @@ struct Report {
     run_kills: usize,
     keeper_kills: usize,
     daemon_kills: usize,
+    /// Across hosts: links taken down, and sections stopped by a `run` that lost its lock.
+    link_cuts: usize,
+    stopped: usize,
     /// Failed checks no dying holder explains.
     violations: Vec<String>,
     /// Overlapping logged spans on one lock, one of them exclusive.
@@ -450,6 +579,11 @@ struct Report {
 
 fn daemon_pid(dir: &Path) -> Option<i32> {
     std::fs::read_to_string(dir.join("rt/buildlockd.pid")).ok().and_then(|p| p.trim().parse::<i32>().ok())
+}
+
+/// The daemons of the run: its own, or each host's.
+fn daemon_pids(dir: &Path) -> Vec<i32> {
+    [dir.to_owned(), dir.join("host0"), dir.join("host1")].iter().filter_map(|d| daemon_pid(d)).collect()
 }
 
 /// The pids of the children of `pid`, of all its threads (`/proc/PID/task/*/children`).
@@ -501,46 +635,70 @@ fn run_chaos(s: &Scenario) -> Report {
     let tmp = tempfile::Builder::new().prefix("buildlock-chaos").tempdir().unwrap();
     let dir = tmp.path().to_owned();
     std::fs::create_dir(dir.join("locks")).unwrap();
+    if s.remote.is_some() {
+        for h in 0..2 {
+            std::fs::create_dir_all(dir.join(format!("host{h}/locks"))).unwrap();
+        }
+    }
     for i in 0..LOCKS {
         std::fs::create_dir(dir.join(format!("inside-{i}"))).unwrap();
     }
     let log = dir.join("events");
     let end = Instant::now() + Duration::from_secs(s.secs);
     let left = || end.saturating_duration_since(Instant::now()).as_millis() as u64;
-    let spawn = |kind: Kind| (worker_command(&dir, s, kind, left()).spawn().unwrap(), kind);
-    let mut pool: Vec<(Child, Kind)> = (0..workers).map(|i| spawn(s.kinds[i % s.kinds.len()])).collect();
+    let spawn = |slot: usize, kind: Kind| (worker_command(&dir, s, kind, left(), slot).spawn().unwrap(), kind);
+    let mut pool: Vec<(Child, Kind)> = (0..workers).map(|i| spawn(i, s.kinds[i % s.kinds.len()])).collect();
+    // Across hosts: the host cut off, and until when.
+    let mut cut: Option<(usize, Instant)> = None;
+    let mut next_link_cut = Instant::now() + Duration::from_millis(4000);
     let mut rng = Rng::new(now_us());
     let mut next_daemon_kill = Instant::now() + Duration::from_millis(700);
     let k = s.killers;
     let mut hangs = Vec::new();
-    while (k.workers || k.runs || k.keepers || k.daemon) && Instant::now() < end {
+    while (k.workers || k.runs || k.keepers || k.daemon || k.links) && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(20 + rng.below(80)));
         if k.workers {
             // SIGKILL a random worker, holder or waiter, reap it and replace it. The time is
             // taken before the signal is sent: the victim is dead by then at the latest.
-            // Half the time a worker inside a critical section (by its marker), if any.
+            // Half the time a worker inside a critical section (by its marker), if any (across
+            // hosts, see below).
             let inside: Vec<usize> = (0..LOCKS)
                 .flat_map(|l| std::fs::read_dir(dir.join(format!("inside-{l}"))).into_iter().flatten().flatten())
                 .filter_map(|e| e.file_name().to_string_lossy().split('-').next()?.parse::<u32>().ok())
                 .filter_map(|pid| pool.iter().position(|w| w.0.id() == pid))
                 .collect();
-            let i = if !inside.is_empty() && rng.below(2) == 0 {
-                inside[rng.below(inside.len() as u64) as usize]
+            let holder = inside.get(rng.below(inside.len().max(1) as u64) as usize).copied();
+            let i = if s.remote.is_none() {
+                match holder {
+                    Some(h) if rng.below(2) == 0 => h,
+                    _ => rng.below(pool.len() as u64) as usize,
+                }
             } else {
-                rng.below(pool.len() as u64) as usize
+                // Across hosts, every acquire opens a server session and holders are few: a
+                // holder a quarter of the times there is one, anyone one time in twelve.
+                match rng.below(12) {
+                    0..=2 if holder.is_some() => holder.unwrap_or_default(),
+                    3 => rng.below(pool.len() as u64) as usize,
+                    _ => usize::MAX,
+                }
             };
-            let pid = pool[i].0.id();
-            let at = now_us();
-            if pool[i].0.kill().is_ok() {
-                log_event(&log, &format!("K {pid} {at} worker"));
+            if i != usize::MAX {
+                let pid = pool[i].0.id();
+                let at = now_us();
+                if pool[i].0.kill().is_ok() {
+                    log_event(&log, &format!("K {pid} {at} worker"));
+                }
+                match wait_bounded(&mut pool[i].0, "a killed worker") {
+                    Ok(st) => log_event(&log, &format!("Q {pid} {} {st}", now_us())),
+                    Err(e) => hangs.push(e),
+                }
+                pool[i] = spawn(i, pool[i].1);
             }
-            match wait_bounded(&mut pool[i].0, "a killed worker") {
-                Ok(st) => log_event(&log, &format!("Q {pid} {} {st}", now_us())),
-                Err(e) => hangs.push(e),
-            }
-            pool[i] = spawn(pool[i].1);
         }
-        if k.runs {
+        // Across hosts, a `run` killed mid-hold leaves its command to hold the lock until its
+        // session is lost (and nobody then tells the command): rarely, so that cut links find
+        // `run`s to stop their commands.
+        if k.runs && (s.remote.is_none() || rng.below(6) == 0) {
             let runs: Vec<i32> = pool.iter().filter(|w| w.1 == Kind::Run).flat_map(|w| children(w.0.id())).collect();
             if !runs.is_empty() {
                 let pid = runs[rng.below(runs.len() as u64) as usize];
@@ -560,15 +718,58 @@ fn run_chaos(s: &Scenario) -> Report {
                 }
             }
         }
+        if let (true, Some(r)) = (k.links, &s.remote) {
+            match cut {
+                Some((h, until)) if Instant::now() >= until => {
+                    r.hosts[h].reconnect();
+                    log_event(&log, &format!("K host{h} {} relink", now_us()));
+                    cut = None;
+                    // While a host is cut off, the locks its sessions hold or were granted in
+                    // the server's queue stay taken until the bound: long quiet spells between.
+                    next_link_cut = Instant::now() + Duration::from_millis(6000 + rng.below(6000));
+                }
+                None if Instant::now() >= next_link_cut => {
+                    // The host of a worker in a long section (inside for 0.3 s already: the
+                    // link must be cut under a holder that the loss must stop), else either
+                    // after a while. Down past the server's bound (T + T/10), so the host's
+                    // sessions are lost.
+                    let long = |e: &std::fs::DirEntry| {
+                        e.metadata()
+                            .and_then(|m| m.modified())
+                            .is_ok_and(|t| t.elapsed().is_ok_and(|d| d > Duration::from_millis(300)))
+                    };
+                    let inside: Vec<u32> = (0..LOCKS)
+                        .flat_map(|l| {
+                            std::fs::read_dir(dir.join(format!("inside-{l}"))).into_iter().flatten().flatten()
+                        })
+                        .filter(long)
+                        .filter_map(|e| e.file_name().to_string_lossy().split('-').next()?.parse().ok())
+                        .collect();
+                    let holding = (0..2).find(|&h| inside.iter().any(|&p| r.hosts[h].runs(p)));
+                    let late = Instant::now() >= next_link_cut + Duration::from_millis(5000);
+                    let Some(h) = holding.or(late.then(|| rng.below(2) as usize)) else { continue };
+                    let why = if holding.is_some() { "holder" } else { "any" };
+                    log_event(&log, &format!("K host{h} {} link {why}", now_us()));
+                    r.hosts[h].cut();
+                    cut = Some((h, Instant::now() + Duration::from_millis(REMOTE_TIMEOUT_SECS * 1250)));
+                }
+                _ => {}
+            }
+        }
         if k.daemon && s.daemon && Instant::now() >= next_daemon_kill {
-            next_daemon_kill = Instant::now() + Duration::from_millis(500 + rng.below(1000));
-            if let Some(d) = daemon_pid(&dir) {
+            let gap = if s.remote.is_some() { 2000 } else { 500 };
+            next_daemon_kill = Instant::now() + Duration::from_millis(gap + rng.below(2 * gap));
+            let daemons = daemon_pids(&dir);
+            if let Some(&d) = daemons.get(rng.below(daemons.len().max(1) as u64) as usize) {
                 let at = now_us();
                 if sigkill(d) {
                     log_event(&log, &format!("K {d} {at} daemon"));
                 }
             }
         }
+    }
+    if let (Some((h, _)), Some(r)) = (cut, &s.remote) {
+        r.hosts[h].reconnect();
     }
     for (mut w, kind) in pool {
         let pid = w.id();
@@ -577,7 +778,7 @@ fn run_chaos(s: &Scenario) -> Report {
             Err(e) => hangs.push(e),
         }
     }
-    if let Some(d) = daemon_pid(&dir) {
+    for d in daemon_pids(&dir) {
         sigkill(d);
     }
     let events = std::fs::read_to_string(&log).unwrap_or_default();
@@ -673,6 +874,9 @@ fn analyse(events: &str) -> Report {
                 });
             }
             "R" | "X" => {
+                if f.get(4) == Some(&"stopped") {
+                    report.stopped += 1;
+                }
                 if f[0] == "X" {
                     report.panics.push(f.join(" "));
                 }
@@ -696,6 +900,7 @@ fn analyse(events: &str) -> Report {
                     report.daemon_kills += 1;
                     pending.push((None, "", t(f)));
                 }
+                Some("link") => report.link_cuts += 1,
                 _ => {}
             },
             "E" => {
@@ -781,7 +986,7 @@ fn ms(d: Option<Duration>) -> String {
 fn print(name: &str, r: &Report) {
     println!(
         "chaos[{name}]: {} operations ({}); kills: {} holders, {} waiters, {} run, {} keepers, {} daemon; \
-         {} violations, {} overlapping spans; {} failed checks excused (a killed holder not yet reaped: {} \
+         {} links ({} sections stopped on a lost lock); {} violations, {} overlapping spans; {} failed checks excused (a killed holder not yet reaped: {} \
          holders); {} acquire errors, {} release errors, {} bad exits, {} panics, {} unclosed spans, {} hangs; \
          worst holder-kill-to-grant {}, worst daemon-kill-to-grant {}",
         r.operations,
@@ -791,6 +996,8 @@ fn print(name: &str, r: &Report) {
         r.run_kills,
         r.keeper_kills,
         r.daemon_kills,
+        r.link_cuts,
+        r.stopped,
         r.violations.len(),
         r.overlaps.len(),
         r.excused,
@@ -833,7 +1040,11 @@ fn check(s: &Scenario, r: &Report) {
     );
     assert!(r.bad_excuses.is_empty(), "failed checks excused by holders not killed holding: {:?}", r.bad_excuses);
     assert!(r.excused <= r.holder_kills, "{} failed checks excused by only {} holder kills", r.excused, r.holder_kills);
-    assert!(r.release_errors.is_empty(), "locks lost while held: {:?}", first(&r.release_errors));
+    // Across hosts, a killed daemon or a cut link loses the leases it carried, and their
+    // holders are told: expected, as long as nobody else held the lock meanwhile (above).
+    let lost = |e: &&String| s.remote.is_some() && e.contains("was lost while held");
+    let unexpected: Vec<&String> = r.release_errors.iter().filter(|e| !lost(e)).collect();
+    assert!(unexpected.is_empty(), "locks lost while held: {:?}", first(&unexpected));
     assert!(r.bad_exits.is_empty(), "workers exited badly: {:?}", first(&r.bad_exits));
     assert_eq!(r.unclosed, 0, "spans never closed");
     assert!(r.operations > 0, "no lock was ever granted");
@@ -842,9 +1053,10 @@ fn check(s: &Scenario, r: &Report) {
     assert!(!k.runs || r.run_kills > 0, "the killer never hit a run process");
     assert!(!k.keepers || r.keeper_kills > 0, "the killer never hit a keeper");
     assert!(!(k.daemon && s.daemon) || r.daemon_kills > 0, "the daemon was never killed");
+    assert!(!k.links || r.link_cuts > 0, "no link was ever cut");
 }
 
-const ALL_KILLERS: Killers = Killers { workers: true, runs: false, keepers: false, daemon: true };
+const ALL_KILLERS: Killers = Killers { workers: true, runs: false, keepers: false, daemon: true, links: false };
 
 #[test]
 fn the_checker_sees_two_holders_when_there_is_no_lock() {
@@ -934,4 +1146,67 @@ fn chaos_soft_and_os_locks_mixed() {
         Killers { workers: true, ..Killers::default() },
     );
     check(&s, &run_chaos(&s));
+}
+
+/// Workers on two hosts (network namespaces, each with its own daemon) on locks of a PostgreSQL
+/// server, with kills of holders and waiters and links cut (under a long holder) and restored;
+/// see the crate doc. `BUILDLOCK_CHAOS_REMOTE_SECS` sets its length (default 20: one cut link).
+/// Ignored by default: long, and on a loaded machine it can meet a known gap (a check-in answered
+/// late is taken for a loss, and the daemon then closes a session the server still honoured;
+/// docs/RELIABILITY.md).
+#[test]
+#[ignore = "long (30 s and more); can meet the daemon's false loss on a loaded machine (docs/RELIABILITY.md)"]
+fn chaos_remote_across_two_hosts() {
+    let Some(remote) = Remote::start() else { return };
+    let mut s = Scenario::new(
+        "remote, two hosts",
+        true,
+        &[Kind::Lib, Kind::Run],
+        Killers { workers: true, links: true, ..Killers::default() },
+    );
+    s.secs = env_num("BUILDLOCK_CHAOS_REMOTE_SECS", 20);
+    s.remote = Some(remote);
+    check(&s, &run_chaos(&s));
+}
+
+/// [`chaos_remote_across_two_hosts`] with kills of a host's daemon and of `run` processes as
+/// well. It finds two holders, in two known gaps (docs/RELIABILITY.md):
+///
+/// - the daemon holds its clients' server sessions, so its death frees their locks on the server
+///   at once, while a `run` it served learns of it only at its next check (within a second) and a
+///   library holder at its next `check()` or release; the other host may be granted meanwhile;
+/// - a `run` killed while holding leaves its command holding the lease through the daemon; when
+///   the session is then lost (a cut link), nobody stops that command, and the server frees the
+///   lock within the bound while it runs on.
+///
+/// Ignored until both are closed.
+#[test]
+#[ignore = "finds two holders: a killed daemon frees its remote locks before its clients stop, \
+            and a killed run's command is not stopped when its lease is lost (docs/RELIABILITY.md)"]
+fn chaos_remote_across_two_hosts_with_daemon_and_run_kills() {
+    let Some(remote) = Remote::start() else { return };
+    let mut s = Scenario::new(
+        "remote, two hosts, daemon and run kills",
+        true,
+        &[Kind::Lib, Kind::Run],
+        Killers { workers: true, runs: true, daemon: true, links: true, ..Killers::default() },
+    );
+    s.secs = env_num("BUILDLOCK_CHAOS_REMOTE_SECS", 20);
+    s.remote = Some(remote);
+    check(&s, &run_chaos(&s));
+}
+
+/// The checker's self-test across hosts: the check files on the file system both hosts share
+/// see holders on both, so with no lock taken it must see two holders at once.
+#[test]
+fn the_checker_sees_two_holders_across_hosts_when_there_is_no_lock() {
+    let Some(remote) = Remote::start() else { return };
+    let mut s = Scenario::new("no lock, two hosts", true, &[Kind::Lib], Killers::default());
+    s.no_lock = true;
+    s.secs = 2;
+    s.remote = Some(remote);
+    let r = run_chaos(&s);
+    print(s.name, &r);
+    assert!(!r.violations.is_empty(), "the check never fired although nothing was locked");
+    assert!(!r.overlaps.is_empty(), "no overlapping spans although nothing was locked");
 }

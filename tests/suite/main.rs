@@ -14,12 +14,15 @@ mod history;
 mod hostile;
 mod interop;
 mod multiplex;
+#[path = "../support/netns.rs"]
+mod netns;
 #[path = "../support/pg_server.rs"]
 mod pg_server;
 mod promises;
 mod protocol;
 mod recovery;
 mod remote;
+mod remote_hosts;
 mod run;
 mod service;
 mod soft;

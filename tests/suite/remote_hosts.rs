@@ -1,0 +1,209 @@
+//! Remote locks across hosts: two network namespaces (`tests/support/netns.rs`), each a host with
+//! its own daemon, runtime and lock directory (its own `Env`), against one PostgreSQL server in
+//! the root namespace. Contention, a host's whole process set killed, a host cut off by taking
+//! its link down. Skipped, saying so, when not root.
+
+use crate::netns::{NetHost, HOSTS_CIDR};
+use crate::pg_server::PgServer;
+use crate::util::*;
+
+/// A host: its namespace and its own environment (daemon, runtime and lock directory, history).
+struct Host {
+    // Dropped first: the daemon dies before its namespace goes.
+    env: Env,
+    net: NetHost,
+    url: String,
+}
+
+impl Host {
+    /// `buildlock-client --backend URL --remote-timeout 8 ARGS...` on this host, through its
+    /// daemon (the shortest remote timeout, for the cut-off test).
+    fn spawn(&self, args: &[&str]) -> Proc {
+        let mut c = self.net.command(env!("CARGO_BIN_EXE_buildlock-client"));
+        c.args(["--backend", &self.url, "--remote-timeout", "8"]).args(args);
+        Proc::spawn(self.env.scrubbed_command(c))
+    }
+}
+
+/// A server and two hosts that reach it over their own links, or `None` (saying why) when this
+/// machine cannot make them.
+fn two_hosts() -> Option<(PgServer, [Host; 2])> {
+    let a = NetHost::create()?;
+    let b = NetHost::create()?;
+    let listen = format!("{},{}", a.server_ip, b.server_ip);
+    let pg = PgServer::start_listening(Some((&listen, HOSTS_CIDR)))?;
+    let host = |net: NetHost| Host { env: Env::daemon(), url: pg.url_with(&net.server_ip, "sslmode=disable"), net };
+    let hosts = [host(a), host(b)];
+    Some((pg, hosts))
+}
+
+/// Sessions waiting in the server's queue.
+fn waiting(pg: &PgServer) -> usize {
+    pg.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").parse().unwrap()
+}
+
+/// The fencing token a CMD printed (`echo $BUILDLOCK_TOKEN`).
+#[track_caller]
+fn token(p: &mut Proc) -> u64 {
+    let line = p.next_line().unwrap_or_else(|| panic!("no token; stderr:\n{}", p.stderr()));
+    line.parse().unwrap_or_else(|_| panic!("not a token: {line:?}; stderr:\n{}", p.stderr()))
+}
+
+#[test]
+fn remote_hosts_two_hosts_contending_through_their_daemons_never_both_hold() {
+    let Some((_pg, hosts)) = two_hosts() else { return };
+    // Checked outside buildlock: `mkdir` of one directory on the file system both hosts share
+    // fails if the other host is inside; each CMD appends its token to one file.
+    let inside = hosts[0].env.path("inside");
+    let tokens = hosts[0].env.path("tokens");
+    let script = format!(
+        "mkdir {0} || echo TWO-HOLDERS; echo $BUILDLOCK_TOKEN >> {1}; sleep 0.05; rmdir {0}; echo done",
+        inside.display(),
+        tokens.display()
+    );
+    let mut procs: Vec<Proc> = (0..8).map(|i| hosts[i % 2].spawn(&["run", "x", "--", "sh", "-c", &script])).collect();
+    for p in &mut procs {
+        assert_eq!(p.next_line().as_deref(), Some("done"), "two holders at once: {}", p.stderr());
+        assert!(p.wait().success(), "{}", p.stderr());
+    }
+    // Both hosts went through their own daemons.
+    for h in &hosts {
+        assert!(h.env.daemon_pid().is_some(), "no daemon ran in {}", h.net.ns);
+    }
+    let text = std::fs::read_to_string(&tokens).unwrap();
+    let seen: Vec<u64> = text.lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(seen.len(), 8, "{text}");
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "tokens grow in the order of the holds: {text}");
+}
+
+#[test]
+fn remote_hosts_a_host_whose_processes_all_die_lets_the_other_host_have_the_lock() {
+    let Some((pg, [a, b])) = two_hosts() else { return };
+    let mut holder = a.spawn(&["run", "k", "--", "sh", "-c", "echo $BUILDLOCK_TOKEN; exec sleep 1000"]);
+    let first = token(&mut holder);
+    let mut waiter = b.spawn(&["run", "k", "--", "sh", "-c", "echo $BUILDLOCK_TOKEN"]);
+    wait_until(|| waiting(&pg) == 1);
+    // Host a dies: its daemon (which holds the server session), `run` and CMD, all at once.
+    let killed = a.net.kill_all();
+    assert!(killed.len() >= 3, "daemon, run and CMD: {killed:?}");
+    holder.wait();
+    for p in killed {
+        wait_dead(p as u32);
+    }
+    // Its kernel closed the connection: the server freed the lock, and host b's waiter has it.
+    let second = token(&mut waiter);
+    assert!(second > first, "tokens grow across hosts: {first} then {second}");
+    assert!(waiter.wait().success(), "{}", waiter.stderr());
+}
+
+#[test]
+fn remote_hosts_a_cut_off_host_stops_its_command_before_the_other_host_gets_the_lock() {
+    let Some((pg, [a, b])) = two_hosts() else { return };
+    let mut holder = a.spawn(&["run", "cut", "--", "sh", "-c", "echo $$; echo $BUILDLOCK_TOKEN; exec sleep 1000"]);
+    let cmd: u32 = holder.next_line().unwrap().parse().unwrap();
+    let first = token(&mut holder);
+    // When granted, host b's CMD checks that the cut-off holder's command is gone (or a zombie).
+    let check = format!(
+        "if [ -d /proc/{cmd} ] && ! grep -q '^State:.*Z' /proc/{cmd}/status; then echo TOO-EARLY; fi; \
+         echo $BUILDLOCK_TOKEN"
+    );
+    let mut waiter = b.spawn(&["run", "cut", "--", "sh", "-c", &check]);
+    wait_until(|| waiting(&pg) == 1);
+    a.net.cut();
+    // Host a's daemon loses its session, tells `run`, which stops CMD: exit 122.
+    let st = holder.wait();
+    assert_eq!(st.code(), Some(122), "{}", holder.stderr());
+    let err = holder.stderr();
+    assert!(err.contains("lock cut on postgres://") && err.contains("was lost while held"), "{err}");
+    assert!(is_dead(cmd));
+    // The server frees the lock once the bound has passed; host b is granted, after the stop.
+    let second = token(&mut waiter);
+    assert!(second > first, "tokens grow across hosts: {first} then {second}");
+    assert!(waiter.wait().success(), "{}", waiter.stderr());
+    // Back on the network, host a's daemon serves the lock again, with a greater token.
+    a.net.reconnect();
+    let mut again = a.spawn(&["run", "-w", "50", "cut", "--", "sh", "-c", "echo $BUILDLOCK_TOKEN"]);
+    let third = token(&mut again);
+    assert!(third > second, "tokens grow after the partition: {second} then {third}");
+    assert!(again.wait().success(), "{}", again.stderr());
+}
+
+/// Found by the chaos run across hosts: a `run` whose parent (and so the reader of its stderr)
+/// was gone died of its own report of the loss ("failed printing to stderr") before it stopped
+/// its command, which then ran on without the lock.
+#[test]
+fn remote_lost_lock_stops_the_command_even_when_runs_stderr_is_closed() {
+    let Some(pg) = PgServer::start() else { return };
+    let env = Env::daemon();
+    let mut c = env.cli();
+    c.args(["--backend", &pg.url(), "run", "gone", "--", "sh", "-c", "echo $$; exec sleep 1000"]);
+    c.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut run = c.spawn().unwrap();
+    // Nobody reads `run`'s stderr any more.
+    drop(run.stderr.take());
+    let mut out = std::io::BufReader::new(run.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let cmd: u32 = line.trim().parse().unwrap();
+    pg.restart();
+    let st = wait_bounded(&mut run).unwrap();
+    let stopped = is_dead(cmd);
+    if !stopped {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(cmd as i32), nix::sys::signal::Signal::SIGKILL);
+    }
+    assert!(stopped, "run exited ({st}) and left its command running without the lock");
+    assert_eq!(st.code(), Some(122), "{st}");
+}
+
+/// A known gap (docs/RELIABILITY.md), found by the chaos run across hosts: a check-in answered
+/// late (here: the holder's server process stopped for longer than a check-in period) is taken
+/// for a loss, and the daemon closes the session at once; the server, which had not given up on
+/// it, then frees the lock, and the waiter is granted while the holder's `run` has not yet
+/// stopped its command (it checks once a second). While the gap is open this fails in about
+/// one run in three (`TOO-EARLY`: it depends on where `run`'s check falls).
+#[test]
+#[ignore = "known gap: the daemon closes a session on a late check-in before run has stopped its command"]
+fn remote_a_late_check_in_does_not_free_the_lock_before_the_command_is_stopped() {
+    let Some(pg) = PgServer::start() else { return };
+    let holder_env = Env::daemon();
+    let url = pg.url();
+    let mut holder = Proc::spawn({
+        let mut c = holder_env.cli();
+        c.args([
+            "--backend",
+            &url,
+            "--remote-timeout",
+            "8",
+            "run",
+            "late",
+            "--",
+            "sh",
+            "-c",
+            "echo $$; exec sleep 1000",
+        ]);
+        c
+    });
+    let cmd: u32 = holder.next_line().unwrap().parse().unwrap();
+    let check = format!(
+        "if [ -d /proc/{cmd} ] && ! grep -q '^State:.*Z' /proc/{cmd}/status; then echo TOO-EARLY; else echo in-time; fi"
+    );
+    let other = Env::new();
+    let mut waiter = other.spawn(&["--backend", &url, "run", "late", "--", "sh", "-c", &check]);
+    wait_until(|| waiting(&pg) == 1);
+    let backend: i32 = pg.psql("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted").parse().unwrap();
+    let signal = |s| nix::sys::signal::kill(nix::unistd::Pid::from_raw(backend), s).unwrap();
+    // The server process stops answering; the daemon's check-in times out and it closes the
+    // connection (the server's side of it then waits to be read: CLOSE-WAIT).
+    signal(nix::sys::signal::Signal::SIGSTOP);
+    let closed = || {
+        let out = std::process::Command::new("ss").args(["-Htnp", "state", "close-wait"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).contains(&format!("pid={backend},"))
+    };
+    let start = std::time::Instant::now();
+    while !closed() && start.elapsed() < HANG {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    signal(nix::sys::signal::Signal::SIGCONT);
+    assert_eq!(waiter.next_line().as_deref(), Some("in-time"), "granted while the holder's command ran on");
+    assert_eq!(holder.wait().code(), Some(122), "{}", holder.stderr());
+}
