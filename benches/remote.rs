@@ -109,7 +109,7 @@ fn acquire_release(n: usize) {
     let dir = tempfile::tempdir().unwrap();
     let runtime = dir.path().join("rt");
     buildlock::start_daemon(Some(&runtime)).expect("start buildlockd");
-    let settings = buildlock_remote::Settings::from_url(&url).unwrap();
+    let engine = buildlock_remote::from_url(&url).unwrap();
     let target = LockTarget::resolve("bench", dir.path()).unwrap();
     for (label, connect) in [
         ("buildlock library, direct: acquire + release", Connect::Direct),
@@ -118,7 +118,7 @@ fn acquire_release(n: usize) {
         let opts = Options {
             connect,
             runtime_dir: Some(runtime.clone()),
-            remote: Some(settings.clone()),
+            remote: Some(engine.clone()),
             operation: "bench".into(),
             ..Options::default()
         };

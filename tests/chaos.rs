@@ -333,8 +333,8 @@ fn chaos_worker() {
         stale_after: if kind == Kind::Soft { Duration::from_secs(1) } else { buildlock::DEFAULT_STALE_AFTER },
         runtime_dir: Some(w.host_dir.join("rt")),
         remote: w.backend.as_ref().map(|url| {
-            let settings = buildlock_remote::Settings::from_url(url).unwrap();
-            settings.with_remote_timeout(Duration::from_secs(REMOTE_TIMEOUT_SECS)).unwrap()
+            let engine = buildlock_remote::from_url(url).unwrap();
+            engine.with_remote_timeout(Duration::from_secs(REMOTE_TIMEOUT_SECS)).unwrap()
         }),
         operation: format!("chaos worker {}", w.incarnation),
         ..Options::default()
