@@ -12,7 +12,13 @@
 //!   or when its connection has closed *and* its bound process (`Bind`, `run`'s command), if
 //!   any, has exited: the rule of local leases.
 //! - A lost session (server restart, network cut, a check-in unanswered) marks the lease lost
-//!   and tells its client at once with `Reply::LeaseLost`.
+//!   and tells its client at once with `Reply::LeaseLost` (`run` then stops its command). A
+//!   session that only looks lost (a check-in unanswered: the server may still hold the lock
+//!   for it) is kept open until its holders have let go, so the server never frees the lock
+//!   while the command may still run; the server or the network ends it otherwise, within the
+//!   remote timeout. If the client is gone (a killed `run`), the daemon stops the bound
+//!   command itself: SIGTERM to its group, SIGKILL after the stop grace (a quarter of the
+//!   remote timeout), and the lease ends once the group is gone.
 //! - `--max-hold` (`max_hold_ms`) is enforced as for local leases, on the lease's own task:
 //!   past the limit (one grace later while `run` is still connected: it stops its command
 //!   itself), the bound process's group gets SIGTERM, then SIGKILL after `kill_after`; the
@@ -84,6 +90,11 @@ struct RemoteLease {
     bound: Option<buildlock_sys::ProcessIdentity>,
     /// Its `--max-hold`, and how far stopping its bound process has gone.
     max_hold: Option<MaxHold>,
+    /// How long a bound command stopped for a lost lock gets between SIGTERM and SIGKILL.
+    stop_grace: Duration,
+    /// The client process (`run`), which stops its command when told of a loss. Its connection
+    /// may outlive it (`run`'s command inherits a copy), so whether it lives is asked of it.
+    client: buildlock_sys::ProcessIdentity,
     /// Dropped (or fired) to end the session: released on the server at once.
     _stop: oneshot::Sender<()>,
 }
@@ -280,6 +291,8 @@ impl Daemon {
                 stage: Stage::Running,
                 deferred: false,
             }),
+            stop_grace: buildlock_remote::Bounds { remote_timeout }.stop_grace(),
+            client: buildlock_sys::identify(client_pid),
             _stop: stop_tx,
         };
         st.remote.leases.insert((owner, id), lease);
@@ -327,10 +340,45 @@ impl Daemon {
         for key in keys {
             let Some(l) = st.remote.leases.get_mut(&key) else { continue };
             l.conn_open = false;
-            let keep = l.pid_running && matches!(l.phase, Phase::Held { .. });
+            let keep = l.pid_running && matches!(l.phase, Phase::Held { .. } | Phase::Lost);
             if !keep {
                 st.remote.leases.remove(&key);
+            } else if matches!(l.phase, Phase::Lost) {
+                // Lost while its `run` lived, which is gone now: stop the command here.
+                stop_for_loss(l);
             }
+        }
+    }
+
+    /// Lease `key` lost its session, or looks to have (a check-in unanswered): its client is
+    /// told at once; with no client left (now, or when it exits), its bound command is stopped
+    /// here; with neither, it ends (the session with it).
+    fn remote_lost(self: &Arc<Self>, key: Key, why: &str) {
+        let mut st = self.state();
+        let Some(l) = st.remote.leases.get_mut(&key) else { return };
+        tracing::warn!("remote lock {} was lost: {why}", l.label());
+        l.phase = Phase::Lost;
+        l.send(Reply::LeaseLost { lease: key.1, path: l.name.clone(), reason: why.to_owned() });
+        let client_alive = buildlock_sys::process_state(&l.client) == buildlock_sys::ProcessState::Alive;
+        if l.conn_open && client_alive {
+            // `run` stops its command; should it die first, the daemon does.
+            if l.pid_running {
+                let (d, client) = (self.clone(), l.client.pid);
+                tokio::spawn(async move {
+                    crate::state::wait_for_exit(client).await;
+                    let st = d.state();
+                    if let Some(l) = st.remote.leases.get(&key).filter(|l| l.pid_running) {
+                        stop_for_loss(l);
+                    }
+                });
+            }
+            return;
+        }
+        if l.pid_running {
+            stop_for_loss(l);
+        } else if !l.conn_open {
+            st.remote.leases.remove(&key);
+            st.note_activity();
         }
     }
 
@@ -342,10 +390,13 @@ impl Daemon {
             // SIGTERM); the lock is released only once the group is gone (SIGKILL follows).
             let stopped = |d: &Daemon| {
                 d.state().remote.leases.get(&key).is_some_and(|l| {
-                    l.bind_pid == Some(pid) && l.max_hold.as_ref().is_some_and(|m| m.stage != Stage::Running)
+                    l.bind_pid == Some(pid)
+                        && (matches!(l.phase, Phase::Lost)
+                            || l.max_hold.as_ref().is_some_and(|m| m.stage != Stage::Running))
                 })
             };
-            // Polled: a group has no descriptor to wait on. Only after a max-hold stop.
+            // Polled: a group has no descriptor to wait on. Only after a max-hold stop, or a
+            // loss (its session may still hold the lock until the whole group is gone).
             while stopped(&d) && matches!(buildlock_sys::signal_group(pid, None), Ok(true)) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -556,24 +607,27 @@ async fn drive(
     }
     let every = server.heartbeat();
     let mut closed = session.closed();
-    let lost = loop {
+    // A check-in went unanswered: the holder is told, but the session is kept, since the server
+    // may still hold the lock for it; it ends when the holders have let go (`stop`), or when the
+    // server or the network ends it (within the remote timeout).
+    let mut suspect = false;
+    let ended = loop {
         tokio::select! {
             _ = &mut stop => break None,
             _ = until(overdue) => overdue = daemon.stop_overdue_remote(key),
             _ = closed.changed() => {
                 break Some(closed.borrow().clone().unwrap_or_else(|| "the connection ended".into()));
             }
-            _ = tokio::time::sleep(every) => match tokio::time::timeout(every, session.heartbeat()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => break Some(format!("checking in failed: {e}")),
-                Err(_) => break Some(format!(
-                    "the server did not answer within {}s (network cut off, or the server hangs)",
-                    every.as_secs_f64()
-                )),
-            },
+            _ = tokio::time::sleep(every), if !suspect => {
+                let answered = tokio::time::timeout(every, session.heartbeat()).await;
+                if let Err(why) = checked_in(answered, every) {
+                    suspect = true;
+                    daemon.remote_lost(key, &why);
+                }
+            }
         }
     };
-    match lost {
+    match ended {
         None => {
             // Released (or its holders are gone): on the server at once, bounded in time.
             if let Ok(Err(e)) = tokio::time::timeout(every, session.release()).await {
@@ -583,19 +637,58 @@ async fn drive(
             session.close().await;
         }
         Some(why) => {
+            // The server has freed the lock (or will, the connection being gone).
             session.abort();
-            tracing::warn!("remote lock {} on {} was lost: {why}", req.name, server.display());
-            let mut st = daemon.state();
-            let Some(l) = st.remote.leases.get_mut(&key) else { return };
-            l.phase = Phase::Lost;
-            l.send(Reply::LeaseLost { lease: key.1, path: l.name.clone(), reason: why });
-            // Nobody can hold it for a process whose client is gone: forget it.
-            if !l.conn_open {
-                st.remote.leases.remove(&key);
-                st.note_activity();
+            if !suspect {
+                daemon.remote_lost(key, &why);
             }
         }
     }
+}
+
+/// How a check-in given `every` to answer went: why it failed, if it did.
+fn checked_in(
+    answered: Result<Result<(), buildlock_remote::Error>, tokio::time::error::Elapsed>,
+    every: Duration,
+) -> Result<(), String> {
+    match answered {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("checking in failed: {e}")),
+        Err(_) => Err(format!(
+            "the server did not answer within {}s (network cut off, or the server hangs)",
+            every.as_secs_f64()
+        )),
+    }
+}
+
+/// A lost lease's bound command, whose `run` is gone, is stopped here as `run` would have:
+/// SIGTERM to its group, SIGKILL after the stop grace. Only the very process bound (its start
+/// time) and its group are signalled.
+fn stop_for_loss(l: &RemoteLease) {
+    let (Some(pid), Some(bound)) = (l.bind_pid, l.bound.clone()) else { return };
+    if buildlock_sys::process_state(&bound) != buildlock_sys::ProcessState::Alive {
+        return;
+    }
+    let grace = l.stop_grace;
+    tracing::warn!(
+        "remote lock {} was lost while its holder's `run` is gone: SIGTERM to pid {pid}'s group ({}), SIGKILL \
+         after {grace:?}",
+        l.label(),
+        l.command
+    );
+    let sent = match buildlock_sys::signal_group(pid, Some(crate::state::nix_sig::TERM)) {
+        Ok(true) => Ok(()),
+        _ => buildlock_sys::send_signal(pid, crate::state::nix_sig::TERM),
+    };
+    if let Err(e) = sent {
+        tracing::warn!("cannot stop pid {pid}: {e}");
+    }
+    tokio::spawn(async move {
+        tokio::time::sleep(grace).await;
+        if matches!(buildlock_sys::signal_group(pid, None), Ok(true)) {
+            let _ = buildlock_sys::signal_group(pid, Some(crate::state::nix_sig::KILL));
+        }
+    });
 }
 
 /// Sleeps until `due`, or for ever.
