@@ -140,7 +140,7 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
         use std::os::unix::process::CommandExt;
         cmd.process_group(0);
     }
-    let forward = signals::Forwarder::install();
+    let forward = signals::Forwarder::install(group);
     let spawned = cmd.spawn();
     drop(copy);
     let mut child = match spawned {
@@ -151,6 +151,7 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
             return ExitCode::from(if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 });
         }
     };
+    wait_after_spawn_in_tests();
     forward.set_child(child.id(), group);
     stall_before_binding_in_tests();
     // CMD holds the lock now (its inherited descriptor; through the daemon, the binding too):
@@ -479,7 +480,10 @@ mod signals {
     pub(super) struct Forwarder;
 
     impl Forwarder {
-        pub(super) fn install() -> Forwarder {
+        /// `group`: CMD will lead a process group of its own, so a SIGINT that comes before it
+        /// starts is kept for it too (the terminal will not deliver it).
+        pub(super) fn install(group: bool) -> Forwarder {
+            GROUP.store(group, Ordering::SeqCst);
             for sig in [SIGINT, SIGTERM, SIGHUP, SIGQUIT] {
                 // SAFETY: the handler only reads and writes atomics and calls kill(2), all
                 // async-signal-safe; it allocates nothing and takes no lock.
@@ -540,7 +544,7 @@ mod signals {
     pub(super) struct Forwarder;
 
     impl Forwarder {
-        pub(super) fn install() -> Forwarder {
+        pub(super) fn install(_group: bool) -> Forwarder {
             if let Err(e) = ctrlc::set_handler(|| {}) {
                 tracing::warn!("cannot handle Ctrl+C ({e})");
             }
@@ -562,6 +566,21 @@ fn stall_before_binding_in_tests() {
         eprintln!("buildlock-client: stalled before binding the lease (BUILDLOCK_TEST_STALL_BEFORE_BIND)");
         loop {
             std::thread::park();
+        }
+    }
+}
+
+/// Test builds only: `BUILDLOCK_TEST_WAIT_AFTER_SPAWN=FIFO` holds `run` between starting CMD and
+/// telling the signal forwarder about it, until the test writes to the FIFO and closes it: a
+/// signal sent in that window must still reach CMD.
+fn wait_after_spawn_in_tests() {
+    #[cfg(debug_assertions)]
+    if let Some(fifo) = std::env::var_os("BUILDLOCK_TEST_WAIT_AFTER_SPAWN") {
+        use std::io::Read;
+        eprintln!("buildlock-client: waiting after starting CMD (BUILDLOCK_TEST_WAIT_AFTER_SPAWN)");
+        // Opening blocks until the test opens the other end; reading ends when it closes it.
+        if let Ok(mut f) = std::fs::File::open(fifo) {
+            let _ = f.read_to_end(&mut Vec::new());
         }
     }
 }

@@ -333,6 +333,27 @@ fn max_hold_passes_ctrl_c_on_to_the_command() {
     env.run(&["run", "-n", "x", "--", "true"]).assert_code(0);
 }
 
+/// A Ctrl+C that comes after CMD started but before `run` has told its forwarder about it (a
+/// window of microseconds, held open here by a test-only switch) still reaches CMD.
+#[test]
+fn max_hold_passes_on_a_ctrl_c_that_comes_as_the_command_starts() {
+    let env = Env::new();
+    let fifo = env.path("go.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let script = "trap 'echo got INT; kill $!; exit 7' INT; sleep 1000 & echo ready; wait";
+    let mut c = env.cli();
+    c.env("BUILDLOCK_TEST_WAIT_AFTER_SPAWN", &fifo);
+    c.args(["run", "--max-hold", "1h", "x", "--", "sh", "-c", script]);
+    let mut holder = crate::util::Proc::spawn(c);
+    holder.expect_line("ready");
+    holder.expect_stderr("waiting after starting CMD");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(holder.pid() as i32), nix::sys::signal::SIGINT).unwrap();
+    // Let `run` go on: it must pass the SIGINT it kept on to CMD's group.
+    std::fs::write(&fifo, "go").unwrap();
+    holder.expect_line("got INT");
+    assert_eq!(holder.wait().code(), Some(7), "{}", holder.stderr());
+}
+
 /// `status` (and any waiter) shows a holder's max-hold, from its metadata, in both modes.
 fn status_shows_the_max_hold(env: &Env) {
     let mut holder = env.spawn(&["run", "--max-hold", "20m", "x", "--", "sh", "-c", "echo locked; read x"]);
