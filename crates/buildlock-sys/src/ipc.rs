@@ -261,6 +261,49 @@ pub fn peer_closed(sock: BorrowedFd<'_>) -> bool {
     }
 }
 
+/// Why the connection of stream socket `sock` (a copy of a remote lock's server session) has
+/// ended, if it has: the peer closed it or reset it, or the kernel gave up on it (keepalives or
+/// `TCP_USER_TIMEOUT` unanswered: the network is cut). Looked at without waiting and without
+/// consuming anything queued (data the server sent to another copy's reader is left alone).
+pub fn connection_ended(sock: BorrowedFd<'_>) -> Option<String> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let events = PollFlags::from_bits_retain(nix::libc::POLLRDHUP);
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let events = PollFlags::empty();
+    let mut pfd = [PollFd::new(sock, events)];
+    let revents = loop {
+        match poll(&mut pfd, PollTimeout::ZERO) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Some(format!("its socket cannot be polled: {e}")),
+            Ok(_) => break pfd[0].revents().unwrap_or(PollFlags::empty()),
+        }
+    };
+    if revents.is_empty() {
+        return None;
+    }
+    // The error that ended it, if any (ETIMEDOUT: keepalives or `TCP_USER_TIMEOUT`).
+    let pending = match revents.intersects(PollFlags::POLLERR | PollFlags::POLLHUP) {
+        true => nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::SocketError).unwrap_or(0),
+        false => 0,
+    };
+    if pending != 0 || revents.contains(PollFlags::POLLERR) {
+        let e = io::Error::from_raw_os_error(pending);
+        return Some(match nix::errno::Errno::from_raw(pending) {
+            nix::errno::Errno::ETIMEDOUT => {
+                "the server stopped answering (keepalives unanswered: network cut off, or its host is down)".into()
+            }
+            nix::errno::Errno::ECONNRESET => "the server reset the connection".into(),
+            _ => format!("the connection failed: {e}"),
+        });
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let closed = revents.intersects(PollFlags::POLLHUP | PollFlags::from_bits_retain(nix::libc::POLLRDHUP));
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let closed = revents.contains(PollFlags::POLLHUP) || peer_closed(sock);
+    closed.then(|| "the server closed the connection (it was restarted, or ended the session)".into())
+}
+
 /// Waits until one of `fds` is readable (or `timeout` passes: `Ok(None)`); returns its index.
 pub fn wait_readable(fds: &[BorrowedFd<'_>], timeout: Option<std::time::Duration>) -> io::Result<Option<usize>> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};

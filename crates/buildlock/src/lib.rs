@@ -271,6 +271,10 @@ enum Inner {
         /// A remote lock whose server session the daemon holds: its server
         /// (`postgres://host:port/db`); `path` is then the lock's name.
         remote: Option<String>,
+        /// A remote lease whose `file` is a copy of the server session's socket (the daemon
+        /// attached it to `Granted`): the lock then holds while this copy is healthy, even if
+        /// the daemon dies.
+        session: bool,
     },
     Direct(buildlock_disk::Guard),
     Remote(buildlock_remote::Lease),
@@ -575,8 +579,10 @@ fn acquire_daemon(
                 place = (position > 0).then_some(position);
             }
             Some((Reply::Granted { token, file: checked, .. }, fd)) => {
-                // A remote lease: no lock file, but a copy of the connection for a command to
-                // inherit (`inherit_file`).
+                // A remote lease: a copy of the server session's socket (the daemon attaches
+                // it), else a copy of the connection to the daemon, for a command to inherit
+                // (`inherit_file`).
+                let session = fd.is_some() && opts.remote.is_some();
                 let file = match (fd, &opts.remote) {
                     (None, Some(_)) => mux.connection_copy().ok(),
                     (fd, _) => fd.map(File::from),
@@ -591,7 +597,7 @@ fn acquire_daemon(
                 let (bound, runtime_dir) = (opts.bind_pid, opts.runtime_dir());
                 drop(replies);
                 let remote = opts.remote.as_ref().map(|s| s.display());
-                let inner = Inner::Daemon { mux, lease, path, file, id, bound, runtime_dir, remote };
+                let inner = Inner::Daemon { mux, lease, path, file, id, bound, runtime_dir, remote, session };
                 return Ok(Lease { target: target.clone(), token, inner: Some(inner), _held: None, history: None });
             }
             Some((Reply::Error(e), _)) => {
@@ -755,7 +761,11 @@ impl Lease {
             // The daemon holds the server session: it says when it was lost, and its own death
             // (the connection broken) ends the session, so the lock, too.
             #[cfg(unix)]
-            Some(Inner::Daemon { remote: Some(server), mux, lease, path, .. }) => match mux.poll_lost(*lease) {
+            Some(Inner::Daemon { remote: Some(server), mux, lease, path, file, session, .. }) => match remote_lost(
+                mux,
+                *lease,
+                file.as_ref().filter(|_| *session),
+            ) {
                 Some(why) => Err(Error::Remote(buildlock_remote::Error::Lost {
                     lock: path.clone(),
                     server: server.clone(),
@@ -820,15 +830,23 @@ impl Lease {
             }
             Inner::Remote(r) => r.release().map_err(Error::from),
             #[cfg(unix)]
-            Inner::Daemon { mux, lease, path, remote: Some(server), .. } => {
+            Inner::Daemon { mux, lease, path, remote: Some(server), file, session, .. } => {
                 forked_check(&mux)?;
-                let lost = mux.poll_lost(lease);
+                let socket = file.as_ref().filter(|_| session);
+                let lost = remote_lost(&mux, lease, socket);
                 let released = send_release(&mux, lease, confirmed && lost.is_none());
                 mux.forget(lease);
+                // Our copy of the session closes; through a live daemon the lock is unlocked
+                // on the server for every copy (`Release`).
+                let copy = socket.is_some();
+                drop(file);
                 if let Some(why) = lost {
                     return Err(Error::Remote(buildlock_remote::Error::Lost { lock: path, server, why }));
                 }
                 match released {
+                    // The daemon is gone, but the session was still healthy in our copy, which
+                    // now closes: the server frees the lock once no other copy is left.
+                    Err(Error::Protocol(_)) if copy => Ok(()),
                     // The daemon is gone, and the session with it: the server has freed the lock.
                     Err(Error::Protocol(why)) => Err(Error::Remote(buildlock_remote::Error::Lost {
                         lock: path,
@@ -839,7 +857,7 @@ impl Lease {
                 }
             }
             #[cfg(unix)]
-            Inner::Daemon { mux, lease, path, file, id, bound, runtime_dir, remote: None } => {
+            Inner::Daemon { mux, lease, path, file, id, bound, runtime_dir, remote: None, .. } => {
                 if let Err(e) = forked_check(&mux) {
                     // Our copy of the descriptor closes (the parent's and the daemon's keep the
                     // lock); nothing goes on the wire.
@@ -885,6 +903,22 @@ impl Lease {
                 Ok(())
             }
         }
+    }
+}
+
+/// Why remote lease `lease` (held through the daemon) is lost, if it is: the daemon said so
+/// (`LeaseLost`), or its connection is gone. With `socket`, this process's copy of the server
+/// session, the daemon's death is no loss: the session lives in the copy, and is lost only if the
+/// copy shows it ended (the server closed it, or the kernel gave up on it: keepalives and
+/// `TCP_USER_TIMEOUT` unanswered, which nobody's check-ins then bound but the socket's own).
+#[cfg(unix)]
+fn remote_lost(mux: &mux::Mux, lease: buildlock_proto::LeaseRef, socket: Option<&File>) -> Option<String> {
+    use std::os::fd::AsFd;
+    let why = mux.poll_lost(lease)?;
+    match socket {
+        Some(sock) if !mux.told_lost(lease) => buildlock_sys::ipc::connection_ended(sock.as_fd())
+            .map(|ended| format!("{ended}; buildlockd, which checked in for it, is gone too ({why})")),
+        _ => Some(why),
     }
 }
 
