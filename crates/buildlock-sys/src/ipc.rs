@@ -304,6 +304,36 @@ pub fn connection_ended(sock: BorrowedFd<'_>) -> Option<String> {
     closed.then(|| "the server closed the connection (it was restarted, or ended the session)".into())
 }
 
+/// How long ago TCP socket `sock` last received an acknowledgement from its peer (Linux:
+/// `TCP_INFO`'s `tcpi_last_ack_recv`; the peer's answers to keepalive probes count), or `None`
+/// where that is not known (another platform, not a TCP socket). A link taken down never fails
+/// the socket by itself (probes that cannot leave the host are retried, not counted), so a
+/// holder that must know within a bound asks this.
+pub fn last_heard(sock: BorrowedFd<'_>) -> Option<std::time::Duration> {
+    #[cfg(target_os = "linux")]
+    {
+        use nix::libc;
+        let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: `info` is a zeroed `tcp_info` of `len` bytes that the kernel fills (at most
+        // `len` bytes); `sock` is a descriptor borrowed for the call.
+        let r = unsafe {
+            libc::getsockopt(sock.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr().cast(), &mut len)
+        };
+        if r != 0 {
+            return None;
+        }
+        // SAFETY: zeroed above (every field is an integer), then filled by the kernel.
+        let info = unsafe { info.assume_init() };
+        Some(std::time::Duration::from_millis(info.tcpi_last_ack_recv.into()))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = sock;
+        None
+    }
+}
+
 /// Waits until one of `fds` is readable (or `timeout` passes: `Ok(None)`); returns its index.
 pub fn wait_readable(fds: &[BorrowedFd<'_>], timeout: Option<std::time::Duration>) -> io::Result<Option<usize>> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};

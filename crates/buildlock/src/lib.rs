@@ -272,9 +272,9 @@ enum Inner {
         /// (`postgres://host:port/db`); `path` is then the lock's name.
         remote: Option<String>,
         /// A remote lease whose `file` is a copy of the server session's socket (the daemon
-        /// attached it to `Granted`): the lock then holds while this copy is healthy, even if
-        /// the daemon dies.
-        session: bool,
+        /// attached it to `Granted`): its remote timeout. The lock then holds while this copy
+        /// is healthy, even if the daemon dies.
+        session: Option<Duration>,
     },
     Direct(buildlock_disk::Guard),
     Remote(buildlock_remote::Lease),
@@ -582,7 +582,7 @@ fn acquire_daemon(
                 // A remote lease: a copy of the server session's socket (the daemon attaches
                 // it), else a copy of the connection to the daemon, for a command to inherit
                 // (`inherit_file`).
-                let session = fd.is_some() && opts.remote.is_some();
+                let session = opts.remote.as_ref().filter(|_| fd.is_some()).map(|s| s.remote_timeout());
                 let file = match (fd, &opts.remote) {
                     (None, Some(_)) => mux.connection_copy().ok(),
                     (fd, _) => fd.map(File::from),
@@ -764,7 +764,7 @@ impl Lease {
             Some(Inner::Daemon { remote: Some(server), mux, lease, path, file, session, .. }) => match remote_lost(
                 mux,
                 *lease,
-                file.as_ref().filter(|_| *session),
+                file.as_ref().zip(*session),
             ) {
                 Some(why) => Err(Error::Remote(buildlock_remote::Error::Lost {
                     lock: path.clone(),
@@ -832,7 +832,7 @@ impl Lease {
             #[cfg(unix)]
             Inner::Daemon { mux, lease, path, remote: Some(server), file, session, .. } => {
                 forked_check(&mux)?;
-                let socket = file.as_ref().filter(|_| session);
+                let socket = file.as_ref().zip(session);
                 let lost = remote_lost(&mux, lease, socket);
                 let released = send_release(&mux, lease, confirmed && lost.is_none());
                 mux.forget(lease);
@@ -910,16 +910,29 @@ impl Lease {
 /// (`LeaseLost`), or its connection is gone. With `socket`, this process's copy of the server
 /// session, the daemon's death is no loss: the session lives in the copy, and is lost only if the
 /// copy shows it ended (the server closed it, or the kernel gave up on it: keepalives and
-/// `TCP_USER_TIMEOUT` unanswered, which nobody's check-ins then bound but the socket's own).
+/// `TCP_USER_TIMEOUT` unanswered), or that the server has not been heard from (not even
+/// answering a keepalive probe, sent after a quarter of the remote timeout `T` of silence) for
+/// `T/2`: the network is cut, and the server frees the lock `T` after it last heard from us.
 #[cfg(unix)]
-fn remote_lost(mux: &mux::Mux, lease: buildlock_proto::LeaseRef, socket: Option<&File>) -> Option<String> {
+fn remote_lost(
+    mux: &mux::Mux,
+    lease: buildlock_proto::LeaseRef,
+    socket: Option<(&File, Duration)>,
+) -> Option<String> {
     use std::os::fd::AsFd;
     let why = mux.poll_lost(lease)?;
-    match socket {
-        Some(sock) if !mux.told_lost(lease) => buildlock_sys::ipc::connection_ended(sock.as_fd())
-            .map(|ended| format!("{ended}; buildlockd, which checked in for it, is gone too ({why})")),
-        _ => Some(why),
-    }
+    let Some((sock, remote_timeout)) = socket.filter(|_| !mux.told_lost(lease)) else { return Some(why) };
+    let ended = buildlock_sys::ipc::connection_ended(sock.as_fd()).or_else(|| {
+        let heard = buildlock_sys::ipc::last_heard(sock.as_fd())?;
+        (heard > remote_timeout / 2).then(|| {
+            format!(
+                "the server has not been heard from for {:.1}s, not even answering keepalives (network cut off, or \
+                 its host is down)",
+                heard.as_secs_f64()
+            )
+        })
+    })?;
+    Some(format!("{ended}; buildlockd, which checked in for it, is gone too ({why})"))
 }
 
 /// A daemon lease seen from a process forked from the one that took it: it is the parent's,
