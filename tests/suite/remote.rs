@@ -455,10 +455,14 @@ fn remote_through_the_daemon_daemon_and_run_killed_leave_the_lock_to_the_command
     let daemon = env.daemon_pid().expect("a daemon serves the test");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     wait_dead(daemon);
-    remote(&env, &pg, &["--no-daemon", "run", "-n", "dr", "--", "true"]).assert_code(1).assert_stderr_has("busy: lock dr");
+    remote(&env, &pg, &["--no-daemon", "run", "-n", "dr", "--", "true"])
+        .assert_code(1)
+        .assert_stderr_has("busy: lock dr");
     holder.kill9();
     holder.wait();
-    remote(&env, &pg, &["--no-daemon", "run", "-n", "dr", "--", "true"]).assert_code(1).assert_stderr_has("busy: lock dr");
+    remote(&env, &pg, &["--no-daemon", "run", "-n", "dr", "--", "true"])
+        .assert_code(1)
+        .assert_stderr_has("busy: lock dr");
     assert!(!is_dead(cmd));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(cmd as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     wait_dead(cmd);

@@ -59,7 +59,10 @@
 //! this process speaks only the local protocol; with `Direct` (or no daemon to be had in
 //! `Auto`) the library talks to the server itself. Either way [`Lease::check`] reports a lost
 //! session as [`Error::Remote`] (`buildlock_remote::Error::Lost`): through the daemon, when it
-//! says so (`LeaseLost`) or when the daemon's connection is gone (its sessions died with it).
+//! says so (`LeaseLost`). The daemon attaches a copy of the session's socket to the grant, which
+//! the lease keeps (and `run`'s command inherits): the daemon's death is then no loss, and the
+//! lease is lost only once that copy shows the session ended, or the server has been silent
+//! for half the remote timeout (network cut; nobody checks in any more).
 //!
 //! **Daemon leases and daemon death.** On Linux the daemon hands the client a duplicate of the
 //! locked descriptor, and the client keeps it for as long as it holds the lease: if the daemon
@@ -673,7 +676,10 @@ impl Lease {
     /// ([`Lease::os_file`]), or a remote lease's server connection (the session, and so the
     /// lock, then lasts while any process holds a copy, even if this one is killed).
     ///
-    /// For a remote lease the daemon holds, a copy of this process's connection to the daemon:
+    /// For a remote lease the daemon holds, the copy of the server session's socket that the
+    /// daemon attached to the grant: the lock then outlives this process and the daemon for as
+    /// long as a command holding it runs. From a daemon that attaches none, a copy of this
+    /// process's connection to the daemon:
     /// the daemon ends the connection's leases only once every copy is closed, so a command
     /// started with it keeps the lock if this process is killed before it could bind the lease
     /// to the command ([`Lease::bind_pid`]). Every lease of this process on that connection
@@ -761,18 +767,16 @@ impl Lease {
             // The daemon holds the server session: it says when it was lost, and its own death
             // (the connection broken) ends the session, so the lock, too.
             #[cfg(unix)]
-            Some(Inner::Daemon { remote: Some(server), mux, lease, path, file, session, .. }) => match remote_lost(
-                mux,
-                *lease,
-                file.as_ref().zip(*session),
-            ) {
-                Some(why) => Err(Error::Remote(buildlock_remote::Error::Lost {
-                    lock: path.clone(),
-                    server: server.clone(),
-                    why,
-                })),
-                None => Ok(()),
-            },
+            Some(Inner::Daemon { remote: Some(server), mux, lease, path, file, session, .. }) => {
+                match remote_lost(mux, *lease, file.as_ref().zip(*session)) {
+                    Some(why) => Err(Error::Remote(buildlock_remote::Error::Lost {
+                        lock: path.clone(),
+                        server: server.clone(),
+                        why,
+                    })),
+                    None => Ok(()),
+                }
+            }
             #[cfg(unix)]
             Some(Inner::Daemon { file: None, mux, path, .. }) if mux.daemon_gone() => Err(Error::Lost {
                 path: PathBuf::from(path),
@@ -914,11 +918,7 @@ impl Lease {
 /// answering a keepalive probe, sent after a quarter of the remote timeout `T` of silence) for
 /// `T/2`: the network is cut, and the server frees the lock `T` after it last heard from us.
 #[cfg(unix)]
-fn remote_lost(
-    mux: &mux::Mux,
-    lease: buildlock_proto::LeaseRef,
-    socket: Option<(&File, Duration)>,
-) -> Option<String> {
+fn remote_lost(mux: &mux::Mux, lease: buildlock_proto::LeaseRef, socket: Option<(&File, Duration)>) -> Option<String> {
     use std::os::fd::AsFd;
     let why = mux.poll_lost(lease)?;
     let Some((sock, remote_timeout)) = socket.filter(|_| !mux.told_lost(lease)) else { return Some(why) };

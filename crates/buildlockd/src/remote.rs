@@ -5,12 +5,16 @@
 //! `buildlock_remote::Engine` (chosen by the URL's scheme, `buildlock_remote::from_url`) and
 //! opens one `Box<dyn EngineSession>` per lease on its own runtime, in a task of its own
 //! (`drive`): it connects within the connect timeout, waits in the server's lock queue (its
-//! order is the server's), answers `Granted` with the token and no descriptor, then checks in
-//! every quarter of the remote timeout.
+//! order is the server's), answers `Granted` with the token and a copy of the session's socket
+//! (as a local lease's lock file is attached), then checks in every quarter of the remote
+//! timeout. The client and the command `run` starts hold that copy, so the session (and lock)
+//! outlives this daemon while they live, as a local lease's OS lock does.
 //!
-//! - The lease ends (the session is released and closed at once) when its client releases it,
-//!   or when its connection has closed *and* its bound process (`Bind`, `run`'s command), if
-//!   any, has exited: the rule of local leases.
+//! - `Release` unlocks on the server and closes the session at once, for every copy.
+//! - When its connection has closed *and* its bound process (`Bind`, `run`'s command), if any,
+//!   has exited (the rule of local leases), the lease ends here, but only the daemon's copy of
+//!   the session closes (aborted: no word to the server); the server frees the lock when the
+//!   last copy closes, which is at once unless a process that inherited one still runs.
 //! - A lost session (server restart, network cut, a check-in unanswered) marks the lease lost
 //!   and tells its client at once with `Reply::LeaseLost` (`run` then stops its command). A
 //!   session that only looks lost (a check-in unanswered: the server may still hold the lock
