@@ -28,6 +28,9 @@
 //! network cut), the lock is gone or soon will be: unless `--on-lost=warn`, CMD's group gets
 //! SIGTERM, SIGKILL after a quarter of the remote timeout (or `--kill-after`, if shorter), well
 //! before the server can give the lock to another host, and `run` exits with [`EXIT_LOST`].
+//! Through the daemon, CMD inherits the copy of the server session's socket that the daemon
+//! attached to the grant: the session (and the lock) then outlives a killed daemon as well, and
+//! `run` takes the daemon's death for a loss only once that socket shows the session ended.
 
 use std::io::{IsTerminal, Write};
 use std::process::{Child, Command, ExitCode, ExitStatus};
@@ -119,9 +122,10 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
     };
     let passed =
         copy.is_some() || lease.inherit_file().is_some_and(|file| buildlock_sys::pass_to_child(&mut cmd, file));
-    // A remote lease the daemon holds: CMD inherits a copy of `run`'s connection to the daemon
-    // (which ends the lease only when every copy is closed), and the lease is bound to CMD
-    // below; so CMD keeps it if `run` dies, even before the binding reached the daemon.
+    // A remote lease the daemon holds: CMD inherits a copy of the server session's socket
+    // (or, from a daemon that attaches none, of `run`'s connection to the daemon, which ends the
+    // lease only when every copy is closed), and the lease is bound to CMD below; so CMD keeps it
+    // if `run` dies, even before the binding reached the daemon.
     let daemon_keeps = lease.via_daemon() && lease.remote_server().is_some();
     if !passed && !daemon_keeps && !buildlock_sys::kill_on_parent_death(&mut cmd) {
         tracing::debug!("this platform cannot stop CMD if buildlock-client is killed");

@@ -417,24 +417,56 @@ fn remote_through_the_daemon_daemon_status_shows_the_holder_and_its_backend() {
     assert!(waiter.wait().success(), "the waiter is granted once the holder's session ended: {}", waiter.stderr());
 }
 
+/// The daemon holds the server session, but `run` and its command hold copies of its socket
+/// (attached to the grant): the daemon's death is no loss. The lock stays busy on the server
+/// past `run`'s check (each second), `run` lets its command finish, releases, exits with the
+/// command's code, and the lock is then free.
 #[test]
-fn remote_through_the_daemon_daemon_killed_mid_hold_stops_the_command() {
+fn remote_through_the_daemon_daemon_killed_mid_hold_leaves_the_lock_to_the_running_command() {
     let Some(pg) = PgServer::start() else { return };
     let env = Env::daemon();
-    let mut holder = spawn_remote(&env, &pg, &["run", "dk", "--", "sh", "-c", "echo locked; exec sleep 1000"]);
+    let mut holder = spawn_remote(&env, &pg, &["run", "dk", "--", "sh", "-c", "echo locked; read x; echo done"]);
     holder.expect_line("locked");
     let cmd = holder.cmd_pid();
     let daemon = env.daemon_pid().expect("a daemon serves the test");
-    // The daemon holds the server session: its death ends the session, so the lock is lost,
-    // and `run` (which sees the daemon's socket close) stops its command.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
-    assert_eq!(holder.wait().code(), Some(122), "{}", holder.stderr());
-    let err = holder.stderr();
-    assert!(err.contains("lock dk on postgres://127.0.0.1:") && err.contains("was lost while held"), "{err}");
-    assert!(err.contains("buildlockd"), "{err}");
-    assert!(is_dead(cmd));
-    // Nobody holds it on the server any more.
+    wait_dead(daemon);
+    // Busy for another host's client (direct) for a second and a half, while `run` checks.
+    let out = remote(&env, &pg, &["--no-daemon", "run", "-w", "1.5", "-E", "7", "dk", "--", "true"]);
+    out.assert_code(7).assert_stderr_has("timed out waiting for lock dk on postgres://");
+    assert!(!is_dead(cmd), "`run` stopped its command: {}", holder.stderr());
+    holder.send_line();
+    holder.expect_line("done");
+    assert_eq!(holder.wait().code(), Some(0), "{}", holder.stderr());
+    assert!(!holder.stderr().contains("lost"), "{}", holder.stderr());
+    // Released (the last copies of the session closed): free on the server.
     remote(&env, &pg, &["--no-daemon", "run", "-w", "30", "dk", "--", "true"]).assert_code(0);
+}
+
+/// The daemon SIGKILLed, then `run` too: the command alone holds a copy of the session, so the
+/// lock is busy for a direct client while it runs, and free once it has exited.
+#[test]
+fn remote_through_the_daemon_daemon_and_run_killed_leave_the_lock_to_the_command_until_it_exits() {
+    let Some(pg) = PgServer::start() else { return };
+    let env = Env::daemon();
+    let mut holder = spawn_remote(&env, &pg, &["run", "dr", "--", "sh", "-c", "echo locked; exec sleep 1000"]);
+    holder.expect_line("locked");
+    let cmd = holder.cmd_pid();
+    let daemon = env.daemon_pid().expect("a daemon serves the test");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_dead(daemon);
+    remote(&env, &pg, &["--no-daemon", "run", "-n", "dr", "--", "true"])
+        .assert_code(1)
+        .assert_stderr_has("busy: lock dr");
+    holder.kill9();
+    holder.wait();
+    remote(&env, &pg, &["--no-daemon", "run", "-n", "dr", "--", "true"])
+        .assert_code(1)
+        .assert_stderr_has("busy: lock dr");
+    assert!(!is_dead(cmd));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(cmd as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_dead(cmd);
+    remote(&env, &pg, &["--no-daemon", "run", "-w", "30", "dr", "--", "true"]).assert_code(0);
 }
 
 #[test]

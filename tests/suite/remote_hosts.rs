@@ -128,6 +128,37 @@ fn remote_hosts_a_cut_off_host_stops_its_command_before_the_other_host_gets_the_
     assert!(again.wait().success(), "{}", again.stderr());
 }
 
+/// The cut-off case with the holding host's daemon SIGKILLed first: nobody checks in for the
+/// session any more, but `run` and CMD hold copies of its socket (attached to the grant), whose
+/// keepalives and `TCP_USER_TIMEOUT` (a quarter of the remote timeout) fail well before the
+/// server gives up on it; `run` sees that, stops CMD (exit 122), and only then is host b granted.
+#[test]
+fn remote_hosts_a_cut_off_host_whose_daemon_was_killed_stops_its_command_before_the_other_host_gets_the_lock() {
+    let Some((pg, [a, b])) = two_hosts() else { return };
+    let mut holder = a.spawn(&["run", "dcut", "--", "sh", "-c", "echo $$; echo $BUILDLOCK_TOKEN; exec sleep 1000"]);
+    let cmd: u32 = holder.next_line().unwrap().parse().unwrap();
+    let first = token(&mut holder);
+    let check = format!(
+        "if [ -d /proc/{cmd} ] && ! grep -q '^State:.*Z' /proc/{cmd}/status; then echo TOO-EARLY; fi; \
+         echo $BUILDLOCK_TOKEN"
+    );
+    let mut waiter = b.spawn(&["run", "dcut", "--", "sh", "-c", &check]);
+    wait_until(|| waiting(&pg) == 1);
+    let daemon = a.env.daemon_pid().expect("host a's daemon serves the lock");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_dead(daemon);
+    // The daemon's death frees nothing: host b still waits.
+    assert_eq!(waiting(&pg), 1, "the killed daemon's session ended: {}", holder.stderr());
+    a.net.cut();
+    assert_eq!(holder.wait().code(), Some(122), "{}", holder.stderr());
+    let err = holder.stderr();
+    assert!(err.contains("lock dcut on postgres://") && err.contains("was lost while held"), "{err}");
+    assert!(is_dead(cmd));
+    let second = token(&mut waiter);
+    assert!(second > first, "tokens grow across hosts: {first} then {second}");
+    assert!(waiter.wait().success(), "{}", waiter.stderr());
+}
+
 /// Found by the chaos run across hosts: a `run` whose parent (and so the reader of its stderr)
 /// was gone died of its own report of the loss ("failed printing to stderr") before it stopped
 /// its command, which then ran on without the lock.

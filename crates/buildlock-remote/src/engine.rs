@@ -99,7 +99,11 @@ pub trait EngineSession: Send {
     /// `Some(why)` once the session has ended (the loss notification).
     fn closed(&self) -> watch::Receiver<Option<String>>;
 
-    /// Ends the session at once, without a round trip, even while a request waits.
+    /// Ends the session at once, without a round trip, even while a request waits. It closes
+    /// only this process's side and never tells the server (no Terminate): a copy of
+    /// [`EngineSession::socket`] held elsewhere keeps the session, and the lock, alive. The daemon
+    /// relies on it when a lease's holders are gone (it drops its copy, the holders' copies decide).
+    /// The signal that the abort is complete is `closed()`'s sender being dropped.
     fn abort(&self);
 
     /// The connection's socket, if a copy inherited by a command keeps the session (and so the

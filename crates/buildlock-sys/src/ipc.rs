@@ -261,6 +261,79 @@ pub fn peer_closed(sock: BorrowedFd<'_>) -> bool {
     }
 }
 
+/// Why the connection of stream socket `sock` (a copy of a remote lock's server session) has
+/// ended, if it has: the peer closed it or reset it, or the kernel gave up on it (keepalives or
+/// `TCP_USER_TIMEOUT` unanswered: the network is cut). Looked at without waiting and without
+/// consuming anything queued (data the server sent to another copy's reader is left alone).
+pub fn connection_ended(sock: BorrowedFd<'_>) -> Option<String> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let events = PollFlags::from_bits_retain(nix::libc::POLLRDHUP);
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let events = PollFlags::empty();
+    let mut pfd = [PollFd::new(sock, events)];
+    let revents = loop {
+        match poll(&mut pfd, PollTimeout::ZERO) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Some(format!("its socket cannot be polled: {e}")),
+            Ok(_) => break pfd[0].revents().unwrap_or(PollFlags::empty()),
+        }
+    };
+    if revents.is_empty() {
+        return None;
+    }
+    // The error that ended it, if any (ETIMEDOUT: keepalives or `TCP_USER_TIMEOUT`).
+    let pending = match revents.intersects(PollFlags::POLLERR | PollFlags::POLLHUP) {
+        true => nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::SocketError).unwrap_or(0),
+        false => 0,
+    };
+    if pending != 0 || revents.contains(PollFlags::POLLERR) {
+        let e = io::Error::from_raw_os_error(pending);
+        return Some(match nix::errno::Errno::from_raw(pending) {
+            nix::errno::Errno::ETIMEDOUT => {
+                "the server stopped answering (keepalives unanswered: network cut off, or its host is down)".into()
+            }
+            nix::errno::Errno::ECONNRESET => "the server reset the connection".into(),
+            _ => format!("the connection failed: {e}"),
+        });
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let closed = revents.intersects(PollFlags::POLLHUP | PollFlags::from_bits_retain(nix::libc::POLLRDHUP));
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let closed = revents.contains(PollFlags::POLLHUP) || peer_closed(sock);
+    closed.then(|| "the server closed the connection (it was restarted, or ended the session)".into())
+}
+
+/// How long ago TCP socket `sock` last received an acknowledgement from its peer (Linux:
+/// `TCP_INFO`'s `tcpi_last_ack_recv`; the peer's answers to keepalive probes count), or `None`
+/// where that is not known (another platform, not a TCP socket). A link taken down never fails
+/// the socket by itself (probes that cannot leave the host are retried, not counted), so a
+/// holder that must know within a bound asks this.
+pub fn last_heard(sock: BorrowedFd<'_>) -> Option<std::time::Duration> {
+    #[cfg(target_os = "linux")]
+    {
+        use nix::libc;
+        let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: `info` is a zeroed `tcp_info` of `len` bytes that the kernel fills (at most
+        // `len` bytes); `sock` is a descriptor borrowed for the call.
+        let r = unsafe {
+            libc::getsockopt(sock.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr().cast(), &mut len)
+        };
+        if r != 0 {
+            return None;
+        }
+        // SAFETY: zeroed above (every field is an integer), then filled by the kernel.
+        let info = unsafe { info.assume_init() };
+        Some(std::time::Duration::from_millis(info.tcpi_last_ack_recv.into()))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = sock;
+        None
+    }
+}
+
 /// Waits until one of `fds` is readable (or `timeout` passes: `Ok(None)`); returns its index.
 pub fn wait_readable(fds: &[BorrowedFd<'_>], timeout: Option<std::time::Duration>) -> io::Result<Option<usize>> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};

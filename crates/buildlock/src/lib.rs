@@ -59,7 +59,10 @@
 //! this process speaks only the local protocol; with `Direct` (or no daemon to be had in
 //! `Auto`) the library talks to the server itself. Either way [`Lease::check`] reports a lost
 //! session as [`Error::Remote`] (`buildlock_remote::Error::Lost`): through the daemon, when it
-//! says so (`LeaseLost`) or when the daemon's connection is gone (its sessions died with it).
+//! says so (`LeaseLost`). The daemon attaches a copy of the session's socket to the grant, which
+//! the lease keeps (and `run`'s command inherits): the daemon's death is then no loss, and the
+//! lease is lost only once that copy shows the session ended, or the server has been silent
+//! for half the remote timeout (network cut; nobody checks in any more).
 //!
 //! **Daemon leases and daemon death.** On Linux the daemon hands the client a duplicate of the
 //! locked descriptor, and the client keeps it for as long as it holds the lease: if the daemon
@@ -271,6 +274,10 @@ enum Inner {
         /// A remote lock whose server session the daemon holds: its server
         /// (`postgres://host:port/db`); `path` is then the lock's name.
         remote: Option<String>,
+        /// A remote lease whose `file` is a copy of the server session's socket (the daemon
+        /// attached it to `Granted`): its remote timeout. The lock then holds while this copy
+        /// is healthy, even if the daemon dies.
+        session: Option<Duration>,
     },
     Direct(buildlock_disk::Guard),
     Remote(buildlock_remote::Lease),
@@ -575,8 +582,10 @@ fn acquire_daemon(
                 place = (position > 0).then_some(position);
             }
             Some((Reply::Granted { token, file: checked, .. }, fd)) => {
-                // A remote lease: no lock file, but a copy of the connection for a command to
-                // inherit (`inherit_file`).
+                // A remote lease: a copy of the server session's socket (the daemon attaches
+                // it), else a copy of the connection to the daemon, for a command to inherit
+                // (`inherit_file`).
+                let session = opts.remote.as_ref().filter(|_| fd.is_some()).map(|s| s.remote_timeout());
                 let file = match (fd, &opts.remote) {
                     (None, Some(_)) => mux.connection_copy().ok(),
                     (fd, _) => fd.map(File::from),
@@ -591,7 +600,7 @@ fn acquire_daemon(
                 let (bound, runtime_dir) = (opts.bind_pid, opts.runtime_dir());
                 drop(replies);
                 let remote = opts.remote.as_ref().map(|s| s.display());
-                let inner = Inner::Daemon { mux, lease, path, file, id, bound, runtime_dir, remote };
+                let inner = Inner::Daemon { mux, lease, path, file, id, bound, runtime_dir, remote, session };
                 return Ok(Lease { target: target.clone(), token, inner: Some(inner), _held: None, history: None });
             }
             Some((Reply::Error(e), _)) => {
@@ -667,7 +676,10 @@ impl Lease {
     /// ([`Lease::os_file`]), or a remote lease's server connection (the session, and so the
     /// lock, then lasts while any process holds a copy, even if this one is killed).
     ///
-    /// For a remote lease the daemon holds, a copy of this process's connection to the daemon:
+    /// For a remote lease the daemon holds, the copy of the server session's socket that the
+    /// daemon attached to the grant: the lock then outlives this process and the daemon for as
+    /// long as a command holding it runs. From a daemon that attaches none, a copy of this
+    /// process's connection to the daemon:
     /// the daemon ends the connection's leases only once every copy is closed, so a command
     /// started with it keeps the lock if this process is killed before it could bind the lease
     /// to the command ([`Lease::bind_pid`]). Every lease of this process on that connection
@@ -755,14 +767,16 @@ impl Lease {
             // The daemon holds the server session: it says when it was lost, and its own death
             // (the connection broken) ends the session, so the lock, too.
             #[cfg(unix)]
-            Some(Inner::Daemon { remote: Some(server), mux, lease, path, .. }) => match mux.poll_lost(*lease) {
-                Some(why) => Err(Error::Remote(buildlock_remote::Error::Lost {
-                    lock: path.clone(),
-                    server: server.clone(),
-                    why,
-                })),
-                None => Ok(()),
-            },
+            Some(Inner::Daemon { remote: Some(server), mux, lease, path, file, session, .. }) => {
+                match remote_lost(mux, *lease, file.as_ref().zip(*session)) {
+                    Some(why) => Err(Error::Remote(buildlock_remote::Error::Lost {
+                        lock: path.clone(),
+                        server: server.clone(),
+                        why,
+                    })),
+                    None => Ok(()),
+                }
+            }
             #[cfg(unix)]
             Some(Inner::Daemon { file: None, mux, path, .. }) if mux.daemon_gone() => Err(Error::Lost {
                 path: PathBuf::from(path),
@@ -820,15 +834,23 @@ impl Lease {
             }
             Inner::Remote(r) => r.release().map_err(Error::from),
             #[cfg(unix)]
-            Inner::Daemon { mux, lease, path, remote: Some(server), .. } => {
+            Inner::Daemon { mux, lease, path, remote: Some(server), file, session, .. } => {
                 forked_check(&mux)?;
-                let lost = mux.poll_lost(lease);
+                let socket = file.as_ref().zip(session);
+                let lost = remote_lost(&mux, lease, socket);
                 let released = send_release(&mux, lease, confirmed && lost.is_none());
                 mux.forget(lease);
+                // Our copy of the session closes; through a live daemon the lock is unlocked
+                // on the server for every copy (`Release`).
+                let copy = socket.is_some();
+                drop(file);
                 if let Some(why) = lost {
                     return Err(Error::Remote(buildlock_remote::Error::Lost { lock: path, server, why }));
                 }
                 match released {
+                    // The daemon is gone, but the session was still healthy in our copy, which
+                    // now closes: the server frees the lock once no other copy is left.
+                    Err(Error::Protocol(_)) if copy => Ok(()),
                     // The daemon is gone, and the session with it: the server has freed the lock.
                     Err(Error::Protocol(why)) => Err(Error::Remote(buildlock_remote::Error::Lost {
                         lock: path,
@@ -839,7 +861,7 @@ impl Lease {
                 }
             }
             #[cfg(unix)]
-            Inner::Daemon { mux, lease, path, file, id, bound, runtime_dir, remote: None } => {
+            Inner::Daemon { mux, lease, path, file, id, bound, runtime_dir, remote: None, .. } => {
                 if let Err(e) = forked_check(&mux) {
                     // Our copy of the descriptor closes (the parent's and the daemon's keep the
                     // lock); nothing goes on the wire.
@@ -886,6 +908,31 @@ impl Lease {
             }
         }
     }
+}
+
+/// Why remote lease `lease` (held through the daemon) is lost, if it is: the daemon said so
+/// (`LeaseLost`), or its connection is gone. With `socket`, this process's copy of the server
+/// session, the daemon's death is no loss: the session lives in the copy, and is lost only if the
+/// copy shows it ended (the server closed it, or the kernel gave up on it: keepalives and
+/// `TCP_USER_TIMEOUT` unanswered), or that the server has not been heard from (not even
+/// answering a keepalive probe, sent after a quarter of the remote timeout `T` of silence) for
+/// `T/2`: the network is cut, and the server frees the lock `T` after it last heard from us.
+#[cfg(unix)]
+fn remote_lost(mux: &mux::Mux, lease: buildlock_proto::LeaseRef, socket: Option<(&File, Duration)>) -> Option<String> {
+    use std::os::fd::AsFd;
+    let why = mux.poll_lost(lease)?;
+    let Some((sock, remote_timeout)) = socket.filter(|_| !mux.told_lost(lease)) else { return Some(why) };
+    let ended = buildlock_sys::ipc::connection_ended(sock.as_fd()).or_else(|| {
+        let heard = buildlock_sys::ipc::last_heard(sock.as_fd())?;
+        (heard > remote_timeout / 2).then(|| {
+            format!(
+                "the server has not been heard from for {:.1}s, not even answering keepalives (network cut off, or \
+                 its host is down)",
+                heard.as_secs_f64()
+            )
+        })
+    })?;
+    Some(format!("{ended}; buildlockd, which checked in for it, is gone too ({why})"))
 }
 
 /// A daemon lease seen from a process forked from the one that took it: it is the parent's,

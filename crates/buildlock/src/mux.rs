@@ -178,6 +178,11 @@ impl Mux {
             .map(|why| format!("the connection to buildlockd, which held the server session, is gone ({why})"))
     }
 
+    /// Whether the daemon said lease `id` was lost (`Reply::LeaseLost`), as read so far.
+    pub(crate) fn told_lost(&self, id: LeaseRef) -> bool {
+        lock(&self.routes).lost.contains_key(&id)
+    }
+
     /// Forgets what was recorded about lease `id` (it is released).
     pub(crate) fn forget(&self, id: LeaseRef) {
         lock(&self.routes).lost.remove(&id);

@@ -169,12 +169,12 @@ async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Outg
     }
 }
 
-async fn send_with_fd(wr: &OwnedWriteHalf, bytes: &[u8], fd: &buildlock_sys::LockFile) -> io::Result<usize> {
+async fn send_with_fd(wr: &OwnedWriteHalf, bytes: &[u8], fd: &crate::state::SendFd) -> io::Result<usize> {
     let stream: &UnixStream = wr.as_ref();
     loop {
         stream.writable().await?;
         match stream.try_io(tokio::io::Interest::WRITABLE, || {
-            buildlock_sys::ipc::send_with_fd(stream.as_fd(), bytes, Some(fd.file().as_fd()))
+            buildlock_sys::ipc::send_with_fd(stream.as_fd(), bytes, Some(fd.as_fd()))
         }) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             other => return other,

@@ -5,12 +5,16 @@
 //! `buildlock_remote::Engine` (chosen by the URL's scheme, `buildlock_remote::from_url`) and
 //! opens one `Box<dyn EngineSession>` per lease on its own runtime, in a task of its own
 //! (`drive`): it connects within the connect timeout, waits in the server's lock queue (its
-//! order is the server's), answers `Granted` with the token and no descriptor, then checks in
-//! every quarter of the remote timeout.
+//! order is the server's), answers `Granted` with the token and a copy of the session's socket
+//! (as a local lease's lock file is attached), then checks in every quarter of the remote
+//! timeout. The client and the command `run` starts hold that copy, so the session (and lock)
+//! outlives this daemon while they live, as a local lease's OS lock does.
 //!
-//! - The lease ends (the session is released and closed at once) when its client releases it,
-//!   or when its connection has closed *and* its bound process (`Bind`, `run`'s command), if
-//!   any, has exited: the rule of local leases.
+//! - `Release` unlocks on the server and closes the session at once, for every copy.
+//! - When its connection has closed *and* its bound process (`Bind`, `run`'s command), if any,
+//!   has exited (the rule of local leases), the lease ends here, but only the daemon's copy of
+//!   the session closes (aborted: no word to the server); the server frees the lock when the
+//!   last copy closes, which is at once unless a process that inherited one still runs.
 //! - A lost session (server restart, network cut, a check-in unanswered) marks the lease lost
 //!   and tells its client at once with `Reply::LeaseLost` (`run` then stops its command). A
 //!   session that only looks lost (a check-in unanswered: the server may still hold the lock
@@ -39,7 +43,7 @@ use buildlock_queue::OwnerId;
 use tokio::sync::oneshot;
 
 use crate::server::Daemon;
-use crate::state::{Outgoing, State, Tx};
+use crate::state::{Outgoing, SendFd, State, Tx};
 
 /// A remote lease's key: its connection and the id its client gave it.
 type Key = (OwnerId, LeaseRef);
@@ -95,8 +99,11 @@ struct RemoteLease {
     /// The client process (`run`), which stops its command when told of a loss. Its connection
     /// may outlive it (`run`'s command inherits a copy), so whether it lives is asked of it.
     client: buildlock_sys::ProcessIdentity,
-    /// Dropped (or fired) to end the session: released on the server at once.
-    _stop: oneshot::Sender<()>,
+    /// Fired (`Release`) to end the lock on the server at once, for every copy of the session;
+    /// dropped (its holders are gone) to close only the daemon's copy of the session, never
+    /// telling the server: a process that still holds a copy of the socket (handed over with
+    /// `Granted`) keeps the lock, which the server frees when the last copy closes.
+    stop: oneshot::Sender<()>,
 }
 
 /// A remote lease's `--max-hold`.
@@ -293,7 +300,7 @@ impl Daemon {
             }),
             stop_grace: buildlock_remote::Bounds { remote_timeout }.stop_grace(),
             client: buildlock_sys::identify(client_pid),
-            _stop: stop_tx,
+            stop: stop_tx,
         };
         st.remote.leases.insert((owner, id), lease);
         st.note_activity();
@@ -309,6 +316,8 @@ impl Daemon {
         let mut st = self.state();
         let Some(l) = st.remote.leases.remove(&(owner, id)) else { return false };
         l.send(Reply::Released { lease: id, path: l.name.clone() });
+        // Unlocked on the server at once, whoever else holds a copy of the session.
+        let _ = l.stop.send(());
         st.note_activity();
         true
     }
@@ -598,11 +607,24 @@ async fn drive(
     let mut overdue = None;
     {
         let mut st = daemon.state();
-        // Gone meanwhile (released, or its holders died): released below.
+        // Gone meanwhile (released, or its holders died): ended below.
         if let Some(l) = st.remote.leases.get_mut(&key) {
             overdue = l.max_hold.as_ref().map(|m| tokio::time::Instant::now() + m.limit);
             l.phase = Phase::Held { token, since: SystemTime::now() };
-            l.send(Reply::Granted { lease: key.1, path: l.name.clone(), token, fd_attached: false, file: None });
+            // A copy of the session's socket rides on the grant, as a local lease's lock file
+            // does: the client (and the command it starts) then holds the session too, so the
+            // lock outlives this daemon for as long as a holder lives.
+            let fd = match session.socket().map(std::fs::File::try_clone) {
+                Some(Ok(copy)) => Some(SendFd::Socket(Arc::new(copy))),
+                Some(Err(e)) => {
+                    tracing::warn!("cannot copy the server session's socket of remote lock {}: {e}", l.label());
+                    None
+                }
+                None => None,
+            };
+            let fd_attached = fd.is_some();
+            let reply = Reply::Granted { lease: key.1, path: l.name.clone(), token, fd_attached, file: None };
+            let _ = l.tx.send(Outgoing { reply, fd });
         }
     }
     let every = server.heartbeat();
@@ -613,10 +635,10 @@ async fn drive(
     let mut suspect = false;
     let ended = loop {
         tokio::select! {
-            _ = &mut stop => break None,
+            r = &mut stop => break if r.is_ok() { Ended::Released } else { Ended::HoldersGone },
             _ = until(overdue) => overdue = daemon.stop_overdue_remote(key),
             _ = closed.changed() => {
-                break Some(closed.borrow().clone().unwrap_or_else(|| "the connection ended".into()));
+                break Ended::Lost(closed.borrow().clone().unwrap_or_else(|| "the connection ended".into()));
             }
             _ = tokio::time::sleep(every), if !suspect => {
                 let answered = tokio::time::timeout(every, session.heartbeat()).await;
@@ -628,15 +650,26 @@ async fn drive(
         }
     };
     match ended {
-        None => {
-            // Released (or its holders are gone): on the server at once, bounded in time.
+        Ended::HoldersGone => {
+            // Only the daemon's copy closes, without a word to the server (an abort sends no
+            // Terminate): a process still holding a copy (a command's child) keeps the lock,
+            // and the server frees it when the last copy closes, at once once none is left.
+            session.abort();
+            // The connection's task is gone (what tells `closed` with it) before the client is
+            // dropped, so it cannot say goodbye to the server for us; bounded in time.
+            let mut gone = session.closed();
+            let _ = tokio::time::timeout(every, gone.wait_for(|_| false)).await;
+            drop(session);
+        }
+        Ended::Released => {
+            // Released: on the server at once, for every copy, bounded in time.
             if let Ok(Err(e)) = tokio::time::timeout(every, session.release()).await {
                 tracing::warn!("{e}");
             }
             // Bounded by the engine (a second), then aborted.
             session.close().await;
         }
-        Some(why) => {
+        Ended::Lost(why) => {
             // The server has freed the lock (or will, the connection being gone).
             session.abort();
             if !suspect {
@@ -644,6 +677,16 @@ async fn drive(
             }
         }
     }
+}
+
+/// How a held lease's session ended.
+enum Ended {
+    /// Its client released it (`Release`).
+    Released,
+    /// Its holders are gone (connection closed, bound process exited), or it was forgotten.
+    HoldersGone,
+    /// The session was lost (the server or the network ended it).
+    Lost(String),
 }
 
 /// How a check-in given `every` to answer went: why it failed, if it did.

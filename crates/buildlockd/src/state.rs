@@ -36,8 +36,22 @@ pub(crate) struct Outgoing {
     pub(crate) fd: Option<SendFd>,
 }
 
-/// A descriptor to send with a reply: the lock file the daemon holds, kept open until sent.
-pub(crate) type SendFd = Arc<buildlock_sys::LockFile>;
+/// A descriptor to send with a reply (`Granted`), kept open until sent: the lock file the daemon
+/// holds (shared, no `dup`), or a copy of a remote lease's server session socket.
+#[derive(Debug, Clone)]
+pub(crate) enum SendFd {
+    Lock(Arc<buildlock_sys::LockFile>),
+    Socket(Arc<std::fs::File>),
+}
+
+impl std::os::fd::AsFd for SendFd {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            SendFd::Lock(f) => f.file().as_fd(),
+            SendFd::Socket(s) => s.as_fd(),
+        }
+    }
+}
 
 pub(crate) type Tx = mpsc::UnboundedSender<Outgoing>;
 
@@ -1351,7 +1365,7 @@ fn validate_path(path: &str) -> Result<LockTarget, String> {
 fn hand_over(hold: &OsHold) -> Option<SendFd> {
     #[cfg(target_os = "linux")]
     {
-        Some(hold.shared_file())
+        Some(SendFd::Lock(hold.shared_file()))
     }
     #[cfg(not(target_os = "linux"))]
     {
