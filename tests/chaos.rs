@@ -1157,7 +1157,7 @@ fn chaos_soft_and_os_locks_mixed() {
 /// late is taken for a loss, and the daemon then closes a session the server still honoured;
 /// docs/RELIABILITY.md).
 #[test]
-#[ignore = "long (30 s and more); can meet the daemon's false loss on a loaded machine (docs/RELIABILITY.md)"]
+#[ignore = "long (30 s and more): run it with --ignored (docs/RELIABILITY.md)"]
 fn chaos_remote_across_two_hosts() {
     let Some(remote) = Remote::start() else { return };
     let mut s = Scenario::new(
