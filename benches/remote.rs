@@ -24,11 +24,13 @@ use std::time::{Duration, Instant};
 
 use buildlock::{Connect, LockTarget, Options};
 
+mod common;
 #[path = "../tests/support/netns.rs"]
 mod netns;
 #[path = "../tests/support/pg_server.rs"]
 mod pg_server;
 
+use common::time_each;
 use pg_server::PgServer;
 
 const SCRUB: [&str; 6] = [
@@ -54,20 +56,6 @@ fn fmt(d: Duration) -> String {
         _ if us < 1e6 => format!("{:.2} ms", us / 1000.0),
         _ => format!("{:.2} s", us / 1e6),
     }
-}
-
-/// `n` timings of `f` after a tenth as many warm-up runs.
-fn time_each(n: usize, mut f: impl FnMut()) -> Vec<Duration> {
-    for _ in 0..(n / 10).max(1) {
-        f();
-    }
-    (0..n)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .collect()
 }
 
 fn main() {

@@ -159,10 +159,25 @@ pub fn install_file_reusing(
     bytes: &[u8],
     may_replace: &mut dyn FnMut() -> bool,
 ) -> io::Result<Option<FileStamp>> {
-    const MAX_SPARE: u64 = 64 * 1024;
-    let (file, meta) = match open_regular_rw_stat(spare, false, true, false) {
-        Ok((f, m)) if m.len() <= MAX_SPARE => (f, m),
-        _ => return install_file(path, bytes, may_replace),
+    match rewrite_kept(spare, bytes) {
+        None => install_file(path, bytes, may_replace),
+        Some(stamp) => {
+            // Written whole before it is moved into place, or not moved at all.
+            let stamp = stamp?;
+            Ok(move_into_place(spare, path, may_replace)?.then_some(stamp))
+        }
+    }
+}
+
+/// Writes `bytes` in place into the file kept at `kept` (a regular file of ours with a single
+/// link, of at most 64 KiB), padded with spaces to its size (for JSON, trailing white space is
+/// nothing); its stamp, without a modification time. `None`: no such file there, so the caller
+/// makes a new one.
+fn rewrite_kept(kept: &Path, bytes: &[u8]) -> Option<io::Result<FileStamp>> {
+    const MAX_KEPT: u64 = 64 * 1024;
+    let (file, meta) = match open_regular_rw_stat(kept, false, true, false) {
+        Ok((f, m)) if m.len() <= MAX_KEPT => (f, m),
+        _ => return None,
     };
     let mut padded;
     let mut data = bytes;
@@ -171,10 +186,8 @@ pub fn install_file_reusing(
         padded.resize(meta.len() as usize, b' ');
         data = &padded;
     }
-    imp::write_all_at(&file, data)?;
-    drop(file);
-    let stamp = FileStamp { id: imp::file_id(&meta), len: data.len() as u64, modified: None };
-    Ok(move_into_place(spare, path, may_replace)?.then_some(stamp))
+    let written = imp::write_all_at(&file, data);
+    Some(written.map(|()| FileStamp { id: imp::file_id(&meta), len: data.len() as u64, modified: None }))
 }
 
 /// A new file at `tmp` (created exclusively, so a planted link is never followed; mode
@@ -217,26 +230,13 @@ fn move_into_place(from: &Path, path: &Path, may_replace: &mut dyn FnMut() -> bo
 /// once and free the old one (its "replace by rename" safety net): a millisecond. Falls back to
 /// that where the exchange is not supported.
 pub fn replace_file_keeping(path: &Path, bytes: &[u8], next: &Path) -> io::Result<FileStamp> {
-    const MAX_KEPT: u64 = 64 * 1024;
-    if let Ok((file, meta)) = open_regular_rw_stat(next, false, true, false) {
-        if meta.len() <= MAX_KEPT {
-            let mut padded;
-            let mut data = bytes;
-            if (bytes.len() as u64) < meta.len() {
-                padded = bytes.to_vec();
-                padded.resize(meta.len() as usize, b' ');
-                data = &padded;
-            }
-            imp::write_all_at(&file, data)?;
-            drop(file);
-            let stamp = FileStamp { id: imp::file_id(&meta), len: data.len() as u64, modified: None };
-            if imp::rename_exchange(next, path)? {
-                // `next` now names the old file, kept for the next time.
-                return Ok(stamp);
-            }
+    if let Some(stamp) = rewrite_kept(next, bytes) {
+        let stamp = stamp?;
+        // After the exchange, `next` names the old file, kept for the next time.
+        if !imp::rename_exchange(next, path)? {
             std::fs::rename(next, path)?;
-            return Ok(stamp);
         }
+        return Ok(stamp);
     }
     let tmp = temp_path(path);
     let result = (|| {
