@@ -49,6 +49,25 @@ fn token(p: &mut Proc) -> u64 {
     line.parse().unwrap_or_else(|_| panic!("not a token: {line:?}; stderr:\n{}", p.stderr()))
 }
 
+/// A shell command for a waiter's CMD: prints `TOO-EARLY` if process `cmd` (the last holder's
+/// command) still runs (a zombie counts as gone), else `ok_word` (nothing if empty); then `then`.
+fn gone_check(cmd: u32, ok_word: &str, then: &str) -> String {
+    let otherwise = if ok_word.is_empty() { String::new() } else { format!(" else echo {ok_word};") };
+    format!("if [ -d /proc/{cmd} ] && ! grep -q '^State:.*Z' /proc/{cmd}/status; then echo TOO-EARLY;{otherwise} fi; {then}")
+}
+
+/// Host `a` holds lock `name` (its CMD prints its pid and token, then sleeps), and host `b`
+/// queues for it behind, with a CMD that checks `a`'s is gone and prints its own token:
+/// `(holder, a's CMD pid, a's token, waiter)`.
+fn hold_and_queue(pg: &PgServer, a: &Host, b: &Host, name: &str) -> (Proc, u32, u64, Proc) {
+    let mut holder = a.spawn(&["run", name, "--", "sh", "-c", "echo $$; echo $BUILDLOCK_TOKEN; exec sleep 1000"]);
+    let cmd: u32 = holder.next_line().unwrap().parse().unwrap();
+    let first = token(&mut holder);
+    let waiter = b.spawn(&["run", name, "--", "sh", "-c", &gone_check(cmd, "", "echo $BUILDLOCK_TOKEN")]);
+    wait_until(|| waiting(pg) == 1);
+    (holder, cmd, first, waiter)
+}
+
 #[test]
 fn remote_hosts_two_hosts_contending_through_their_daemons_never_both_hold() {
     let Some((_pg, hosts)) = two_hosts() else { return };
@@ -99,16 +118,8 @@ fn remote_hosts_a_host_whose_processes_all_die_lets_the_other_host_have_the_lock
 #[test]
 fn remote_hosts_a_cut_off_host_stops_its_command_before_the_other_host_gets_the_lock() {
     let Some((pg, [a, b])) = two_hosts() else { return };
-    let mut holder = a.spawn(&["run", "cut", "--", "sh", "-c", "echo $$; echo $BUILDLOCK_TOKEN; exec sleep 1000"]);
-    let cmd: u32 = holder.next_line().unwrap().parse().unwrap();
-    let first = token(&mut holder);
     // When granted, host b's CMD checks that the cut-off holder's command is gone (or a zombie).
-    let check = format!(
-        "if [ -d /proc/{cmd} ] && ! grep -q '^State:.*Z' /proc/{cmd}/status; then echo TOO-EARLY; fi; \
-         echo $BUILDLOCK_TOKEN"
-    );
-    let mut waiter = b.spawn(&["run", "cut", "--", "sh", "-c", &check]);
-    wait_until(|| waiting(&pg) == 1);
+    let (mut holder, cmd, first, mut waiter) = hold_and_queue(&pg, &a, &b, "cut");
     a.net.cut();
     // Host a's daemon loses its session, tells `run`, which stops CMD: exit 122.
     let st = holder.wait();
@@ -135,15 +146,7 @@ fn remote_hosts_a_cut_off_host_stops_its_command_before_the_other_host_gets_the_
 #[test]
 fn remote_hosts_a_cut_off_host_whose_daemon_was_killed_stops_its_command_before_the_other_host_gets_the_lock() {
     let Some((pg, [a, b])) = two_hosts() else { return };
-    let mut holder = a.spawn(&["run", "dcut", "--", "sh", "-c", "echo $$; echo $BUILDLOCK_TOKEN; exec sleep 1000"]);
-    let cmd: u32 = holder.next_line().unwrap().parse().unwrap();
-    let first = token(&mut holder);
-    let check = format!(
-        "if [ -d /proc/{cmd} ] && ! grep -q '^State:.*Z' /proc/{cmd}/status; then echo TOO-EARLY; fi; \
-         echo $BUILDLOCK_TOKEN"
-    );
-    let mut waiter = b.spawn(&["run", "dcut", "--", "sh", "-c", &check]);
-    wait_until(|| waiting(&pg) == 1);
+    let (mut holder, cmd, first, mut waiter) = hold_and_queue(&pg, &a, &b, "dcut");
     let daemon = a.env.daemon_pid().expect("host a's daemon serves the lock");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     wait_dead(daemon);
@@ -216,9 +219,7 @@ fn remote_a_late_check_in_does_not_free_the_lock_before_the_command_is_stopped()
         c
     });
     let cmd: u32 = holder.next_line().unwrap().parse().unwrap();
-    let check = format!(
-        "if [ -d /proc/{cmd} ] && ! grep -q '^State:.*Z' /proc/{cmd}/status; then echo TOO-EARLY; else echo in-time; fi"
-    );
+    let check = gone_check(cmd, "in-time", "");
     let other = Env::new();
     let mut waiter = other.spawn(&["--backend", &url, "run", "late", "--", "sh", "-c", &check]);
     wait_until(|| waiting(&pg) == 1);
@@ -280,9 +281,7 @@ fn remote_a_killed_runs_command_is_stopped_by_the_daemon_when_the_lock_is_lost()
     wait_until(named);
     holder.kill9();
     holder.wait();
-    let check = format!(
-        "if [ -d /proc/{cmd} ] && ! grep -q '^State:.*Z' /proc/{cmd}/status; then echo TOO-EARLY; else echo in-time; fi"
-    );
+    let check = gone_check(cmd, "in-time", "");
     let other = Env::new();
     let mut waiter = other.spawn(&["--backend", &url, "run", "orphan", "--", "sh", "-c", &check]);
     wait_until(|| waiting(&pg) == 1);
