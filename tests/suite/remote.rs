@@ -3,6 +3,7 @@
 //! `BUILDLOCK_NO_DAEMON`), and through the daemon, which holds the server sessions
 //! (`Env::daemon()`). The key tests run both ways (`both!`).
 
+use crate::netns::{NetHost, HOSTS_CIDR};
 use crate::pg_server::PgServer;
 use crate::util::*;
 
@@ -251,98 +252,15 @@ fn remote_config_file_routes_by_glob() {
     assert!(holder.wait().success());
 }
 
-/// A test host: a network namespace joined to the root namespace by a veth pair, removed (with
-/// its link) when dropped, also when the test fails.
-struct NetHost {
-    ns: String,
-    /// The server's address on the pair (root side) and the host's.
-    server_ip: String,
-    host_ip: String,
-}
-
-impl NetHost {
-    /// `None` (with a loud message) when not root or without `ip`.
-    fn create() -> Option<NetHost> {
-        let ok = |args: &[&str]| std::process::Command::new("ip").args(args).status().is_ok_and(|s| s.success());
-        if !nix::unistd::Uid::effective().is_root() || !ok(&["-V"]) {
-            eprintln!("\n*** SKIPPED: the cut-off host test needs root and `ip` (network namespaces) ***\n");
-            return None;
-        }
-        let n = std::process::id() % 250 + 1;
-        let host = NetHost {
-            ns: format!("blk-{}", std::process::id()),
-            server_ip: format!("10.213.{n}.1"),
-            host_ip: format!("10.213.{n}.2"),
-        };
-        let (root_if, ns_if) = (format!("blkr{n}"), format!("blkh{n}"));
-        let steps: Vec<Vec<String>> = vec![
-            vec!["netns".into(), "add".into(), host.ns.clone()],
-            vec![
-                "link".into(),
-                "add".into(),
-                root_if.clone(),
-                "type".into(),
-                "veth".into(),
-                "peer".into(),
-                "name".into(),
-                ns_if.clone(),
-                "netns".into(),
-                host.ns.clone(),
-            ],
-            vec!["addr".into(), "add".into(), format!("{}/30", host.server_ip), "dev".into(), root_if.clone()],
-            vec!["link".into(), "set".into(), root_if, "up".into()],
-            vec![
-                "-n".into(),
-                host.ns.clone(),
-                "addr".into(),
-                "add".into(),
-                format!("{}/30", host.host_ip),
-                "dev".into(),
-                ns_if.clone(),
-            ],
-            vec!["-n".into(), host.ns.clone(), "link".into(), "set".into(), ns_if, "up".into()],
-            vec!["-n".into(), host.ns.clone(), "link".into(), "set".into(), "lo".into(), "up".into()],
-        ];
-        for step in steps {
-            let args: Vec<&str> = step.iter().map(String::as_str).collect();
-            assert!(ok(&args), "ip {}", args.join(" "));
-        }
-        Some(host)
-    }
-
-    fn cidr(&self) -> String {
-        let base = self.server_ip.rsplit_once('.').unwrap().0;
-        format!("{base}.0/30")
-    }
-
-    /// Takes the host's link down: it is cut off, its processes live on.
-    fn cut(&self) {
-        let n = std::process::id() % 250 + 1;
-        let st = std::process::Command::new("ip")
-            .args(["-n", &self.ns, "link", "set", &format!("blkh{n}"), "down"])
-            .status();
-        assert!(st.unwrap().success());
-    }
-}
-
-impl Drop for NetHost {
-    fn drop(&mut self) {
-        let n = std::process::id() % 250 + 1;
-        let _ = std::process::Command::new("ip").args(["link", "del", &format!("blkr{n}")]).status();
-        let _ = std::process::Command::new("ip").args(["netns", "del", &self.ns]).status();
-    }
-}
-
 #[test]
 fn remote_cut_off_host_stops_its_command_before_another_host_gets_the_lock() {
     let Some(net) = NetHost::create() else { return };
-    let Some(pg) = PgServer::start_listening(Some((&net.server_ip, &net.cidr()))) else { return };
+    let Some(pg) = PgServer::start_listening(Some((&net.server_ip, HOSTS_CIDR))) else { return };
     let env = Env::new();
     let url = pg.url_with(&net.server_ip, "sslmode=disable");
     // The holder runs on the cut-off host (in its namespace), with the shortest remote timeout.
     let cmd = env.cli();
-    let mut holder = std::process::Command::new("ip");
-    holder.args(["netns", "exec", &net.ns]).arg(cmd.get_program());
+    let mut holder = net.command(cmd.get_program());
     holder.args([
         "--backend",
         &url,
