@@ -498,12 +498,7 @@ impl LockArgs {
             runtime_dir: Some(cx.runtime_dir.clone()),
             backend: cx.opts.backend,
             stale_after: cx.opts.stale_after,
-            bind_pid: None,
-            watch: true,
-            remote: None,
-            max_hold: None,
-            kill_after: None,
-            wait_here: false,
+            ..buildlock::Options::default()
         }
     }
 }
