@@ -198,45 +198,19 @@ fn remote_lost_lock_stops_the_command_even_when_runs_stderr_is_closed() {
 #[test]
 fn remote_a_late_check_in_does_not_free_the_lock_before_the_command_is_stopped() {
     let Some(pg) = PgServer::start() else { return };
-    let holder_env = Env::daemon();
-    let url = pg.url();
-    let mut holder = Proc::spawn({
-        let mut c = holder_env.cli();
-        c.args([
-            "--backend",
-            &url,
-            "--remote-timeout",
-            "8",
-            "run",
-            "late",
-            "--",
-            "sh",
-            "-c",
-            // Ignores SIGTERM: `run` needs its SIGKILL, a stop grace later, so a lock freed at
-            // the loss would be granted while the command still runs, every time.
-            "trap '' TERM; echo $$; exec sleep 1000",
-        ]);
-        c
-    });
-    let cmd: u32 = holder.next_line().unwrap().parse().unwrap();
-    let check = gone_check(cmd, "in-time", "");
-    let other = Env::new();
-    let mut waiter = other.spawn(&["--backend", &url, "run", "late", "--", "sh", "-c", &check]);
-    wait_until(|| waiting(&pg) == 1);
-    let backend: i32 = pg.psql("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted").parse().unwrap();
-    let signal = |s| nix::sys::signal::kill(nix::unistd::Pid::from_raw(backend), s).unwrap();
+    // Ignores SIGTERM: `run` needs its SIGKILL, a stop grace later, so a lock freed at the loss
+    // would be granted while the command still runs, every time.
+    let (_holder_env, mut holder, cmd) = hold_through_a_daemon(&pg, "late", "trap '' TERM; echo $$; exec sleep 1000");
+    let (_waiter_env, mut waiter) = queue_behind(&pg, "late", cmd);
+    let backend = holders_server_process(&pg);
     // The server process stops answering; the daemon's check-in times out and it closes the
     // connection (the server's side of it then waits to be read: CLOSE-WAIT).
-    signal(nix::sys::signal::Signal::SIGSTOP);
-    let closed = || {
+    signal(backend, nix::sys::signal::Signal::SIGSTOP);
+    wait_until(|| {
         let out = std::process::Command::new("ss").args(["-Htnp", "state", "close-wait"]).output().unwrap();
         String::from_utf8_lossy(&out.stdout).contains(&format!("pid={backend},"))
-    };
-    let start = std::time::Instant::now();
-    while !closed() && start.elapsed() < HANG {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    signal(nix::sys::signal::Signal::SIGCONT);
+    });
+    signal(backend, nix::sys::signal::Signal::SIGCONT);
     assert_eq!(waiter.next_line().as_deref(), Some("in-time"), "granted while the holder's command ran on");
     assert_eq!(holder.wait().code(), Some(122), "{}", holder.stderr());
 }
@@ -248,25 +222,7 @@ fn remote_a_late_check_in_does_not_free_the_lock_before_the_command_is_stopped()
 #[test]
 fn remote_a_killed_runs_command_is_stopped_by_the_daemon_when_the_lock_is_lost() {
     let Some(pg) = PgServer::start() else { return };
-    let holder_env = Env::daemon();
-    let url = pg.url();
-    let mut holder = Proc::spawn({
-        let mut c = holder_env.cli();
-        c.args([
-            "--backend",
-            &url,
-            "--remote-timeout",
-            "8",
-            "run",
-            "orphan",
-            "--",
-            "sh",
-            "-c",
-            "echo $$; exec sleep 1000",
-        ]);
-        c
-    });
-    let cmd: u32 = holder.next_line().unwrap().parse().unwrap();
+    let (holder_env, mut holder, cmd) = hold_through_a_daemon(&pg, "orphan", "echo $$; exec sleep 1000");
     // The lease is bound to the command before `run` dies: the daemon names it as the holder.
     let rt = holder_env.runtime();
     let named = || {
@@ -281,16 +237,43 @@ fn remote_a_killed_runs_command_is_stopped_by_the_daemon_when_the_lock_is_lost()
     wait_until(named);
     holder.kill9();
     holder.wait();
-    let check = gone_check(cmd, "in-time", "");
-    let other = Env::new();
-    let mut waiter = other.spawn(&["--backend", &url, "run", "orphan", "--", "sh", "-c", &check]);
-    wait_until(|| waiting(&pg) == 1);
-    let backend: i32 = pg.psql("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted").parse().unwrap();
-    let signal = |s| nix::sys::signal::kill(nix::unistd::Pid::from_raw(backend), s).unwrap();
-    signal(nix::sys::signal::Signal::SIGSTOP);
+    let (_waiter_env, mut waiter) = queue_behind(&pg, "orphan", cmd);
+    let backend = holders_server_process(&pg);
+    signal(backend, nix::sys::signal::Signal::SIGSTOP);
     // The daemon's check-in times out; it stops the command, then lets the session go.
     wait_dead(cmd);
-    signal(nix::sys::signal::Signal::SIGCONT);
+    signal(backend, nix::sys::signal::Signal::SIGCONT);
     assert_eq!(waiter.next_line().as_deref(), Some("in-time"), "granted while the holder's command ran on");
     assert_eq!(waiter.wait().code(), Some(0), "{}", waiter.stderr());
+}
+
+/// A `run` of lock `name` through a daemon of its own (`--remote-timeout 8`), its command
+/// `script` printing its pid first: `(its environment, run, the command's pid)`.
+fn hold_through_a_daemon(pg: &PgServer, name: &str, script: &str) -> (Env, Proc, u32) {
+    let env = Env::daemon();
+    let url = pg.url();
+    let mut c = env.cli();
+    c.args(["--backend", &url, "--remote-timeout", "8", "run", name, "--", "sh", "-c", script]);
+    let mut holder = Proc::spawn(c);
+    let cmd: u32 = holder.next_line().unwrap().parse().unwrap();
+    (env, holder, cmd)
+}
+
+/// A `run` of lock `name` from another host (no daemon), queued on the server; granted, its
+/// command says `in-time` if process `cmd` (the holder's command) is gone, else `TOO-EARLY`:
+/// `(its environment, run)`.
+fn queue_behind(pg: &PgServer, name: &str, cmd: u32) -> (Env, Proc) {
+    let env = Env::new();
+    let waiter = env.spawn(&["--backend", &pg.url(), "run", name, "--", "sh", "-c", &gone_check(cmd, "in-time", "")]);
+    wait_until(|| waiting(pg) == 1);
+    (env, waiter)
+}
+
+/// The server process of the session that holds the (one) granted lock.
+fn holders_server_process(pg: &PgServer) -> i32 {
+    pg.psql("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted").parse().unwrap()
+}
+
+fn signal(pid: i32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
 }
