@@ -478,14 +478,7 @@ impl Daemon {
             l.label(),
             l.command
         );
-        let sent = match buildlock_sys::signal_group(pid, Some(sig)) {
-            Ok(true) => Ok(()),
-            _ if alive => buildlock_sys::send_signal(pid, sig),
-            _ => Ok(()),
-        };
-        if let Err(e) = sent {
-            tracing::warn!("cannot stop pid {pid}: {e}");
-        }
+        crate::state::signal_bound(pid, sig, alive);
         (next == Stage::Terminated).then(|| now + kill_after)
     }
 
@@ -719,13 +712,7 @@ fn stop_for_loss(l: &RemoteLease) {
         l.label(),
         l.command
     );
-    let sent = match buildlock_sys::signal_group(pid, Some(crate::state::nix_sig::TERM)) {
-        Ok(true) => Ok(()),
-        _ => buildlock_sys::send_signal(pid, crate::state::nix_sig::TERM),
-    };
-    if let Err(e) = sent {
-        tracing::warn!("cannot stop pid {pid}: {e}");
-    }
+    crate::state::signal_bound(pid, crate::state::nix_sig::TERM, true);
     tokio::spawn(async move {
         tokio::time::sleep(grace).await;
         if matches!(buildlock_sys::signal_group(pid, None), Ok(true)) {

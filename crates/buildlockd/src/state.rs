@@ -1246,13 +1246,7 @@ impl Daemon {
             mh.limit,
             l.command
         );
-        let sent = match buildlock_sys::signal_group(pid, Some(sig)) {
-            Ok(true) => Ok(()),
-            _ => buildlock_sys::send_signal(pid, sig),
-        };
-        if let Err(e) = sent {
-            tracing::warn!("cannot stop pid {pid}: {e}");
-        }
+        signal_bound(pid, sig, true);
         if next == HoldStage::Terminated {
             mh.due = now + mh.kill_after;
             let due = mh.due;
@@ -1411,5 +1405,19 @@ pub(crate) async fn wait_for_exit(pid: u32) {
     let id = buildlock_sys::identify(pid);
     while buildlock_sys::process_state(&id) != buildlock_sys::ProcessState::Dead {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Sends `sig` to the process group that the bound process `pid` leads (`run` starts its command
+/// so), or to `pid` alone when no such group is left and `leader_alive` says it still runs; a
+/// failure is logged. What `--max-hold` and a lost remote lease stop a command with.
+pub(crate) fn signal_bound(pid: u32, sig: i32, leader_alive: bool) {
+    let sent = match buildlock_sys::signal_group(pid, Some(sig)) {
+        Ok(true) => Ok(()),
+        _ if leader_alive => buildlock_sys::send_signal(pid, sig),
+        _ => Ok(()),
+    };
+    if let Err(e) = sent {
+        tracing::warn!("cannot stop pid {pid}: {e}");
     }
 }
