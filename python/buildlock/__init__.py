@@ -51,8 +51,9 @@ if not os.environ.get("BUILDLOCKD"):
 
 class AsyncLock:
     """`Lock` for asyncio: `async with buildlock.AsyncLock(...)` waits in a worker thread, so the
-    event loop keeps running; cancelling the waiting task abandons the wait (a lock granted
-    meanwhile is released at once). Takes the same arguments as `Lock`."""
+    event loop keeps running; cancelling the waiting task ends the wait, and once the
+    cancellation is through nothing is held (a lock granted meanwhile is released). Takes the
+    same arguments as `Lock`."""
 
     def __init__(self, name_or_path: "str | os.PathLike[str]", **kwargs: Any) -> None:
         self._lock = Lock(name_or_path, **kwargs)
@@ -83,7 +84,15 @@ class AsyncLock:
                 if not f.cancelled() and f.exception() is None and f.result():
                     self._lock.release()
 
-            fut.add_done_callback(undo)
+            # The wait ends within milliseconds of `cancel`; awaiting it means nothing is held
+            # once the cancellation is through (unless this await is cancelled too).
+            try:
+                await asyncio.wait({fut})
+            finally:
+                if fut.done():
+                    undo(fut)
+                else:
+                    fut.add_done_callback(undo)
             raise
 
     async def release(self) -> None:

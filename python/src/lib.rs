@@ -202,9 +202,14 @@ impl Lock {
             Err(e) => return Err(to_py(py, &e)),
         }
         let (target, mut opts) = (self.spec.target.clone(), self.spec.waiting(wait));
-        // Waiting forever, the helper may block in the kernel itself (this thread keeps the
-        // clock): the lock then comes to Python through one hand-over, not two.
-        opts.wait_here = wait == buildlock::Wait::Forever;
+        // Waiting forever with nothing to cancel it but Ctrl+C (which mostly ends the program),
+        // the helper blocks in the kernel itself (this thread keeps the clock): the lock then
+        // comes to Python through one hand-over, not two. A wait that may end early (a timeout,
+        // a cancellable task) is ended through a token instead, so that no helper is left to
+        // take the lock, if only for a moment, after the caller gave up.
+        let stop = (wait != buildlock::Wait::Forever || cancel.is_some()).then(buildlock::Cancel::new);
+        opts.wait_here = stop.is_none();
+        opts.cancel = stop.clone();
         let (tx, rx) = mpsc::channel::<Result<Lease, buildlock::Error>>();
         let (abandon_tx, abandon_rx) = mpsc::channel::<()>();
         std::thread::Builder::new()
@@ -240,10 +245,20 @@ impl Lock {
             };
             let interrupted = py.check_signals().err();
             if cancelled || interrupted.is_some() {
-                // The helper releases what it gets from now on; what it already sent is dropped
-                // with `rx`.
-                let _ = abandon_tx.send(());
-                drop(rx);
+                match &stop {
+                    // The helper stops within a few milliseconds; waiting for it means nothing
+                    // is taken after this returns (a lease granted just before is released).
+                    Some(stop) => {
+                        stop.cancel();
+                        drop(py.detach(move || rx.recv()));
+                    }
+                    // Blocked in the kernel, it cannot be stopped: it releases what it gets
+                    // from now on; what it already sent is dropped with `rx`.
+                    None => {
+                        let _ = abandon_tx.send(());
+                        drop(rx);
+                    }
+                }
                 return match interrupted {
                     Some(e) => Err(e),
                     None => Ok(None),

@@ -137,6 +137,15 @@ def test_threads_share_a_lock(env):
     assert not lock.is_locked
 
 
+def blocked_requests(path):
+    """Lines of /proc/locks for lock requests blocked on the file `path` ("->" lines)."""
+    if not os.path.exists("/proc/locks"):
+        return []
+    ino = f":{os.stat(path).st_ino} "
+    with open("/proc/locks") as f:
+        return [line for line in f if "->" in line and ino in line]
+
+
 def in_child(body):
     """Runs `body()` in a forked child; returns what it returned (a string) once the child exited 0."""
     r, w = os.pipe()
@@ -257,11 +266,13 @@ def test_async_lock_wait_can_be_cancelled(env):
         return alock
 
     alock = asyncio.run(main())
+    assert blocked_requests(path) == []
     holder.send()
     holder.expect("released")
-    # The cancelled wait left nothing held: a new lock is had within the guard.
-    lock = buildlock.Lock(path, mode="direct", timeout=HANG_GUARD)
-    assert lock.acquire()
+    # The cancelled wait left nothing held, nor anything to take the lock later: it is free at
+    # once, for this process too.
+    lock = buildlock.Lock(path, mode="direct")
+    assert lock.acquire(blocking=False)
     lock.release()
     assert not alock.lock.is_locked
 
@@ -324,6 +335,9 @@ def test_two_objects_in_one_thread_fail_instead_of_deadlocking(env, mode):
         t.start()
         t.join(HANG_GUARD)
         assert len(errors) == 1 and f"pid {os.getpid()}" in str(errors[0]), errors
+        # The wait that timed out left no request in the kernel to take the lock, if only for a
+        # moment, when `first` lets go (and so to make the attempt below fail).
+        assert blocked_requests(path) == []
     assert second.acquire(blocking=False) is True
     second.release()
 

@@ -32,7 +32,8 @@ fn target(name: &str) -> LockTarget {
 /// `fail NAME` (`error: ...`), `drop N` (`dropped N`), `fork N NAME` (a child releases and drops the parent's lease N, then
 /// takes NAME itself: `child ok`), `threads N NAME ROUNDS` (`threads ok`, or `violation`),
 /// `waiters N NAME` (N threads wait for NAME: `waiting` from each, then `thread got` from each
-/// when granted, released at once), `stats` (`connections N`).
+/// when granted, released at once), `cancel NAME` (a thread waits for NAME and its wait is cancelled
+/// once the daemon has queued it: `cancelled: ERROR`), `stats` (`connections N`).
 #[test]
 #[ignore = "run by the multiplex tests in their worker processes"]
 fn multiplex_worker() {
@@ -136,6 +137,27 @@ fn multiplex_worker() {
                     }));
                 }
             }
+            ["cancel", name] => {
+                // A thread waits for NAME; once the daemon has queued it, the wait is cancelled.
+                let cancel = buildlock::Cancel::new();
+                let opts = Options { cancel: Some(cancel.clone()), ..options("x", Wait::Forever) };
+                let name = name.to_string();
+                let waiter = std::thread::spawn(move || buildlock::acquire(&target(&name), &opts, &mut |_| {}));
+                let rt = std::env::var_os("BUILDLOCK_RUNTIME_DIR").map(std::path::PathBuf::from);
+                crate::util::wait_until(|| {
+                    match buildlock::ask_daemon(rt.as_deref(), &buildlock_proto::Request::Status { path: None })
+                        .unwrap()
+                    {
+                        buildlock_proto::Reply::Status { locks } => locks.iter().any(|l| !l.waiters.is_empty()),
+                        other => panic!("{other:?}"),
+                    }
+                });
+                cancel.cancel();
+                match waiter.join().unwrap() {
+                    Ok(_) => panic!("a cancelled wait was granted"),
+                    Err(e) => println!("cancelled: {e}"),
+                }
+            }
             ["stats"] => {
                 let rt = std::env::var_os("BUILDLOCK_RUNTIME_DIR").map(std::path::PathBuf::from);
                 match buildlock::ask_daemon(rt.as_deref(), &buildlock_proto::Request::DaemonStatus).unwrap() {
@@ -198,6 +220,23 @@ fn dropping_one_lease_releases_only_it_and_a_killed_process_releases_all() {
     w.kill9();
     waiter_b.expect_line("got b");
     waiter_c.expect_line("got c");
+}
+
+#[test]
+fn a_cancelled_wait_leaves_the_queue_and_is_never_granted() {
+    let env = Env::daemon();
+    let mut w = worker(&env);
+    w.send("acq a x");
+    w.expect_line("got 0");
+    w.send("cancel a");
+    let line = w.next_line().unwrap();
+    assert!(line.starts_with("cancelled: ") && line.contains("was cancelled"), "{line}");
+    // Out of the queue: when lease 0 goes, the lock is free for the next request on the same
+    // connection (handled in order), not granted to the cancelled wait.
+    w.send("drop 0");
+    w.expect_line("dropped 0");
+    w.send("try a x");
+    w.expect_line("got 1");
 }
 
 #[test]

@@ -89,7 +89,31 @@ pub struct LockOptions {
     /// With [`Wait::Forever`]: wait in the calling thread, blocked in the kernel, with no
     /// `on_wait` reports, instead of in a helper thread that hands the lock over (one wake-up
     /// fewer when the lock comes free). OS locks only; soft locks are polled as always.
+    /// Ignored with a [`LockOptions::cancel`].
     pub wait_here: bool,
+    /// Lets another thread end the wait early ([`Cancel::cancel`]): `acquire` then returns
+    /// [`Error::Cancelled`] within a few milliseconds, and takes nothing afterwards.
+    pub cancel: Option<Cancel>,
+}
+
+/// Ends a wait from another thread (see [`LockOptions::cancel`]): a caller interrupted while
+/// waiting (Ctrl+C, a cancelled task) gives up its place without ever taking the lock after it.
+#[derive(Clone, Debug, Default)]
+pub struct Cancel(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Cancel {
+    pub fn new() -> Cancel {
+        Cancel::default()
+    }
+
+    /// Ends the waits that use this token, now and later.
+    pub fn cancel(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl Default for LockOptions {
@@ -103,6 +127,7 @@ impl Default for LockOptions {
             watch: false,
             max_hold: None,
             wait_here: false,
+            cancel: None,
         }
     }
 }
@@ -257,6 +282,9 @@ pub enum Error {
         path.display()
     )]
     NotALock { path: PathBuf, what: &'static str, reason: String },
+    /// The wait was ended through [`LockOptions::cancel`]; nothing was taken.
+    #[error("the wait for lock {name} ({}) was cancelled", path.display())]
+    Cancelled { name: String, path: PathBuf },
 }
 
 fn io_hint(e: &io::Error) -> &'static str {

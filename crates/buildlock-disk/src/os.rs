@@ -4,11 +4,16 @@
 //! locked file is still the one at the path (a tool may have deleted it; the next locker would
 //! create a new file and a second holder would appear) and retry if not. Then write `X.lock.pid`.
 //!
-//! Waiting: a helper thread blocks in the kernel (`F_OFD_SETLKW`), so a waiter is woken the
-//! moment the holder releases or dies, without polling. The calling thread keeps the clock: it
-//! reports the holder about once a second and gives up at the deadline. A helper abandoned at a
-//! timeout stays blocked in the kernel until the lock is next free, then lets go at once. (The
-//! daemon, which waits for many clients, shares one such thread per lock: [`crate::wait_lock`].)
+//! Waiting forever: a helper thread blocks in the kernel (`F_OFD_SETLKW`), so a waiter is woken
+//! the moment the holder releases or dies, without polling, while the calling thread reports the
+//! holder about once a second. (The daemon, which waits for many clients, shares one such thread
+//! per lock: [`crate::wait_lock`].)
+//!
+//! Waiting with a deadline or a [`crate::Cancel`]: the calling thread tries again and again,
+//! 0.5 ms apart at first, then up to 10 ms apart. The kernel takes a blocked lock request back
+//! only on a signal, and a helper left blocked in it after its caller gave up would take the
+//! lock when it came free, if only for a moment: enough for a `-n` attempt elsewhere to fail,
+//! or for a later acquisition by this very process to be refused.
 
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -26,6 +31,9 @@ use crate::{soft, Error, Holder, LockOptions, LockTarget, Wait};
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// How often to look again at a lock held by a soft-lock holder (no kernel wake-up exists).
 const SOFT_HOLDER_POLL: Duration = Duration::from_millis(20);
+/// A wait that may end early tries again after this long at first, doubling up to `POLL_MAX`.
+const POLL_FIRST: Duration = Duration::from_micros(500);
+const POLL_MAX: Duration = Duration::from_millis(10);
 
 // Returned once per acquisition and unpacked at once: boxing would only add an allocation.
 #[allow(clippy::large_enum_variant)]
@@ -68,10 +76,13 @@ fn wait_after_busy(
     let deadline = match wait {
         Wait::NoWait => return Err(busy(target, opts, None)),
         Wait::Timeout(t) => Some(Instant::now() + t),
-        Wait::Forever if opts.wait_here => return block_until_locked(target, opts),
         Wait::Forever => None,
     };
-    wait_for(target, opts, deadline, on_wait)
+    match (deadline, &opts.cancel) {
+        (None, None) if opts.wait_here => block_until_locked(target, opts),
+        (None, None) => wait_for(target, opts, on_wait),
+        _ => poll_until_locked(target, opts, deadline, on_wait),
+    }
 }
 
 enum Reused {
@@ -171,11 +182,11 @@ fn check_locked(target: &LockTarget, opts: &LockOptions, file: &LockFile) -> Che
     Checked::Ok(id)
 }
 
-/// Blocks until the lock is ours or the deadline passes.
+/// Blocks until the lock is ours, in a helper thread that is never abandoned: the caller waits
+/// as long as it does, reporting the holder about once a second.
 fn wait_for(
     target: &LockTarget,
     opts: &LockOptions,
-    deadline: Option<Instant>,
     on_wait: &mut dyn FnMut(&Holder, Duration),
 ) -> Result<Locked, Error> {
     let start = Instant::now();
@@ -184,29 +195,57 @@ fn wait_for(
     std::thread::Builder::new()
         .name("buildlock-wait".into())
         .spawn(move || {
-            // If the receiver has gone (timeout), the send fails, the file drops and the lock
-            // is released at once.
+            // If the receiver has gone (the caller panicked in `on_wait`), the send fails, the
+            // file drops and the lock is released at once.
             let _ = tx.send(block_until_locked(&t, &o));
         })
         .map_err(|e| Error::io("start a waiting thread for", &target.path, e))?;
     loop {
-        let now = Instant::now();
-        let step = match deadline {
-            Some(d) if d <= now => return Err(busy(target, opts, Some(now - start))),
-            Some(d) => (d - now).min(REPORT_EVERY),
-            None => REPORT_EVERY,
-        };
-        match rx.recv_timeout(step) {
+        match rx.recv_timeout(REPORT_EVERY) {
             Ok(result) => return result,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if deadline.is_none_or(|d| Instant::now() < d) {
-                    on_wait(&describe_holder(target, opts), start.elapsed());
-                }
-            }
+            Err(mpsc::RecvTimeoutError::Timeout) => on_wait(&describe_holder(target, opts), start.elapsed()),
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 return Err(Error::io("wait for", &target.path, std::io::Error::other("the waiting thread died")));
             }
         }
+    }
+}
+
+/// Tries the lock again and again, in the calling thread, until it is ours, the deadline passes
+/// (the last try is at the deadline) or the wait is cancelled; nothing is left behind.
+fn poll_until_locked(
+    target: &LockTarget,
+    opts: &LockOptions,
+    deadline: Option<Instant>,
+    on_wait: &mut dyn FnMut(&Holder, Duration),
+) -> Result<Locked, Error> {
+    let start = Instant::now();
+    let mut next_report = start + REPORT_EVERY;
+    let mut pause = POLL_FIRST;
+    loop {
+        // Before each try: once cancelled, nothing more is taken.
+        if opts.cancel.as_ref().is_some_and(crate::Cancel::is_cancelled) {
+            return Err(Error::Cancelled { name: target.name.clone(), path: target.path.clone() });
+        }
+        match try_lock(target, opts)? {
+            Attempt::Locked(locked) => return Ok(locked),
+            Attempt::Busy => {}
+            Attempt::Unsupported(e) => return Err(Error::io("lock", &target.path, e)),
+        }
+        let now = Instant::now();
+        let mut nap = pause;
+        if let Some(d) = deadline {
+            if now >= d {
+                return Err(busy(target, opts, Some(now - start)));
+            }
+            nap = nap.min(d - now);
+        }
+        if now >= next_report {
+            on_wait(&describe_holder(target, opts), now - start);
+            next_report = now + REPORT_EVERY;
+        }
+        std::thread::sleep(nap);
+        pause = (pause * 2).min(POLL_MAX);
     }
 }
 
@@ -792,6 +831,58 @@ mod tests {
         third.release_all().unwrap();
     }
 
+    /// Lines of /proc/locks for requests blocked on `target`'s lock file ("->" lines).
+    fn blocked_requests(target: &LockTarget) -> Vec<String> {
+        let ino = format!(":{} ", buildlock_sys::path_id(&target.path).unwrap().ino);
+        std::fs::read_to_string("/proc/locks")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("->") && l.contains(ino.as_str()))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn a_timed_out_wait_leaves_no_request_in_the_kernel_to_take_the_lock_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = LockTarget::resolve("timed", dir.path()).unwrap();
+        let holder = take(&target);
+        let err = acquire(&target, &LockOptions::default(), Wait::Timeout(Duration::from_millis(30)), &mut |_, _| {})
+            .map(|_| ())
+            .unwrap_err();
+        assert!(matches!(err, Error::Timeout { .. }), "{err}");
+        // A waiter blocked in the kernel after its caller gave up would take the lock the moment
+        // it came free, and this process's next attempt below could fail.
+        assert_eq!(blocked_requests(&target), Vec::<String>::new(), "a request was left blocked on the lock");
+        holder.release().unwrap();
+        take(&target).release().unwrap();
+    }
+
+    #[test]
+    fn a_cancelled_wait_returns_and_takes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = LockTarget::resolve("cancelled", dir.path()).unwrap();
+        let holder = take(&target);
+        let cancel = crate::Cancel::new();
+        let (t, c) = (target.clone(), cancel.clone());
+        let (tried, first_try) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let opts = LockOptions { cancel: Some(c), wait_here: true, ..LockOptions::default() };
+            tried.send(()).unwrap();
+            acquire(&t, &opts, Wait::Forever, &mut |_, _| {}).map(|_| ()).unwrap_err()
+        });
+        first_try.recv().unwrap();
+        cancel.cancel();
+        let err = waiter.join().unwrap();
+        assert!(matches!(err, Error::Cancelled { .. }), "{err}");
+        assert!(err.to_string().contains("cancelled"), "{err}");
+        assert_eq!(blocked_requests(&target), Vec::<String>::new(), "a request was left blocked on the lock");
+        holder.release().unwrap();
+        // Free at once, for this process too.
+        let again = acquire(&target, &LockOptions::default(), Wait::NoWait, &mut |_, _| {}).unwrap();
+        again.release().unwrap();
+    }
+
     #[test]
     fn waiting_here_blocks_the_calling_thread_until_the_holder_releases() {
         let dir = tempfile::tempdir().unwrap();
@@ -809,16 +900,8 @@ mod tests {
             guard.release().unwrap();
             reports
         });
-        // Until the kernel lists the waiter as blocked on the lock file (a "->" line of
-        // /proc/locks naming its inode).
-        let ino = format!(":{} ", buildlock_sys::path_id(&target.path).unwrap().ino);
-        let blocked = || {
-            std::fs::read_to_string("/proc/locks")
-                .unwrap_or_default()
-                .lines()
-                .any(|l| l.contains("->") && l.contains(ino.as_str()))
-        };
-        while !blocked() && !waiter.is_finished() {
+        // Until the kernel lists the waiter as blocked on the lock file.
+        while blocked_requests(&target).is_empty() && !waiter.is_finished() {
             std::thread::yield_now();
         }
         assert!(!waiter.is_finished(), "the waiter did not wait for the held lock");

@@ -89,6 +89,9 @@ pub(crate) fn acquire(
         }
         let holder = || holder_from(&seen);
         let now = Instant::now();
+        if wait != Wait::NoWait && opts.cancel.as_ref().is_some_and(crate::Cancel::is_cancelled) {
+            return Err(Error::Cancelled { name: target.name.clone(), path: target.path.clone() });
+        }
         match (wait, deadline) {
             (Wait::NoWait, _) => {
                 return Err(Error::WouldBlock {

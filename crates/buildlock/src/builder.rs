@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::{Backend, Connect, Error, Lease, LockMode, LockTarget, Options, Wait, WaitInfo};
+use crate::{Backend, Cancel, Connect, Error, Lease, LockMode, LockTarget, Options, Wait, WaitInfo};
 
 /// A lock to take: which one, how, and how long to wait. Built with chained calls, taken with
 /// [`Lock::acquire`], which can be called again after the [`Lease`] is gone.
@@ -109,6 +109,27 @@ impl<'a> Lock<'a> {
 
     pub fn wait(mut self, wait: Wait) -> Self {
         self.opts.wait = wait;
+        self
+    }
+
+    /// Lets another thread end the wait: after [`Cancel::cancel`], `acquire` returns an error
+    /// ([`Error::is_cancelled`]) within a few milliseconds and takes nothing.
+    ///
+    /// ```no_run
+    /// let cancel = buildlock::Cancel::new();
+    /// let stop = cancel.clone();
+    /// std::thread::spawn(move || {
+    ///     std::thread::sleep(std::time::Duration::from_secs(5));
+    ///     stop.cancel();
+    /// });
+    /// match buildlock::Lock::named("deploy").cancel_with(&cancel).acquire() {
+    ///     Ok(lease) => drop(lease),
+    ///     Err(e) if e.is_cancelled() => eprintln!("gave up waiting"),
+    ///     Err(e) => eprintln!("{e}"),
+    /// }
+    /// ```
+    pub fn cancel_with(mut self, cancel: &Cancel) -> Self {
+        self.opts.cancel = Some(cancel.clone());
         self
     }
 
@@ -229,6 +250,11 @@ impl Error {
     /// The wait ran out (as opposed to a busy lock with [`Lock::no_wait`]).
     pub fn is_timeout(&self) -> bool {
         matches!(self, Error::Busy { timed_out: true, .. } | Error::Disk(buildlock_disk::Error::Timeout { .. }))
+    }
+
+    /// The wait was ended through [`Lock::cancel_with`] (or [`crate::Options::cancel`]).
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, Error::Disk(buildlock_disk::Error::Cancelled { .. }))
     }
 
     /// The lock was lost while held: another holder may have run at the same time.

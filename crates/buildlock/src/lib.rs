@@ -80,7 +80,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub use buildlock_disk::{lock_dir, Backend, LockMode, LockTarget, Wait, DEFAULT_STALE_AFTER};
+pub use buildlock_disk::{lock_dir, Backend, Cancel, LockMode, LockTarget, Wait, DEFAULT_STALE_AFTER};
 use buildlock_proto::{AcquireRequest, ErrorCode, Reply, Request, WaitFor};
 
 mod builder;
@@ -155,8 +155,13 @@ pub struct Options {
     /// Direct mode, waiting forever: block in the calling thread until the lock is free, with no
     /// `on_wait` reports (a waiting thread of the library's own would report them, then hand
     /// the lock over, which costs a wake-up when the lock comes free). For a caller that keeps
-    /// the clock itself in another thread, as the Python package does.
+    /// the clock itself in another thread, as the Python package does. Ignored with `cancel`.
     pub wait_here: bool,
+    /// Lets another thread end the wait (directly or through the daemon; not a remote lock's
+    /// wait without a daemon): [`Cancel::cancel`] makes `acquire` return a cancelled error within
+    /// a few milliseconds, and nothing is taken after it. A direct wait with a `cancel` polls
+    /// the lock (0.5 to 10 ms apart) instead of blocking in the kernel.
+    pub cancel: Option<Cancel>,
 }
 
 impl Default for Options {
@@ -176,6 +181,7 @@ impl Default for Options {
             max_hold: None,
             kill_after: None,
             wait_here: false,
+            cancel: None,
         }
     }
 }
@@ -409,6 +415,7 @@ fn acquire_direct(target: &LockTarget, opts: &Options, on_wait: &mut dyn FnMut(&
         watch: opts.watch,
         max_hold: opts.max_hold,
         wait_here: opts.wait_here,
+        cancel: opts.cancel.clone(),
     };
     if effective_wait(opts.wait) != Wait::NoWait {
         if let Err(held) = held::check(&target.path, opts.mode) {
@@ -518,6 +525,10 @@ pub fn daemon_key(target: &LockTarget) -> Option<PathBuf> {
     canonical_known(target).or_else(|| canonical(target).ok())
 }
 
+/// How often a waiter through the daemon reports who holds the lock.
+#[cfg(unix)]
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+
 #[cfg(unix)]
 fn acquire_daemon(
     mux: std::sync::Arc<mux::Mux>,
@@ -568,15 +579,34 @@ fn acquire_daemon(
     .map_err(gone)?;
     let mut holder: Option<buildlock_proto::Holder> = None;
     let mut place = None;
+    // A wait that may be cancelled looks at its token between replies.
+    let slice = match opts.cancel {
+        Some(_) => Duration::from_millis(10),
+        None => REPORT_EVERY,
+    };
+    let mut next_report = start + REPORT_EVERY;
     loop {
-        match replies.recv(Some(Duration::from_secs(1))).map_err(gone)? {
-            None => on_wait(&WaitInfo {
-                holder: holder.as_ref().map_or_else(|| "another process".into(), |h| h.description.clone()),
-                holder_pid: holder.as_ref().and_then(|h| h.pid),
-                holder_command: holder.as_ref().and_then(|h| h.command.clone()),
-                position: place,
-                waited: start.elapsed(),
-            }),
+        let got = replies.recv(Some(slice)).map_err(gone)?;
+        if got.is_none() && opts.cancel.as_ref().is_some_and(Cancel::is_cancelled) {
+            // A lease still waiting stops waiting; one granted meanwhile is released. A late
+            // grant's descriptor is closed with `replies`.
+            drop(replies);
+            let _ = mux.send(&Request::Release { lease, answer: false });
+            let e = buildlock_disk::Error::Cancelled { name: target.name.clone(), path: target.path.clone() };
+            return Err(e.into());
+        }
+        match got {
+            None if Instant::now() < next_report => {}
+            None => {
+                next_report = Instant::now() + REPORT_EVERY;
+                on_wait(&WaitInfo {
+                    holder: holder.as_ref().map_or_else(|| "another process".into(), |h| h.description.clone()),
+                    holder_pid: holder.as_ref().and_then(|h| h.pid),
+                    holder_command: holder.as_ref().and_then(|h| h.command.clone()),
+                    position: place,
+                    waited: start.elapsed(),
+                })
+            }
             Some((Reply::Waiting { holder: h, position, .. }, _)) => {
                 holder = h.or(holder);
                 place = (position > 0).then_some(position);
