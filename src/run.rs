@@ -211,6 +211,11 @@ fn wait_for(
     let pid = child.id();
     let mut reported = false;
     let mut stopping: Option<Stopping> = None;
+    // A remote lock held through the daemon: should the daemon die, the kernel is set to guard
+    // CMD (killed the moment the server session fails or the server ends it) in case this
+    // process dies too. The daemon's connection is watched for it, unless `--on-lost=warn`.
+    let mut daemon_conn = lost_grace.and_then(|_| lease.daemon_connection());
+    let mut guard_pending = daemon_conn.is_some();
     let status = loop {
         let mut step = CHECK_EVERY;
         if let Some(s) = &mut stopping {
@@ -237,10 +242,29 @@ fn wait_for(
                 Some(s) => step = step.min(s.step()),
             }
         }
-        match waiter.wait(child, step) {
+        match waiter.wait(child, step, daemon_conn.as_ref()) {
             Ok(Some(status)) => break Ok(status),
             Ok(None) if !reported => {
-                if let Err(e) = lease.check() {
+                let checked = lease.check();
+                if guard_pending {
+                    match lease.guard_if_unwatched(pid) {
+                        Ok(true) => {
+                            tracing::debug!("buildlockd is gone: the kernel guards the command (pid {pid}) now");
+                            guard_pending = false;
+                        }
+                        Err(e) => {
+                            say!("buildlock-client: warning: {e}");
+                            guard_pending = false;
+                        }
+                        // Not gone, or not known to be yet (then looked at again every check).
+                        Ok(false) => {}
+                    }
+                    // Hung up: nothing more to wake us for.
+                    if !guard_pending || daemon_conn.as_ref().is_some_and(hung_up) {
+                        daemon_conn = None;
+                    }
+                }
+                if let Err(e) = checked {
                     say!("buildlock-client: error: {e}");
                     reported = true;
                     let remote_lost = matches!(e, buildlock::Error::Remote(buildlock_remote::Error::Lost { .. }));
@@ -268,6 +292,20 @@ fn wait_for(
             (status, why)
         }
         None => (status, None),
+    }
+}
+
+/// Whether the daemon closed its end of connection `conn`.
+fn hung_up(conn: &std::fs::File) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsFd;
+        buildlock_sys::ipc::peer_closed(conn.as_fd())
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = conn;
+        false
     }
 }
 
@@ -375,16 +413,28 @@ impl ChildWaiter {
         self.poll
     }
 
-    /// CMD's status if it exited within `step`.
-    fn wait(&mut self, child: &mut Child, step: Duration) -> std::io::Result<Option<ExitStatus>> {
+    /// CMD's status if it exited within `step`. With `hangup` (Linux), returns early, with
+    /// `Ok(None)`, once that socket's peer has closed it.
+    fn wait(
+        &mut self,
+        child: &mut Child,
+        step: Duration,
+        hangup: Option<&std::fs::File>,
+    ) -> std::io::Result<Option<ExitStatus>> {
         #[cfg(target_os = "linux")]
         if let Some(pidfd) = &self.pidfd {
             use std::os::fd::AsFd;
-            return match buildlock_sys::ipc::wait_readable(&[pidfd.as_fd()], Some(step)) {
-                Ok(None) => Ok(None),
+            let woken = match hangup {
+                Some(h) => buildlock_sys::ipc::wait_readable_or_hangup(pidfd.as_fd(), h.as_fd(), Some(step)),
+                None => buildlock_sys::ipc::wait_readable(&[pidfd.as_fd()], Some(step)),
+            };
+            return match woken {
+                Ok(None) | Ok(Some(1)) => Ok(None),
                 Ok(Some(_)) | Err(_) => child.wait().map(Some),
             };
         }
+        #[cfg(not(target_os = "linux"))]
+        let _ = hangup;
         let until = Instant::now() + step;
         loop {
             if let Some(status) = child.try_wait()? {

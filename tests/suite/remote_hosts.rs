@@ -162,6 +162,62 @@ fn remote_hosts_a_cut_off_host_whose_daemon_was_killed_stops_its_command_before_
     assert!(waiter.wait().success(), "{}", waiter.stderr());
 }
 
+/// Whether process `pid` holds a descriptor with the kernel's guard armed (`O_ASYNC` in its
+/// open file's flags: the server session's socket, see `buildlock_sys::ipc::arm_kill_switch`).
+fn guard_armed(pid: u32) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return false };
+    fds.flatten().any(|fd| {
+        let info = std::fs::read_to_string(fd.path()).unwrap_or_default();
+        info.lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+            .is_some_and(|flags| flags & nix::libc::O_ASYNC as u32 != 0)
+    })
+}
+
+/// Found by the chaos run across hosts: host a's `run` and daemon both killed, then its link
+/// cut. Nobody was left on host a to stop its command, which kept the server session through
+/// the socket it inherited; the server freed the lock `T` after the cut, and host b was granted
+/// it while that command ran on. Now whichever of the two dies last has armed the kernel's guard
+/// on the session (the daemon when `run` goes, `run` when the daemon goes), and the kernel kills
+/// the command when the session fails, before the server gives up on it.
+#[test]
+fn remote_hosts_a_cut_off_host_whose_run_and_daemon_were_killed_has_its_command_killed_in_time() {
+    let Some((pg, [a, b])) = two_hosts() else { return };
+    for daemon_first in [false, true] {
+        let name = if daemon_first { "both-daemon-first" } else { "both-run-first" };
+        let (mut holder, cmd, first, mut waiter) = hold_and_queue(&pg, &a, &b, name);
+        let daemon = a.env.daemon_pid().expect("host a's daemon serves the lock");
+        let kill = |pid: u32| {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+            wait_dead(pid);
+        };
+        assert!(!guard_armed(cmd), "armed while run and the daemon both watch");
+        if daemon_first {
+            kill(daemon);
+            // `run` sees the daemon's connection hang up and arms the guard.
+            wait_until(|| guard_armed(cmd));
+            holder.kill9();
+            holder.wait();
+        } else {
+            holder.kill9();
+            holder.wait();
+            // The daemon sees `run`'s connection close and arms the guard.
+            wait_until(|| guard_armed(cmd));
+            kill(daemon);
+        }
+        assert!(!is_dead(cmd));
+        assert_eq!(waiting(&pg), 1, "host a's session ended with its run and daemon");
+        a.net.cut();
+        wait_dead(cmd);
+        let second = token(&mut waiter);
+        assert!(second > first, "tokens grow across hosts: {first} then {second}");
+        assert!(waiter.wait().success(), "{}", waiter.stderr());
+        // Host a starts afresh: its next `run` starts a daemon on demand.
+        a.net.reconnect();
+    }
+}
+
 /// Found by the chaos run across hosts: a `run` whose parent (and so the reader of its stderr)
 /// was gone died of its own report of the loss ("failed printing to stderr") before it stopped
 /// its command, which then ran on without the lock.

@@ -334,6 +334,96 @@ pub fn last_heard(sock: BorrowedFd<'_>) -> Option<std::time::Duration> {
     }
 }
 
+/// Arms the kernel's dead man's switch on socket `sock` (a remote lock's server session) for
+/// process `pid`'s group (or `pid` alone, if it leads none): from now on the kernel itself
+/// sends SIGKILL to it the moment anything happens on the socket (it fails, keepalives or
+/// `TCP_USER_TIMEOUT` unanswered; its peer closes or resets it; data arrives), whether or not
+/// the process that armed it still lives. It is the last guard of a command holding a remote
+/// lock when nobody is left to stop it on a loss. Whoever talks on the socket disarms it first
+/// ([`disarm_kill_switch`]): an answer arriving would fire it.
+///
+/// Linux only (`F_SETOWN_EX`, `F_SETSIG`, `O_ASYNC`; not on MIPS or SPARC, whose numbers differ):
+/// `Ok(false)` elsewhere. The switch is a
+/// property of the open socket, shared by every copy (descriptors passed or duplicated), and is
+/// gone with the last one. It names the group by its kernel identity, not its number: a group
+/// that has ended is never confused with a later one that has its number.
+pub fn arm_kill_switch(sock: BorrowedFd<'_>, pid: u32) -> io::Result<bool> {
+    #[cfg(all(target_os = "linux", not(any(target_arch = "mips", target_arch = "mips64", target_arch = "sparc64"))))]
+    {
+        use nix::libc;
+        // `<asm-generic/fcntl.h>`, which the `libc` crate does not carry.
+        const F_SETSIG: libc::c_int = 10;
+        const F_SETOWN_EX: libc::c_int = 15;
+        const F_OWNER_PID: libc::c_int = 1;
+        const F_OWNER_PGRP: libc::c_int = 2;
+        #[repr(C)]
+        struct FOwnerEx {
+            kind: libc::c_int,
+            pid: libc::pid_t,
+        }
+        let leads =
+            nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid as i32))).is_ok_and(|g| g.as_raw() == pid as i32);
+        let owner = FOwnerEx { kind: if leads { F_OWNER_PGRP } else { F_OWNER_PID }, pid: pid as libc::pid_t };
+        let fd = sock.as_raw_fd();
+        // SAFETY: `fd` is borrowed for the calls; `owner` is laid out as the kernel's
+        // `struct f_owner_ex`, which it only reads.
+        let set = unsafe {
+            libc::fcntl(fd, F_SETOWN_EX, &owner as *const FOwnerEx) == 0
+                && libc::fcntl(fd, F_SETSIG, libc::SIGKILL) == 0
+        };
+        if !set {
+            return Err(io::Error::last_os_error());
+        }
+        set_async(sock, true)?;
+        Ok(true)
+    }
+    #[cfg(not(all(
+        target_os = "linux",
+        not(any(target_arch = "mips", target_arch = "mips64", target_arch = "sparc64"))
+    )))]
+    {
+        let _ = (sock, pid);
+        Ok(false)
+    }
+}
+
+/// Sets TCP socket `sock`'s `TCP_USER_TIMEOUT`: how long the kernel waits for sent data, or
+/// for answers to keepalive probes, before it fails the connection (Linux only; a no-op
+/// elsewhere).
+pub fn set_tcp_user_timeout(sock: BorrowedFd<'_>, timeout: std::time::Duration) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::TcpUserTimeout, &ms)?;
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (sock, timeout);
+    Ok(())
+}
+
+/// Disarms the switch [`arm_kill_switch`] armed on `sock`, if any.
+pub fn disarm_kill_switch(sock: BorrowedFd<'_>) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    return set_async(sock, false);
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = sock;
+        Ok(())
+    }
+}
+
+/// Sets or clears `O_ASYNC` (signal-driven I/O) on `sock`'s open file description.
+#[cfg(target_os = "linux")]
+fn set_async(sock: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_retain(fcntl(sock, FcntlArg::F_GETFL)?);
+    let want = if on { flags | OFlag::O_ASYNC } else { flags - OFlag::O_ASYNC };
+    if want != flags {
+        fcntl(sock, FcntlArg::F_SETFL(want))?;
+    }
+    Ok(())
+}
+
 /// Waits until one of `fds` is readable (or `timeout` passes: `Ok(None)`); returns its index.
 pub fn wait_readable(fds: &[BorrowedFd<'_>], timeout: Option<std::time::Duration>) -> io::Result<Option<usize>> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -350,6 +440,37 @@ pub fn wait_readable(fds: &[BorrowedFd<'_>], timeout: Option<std::time::Duration
             Ok(_) => {
                 let ready = pfds.iter().position(|p| p.revents().is_some_and(|r| !r.is_empty()));
                 return Ok(ready);
+            }
+        }
+    }
+}
+
+/// Waits until `fd` is readable (`Ok(Some(0))`), or the peer of socket `hangup` has closed it
+/// (`Ok(Some(1))`: Linux's `POLLRDHUP`, elsewhere `POLLHUP`; data queued on it does not count),
+/// or `timeout` passes (`Ok(None)`).
+pub fn wait_readable_or_hangup(
+    fd: BorrowedFd<'_>,
+    hangup: BorrowedFd<'_>,
+    timeout: Option<std::time::Duration>,
+) -> io::Result<Option<usize>> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let hung = PollFlags::from_bits_retain(nix::libc::POLLRDHUP);
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let hung = PollFlags::empty();
+    let mut pfds = [PollFd::new(fd, PollFlags::POLLIN), PollFd::new(hangup, hung)];
+    let timeout = match timeout {
+        None => PollTimeout::NONE,
+        Some(t) => PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
+    };
+    loop {
+        match poll(&mut pfds, timeout) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+            Ok(0) => return Ok(None),
+            Ok(_) => {
+                let ready = |i: usize| pfds[i].revents().is_some_and(|r| !r.is_empty());
+                return Ok(if ready(0) { Some(0) } else { ready(1).then_some(1) });
             }
         }
     }
@@ -489,6 +610,52 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::os::unix::net::UnixStream;
+
+    /// A loopback TCP connection (our end, the peer's) and a `sleep` leading its own group.
+    #[cfg(target_os = "linux")]
+    fn connection_and_group() -> (std::net::TcpStream, std::net::TcpStream, std::process::Child) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (peer, _) = listener.accept().unwrap();
+        let child = Command::new("sleep").arg("60").process_group(0).spawn().unwrap();
+        (ours, peer, child)
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn an_armed_kill_switch_kills_the_group_when_the_peer_speaks_or_closes_and_a_disarmed_one_does_not() {
+        use std::os::unix::process::ExitStatusExt;
+        for close in [false, true] {
+            let (ours, mut peer, mut child) = connection_and_group();
+            assert!(arm_kill_switch(ours.as_fd(), child.id()).unwrap());
+            // Only the switch is left: the arming side needs nothing more.
+            match close {
+                false => peer.write_all(b"x").unwrap(),
+                true => drop(peer),
+            }
+            let status = child.wait().unwrap();
+            assert_eq!(status.signal(), Some(nix::libc::SIGKILL), "close: {close}, {status:?}");
+        }
+        let (ours, mut peer, mut child) = connection_and_group();
+        assert!(arm_kill_switch(ours.as_fd(), child.id()).unwrap());
+        disarm_kill_switch(ours.as_fd()).unwrap();
+        peer.write_all(b"x").unwrap();
+        drop(peer);
+        // Both events have reached our socket: readable, and at its end.
+        let mut byte = [0u8; 2];
+        assert_eq!(std::io::Read::read(&mut &ours, &mut byte).unwrap(), 1);
+        assert_eq!(std::io::Read::read(&mut &ours, &mut byte).unwrap(), 0);
+        // A SIGKILL sent is either pending still or done (a zombie): neither is seen.
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+        let field =
+            |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).unwrap_or_default().trim().to_owned();
+        let pending =
+            |name: &str| u64::from_str_radix(&field(name), 16).unwrap() & (1 << (nix::libc::SIGKILL - 1)) != 0;
+        assert!(!field("State:").starts_with('Z'), "a disarmed switch fired");
+        assert!(!pending("SigPnd:") && !pending("ShdPnd:"), "a disarmed switch fired: {status}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
 
     #[test]
     fn a_closed_peer_is_seen_without_consuming_what_is_queued() {

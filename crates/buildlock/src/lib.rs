@@ -723,6 +723,45 @@ impl Lease {
         }
     }
 
+    /// A remote lease held through a daemon that is gone: arms the kernel's guard on this
+    /// process's copy of the server session for process `pid`'s group (the command it was bound
+    /// to), so that the kernel kills that group the moment the session fails or the server ends
+    /// it, even if this process dies too. A living daemon arms it itself once this process is
+    /// gone ([`buildlock_sys::ipc::arm_kill_switch`]). `Ok(false)`: nothing was armed (another
+    /// kind of lease, a daemon still there, or a platform without the guard: Linux only).
+    /// `run` calls it for its command, unless `--on-lost=warn`.
+    ///
+    /// Nobody sends on the session any more, so only keepalives can fail it: its
+    /// `TCP_USER_TIMEOUT` becomes `3T/4` of the remote timeout `T`. The kernel then kills the
+    /// group about `3T/4` after the server was last heard from, the moment `run` itself would
+    /// (SIGTERM at `T/2`, SIGKILL a quarter later), and before the server, which waits `T`,
+    /// can free the lock.
+    pub fn guard_if_unwatched(&self, pid: u32) -> Result<bool, Error> {
+        match &self.inner {
+            #[cfg(unix)]
+            Some(Inner::Daemon { remote: Some(_), mux, file: Some(sock), session: Some(remote_timeout), .. })
+                if mux.daemon_gone() =>
+            {
+                use std::os::fd::AsFd;
+                let failed =
+                    |e| Error::Protocol(format!("cannot arm the kernel's guard on the server session's socket: {e}"));
+                buildlock_sys::ipc::set_tcp_user_timeout(sock.as_fd(), *remote_timeout * 3 / 4).map_err(failed)?;
+                buildlock_sys::ipc::arm_kill_switch(sock.as_fd(), pid).map_err(failed)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// A copy of the connection to the daemon this remote lease is held through, to wait on:
+    /// it hangs up when the daemon is gone (then see [`Lease::guard_if_unwatched`]).
+    pub fn daemon_connection(&self) -> Option<File> {
+        match &self.inner {
+            #[cfg(unix)]
+            Some(Inner::Daemon { remote: Some(_), mux, .. }) => mux.connection_copy().ok(),
+            _ => None,
+        }
+    }
+
     /// Whether the lease came from the daemon (else from the on-disk protocol directly).
     pub fn via_daemon(&self) -> bool {
         !matches!(self.inner, Some(Inner::Direct(_)) | None)

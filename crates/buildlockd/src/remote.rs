@@ -104,6 +104,9 @@ struct RemoteLease {
     /// telling the server: a process that still holds a copy of the socket (handed over with
     /// `Granted`) keeps the lock, which the server frees when the last copy closes.
     stop: oneshot::Sender<()>,
+    /// The process whose group the kernel kills if the session fails or the server ends it,
+    /// once nobody else is left to stop it (`run` gone): see [`drive`].
+    guard: tokio::sync::watch::Sender<Option<u32>>,
 }
 
 /// A remote lease's `--max-hold`.
@@ -277,6 +280,7 @@ impl Daemon {
         req.pid = holder_pid;
         req.command = a.command.clone();
         let (stop_tx, stop) = oneshot::channel();
+        let (guard_tx, guard) = tokio::sync::watch::channel(None);
         let lease = RemoteLease {
             name: a.path.clone(),
             // Until the URL is read (in a blocking-pool thread): never the URL itself.
@@ -301,6 +305,7 @@ impl Daemon {
             stop_grace: buildlock_remote::Bounds { remote_timeout }.stop_grace(),
             client: buildlock_sys::identify(client_pid),
             stop: stop_tx,
+            guard: guard_tx,
         };
         st.remote.leases.insert((owner, id), lease);
         st.note_activity();
@@ -308,7 +313,7 @@ impl Daemon {
         if let Some(pid) = a.bind_pid {
             self.watch_remote_pid((owner, id), pid);
         }
-        tokio::spawn(drive(self.clone(), (owner, id), url, remote_timeout, req, stop));
+        tokio::spawn(drive(self.clone(), (owner, id), url, remote_timeout, req, stop, guard));
     }
 
     /// `Release` of a remote lease; `false` if `id` is not one.
@@ -352,9 +357,14 @@ impl Daemon {
             let keep = l.pid_running && matches!(l.phase, Phase::Held { .. } | Phase::Lost);
             if !keep {
                 st.remote.leases.remove(&key);
-            } else if matches!(l.phase, Phase::Lost) {
-                // Lost while its `run` lived, which is gone now: stop the command here.
-                stop_for_loss(l);
+            } else {
+                // Held by a command whose `run` is gone: this daemon watches the session for it
+                // now, and should it die too, the kernel does.
+                l.guard.send_replace(l.bind_pid);
+                if matches!(l.phase, Phase::Lost) {
+                    // Lost while its `run` lived, which is gone now: stop the command here.
+                    stop_for_loss(l);
+                }
             }
         }
     }
@@ -533,6 +543,7 @@ async fn drive(
     remote_timeout: Duration,
     req: buildlock_remote::Request,
     mut stop: oneshot::Receiver<()>,
+    mut guard: tokio::sync::watch::Receiver<Option<u32>>,
 ) {
     let fail = |e: buildlock_remote::Error| {
         let e = match e {
@@ -626,6 +637,13 @@ async fn drive(
     // may still hold the lock for it; it ends when the holders have let go (`stop`), or when the
     // server or the network ends it (within the remote timeout).
     let mut suspect = false;
+    // The kernel's last guard of a command nobody else is left to stop (`run` gone): armed on
+    // the session's socket for that command's group, it kills the group the moment the session
+    // fails or the server ends it, even with this daemon dead by then
+    // (`buildlock_sys::ipc::arm_kill_switch`). Disarmed while this task talks on the session
+    // (an answer would fire it), and at release. Only this task touches it: no race.
+    let mut guarded: Option<u32> = None;
+    let mut guard_open = true;
     let ended = loop {
         tokio::select! {
             r = &mut stop => break if r.is_ok() { Ended::Released } else { Ended::HoldersGone },
@@ -633,8 +651,24 @@ async fn drive(
             _ = closed.changed() => {
                 break Ended::Lost(closed.borrow().clone().unwrap_or_else(|| "the connection ended".into()));
             }
+            changed = guard.changed(), if guard_open && guarded.is_none() => {
+                // Closed: the lease is gone from the daemon's table, and `stop` says how.
+                guard_open = changed.is_ok();
+                guarded = *guard.borrow_and_update();
+                if let Some(pid) = guarded {
+                    set_guard(&*session, &req.name, Some(pid));
+                    tracing::debug!("remote lock {}: the kernel guards pid {pid}'s group on the session", req.name);
+                }
+            }
             _ = tokio::time::sleep(every), if !suspect => {
+                if guarded.is_some() {
+                    set_guard(&*session, &req.name, None);
+                }
                 let answered = tokio::time::timeout(every, session.heartbeat()).await;
+                // Armed again even on a failed check-in: the command is being stopped anyway.
+                if guarded.is_some() {
+                    set_guard(&*session, &req.name, guarded);
+                }
                 if let Err(why) = checked_in(answered, every) {
                     suspect = true;
                     daemon.remote_lost(key, &why);
@@ -642,6 +676,9 @@ async fn drive(
             }
         }
     };
+    if matches!(ended, Ended::Released) && guarded.is_some() {
+        set_guard(&*session, &req.name, None);
+    }
     match ended {
         Ended::HoldersGone => {
             // Only the daemon's copy closes, without a word to the server (an abort sends no
@@ -670,6 +707,23 @@ async fn drive(
             }
         }
     }
+}
+
+/// Arms (`Some(pid)`) or disarms the kernel's guard on `session`'s socket (see [`drive`]).
+fn set_guard(session: &dyn buildlock_remote::EngineSession, name: &str, on: Option<u32>) {
+    #[cfg(unix)]
+    if let Some(sock) = session.socket() {
+        use std::os::fd::AsFd;
+        let done = match on {
+            Some(pid) => buildlock_sys::ipc::arm_kill_switch(sock.as_fd(), pid).map(drop),
+            None => buildlock_sys::ipc::disarm_kill_switch(sock.as_fd()),
+        };
+        if let Err(e) = done {
+            tracing::warn!("cannot set the kernel's guard on the session of remote lock {name}: {e}");
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (session, name, on);
 }
 
 /// How a held lease's session ended.
