@@ -291,8 +291,14 @@ static WATCHED: std::sync::Mutex<Vec<std::sync::Weak<Watched>>> = std::sync::Mut
 
 /// Registers `w` with the process-wide watcher thread, starting it on first use.
 fn watch_shared(w: &Arc<Watched>) {
-    static STARTED: std::sync::Once = std::sync::Once::new();
     WATCHED.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::downgrade(w));
+    start_watcher();
+}
+
+/// Starts the process-wide watcher thread, if it has not started yet: before a wait, so that
+/// the lock, once granted, is not kept waiting for a thread to start.
+pub(crate) fn start_watcher() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
     STARTED.call_once(|| {
         let _ = std::thread::Builder::new().name("buildlock-watcher".into()).spawn(|| loop {
             std::thread::sleep(Duration::from_secs(1));

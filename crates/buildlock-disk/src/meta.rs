@@ -349,7 +349,8 @@ pub fn read(path: &Path) -> MetaRead {
 
 /// Reads metadata from an open file (used for soft locks, whose lock file holds it).
 pub fn read_from(file: impl Read) -> MetaRead {
-    let mut buf = Vec::new();
+    // Room for metadata as written (a few hundred bytes) at once: one read, and one to see the end.
+    let mut buf = Vec::with_capacity(1024);
     // Read one byte more than allowed, to tell "too big" from "exactly at the limit".
     if let Err(e) = file.take(MAX_METADATA_BYTES + 1).read_to_end(&mut buf) {
         return MetaRead::Corrupt(format!("cannot read metadata: {e}"));

@@ -78,6 +78,9 @@ fn wait_after_busy(
         Wait::Timeout(t) => Some(Instant::now() + t),
         Wait::Forever => None,
     };
+    if opts.watch {
+        crate::guard::start_watcher();
+    }
     match (deadline, &opts.cancel) {
         (None, None) if opts.wait_here => block_until_locked(target, opts),
         (None, None) => wait_for(target, opts, on_wait),

@@ -128,10 +128,20 @@ pub fn path_stamp(path: &Path) -> io::Result<FileStamp> {
 /// Returns the new file's stamp, so that its writer can later tell it is still the one at `path`
 /// ([`remove_if_stamp`]) without reading it back.
 pub fn install_file(path: &Path, bytes: &[u8], may_replace: &mut dyn FnMut() -> bool) -> io::Result<Option<FileStamp>> {
+    install_new(path, None, bytes, may_replace)
+}
+
+/// [`install_file`], keeping a file it replaces at `spare` when one is given.
+fn install_new(
+    path: &Path,
+    spare: Option<&Path>,
+    bytes: &[u8],
+    may_replace: &mut dyn FnMut() -> bool,
+) -> io::Result<Option<FileStamp>> {
     let tmp = temp_path(path);
     let result = (|| {
         let stamp = write_new(&tmp, bytes)?;
-        if move_into_place(&tmp, path, may_replace)? {
+        if move_into_place(&tmp, path, spare, may_replace)? {
             Ok(Some(stamp))
         } else {
             let _ = std::fs::remove_file(&tmp);
@@ -160,11 +170,11 @@ pub fn install_file_reusing(
     may_replace: &mut dyn FnMut() -> bool,
 ) -> io::Result<Option<FileStamp>> {
     match rewrite_kept(spare, bytes) {
-        None => install_file(path, bytes, may_replace),
+        None => install_new(path, Some(spare), bytes, may_replace),
         Some(stamp) => {
             // Written whole before it is moved into place, or not moved at all.
             let stamp = stamp?;
-            Ok(move_into_place(spare, path, may_replace)?.then_some(stamp))
+            Ok(move_into_place(spare, path, Some(spare), may_replace)?.then_some(stamp))
         }
     }
 }
@@ -204,7 +214,18 @@ fn write_new(tmp: &Path, bytes: &[u8]) -> io::Result<FileStamp> {
 /// Renames `from` to `path` without replacing anything; if something is at `path` (or the
 /// file system cannot say without replacing it), only if `may_replace` says so, replacing it
 /// atomically. `Ok(false)`: left where it was.
-fn move_into_place(from: &Path, path: &Path, may_replace: &mut dyn FnMut() -> bool) -> io::Result<bool> {
+///
+/// A regular file at `path` (a holder's left over by its death) is replaced by exchanging the
+/// two (`renameat2(RENAME_EXCHANGE)`), not by a rename over it: that would make ext4 write the
+/// new file out at once and free the old one (its "replace by rename" safety net), about half a
+/// millisecond on the way to a grant. The old file, at `from` after the exchange, is then kept
+/// at `spare` if nothing is there (to be written over next time), else removed.
+fn move_into_place(
+    from: &Path,
+    path: &Path,
+    spare: Option<&Path>,
+    may_replace: &mut dyn FnMut() -> bool,
+) -> io::Result<bool> {
     match imp::rename_noreplace(from, path) {
         Ok(true) => return Ok(true),
         Ok(false) => {}
@@ -213,6 +234,18 @@ fn move_into_place(from: &Path, path: &Path, may_replace: &mut dyn FnMut() -> bo
     }
     if !may_replace() {
         return Ok(false);
+    }
+    let regular = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file());
+    if regular && imp::rename_exchange(from, path)? {
+        let kept = match spare {
+            Some(spare) if spare == from => true,
+            Some(spare) => matches!(imp::rename_noreplace(from, spare), Ok(true)),
+            None => false,
+        };
+        if !kept {
+            let _ = std::fs::remove_file(from);
+        }
+        return Ok(true);
     }
     std::fs::rename(from, path)?;
     Ok(true)
@@ -523,6 +556,48 @@ mod imp {
 #[cfg(all(test, unix))]
 mod tests {
     use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_file_left_at_the_path_is_replaced_and_kept_as_the_spare_or_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, spare) = (dir.path().join("x.pid"), dir.path().join("x.pid.spare"));
+        // Left by a dead holder; no spare (it was moved into place then).
+        std::fs::write(&path, "old").unwrap();
+        let mut asked = 0;
+        let stamp = install_file_reusing(&path, &spare, b"new", &mut || {
+            asked += 1;
+            true
+        })
+        .unwrap()
+        .expect("installed");
+        assert_eq!(asked, 1);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new");
+        assert!(stamp.matches(&path_stamp(&path).unwrap()));
+        // The old file is the spare now, written over by the next install.
+        assert_eq!(std::fs::read_to_string(&spare).unwrap(), "old");
+        assert_eq!(names(dir.path()), ["x.pid", "x.pid.spare"]);
+        // Left again, with the spare there: the spare is written and exchanged in; what it
+        // replaced becomes the spare.
+        std::fs::write(&path, "older").unwrap();
+        install_file_reusing(&path, &spare, b"newer", &mut || true).unwrap().expect("installed");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "newer");
+        assert_eq!(std::fs::read_to_string(&spare).unwrap(), "older");
+        // Without a spare to keep it at, what is replaced is removed.
+        install_file(&path, b"newest", &mut || true).unwrap().expect("installed");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "newest");
+        assert_eq!(names(dir.path()), ["x.pid", "x.pid.spare"]);
+        // Not allowed to: nothing changes, nothing is left behind.
+        assert_eq!(install_file(&path, b"no", &mut || false).unwrap(), None);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "newest");
+        assert_eq!(names(dir.path()), ["x.pid", "x.pid.spare"]);
+    }
 
     #[test]
     fn refuses_links_fifos_directories_and_big_files_at_once() {

@@ -133,10 +133,9 @@ fn defer_recovery(r: Recovery) {
 
 /// The history event for a recovered stale lock: the holder that left it, and the rule.
 pub fn recovery_event(r: &Recovery) -> Event {
-    let lock = match r.path.parent().and_then(|d| d.canonicalize().ok()) {
-        Some(dir) => dir.join(r.path.file_name().unwrap_or_default()),
-        None => r.path.clone(),
-    };
+    // Mostly remembered already (the acquisition resolved it): no system call on the way to the
+    // grant that recovered the lock.
+    let lock = crate::canonical_lock_path(&r.path);
     let mut e = Event::new(lock.display().to_string(), Kind::StaleRecovered);
     e.rule = Some(match r.rule {
         StaleRule::DeadPid => buildlock_history::StaleRule::DeadPid,

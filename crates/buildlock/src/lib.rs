@@ -510,6 +510,19 @@ fn canonical_known(target: &LockTarget) -> Option<PathBuf> {
     cache.as_ref()?.get(dir).map(|canonical| canonical.join(target.path.file_name().unwrap_or_default()))
 }
 
+/// `path` (a lock file) with its directory resolved: from what this process remembers when it
+/// can (no system call), else resolved now; as given if its directory cannot be resolved.
+pub(crate) fn canonical_lock_path(path: &Path) -> PathBuf {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return path.to_owned() };
+    if dir.is_absolute() {
+        let cache = CANONICAL.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(canonical) = cache.as_ref().and_then(|c| c.get(dir)) {
+            return canonical.join(name);
+        }
+    }
+    dir.canonicalize().map_or_else(|_| path.to_owned(), |d| d.join(name))
+}
+
 /// Resolves `target`'s directory (which must exist) and remembers it.
 fn canonical(target: &LockTarget) -> std::io::Result<PathBuf> {
     let dir = target.dir().canonicalize()?;
