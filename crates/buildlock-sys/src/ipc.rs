@@ -426,23 +426,9 @@ fn set_async(sock: BorrowedFd<'_>, on: bool) -> io::Result<()> {
 
 /// Waits until one of `fds` is readable (or `timeout` passes: `Ok(None)`); returns its index.
 pub fn wait_readable(fds: &[BorrowedFd<'_>], timeout: Option<std::time::Duration>) -> io::Result<Option<usize>> {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::poll::{PollFd, PollFlags};
     let mut pfds: Vec<PollFd> = fds.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)).collect();
-    let timeout = match timeout {
-        None => PollTimeout::NONE,
-        Some(t) => PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
-    };
-    loop {
-        match poll(&mut pfds, timeout) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
-            Ok(0) => return Ok(None),
-            Ok(_) => {
-                let ready = pfds.iter().position(|p| p.revents().is_some_and(|r| !r.is_empty()));
-                return Ok(ready);
-            }
-        }
-    }
+    poll_first(&mut pfds, timeout)
 }
 
 /// Waits until `fd` is readable (`Ok(Some(0))`), or the peer of socket `hangup` has closed it
@@ -453,25 +439,28 @@ pub fn wait_readable_or_hangup(
     hangup: BorrowedFd<'_>,
     timeout: Option<std::time::Duration>,
 ) -> io::Result<Option<usize>> {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::poll::{PollFd, PollFlags};
     #[cfg(any(target_os = "linux", target_os = "android"))]
     let hung = PollFlags::from_bits_retain(nix::libc::POLLRDHUP);
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     let hung = PollFlags::empty();
-    let mut pfds = [PollFd::new(fd, PollFlags::POLLIN), PollFd::new(hangup, hung)];
+    poll_first(&mut [PollFd::new(fd, PollFlags::POLLIN), PollFd::new(hangup, hung)], timeout)
+}
+
+/// Polls `pfds` (retrying on EINTR) until one has an event or `timeout` passes (`Ok(None)`);
+/// returns the index of the first with one.
+fn poll_first(pfds: &mut [nix::poll::PollFd<'_>], timeout: Option<std::time::Duration>) -> io::Result<Option<usize>> {
+    use nix::poll::{poll, PollTimeout};
     let timeout = match timeout {
         None => PollTimeout::NONE,
         Some(t) => PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
     };
     loop {
-        match poll(&mut pfds, timeout) {
+        match poll(pfds, timeout) {
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
             Ok(0) => return Ok(None),
-            Ok(_) => {
-                let ready = |i: usize| pfds[i].revents().is_some_and(|r| !r.is_empty());
-                return Ok(if ready(0) { Some(0) } else { ready(1).then_some(1) });
-            }
+            Ok(_) => return Ok(pfds.iter().position(|p| p.revents().is_some_and(|r| !r.is_empty()))),
         }
     }
 }
