@@ -157,6 +157,14 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
     };
     wait_after_spawn_in_tests();
     forward.set_child(child.id(), group);
+    // A remote lock held without a daemon: should this process be killed, CMD keeps the session
+    // (its inherited socket) with nobody to watch it, so a guard process arms the kernel's guard
+    // for CMD if this one dies without saying it is done (`__guard`).
+    #[cfg(unix)]
+    let guard = match (&opts.remote, lost_grace, lease.via_daemon()) {
+        (Some(server), Some(_), false) => start_guard(&lease, child.id(), server.remote_timeout()),
+        _ => None,
+    };
     stall_before_binding_in_tests();
     // CMD holds the lock now (its inherited descriptor; through the daemon, the binding too):
     // the metadata names it, so that nobody takes a killed `run` for a dead holder.
@@ -165,6 +173,11 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
     }
     let (status, stopped) = wait_for(&mut child, &lease, max_hold.as_ref(), lost_grace, &target.name);
     forward.set_child_exited();
+    #[cfg(unix)]
+    if let Some(mut guard) = guard {
+        // CMD is gone (and its group, if it was stopped): nothing for the guard to arm.
+        let _ = std::io::Write::write_all(&mut guard, GUARD_DONE);
+    }
     let code = match status {
         Ok(_) if stopped == Some(Stopped::MaxHold) => EXIT_MAX_HOLD,
         Ok(_) if stopped == Some(Stopped::Lost) => EXIT_LOST,
@@ -292,6 +305,68 @@ fn wait_for(
             (status, why)
         }
         None => (status, None),
+    }
+}
+
+/// What `run` tells its guard when CMD has exited.
+#[cfg(unix)]
+const GUARD_DONE: &[u8] = b"done\n";
+
+/// Starts the guard (`__guard`) for CMD `pid` holding `lease`, a remote lease held without a
+/// daemon, in a session of its own: it holds a copy of the server session's socket and reads
+/// this process's pipe. `None` (said in the log) where it cannot be started: then a killed
+/// `run` leaves CMD unwatched, as before.
+#[cfg(unix)]
+fn start_guard(lease: &buildlock::Lease, pid: u32, remote_timeout: Duration) -> Option<std::io::PipeWriter> {
+    use std::os::fd::AsRawFd;
+    let sock = lease.inherit_file()?;
+    let started = (|| {
+        let mut cmd = crate::self_command()?;
+        let (rd, wr) = std::io::pipe()?;
+        let ut = u64::try_from((remote_timeout * 3 / 4).as_millis()).unwrap_or(u64::MAX);
+        cmd.args(["__guard", "--pid", &pid.to_string(), "--fd", &sock.as_raw_fd().to_string()])
+            .args(["--user-timeout-ms", &ut.to_string()]);
+        cmd.stdin(rd).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        if !buildlock_sys::pass_to_child(&mut cmd, sock) {
+            return Err(std::io::Error::other("cannot pass it the session's socket"));
+        }
+        buildlock_sys::ipc::detach(&mut cmd);
+        cmd.spawn()?;
+        Ok(wr)
+    })();
+    match started {
+        Ok(wr) => Some(wr),
+        Err(e) => {
+            tracing::warn!("cannot start the guard of the command (pid {pid}): {e}; if this process is killed, nothing watches the remote lock for it");
+            None
+        }
+    }
+}
+
+/// The guard (`__guard`): when `run` dies without writing [`GUARD_DONE`] on our stdin (its
+/// end of the pipe closes), arms the kernel's guard on the inherited socket `fd` for process
+/// `pid`'s group (`buildlock_sys::ipc::arm_kill_switch`), with the socket's `TCP_USER_TIMEOUT`
+/// at `user_timeout_ms` (nobody sends on it any more: only keepalives can fail it), and exits.
+#[cfg(unix)]
+pub(crate) fn guard(pid: u32, fd: i32, user_timeout_ms: u64) -> ExitCode {
+    use std::io::Read;
+    use std::os::fd::{AsFd, FromRawFd};
+    // SAFETY: `run` passed us this descriptor (`pass_to_child`) and named it in `--fd`; nothing
+    // else in this process owns it.
+    let sock = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut said = Vec::new();
+    let _ = std::io::stdin().lock().read_to_end(&mut said);
+    if said.windows(GUARD_DONE.len()).any(|w| w == GUARD_DONE) {
+        return ExitCode::SUCCESS;
+    }
+    let armed = buildlock_sys::ipc::set_tcp_user_timeout(sock.as_fd(), Duration::from_millis(user_timeout_ms))
+        .and_then(|()| buildlock_sys::ipc::arm_kill_switch(sock.as_fd(), pid));
+    match armed {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("cannot arm the kernel's guard for pid {pid}: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

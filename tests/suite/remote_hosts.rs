@@ -218,6 +218,31 @@ fn remote_hosts_a_cut_off_host_whose_run_and_daemon_were_killed_has_its_command_
     }
 }
 
+/// Without a daemon (`--no-daemon`), host a's `run` killed while its command holds, then its
+/// link cut: `run`'s guard process, which saw `run` die, has armed the kernel's guard on the
+/// session's socket, and the kernel kills the command before the server frees the lock.
+#[test]
+fn remote_hosts_without_a_daemon_a_killed_runs_command_is_killed_in_time_when_its_host_is_cut_off() {
+    let Some((pg, [a, b])) = two_hosts() else { return };
+    let script = "echo $$; echo $BUILDLOCK_TOKEN; exec sleep 1000";
+    let mut holder = a.spawn(&["--no-daemon", "run", "nodaemon", "--", "sh", "-c", script]);
+    let cmd: u32 = holder.next_line().unwrap().parse().unwrap();
+    let first = token(&mut holder);
+    let mut waiter = b.spawn(&["run", "nodaemon", "--", "sh", "-c", &gone_check(cmd, "", "echo $BUILDLOCK_TOKEN")]);
+    wait_until(|| waiting(&pg) == 1);
+    assert!(!guard_armed(cmd), "armed while run watches");
+    holder.kill9();
+    holder.wait();
+    wait_until(|| guard_armed(cmd));
+    assert!(!is_dead(cmd));
+    assert_eq!(waiting(&pg), 1, "the session ended with run");
+    a.net.cut();
+    wait_dead(cmd);
+    let second = token(&mut waiter);
+    assert!(second > first, "tokens grow across hosts: {first} then {second}");
+    assert!(waiter.wait().success(), "{}", waiter.stderr());
+}
+
 /// Found by the chaos run across hosts: a `run` whose parent (and so the reader of its stderr)
 /// was gone died of its own report of the loss ("failed printing to stderr") before it stopped
 /// its command, which then ran on without the lock.

@@ -775,9 +775,13 @@ impl Lease {
         }
     }
 
-    /// Whether the lease came from the daemon (else from the on-disk protocol directly).
+    /// Whether the lease came from the daemon (else from the on-disk protocol, or from a remote
+    /// server, directly).
     pub fn via_daemon(&self) -> bool {
-        !matches!(self.inner, Some(Inner::Direct(_)) | None)
+        #[cfg(unix)]
+        return matches!(self.inner, Some(Inner::Daemon { .. }));
+        #[cfg(not(unix))]
+        false
     }
 
     /// Hands the lock to process `pid`, which was given [`Lease::os_file`] (`run` binds the
