@@ -51,6 +51,7 @@ pub mod lost;
 pub mod meta;
 mod os;
 pub mod recovery;
+mod retry;
 mod soft;
 pub mod stale;
 mod target;

@@ -25,10 +25,9 @@ use crate::fence::FenceFile;
 
 use crate::guard::{Guard, Held};
 use crate::meta::{self, MetaRead, Metadata};
+use crate::retry::{Retry, Stop, REPORT_EVERY};
 use crate::{soft, Error, Holder, LockOptions, LockTarget, Wait};
 
-/// How often a waiter re-reads who holds the lock and reports it.
-const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// How often to look again at a lock held by a soft-lock holder (no kernel wake-up exists).
 const SOFT_HOLDER_POLL: Duration = Duration::from_millis(20);
 /// A wait that may end early tries again after this long at first, doubling up to `POLL_MAX`.
@@ -222,33 +221,21 @@ fn poll_until_locked(
     deadline: Option<Instant>,
     on_wait: &mut dyn FnMut(&Holder, Duration),
 ) -> Result<Locked, Error> {
-    let start = Instant::now();
-    let mut next_report = start + REPORT_EVERY;
-    let mut pause = POLL_FIRST;
+    let mut retry = Retry::new(POLL_FIRST, POLL_MAX, deadline, opts.cancel.as_ref());
     loop {
-        // Before each try: once cancelled, nothing more is taken.
-        if opts.cancel.as_ref().is_some_and(crate::Cancel::is_cancelled) {
-            return Err(Error::Cancelled { name: target.name.clone(), path: target.path.clone() });
+        // The caller's try just failed: pause (or stop) first.
+        match retry.pause(|waited| on_wait(&describe_holder(target, opts), waited)) {
+            Ok(()) => {}
+            Err(Stop::TimedOut(waited)) => return Err(busy(target, opts, Some(waited))),
+            Err(Stop::Cancelled) => {
+                return Err(Error::Cancelled { name: target.name.clone(), path: target.path.clone() })
+            }
         }
         match try_lock(target, opts)? {
             Attempt::Locked(locked) => return Ok(locked),
             Attempt::Busy => {}
             Attempt::Unsupported(e) => return Err(Error::io("lock", &target.path, e)),
         }
-        let now = Instant::now();
-        let mut nap = pause;
-        if let Some(d) = deadline {
-            if now >= d {
-                return Err(busy(target, opts, Some(now - start)));
-            }
-            nap = nap.min(d - now);
-        }
-        if now >= next_report {
-            on_wait(&describe_holder(target, opts), now - start);
-            next_report = now + REPORT_EVERY;
-        }
-        std::thread::sleep(nap);
-        pause = (pause * 2).min(POLL_MAX);
     }
 }
 
@@ -884,6 +871,28 @@ mod tests {
         // Free at once, for this process too.
         let again = acquire(&target, &LockOptions::default(), Wait::NoWait, &mut |_, _| {}).unwrap();
         again.release().unwrap();
+    }
+
+    #[test]
+    fn a_cancelled_wait_for_a_soft_lock_returns_and_takes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = LockTarget::resolve("soft-cancelled", dir.path()).unwrap();
+        let soft = LockOptions { backend: crate::Backend::Soft, ..LockOptions::default() };
+        let holder = crate::acquire(&target, &soft, Wait::NoWait, &mut |_, _| {}).unwrap();
+        let cancel = crate::Cancel::new();
+        let (t, c, o) = (target.clone(), cancel.clone(), soft.clone());
+        let (tried, first_try) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let opts = LockOptions { cancel: Some(c), ..o };
+            tried.send(()).unwrap();
+            crate::acquire(&t, &opts, Wait::Forever, &mut |_, _| {}).map(|_| ()).unwrap_err()
+        });
+        first_try.recv().unwrap();
+        cancel.cancel();
+        let err = waiter.join().unwrap();
+        assert!(matches!(err, Error::Cancelled { .. }), "{err}");
+        holder.release().unwrap();
+        crate::acquire(&target, &soft, Wait::NoWait, &mut |_, _| {}).unwrap().release().unwrap();
     }
 
     #[test]

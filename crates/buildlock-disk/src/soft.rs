@@ -25,12 +25,14 @@ use buildlock_sys::{FileId, LockFile, LockMode, Probe};
 
 use crate::guard::{Guard, Held};
 use crate::meta::{self, MetaRead, Metadata};
+use crate::retry::{Retry, Stop};
 use crate::stale::{self, Verdict};
 use crate::{Broken, Error, Holder, LockOptions, LockState, LockStatus, LockTarget, Wait};
 
-/// Longest pause between two looks at a busy soft lock (no kernel wake-up exists for them).
+/// Pauses between two looks at a busy soft lock (no kernel wake-up exists for them): the first,
+/// doubling up to the longest.
+const FIRST_POLL: Duration = Duration::from_millis(1);
 const MAX_POLL: Duration = Duration::from_millis(10);
-const REPORT_EVERY: Duration = Duration::from_secs(1);
 
 /// What one look at a soft lock file found.
 #[derive(Debug)]
@@ -54,13 +56,11 @@ pub(crate) fn acquire(
         tracing::debug!("soft locks are exclusive; taking {} exclusively", target.path.display());
     }
     let mut ours = Metadata::for_current_process(LockMode::Exclusive, "soft", &opts.operation, opts.command.clone());
-    let start = Instant::now();
     let deadline = match wait {
-        Wait::Timeout(t) => Some(start + t),
+        Wait::Timeout(t) => Some(Instant::now() + t),
         _ => None,
     };
-    let mut last_report = start;
-    let mut pause = Duration::from_millis(1);
+    let mut retry = Retry::new(FIRST_POLL, MAX_POLL, deadline, opts.cancel.as_ref());
     loop {
         if let Some(file) = create_exclusive(&target.path, &ours)? {
             // The fence advances only once the lock is ours; `.lock.pid` records the token.
@@ -88,38 +88,27 @@ pub(crate) fn acquire(
             continue;
         }
         let holder = || holder_from(&seen);
-        let now = Instant::now();
-        if wait != Wait::NoWait && opts.cancel.as_ref().is_some_and(crate::Cancel::is_cancelled) {
-            return Err(Error::Cancelled { name: target.name.clone(), path: target.path.clone() });
+        if wait == Wait::NoWait {
+            return Err(Error::WouldBlock {
+                name: target.name.clone(),
+                path: target.path.clone(),
+                holder: Box::new(holder()),
+            });
         }
-        match (wait, deadline) {
-            (Wait::NoWait, _) => {
-                return Err(Error::WouldBlock {
-                    name: target.name.clone(),
-                    path: target.path.clone(),
-                    holder: Box::new(holder()),
-                })
-            }
-            (_, Some(d)) if now >= d => {
+        match retry.pause(|waited| on_wait(&holder(), waited)) {
+            Ok(()) => {}
+            Err(Stop::TimedOut(waited)) => {
                 return Err(Error::Timeout {
                     name: target.name.clone(),
                     path: target.path.clone(),
-                    waited: now - start,
+                    waited,
                     holder: Box::new(holder()),
                 })
             }
-            _ => {}
+            Err(Stop::Cancelled) => {
+                return Err(Error::Cancelled { name: target.name.clone(), path: target.path.clone() })
+            }
         }
-        if now - last_report >= REPORT_EVERY {
-            last_report = now;
-            on_wait(&holder(), now - start);
-        }
-        let mut nap = pause;
-        if let Some(d) = deadline {
-            nap = nap.min(d - now);
-        }
-        std::thread::sleep(nap);
-        pause = (pause * 2).min(MAX_POLL);
     }
 }
 
