@@ -323,7 +323,8 @@ fn start_guard(lease: &buildlock::Lease, pid: u32, remote_timeout: Duration) -> 
     let started = (|| {
         let mut cmd = crate::self_command()?;
         let (rd, wr) = std::io::pipe()?;
-        let ut = u64::try_from((remote_timeout * 3 / 4).as_millis()).unwrap_or(u64::MAX);
+        let ut = buildlock_remote::Bounds { remote_timeout }.unwatched_user_timeout();
+        let ut = u64::try_from(ut.as_millis()).unwrap_or(u64::MAX);
         cmd.args(["__guard", "--pid", &pid.to_string(), "--fd", &sock.as_raw_fd().to_string()])
             .args(["--user-timeout-ms", &ut.to_string()]);
         cmd.stdin(rd).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
@@ -359,8 +360,8 @@ pub(crate) fn guard(pid: u32, fd: i32, user_timeout_ms: u64) -> ExitCode {
     if said.windows(GUARD_DONE.len()).any(|w| w == GUARD_DONE) {
         return ExitCode::SUCCESS;
     }
-    let armed = buildlock_sys::ipc::set_tcp_user_timeout(sock.as_fd(), Duration::from_millis(user_timeout_ms))
-        .and_then(|()| buildlock_sys::ipc::arm_kill_switch(sock.as_fd(), pid));
+    let armed =
+        buildlock_sys::ipc::arm_kill_switch_unwatched(sock.as_fd(), pid, Duration::from_millis(user_timeout_ms));
     match armed {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {

@@ -60,7 +60,13 @@ fn gone_check(cmd: u32, ok_word: &str, then: &str) -> String {
 /// queues for it behind, with a CMD that checks `a`'s is gone and prints its own token:
 /// `(holder, a's CMD pid, a's token, waiter)`.
 fn hold_and_queue(pg: &PgServer, a: &Host, b: &Host, name: &str) -> (Proc, u32, u64, Proc) {
-    let mut holder = a.spawn(&["run", name, "--", "sh", "-c", "echo $$; echo $BUILDLOCK_TOKEN; exec sleep 1000"]);
+    hold_and_queue_with(pg, a, b, name, &[])
+}
+
+/// [`hold_and_queue`], with `holder_args` (such as `--no-daemon`) before host `a`'s `run`.
+fn hold_and_queue_with(pg: &PgServer, a: &Host, b: &Host, name: &str, holder_args: &[&str]) -> (Proc, u32, u64, Proc) {
+    let script = "echo $$; echo $BUILDLOCK_TOKEN; exec sleep 1000";
+    let mut holder = a.spawn(&[holder_args, &["run", name, "--", "sh", "-c", script]].concat());
     let cmd: u32 = holder.next_line().unwrap().parse().unwrap();
     let first = token(&mut holder);
     let waiter = b.spawn(&["run", name, "--", "sh", "-c", &gone_check(cmd, "", "echo $BUILDLOCK_TOKEN")]);
@@ -186,10 +192,10 @@ fn remote_hosts_a_cut_off_host_whose_run_and_daemon_were_killed_has_its_command_
     let Some((pg, [a, b])) = two_hosts() else { return };
     for daemon_first in [false, true] {
         let name = if daemon_first { "both-daemon-first" } else { "both-run-first" };
-        let (mut holder, cmd, first, mut waiter) = hold_and_queue(&pg, &a, &b, name);
+        let (mut holder, cmd, first, waiter) = hold_and_queue(&pg, &a, &b, name);
         let daemon = a.env.daemon_pid().expect("host a's daemon serves the lock");
         let kill = |pid: u32| {
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+            signal(pid as i32, nix::sys::signal::Signal::SIGKILL);
             wait_dead(pid);
         };
         assert!(!guard_armed(cmd), "armed while run and the daemon both watch");
@@ -206,13 +212,7 @@ fn remote_hosts_a_cut_off_host_whose_run_and_daemon_were_killed_has_its_command_
             wait_until(|| guard_armed(cmd));
             kill(daemon);
         }
-        assert!(!is_dead(cmd));
-        assert_eq!(waiting(&pg), 1, "host a's session ended with its run and daemon");
-        a.net.cut();
-        wait_dead(cmd);
-        let second = token(&mut waiter);
-        assert!(second > first, "tokens grow across hosts: {first} then {second}");
-        assert!(waiter.wait().success(), "{}", waiter.stderr());
+        cut_off_and_see_the_command_killed_in_time(&pg, &a, cmd, first, waiter);
         // Host a starts afresh: its next `run` starts a daemon on demand.
         a.net.reconnect();
     }
@@ -224,18 +224,20 @@ fn remote_hosts_a_cut_off_host_whose_run_and_daemon_were_killed_has_its_command_
 #[test]
 fn remote_hosts_without_a_daemon_a_killed_runs_command_is_killed_in_time_when_its_host_is_cut_off() {
     let Some((pg, [a, b])) = two_hosts() else { return };
-    let script = "echo $$; echo $BUILDLOCK_TOKEN; exec sleep 1000";
-    let mut holder = a.spawn(&["--no-daemon", "run", "nodaemon", "--", "sh", "-c", script]);
-    let cmd: u32 = holder.next_line().unwrap().parse().unwrap();
-    let first = token(&mut holder);
-    let mut waiter = b.spawn(&["run", "nodaemon", "--", "sh", "-c", &gone_check(cmd, "", "echo $BUILDLOCK_TOKEN")]);
-    wait_until(|| waiting(&pg) == 1);
+    let (mut holder, cmd, first, waiter) = hold_and_queue_with(&pg, &a, &b, "nodaemon", &["--no-daemon"]);
     assert!(!guard_armed(cmd), "armed while run watches");
     holder.kill9();
     holder.wait();
     wait_until(|| guard_armed(cmd));
+    cut_off_and_see_the_command_killed_in_time(&pg, &a, cmd, first, waiter);
+}
+
+/// Host `a`'s command `cmd` (token `first`) holds with its watchers gone and the kernel's guard
+/// armed: the session still holds the lock (`waiter` on host b still waits); then `a` is cut
+/// off, and the command must be killed before `waiter` is granted, with a greater token.
+fn cut_off_and_see_the_command_killed_in_time(pg: &PgServer, a: &Host, cmd: u32, first: u64, mut waiter: Proc) {
     assert!(!is_dead(cmd));
-    assert_eq!(waiting(&pg), 1, "the session ended with run");
+    assert_eq!(waiting(pg), 1, "host a's session ended with its watchers");
     a.net.cut();
     wait_dead(cmd);
     let second = token(&mut waiter);

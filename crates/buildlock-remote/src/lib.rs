@@ -175,4 +175,12 @@ impl Bounds {
     pub fn stop_grace(&self) -> Duration {
         self.remote_timeout / 4
     }
+
+    /// The socket's `TCP_USER_TIMEOUT` once nobody checks in on a session any more (its daemon
+    /// and its `run` gone, or going) and the kernel's guard is armed: only keepalives can fail
+    /// it then, about `3T/4` after the server was last heard from, when `run` itself would have
+    /// sent SIGKILL (SIGTERM at `T/2`, a stop grace before), and before the server frees the lock.
+    pub fn unwatched_user_timeout(&self) -> Duration {
+        self.remote_timeout * 3 / 4
+    }
 }

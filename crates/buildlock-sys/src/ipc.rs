@@ -401,6 +401,18 @@ pub fn set_tcp_user_timeout(sock: BorrowedFd<'_>, timeout: std::time::Duration) 
     Ok(())
 }
 
+/// [`arm_kill_switch`] on a socket nobody will send on again, first setting its
+/// `TCP_USER_TIMEOUT` to `user_timeout`: how long after the peer was last heard from (its last
+/// answer to a keepalive probe) the kernel fails the socket, and so fires the switch.
+pub fn arm_kill_switch_unwatched(
+    sock: BorrowedFd<'_>,
+    pid: u32,
+    user_timeout: std::time::Duration,
+) -> io::Result<bool> {
+    set_tcp_user_timeout(sock, user_timeout)?;
+    arm_kill_switch(sock, pid)
+}
+
 /// Disarms the switch [`arm_kill_switch`] armed on `sock`, if any.
 pub fn disarm_kill_switch(sock: BorrowedFd<'_>) -> io::Result<()> {
     #[cfg(target_os = "linux")]

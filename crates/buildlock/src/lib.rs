@@ -745,10 +745,7 @@ impl Lease {
     /// `run` calls it for its command, unless `--on-lost=warn`.
     ///
     /// Nobody sends on the session any more, so only keepalives can fail it: its
-    /// `TCP_USER_TIMEOUT` becomes `3T/4` of the remote timeout `T`. The kernel then kills the
-    /// group about `3T/4` after the server was last heard from, the moment `run` itself would
-    /// (SIGTERM at `T/2`, SIGKILL a quarter later), and before the server, which waits `T`,
-    /// can free the lock.
+    /// `TCP_USER_TIMEOUT` becomes [`buildlock_remote::Bounds::unwatched_user_timeout`].
     pub fn guard_if_unwatched(&self, pid: u32) -> Result<bool, Error> {
         match &self.inner {
             #[cfg(unix)]
@@ -756,10 +753,10 @@ impl Lease {
                 if mux.daemon_gone() =>
             {
                 use std::os::fd::AsFd;
-                let failed =
-                    |e| Error::Protocol(format!("cannot arm the kernel's guard on the server session's socket: {e}"));
-                buildlock_sys::ipc::set_tcp_user_timeout(sock.as_fd(), *remote_timeout * 3 / 4).map_err(failed)?;
-                buildlock_sys::ipc::arm_kill_switch(sock.as_fd(), pid).map_err(failed)
+                let ut = buildlock_remote::Bounds { remote_timeout: *remote_timeout }.unwatched_user_timeout();
+                buildlock_sys::ipc::arm_kill_switch_unwatched(sock.as_fd(), pid, ut).map_err(|e| {
+                    Error::Protocol(format!("cannot arm the kernel's guard on the server session's socket: {e}"))
+                })
             }
             _ => Ok(false),
         }
