@@ -502,25 +502,27 @@ static CANONICAL: std::sync::Mutex<Option<std::collections::HashMap<PathBuf, Pat
 
 /// `target`'s canonical path if its directory was resolved before by this process.
 fn canonical_known(target: &LockTarget) -> Option<PathBuf> {
-    let dir = target.dir();
+    canonical_cached(&target.path)
+}
+
+/// `path` (a lock file) with its directory resolved, if this process resolved that (absolute)
+/// directory before.
+fn canonical_cached(path: &Path) -> Option<PathBuf> {
+    let (dir, name) = (path.parent()?, path.file_name()?);
     if !dir.is_absolute() {
         return None;
     }
     let cache = CANONICAL.lock().unwrap_or_else(|e| e.into_inner());
-    cache.as_ref()?.get(dir).map(|canonical| canonical.join(target.path.file_name().unwrap_or_default()))
+    cache.as_ref()?.get(dir).map(|canonical| canonical.join(name))
 }
 
 /// `path` (a lock file) with its directory resolved: from what this process remembers when it
 /// can (no system call), else resolved now; as given if its directory cannot be resolved.
 pub(crate) fn canonical_lock_path(path: &Path) -> PathBuf {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return path.to_owned() };
-    if dir.is_absolute() {
-        let cache = CANONICAL.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(canonical) = cache.as_ref().and_then(|c| c.get(dir)) {
-            return canonical.join(name);
-        }
-    }
-    dir.canonicalize().map_or_else(|_| path.to_owned(), |d| d.join(name))
+    canonical_cached(path).unwrap_or_else(|| match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => dir.canonicalize().map_or_else(|_| path.to_owned(), |d| d.join(name)),
+        _ => path.to_owned(),
+    })
 }
 
 /// Resolves `target`'s directory (which must exist) and remembers it.
