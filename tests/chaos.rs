@@ -591,18 +591,38 @@ fn daemon_pid(dir: &Path) -> Option<i32> {
 /// command whose lock was lost), once: `t` is when the harness saw it, no earlier than the death,
 /// so the span it ends is never shorter than the true one.
 fn note_deaths_inside(dir: &Path, log: &Path, seen: &mut HashSet<String>) {
-    for lock in 0..LOCKS {
-        for e in std::fs::read_dir(dir.join(format!("inside-{lock}"))).into_iter().flatten().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let inc = name.rsplit_once('.').map_or(name.as_str(), |(i, _)| i).to_owned();
-            let Some(pid) = inc.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-            let at = now_us();
-            if !seen.contains(&inc) && !alive(pid) && dir.join(format!("inside-{lock}")).join(&name).exists() {
-                log_event(log, &format!("D {inc} {lock} {at}"));
-                seen.insert(inc);
-            }
+    for m in markers(dir) {
+        let at = now_us();
+        if !seen.contains(&m.inc) && !alive(m.pid) && m.entry.path().exists() {
+            log_event(log, &format!("D {} {} {at}", m.inc, m.lock));
+            seen.insert(m.inc);
         }
     }
+}
+
+/// A critical section's marker (`inside-L/PID-START.MODE`): who is inside lock `lock`.
+struct Marker {
+    lock: usize,
+    /// The incarnation, `PID-START`.
+    inc: String,
+    pid: u32,
+    entry: std::fs::DirEntry,
+}
+
+/// The markers inside every lock.
+fn markers(dir: &Path) -> Vec<Marker> {
+    (0..LOCKS)
+        .flat_map(|lock| {
+            let entries = std::fs::read_dir(dir.join(format!("inside-{lock}"))).into_iter().flatten().flatten();
+            entries.map(move |entry| (lock, entry))
+        })
+        .filter_map(|(lock, entry)| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let inc = name.rsplit_once('.').map_or(name.as_str(), |(i, _)| i).to_owned();
+            let pid = inc.split('-').next()?.parse().ok()?;
+            Some(Marker { lock, inc, pid, entry })
+        })
+        .collect()
 }
 
 /// Whether process `pid` lives (a zombie does not).
@@ -696,11 +716,8 @@ fn run_chaos(s: &Scenario) -> Report {
             // taken before the signal is sent: the victim is dead by then at the latest.
             // Half the time a worker inside a critical section (by its marker), if any (across
             // hosts, see below).
-            let inside: Vec<usize> = (0..LOCKS)
-                .flat_map(|l| std::fs::read_dir(dir.join(format!("inside-{l}"))).into_iter().flatten().flatten())
-                .filter_map(|e| e.file_name().to_string_lossy().split('-').next()?.parse::<u32>().ok())
-                .filter_map(|pid| pool.iter().position(|w| w.0.id() == pid))
-                .collect();
+            let inside: Vec<usize> =
+                markers(&dir).iter().filter_map(|m| pool.iter().position(|w| w.0.id() == m.pid)).collect();
             let holder = inside.get(rng.below(inside.len().max(1) as u64) as usize).copied();
             let i = if s.remote.is_none() {
                 match holder {
@@ -772,13 +789,8 @@ fn run_chaos(s: &Scenario) -> Report {
                             .and_then(|m| m.modified())
                             .is_ok_and(|t| t.elapsed().is_ok_and(|d| d > Duration::from_millis(300)))
                     };
-                    let inside: Vec<u32> = (0..LOCKS)
-                        .flat_map(|l| {
-                            std::fs::read_dir(dir.join(format!("inside-{l}"))).into_iter().flatten().flatten()
-                        })
-                        .filter(long)
-                        .filter_map(|e| e.file_name().to_string_lossy().split('-').next()?.parse().ok())
-                        .collect();
+                    let inside: Vec<u32> =
+                        markers(&dir).into_iter().filter(|m| long(&m.entry)).map(|m| m.pid).collect();
                     let holding = (0..2).find(|&h| inside.iter().any(|&p| r.hosts[h].runs(p)));
                     let late = Instant::now() >= next_link_cut + Duration::from_millis(5000);
                     let Some(h) = holding.or(late.then(|| rng.below(2) as usize)) else { continue };
