@@ -600,6 +600,16 @@ fn note_deaths_inside(dir: &Path, log: &Path, seen: &mut HashSet<String>) {
     }
 }
 
+/// Waits (at most 30 s) until no live process is inside a critical section: a killed worker's
+/// `run` and its command carry on without the pool knowing them, and a section they end after
+/// the log is read would count as never closed.
+fn wait_for_sections(dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while markers(dir).iter().any(|m| alive(m.pid) && m.entry.path().exists()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A critical section's marker (`inside-L/PID-START.MODE`): who is inside lock `lock`.
 struct Marker {
     lock: usize,
@@ -827,6 +837,7 @@ fn run_chaos(s: &Scenario) -> Report {
     for d in daemon_pids(&dir) {
         sigkill(d);
     }
+    wait_for_sections(&dir);
     note_deaths_inside(&dir, &log, &mut died);
     let events = std::fs::read_to_string(&log).unwrap_or_default();
     if let Ok(keep) = std::env::var("CHAOS_KEEP_LOG") {
