@@ -69,6 +69,8 @@ impl PgServer {
         server.make_certificates();
         std::fs::create_dir(server.sock_dir()).unwrap();
         std::fs::write(server.dir.path().join("pwfile"), format!("{PASSWORD}\n")).unwrap();
+        // For scripts/sweep_test_leftovers.sh, should this process be killed before `Drop` runs.
+        std::fs::write(server.dir.path().join("owner"), format!("{}\n", std::process::id())).unwrap();
         if as_postgres {
             let st = Command::new("chown").arg("-R").arg("postgres:postgres").arg(server.dir.path()).status().unwrap();
             assert!(st.success(), "chown to postgres failed");
