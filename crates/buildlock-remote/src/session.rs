@@ -53,6 +53,74 @@ LEFT JOIN pg_stat_activity a ON a.pid = k.pid
 WHERE k.locktype = 'advisory' AND k.classid = ($1::int4)::oid AND k.objsubid = 2
   AND k.database = (SELECT oid FROM pg_database WHERE datname = current_database())";
 
+/// Takes lock `$2` (by name) if it is free, in one round trip: the try, the fencing token
+/// (advanced while the lock is held: the `UPDATE` joins the try's result) and this session's
+/// row (holding, or waiting when the try failed). No row when the name has no id yet.
+/// `$1` the namespace; `$3`..`$7` mode, host, pid, command, operation.
+const TRY_EXCLUSIVE: &str = "
+WITH k AS MATERIALIZED (
+    SELECT id, pg_try_advisory_lock($1::int4, id) AS got FROM buildlock_locks WHERE name = $2::text
+), f AS (
+    UPDATE buildlock_locks l SET fence = l.fence + 1 FROM k WHERE l.id = k.id AND k.got RETURNING l.fence
+), h AS (
+    INSERT INTO buildlock_holders (backend_pid, lock_id, state, mode, host, pid, command, operation, token)
+    SELECT pg_backend_pid(), k.id, CASE WHEN k.got THEN 'holding' ELSE 'waiting' END, $3::text, $4::text, $5::int8,
+           $6::text, $7::text, (SELECT fence FROM f)
+    FROM k
+    ON CONFLICT (backend_pid, lock_id) DO UPDATE SET state = EXCLUDED.state, mode = EXCLUDED.mode, host = EXCLUDED.host,
+        pid = EXCLUDED.pid, command = EXCLUDED.command, operation = EXCLUDED.operation, since = now(),
+        token = EXCLUDED.token
+)
+SELECT k.id, k.got, (SELECT fence FROM f) FROM k";
+
+/// [`TRY_EXCLUSIVE`] for a shared lock: the token is the current fence, read with a row lock
+/// (`FOR SHARE`), which reads the latest committed value even if an exclusive holder advanced
+/// it after this statement's snapshot was taken.
+const TRY_SHARED: &str = "
+WITH k AS MATERIALIZED (
+    SELECT id, pg_try_advisory_lock_shared($1::int4, id) AS got FROM buildlock_locks WHERE name = $2::text
+), f AS MATERIALIZED (
+    SELECT l.fence FROM buildlock_locks l JOIN k ON l.id = k.id WHERE k.got FOR SHARE OF l
+), h AS (
+    INSERT INTO buildlock_holders (backend_pid, lock_id, state, mode, host, pid, command, operation, token)
+    SELECT pg_backend_pid(), k.id, CASE WHEN k.got THEN 'holding' ELSE 'waiting' END, $3::text, $4::text, $5::int8,
+           $6::text, $7::text, (SELECT fence FROM f)
+    FROM k
+    ON CONFLICT (backend_pid, lock_id) DO UPDATE SET state = EXCLUDED.state, mode = EXCLUDED.mode, host = EXCLUDED.host,
+        pid = EXCLUDED.pid, command = EXCLUDED.command, operation = EXCLUDED.operation, since = now(),
+        token = EXCLUDED.token
+)
+SELECT k.id, k.got, (SELECT fence FROM f) FROM k";
+
+/// Once a wait has taken lock `$1` (by id): the token and this session's row, in one round trip.
+const TAKEN_EXCLUSIVE: &str = "
+WITH f AS (UPDATE buildlock_locks SET fence = fence + 1 WHERE id = $1::int4 RETURNING fence),
+h AS (
+    UPDATE buildlock_holders SET state = 'holding', since = now(), token = (SELECT fence FROM f)
+    WHERE backend_pid = pg_backend_pid() AND lock_id = $1::int4
+)
+SELECT fence FROM f";
+
+/// [`TAKEN_EXCLUSIVE`] for a shared lock.
+const TAKEN_SHARED: &str = "
+WITH f AS MATERIALIZED (SELECT fence FROM buildlock_locks WHERE id = $1::int4 FOR SHARE),
+h AS (
+    UPDATE buildlock_holders SET state = 'holding', since = now(), token = (SELECT fence FROM f)
+    WHERE backend_pid = pg_backend_pid() AND lock_id = $1::int4
+)
+SELECT fence FROM f";
+
+/// Releases lock `$2` (by id) and removes this session's row, in one round trip; `false` if the
+/// session did not hold it.
+const RELEASE_EXCLUSIVE: &str = "
+WITH d AS (DELETE FROM buildlock_holders WHERE backend_pid = pg_backend_pid() AND lock_id = $2::int4)
+SELECT pg_advisory_unlock($1::int4, $2::int4)";
+
+/// [`RELEASE_EXCLUSIVE`] for a shared lock.
+const RELEASE_SHARED: &str = "
+WITH d AS (DELETE FROM buildlock_holders WHERE backend_pid = pg_backend_pid() AND lock_id = $2::int4)
+SELECT pg_advisory_unlock_shared($1::int4, $2::int4)";
+
 /// A lock held in a session.
 #[derive(Clone, Copy, Debug)]
 pub struct Grant {
@@ -68,6 +136,9 @@ pub struct Session {
     closed: watch::Receiver<Option<String>>,
     socket: File,
     abort: tokio::task::AbortHandle,
+    /// The statements prepared on this connection, by their text: each costs a round trip once
+    /// per session, then none.
+    prepared: Vec<(&'static str, tokio_postgres::Statement)>,
 }
 
 impl Session {
@@ -82,32 +153,55 @@ impl Session {
             closed: c.closed,
             socket: c.socket,
             abort: c.abort,
+            prepared: Vec::new(),
         };
         let t = settings.remote_timeout;
         let idle = (t.as_secs() / 3).max(1);
         let interval = (t.as_secs() / 10).max(1);
-        s.batch(
-            &format!(
-                "SET tcp_keepalives_idle = {idle}; SET tcp_keepalives_interval = {interval}; \
-                 SET tcp_keepalives_count = 3; SET tcp_user_timeout = {}; SET lock_timeout = 0; \
-                 SET statement_timeout = 0; SET idle_session_timeout = 0",
-                t.as_millis()
-            ),
-            "setting up the session",
-        )
-        .await?;
-        // PostgreSQL 14 and later: a session waiting for a lock notices within a second that its
-        // client has gone (else it would be granted the lock before it noticed). Older servers
+        // One round trip: the settings, and whether the schema exists. PostgreSQL 14 and later
+        // also check the client every second while a session waits for a lock (else a waiter
+        // whose client has gone would be granted the lock before it noticed); older servers
         // notice when they next write to it.
-        if s.client.batch_execute("SET client_connection_check_interval = 1000").await.is_err() {
-            tracing::debug!("server {} has no client_connection_check_interval (PostgreSQL < 14)", settings.server());
+        let rows = s
+            .simple(
+                &format!(
+                    "SET tcp_keepalives_idle = {idle}; SET tcp_keepalives_interval = {interval}; \
+                     SET tcp_keepalives_count = 3; SET tcp_user_timeout = {}; SET lock_timeout = 0; \
+                     SET statement_timeout = 0; SET idle_session_timeout = 0; \
+                     SELECT set_config('client_connection_check_interval', '1000', false) \
+                     WHERE current_setting('server_version_num')::int >= 140000; \
+                     SELECT to_regclass('buildlock_schema') IS NOT NULL",
+                    t.as_millis()
+                ),
+                "setting up the session",
+            )
+            .await?;
+        if rows.last().map(String::as_str) != Some("t") {
+            return s.ensure_schema().await.map(|()| s);
         }
-        s.ensure_schema().await?;
-        s.batch(
-            "DELETE FROM buildlock_holders h WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = h.backend_pid)",
-            "removing the rows of sessions that are gone",
-        )
-        .await?;
+        // One more: the schema's version, and the rows of sessions that are gone forgotten
+        // (only in a schema this code knows).
+        let rows = s
+            .simple(
+                &format!(
+                    "SELECT max(version) FROM buildlock_schema; \
+                     DELETE FROM buildlock_holders h WHERE (SELECT max(version) FROM buildlock_schema) <= {SCHEMA_VERSION} \
+                     AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = h.backend_pid)"
+                ),
+                "reading the schema version and removing the rows of sessions that are gone",
+            )
+            .await?;
+        match rows.first().and_then(|v| v.parse::<i32>().ok()) {
+            Some(v) => s.check_version(v)?,
+            None => {
+                return Err(Error::Server {
+                    server: settings.server(),
+                    why: "table buildlock_schema holds no version: was it emptied by hand? Drop the buildlock_* \
+                          tables to have them made again (only while no buildlock lock is held)"
+                        .into(),
+                })
+            }
+        }
         Ok(s)
     }
 
@@ -135,6 +229,18 @@ impl Session {
 
     async fn batch(&self, sql: &str, doing: &str) -> Result<(), Error> {
         self.client.batch_execute(sql).await.map_err(|e| Error::from_query(&self.settings, doing, e))
+    }
+
+    /// The first column of every row `sql` returns (one round trip, many statements, text).
+    async fn simple(&self, sql: &str, doing: &str) -> Result<Vec<String>, Error> {
+        let messages = self.client.simple_query(sql).await.map_err(|e| Error::from_query(&self.settings, doing, e))?;
+        Ok(messages
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or_default().to_owned()),
+                _ => None,
+            })
+            .collect())
     }
 
     async fn ensure_schema(&self) -> Result<(), Error> {
@@ -196,61 +302,82 @@ impl Session {
         Ok(row.get(0))
     }
 
+    /// A statement prepared on this connection (once per session).
+    async fn prepared(&mut self, sql: &'static str, doing: &str) -> Result<tokio_postgres::Statement, Error> {
+        if let Some((_, st)) = self.prepared.iter().find(|(q, _)| std::ptr::eq(*q, sql)) {
+            return Ok(st.clone());
+        }
+        let st = self.client.prepare(sql).await.map_err(|e| Error::from_query(&self.settings, doing, e))?;
+        self.prepared.push((sql, st.clone()));
+        Ok(st)
+    }
+
     /// Takes lock `req.name` in this session. The server's lock queue is the order (FIFO);
     /// `on_wait` is told who holds it once, then about once a second while waiting.
+    ///
+    /// A free lock costs one round trip (once the statements are prepared): the try, the token
+    /// and the holder's row are one statement. A lock must be waited for, or a name without an
+    /// id yet, cost more.
     pub async fn acquire<F: FnMut(&Holder)>(&mut self, req: &Request, on_wait: &mut F) -> Result<Grant, Error> {
-        let id = self.lock_id(&req.name).await?;
         let mode_text = if req.mode == Mode::Shared { "shared" } else { "exclusive" };
-        let q = |e| Error::from_query(&self.settings, "recording this waiter", e);
-        self.client
-            .execute(
-                "INSERT INTO buildlock_holders (backend_pid, lock_id, state, mode, host, pid, command, operation)
-                 VALUES (pg_backend_pid(), $1, 'waiting', $2, $3, $4, $5, $6)
-                 ON CONFLICT (backend_pid, lock_id) DO UPDATE SET state = 'waiting', mode = $2, host = $3, pid = $4,
-                     command = $5, operation = $6, since = now(), token = NULL",
-                &[&id, &mode_text, &req.host, &i64::from(req.pid), &req.command, &req.operation],
-            )
-            .await
-            .map_err(q)?;
-        let (try_fn, lock_fn) = match req.mode {
-            Mode::Shared => ("pg_try_advisory_lock_shared", "pg_advisory_lock_shared"),
-            Mode::Exclusive => ("pg_try_advisory_lock", "pg_advisory_lock"),
+        let try_sql = if req.mode == Mode::Shared { TRY_SHARED } else { TRY_EXCLUSIVE };
+        let doing = "taking the lock";
+        let try_lock = self.prepared(try_sql, doing).await?;
+        let pid = i64::from(req.pid);
+        let mut created = false;
+        let (id, got, token) = loop {
+            let row = self
+                .client
+                .query_opt(
+                    &try_lock,
+                    &[&NAMESPACE, &req.name, &mode_text, &req.host, &pid, &req.command, &req.operation],
+                )
+                .await
+                .map_err(|e| Error::from_query(&self.settings, doing, e))?;
+            match row {
+                Some(r) => break (r.get::<_, i32>(0), r.get::<_, bool>(1), r.get::<_, Option<i64>>(2)),
+                // A name used for the first time: its id is made, then the try is made again.
+                None if !created => {
+                    self.lock_id(&req.name).await?;
+                    created = true;
+                }
+                None => {
+                    return Err(Error::Server {
+                        server: self.settings.server(),
+                        why: format!("lock {} has no row in buildlock_locks even after creating it", req.name),
+                    })
+                }
+            }
         };
-        let got: bool = self
+        if got {
+            let token = token.ok_or_else(|| Error::Server {
+                server: self.settings.server(),
+                why: format!("lock {} was taken but its fencing counter could not be read", req.name),
+            })?;
+            return Ok(Grant { id, mode: req.mode, token: token as u64 });
+        }
+        let holder = self.holder(id).await?;
+        if req.wait == Wait::NoWait {
+            self.forget(id).await;
+            return Err(self.busy(req, holder, false));
+        }
+        if let Some(h) = &holder {
+            on_wait(h);
+        }
+        let lock_fn = match req.mode {
+            Mode::Shared => "pg_advisory_lock_shared",
+            Mode::Exclusive => "pg_advisory_lock",
+        };
+        self.wait_for(req, id, lock_fn, holder, on_wait).await?;
+        let taken = if req.mode == Mode::Shared { TAKEN_SHARED } else { TAKEN_EXCLUSIVE };
+        let doing = "advancing the fencing token";
+        let taken = self.prepared(taken, doing).await?;
+        let token: i64 = self
             .client
-            .query_one(&format!("SELECT {try_fn}($1, $2)"), &[&NAMESPACE, &id])
+            .query_one(&taken, &[&id])
             .await
-            .map_err(|e| Error::from_query(&self.settings, "taking the lock", e))?
+            .map_err(|e| Error::from_query(&self.settings, doing, e))?
             .get(0);
-        if !got {
-            let holder = self.holder(id).await?;
-            if req.wait == Wait::NoWait {
-                self.forget(id).await;
-                return Err(self.busy(req, holder, false));
-            }
-            if let Some(h) = &holder {
-                on_wait(h);
-            }
-            self.wait_for(req, id, lock_fn, holder, on_wait).await?;
-        }
-        let token: i64 = match req.mode {
-            Mode::Exclusive => {
-                self.client
-                    .query_one("UPDATE buildlock_locks SET fence = fence + 1 WHERE id = $1 RETURNING fence", &[&id])
-                    .await
-            }
-            Mode::Shared => self.client.query_one("SELECT fence FROM buildlock_locks WHERE id = $1", &[&id]).await,
-        }
-        .map_err(|e| Error::from_query(&self.settings, "advancing the fencing token", e))?
-        .get(0);
-        self.client
-            .execute(
-                "UPDATE buildlock_holders SET state = 'holding', since = now(), token = $2
-                 WHERE backend_pid = pg_backend_pid() AND lock_id = $1",
-                &[&id, &token],
-            )
-            .await
-            .map_err(|e| Error::from_query(&self.settings, "recording this holder", e))?;
         Ok(Grant { id, mode: req.mode, token: token as u64 })
     }
 
@@ -332,22 +459,23 @@ impl Session {
         Ok(rows.first().map(|r| entry(r).holder))
     }
 
-    /// Releases lock `grant` (the row first, then the lock); `Error::Lost` if the server says
-    /// this session did not hold it.
+    /// Releases lock `grant` and removes this session's row, in one round trip; `Error::Lost`
+    /// if the server says this session did not hold it.
     pub async fn release(&mut self, name: &str, grant: Grant) -> Result<(), Error> {
-        self.forget(grant.id).await;
-        let f = match grant.mode {
-            Mode::Shared => "pg_advisory_unlock_shared",
-            Mode::Exclusive => "pg_advisory_unlock",
+        let sql = match grant.mode {
+            Mode::Shared => RELEASE_SHARED,
+            Mode::Exclusive => RELEASE_EXCLUSIVE,
         };
+        let named = |e| match e {
+            Error::Lost { server, why, .. } => Error::Lost { lock: name.to_owned(), server, why },
+            other => other,
+        };
+        let release = self.prepared(sql, "releasing the lock").await.map_err(named)?;
         let held: bool = self
             .client
-            .query_one(&format!("SELECT {f}($1, $2)"), &[&NAMESPACE, &grant.id])
+            .query_one(&release, &[&NAMESPACE, &grant.id])
             .await
-            .map_err(|e| match Error::from_query(&self.settings, "releasing the lock", e) {
-                Error::Lost { server, why, .. } => Error::Lost { lock: name.to_owned(), server, why },
-                other => other,
-            })?
+            .map_err(|e| named(Error::from_query(&self.settings, "releasing the lock", e)))?
             .get(0);
         if !held {
             return Err(Error::Lost {
