@@ -97,7 +97,11 @@ pub const MAGIC: [u8; 4] = *b"BLCK";
 /// Version 4 lets a client say it will not wait for a release's answer (`Release.answer`), and
 /// `Granted` carries the locked file's identity (`Granted.file`), so the client need not
 /// `fstat` the descriptor it receives.
-pub const PROTOCOL_VERSION: u16 = 4;
+///
+/// Version 5 lets a client say it closed every copy of a grant's descriptor
+/// (`Release.copies_closed`), so the daemon may keep a remote lease's server session for the
+/// next lease.
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// The largest payload a frame may carry, in bytes. Every message buildlock sends is far smaller
 /// (a status of a few hundred locks fits); the limit exists so a broken or hostile peer cannot

@@ -105,6 +105,12 @@ pub enum Request {
         /// for it sets `false` and saves the daemon a write and itself a read; errors are sent
         /// either way.
         answer: bool,
+        /// The client closed its copy of the descriptor that came with `Granted` before sending
+        /// this, and no other process can hold one: it passed none on (no command inherited it)
+        /// and did not fork while holding it. The daemon may then reuse what only that
+        /// descriptor could have kept alive, a remote lease's server session, for another
+        /// lease. A client that cannot tell sets `false`: the session is then ended.
+        copies_closed: bool,
     },
     /// Release the lease on `path` bound to `pid` (see [`AcquireRequest::bind_pid`]), whichever
     /// connection took it. Answered by [`Reply::Released`] or [`ErrorCode::NotHeld`].

@@ -15,15 +15,15 @@ use buildlock_proto::{
 use common::{from_hex, reply_variant, request_variant, to_hex, REPLY_VARIANTS, REQUEST_VARIANTS};
 
 /// The protocol version the fixture was generated for.
-const FIXTURE_PROTOCOL_VERSION: u16 = 4;
+const FIXTURE_PROTOCOL_VERSION: u16 = 5;
 
 /// (name, whole frame as hex: 4-byte little-endian length, then the postcard payload).
 const FIXTURE: &[(&str, &str)] = &[
-    ("Hello", "0d000000424c434b0405302e312e30d209"),
-    ("Welcome", "0d000000424c434b0405302e312e306300"),
-    ("Welcome(refused)", "10000000424c434b0405302e312e306301026e6f"),
+    ("Hello", "0d000000424c434b0505302e312e30d209"),
+    ("Welcome", "0d000000424c434b0505302e312e306300"),
+    ("Welcome(refused)", "10000000424c434b0505302e312e306301026e6f"),
     ("Request::Acquire", "200000000003072f6c2e6c6f636b0001e807026f7003636d640107e12101e0d403000000"),
-    ("Request::Release", "03000000010301"),
+    ("Request::Release", "0400000001030101"),
     ("Request::ReleasePid", "0c00000002072f6c2e6c6f636b808004"),
     ("Request::Status", "020000000300"),
     ("Request::DaemonStatus", "0100000004"),
@@ -109,7 +109,7 @@ fn messages() -> Vec<(String, Msg)> {
             remote: None,
             remote_timeout_ms: None,
         }),
-        Request::Release { lease: 3, answer: true },
+        Request::Release { lease: 3, answer: true, copies_closed: true },
         Request::ReleasePid { path: "/l.lock".into(), pid: 65536 },
         Request::Status { path: None },
         Request::DaemonStatus,

@@ -35,6 +35,12 @@ const VARIANTS: &[(u16, &str, u8)] = &[
     (4, "ErrorCode", 15),
     (4, "Mode", 2),
     (4, "WaitFor", 3),
+    // 5: `Release.copies_closed` (field added).
+    (5, "Request", 7),
+    (5, "Reply", 9),
+    (5, "ErrorCode", 15),
+    (5, "Mode", 2),
+    (5, "WaitFor", 3),
 ];
 
 /// Whether a payload starting with variant index `i` (and padded with zeros for its content)

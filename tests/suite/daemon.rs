@@ -321,7 +321,7 @@ fn garbage_and_oversized_frames_close_only_that_connection() {
     buildlock_proto::write_frame(&mut s, &Request::Acquire(twice)).unwrap();
     let reply: Reply = buildlock_proto::read_message(&mut s).unwrap().unwrap();
     assert!(matches!(&reply, Reply::Error(e) if e.code == buildlock_proto::ErrorCode::InvalidRequest), "{reply:?}");
-    buildlock_proto::write_frame(&mut s, &Request::Release { lease: 99, answer: true }).unwrap();
+    buildlock_proto::write_frame(&mut s, &Request::Release { lease: 99, answer: true, copies_closed: false }).unwrap();
     let reply: Reply = buildlock_proto::read_message(&mut s).unwrap().unwrap();
     assert!(matches!(&reply, Reply::Error(e) if e.code == buildlock_proto::ErrorCode::NotHeld), "{reply:?}");
     drop(s);

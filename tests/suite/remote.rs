@@ -445,3 +445,89 @@ fn remote_through_the_daemon_daemon_enforces_max_hold_after_run_is_killed() {
         v["locks"].as_array().unwrap().iter().any(|l| l["lock"] == label.as_str() && l["stopped"] == 1)
     });
 }
+
+/// Buildlock's server sessions (`application_name = buildlock`).
+fn sessions(pg: &PgServer) -> usize {
+    pg.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'buildlock'").parse().unwrap()
+}
+
+/// The server process of the session that holds a buildlock lock.
+fn holding_backend(pg: &PgServer) -> String {
+    pg.psql("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = 1114401585")
+}
+
+/// The daemon keeps a released lease's session, unlocked, for the next lease on the server,
+/// only when no other process can hold a copy of its socket: the library closed its copy and
+/// passed none on. Handed out (`inherit_file`), or bound to `run`'s command, it is ended.
+/// Through all of it the lock is free the moment a release is confirmed, and never held twice.
+#[test]
+fn remote_through_the_daemon_a_session_is_kept_for_the_next_lease_only_when_no_copy_can_be_left() {
+    use buildlock::{Connect, LockTarget, Options};
+    let Some(pg) = PgServer::start() else { return };
+    let env = Env::daemon();
+    env.run(&["daemon", "start"]).assert_code(0);
+    let direct = Env::new();
+    let opts = Options {
+        connect: Connect::DaemonOnly,
+        runtime_dir: Some(env.runtime()),
+        remote: Some(buildlock_remote::from_url(&pg.url()).unwrap()),
+        ..Options::default()
+    };
+    let target = LockTarget::resolve("kept", env.tmp.path()).unwrap();
+    let take = || buildlock::acquire(&target, &opts, &mut |_| {}).unwrap();
+
+    // Released by its only holder: the session is kept, and the lock is free on the server.
+    let a = take();
+    let first = holding_backend(&pg);
+    a.release_confirmed().unwrap();
+    remote(&direct, &pg, &["run", "-n", "kept", "--", "true"]).assert_code(0);
+    assert_eq!(sessions(&pg), 1, "the released session is kept open");
+    let b = take();
+    assert_eq!(holding_backend(&pg), first, "the next lease reuses the kept session");
+    // Handed out for a command to inherit: ended at release, never reused.
+    assert!(b.inherit_file().is_some());
+    b.release_confirmed().unwrap();
+    let c = take();
+    let third = holding_backend(&pg);
+    assert_ne!(third, first, "a session handed out was reused");
+    c.release_confirmed().unwrap();
+    assert_eq!(sessions(&pg), 1);
+    // `run` binds the lease to its command, which inherits the session: ended, not kept. It
+    // took the kept session (the only one), so the next lease must open another.
+    remote(&env, &pg, &["run", "kept", "--", "true"]).assert_code(0);
+    let d = take();
+    assert_ne!(holding_backend(&pg), third, "the session of a `run` was reused");
+    d.release_confirmed().unwrap();
+
+    // A busy answer hands nothing out: that session is kept too, and reused by the next try.
+    let held = take();
+    assert_eq!(sessions(&pg), 1, "the holder took the kept session");
+    remote(&env, &pg, &["run", "-n", "kept", "--", "true"]).assert_code(1);
+    assert_eq!(sessions(&pg), 2, "the holder's session and the kept one");
+    remote(&env, &pg, &["run", "-n", "kept", "--", "true"]).assert_code(1);
+    assert_eq!(sessions(&pg), 2, "the second try reused the kept session");
+    held.release_confirmed().unwrap();
+
+    // Two threads contending through kept sessions: never both inside, tokens always growing.
+    let inside = std::sync::atomic::AtomicBool::new(false);
+    let last = std::sync::Mutex::new(0u64);
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                for _ in 0..50 {
+                    let lease = take();
+                    assert!(!inside.swap(true, std::sync::atomic::Ordering::SeqCst), "two holders at once");
+                    let mut l = last.lock().unwrap();
+                    assert!(lease.token() > *l, "token {} after {}", lease.token(), *l);
+                    *l = lease.token();
+                    drop(l);
+                    inside.store(false, std::sync::atomic::Ordering::SeqCst);
+                    lease.release().unwrap();
+                }
+            });
+        }
+    });
+    // A release is not waited for, so the next lease may come before its session is back:
+    // a few more may be opened, never more than the daemon keeps per server (8).
+    assert!(sessions(&pg) <= 8, "{} sessions kept", sessions(&pg));
+}

@@ -110,6 +110,12 @@ pub trait EngineSession: Send {
     /// lock) alive while that command runs.
     fn socket(&self) -> Option<&File>;
 
+    /// Whether this session may take another lock once its lease has ended: it holds none,
+    /// its connection is open, and no request on it failed but for a busy lock (a failure may
+    /// leave the session in a state this side does not know). Only a session whose socket no
+    /// other process holds a copy of may be reused: that is the caller's to know.
+    fn reusable(&self) -> bool;
+
     /// Holders and waiters of every lock (or of `name`), from every host.
     fn status<'a>(&'a self, name: Option<&'a str>) -> BoxFuture<'a, Result<Vec<LockEntry>, Error>>;
 

@@ -38,7 +38,7 @@ impl Engine for Settings {
     fn connect(&self) -> BoxFuture<'_, Result<Box<dyn EngineSession>, Error>> {
         Box::pin(async move {
             let session = Session::connect(self).await?;
-            Ok(Box::new(PgSession { session, held: None }) as Box<dyn EngineSession>)
+            Ok(Box::new(PgSession { session, held: None, spoiled: false }) as Box<dyn EngineSession>)
         })
     }
 }
@@ -47,6 +47,8 @@ impl Engine for Settings {
 struct PgSession {
     session: Session,
     held: Option<(String, Grant)>,
+    /// A request failed (other than for a busy lock): never reused.
+    spoiled: bool,
 }
 
 impl EngineSession for PgSession {
@@ -57,7 +59,11 @@ impl EngineSession for PgSession {
     ) -> BoxFuture<'a, Result<u64, Error>> {
         Box::pin(async move {
             let mut on_wait = on_wait;
-            let grant = self.session.acquire(req, &mut on_wait).await?;
+            // Until it returns: a wait given up (the future dropped) spoils the session too.
+            self.spoiled = true;
+            let grant = self.session.acquire(req, &mut on_wait).await;
+            self.spoiled = !matches!(grant, Ok(_) | Err(Error::Busy { .. })) || !self.session.clean();
+            let grant = grant?;
             self.held = Some((req.name.clone(), grant));
             Ok(grant.token)
         })
@@ -65,10 +71,11 @@ impl EngineSession for PgSession {
 
     fn release(&mut self) -> BoxFuture<'_, Result<(), Error>> {
         Box::pin(async move {
-            match self.held.take() {
-                Some((name, grant)) => self.session.release(&name, grant).await,
-                None => Ok(()),
-            }
+            let Some((name, grant)) = self.held.take() else { return Ok(()) };
+            self.spoiled = true;
+            let released = self.session.release(&name, grant).await;
+            self.spoiled = released.is_err();
+            released
         })
     }
 
@@ -86,6 +93,10 @@ impl EngineSession for PgSession {
 
     fn socket(&self) -> Option<&File> {
         Some(self.session.socket())
+    }
+
+    fn reusable(&self) -> bool {
+        !self.spoiled && self.held.is_none() && self.session.closed().borrow().is_none()
     }
 
     fn status<'a>(&'a self, name: Option<&'a str>) -> BoxFuture<'a, Result<Vec<LockEntry>, Error>> {

@@ -139,6 +139,8 @@ pub struct Session {
     /// The statements prepared on this connection, by their text: each costs a round trip once
     /// per session, then none.
     prepared: Vec<(&'static str, tokio_postgres::Statement)>,
+    /// A setting of a bounded wait (`lock_timeout`) could not be put back.
+    unclean: bool,
 }
 
 impl Session {
@@ -154,6 +156,7 @@ impl Session {
             socket: c.socket,
             abort: c.abort,
             prepared: Vec::new(),
+            unclean: false,
         };
         let t = settings.remote_timeout;
         let idle = (t.as_secs() / 3).max(1);
@@ -203,6 +206,11 @@ impl Session {
             }
         }
         Ok(s)
+    }
+
+    /// Whether the session's settings are as [`Session::connect`] left them.
+    pub fn clean(&self) -> bool {
+        !self.unclean
     }
 
     pub fn settings(&self) -> &Settings {
@@ -412,8 +420,8 @@ impl Session {
                 }
             }
         };
-        if matches!(req.wait, Wait::Timeout(_)) {
-            let _ = self.client.batch_execute("SET lock_timeout = 0").await;
+        if matches!(req.wait, Wait::Timeout(_)) && self.client.batch_execute("SET lock_timeout = 0").await.is_err() {
+            self.unclean = true;
         }
         match waited {
             Ok(_) => Ok(()),

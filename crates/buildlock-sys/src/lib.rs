@@ -57,7 +57,7 @@ mod lock_imp;
 pub use inherit::{holds_lock, inheritable_copy_single_threaded, lock_holders, pass_to_child};
 pub use process::{
     ancestors, at_exit, command_args, command_line, current_pid, current_process, current_thread_id,
-    end_on_closed_pipe, hostname, identify, kill_on_parent_death, process_state, send_signal, signal_group,
+    end_on_closed_pipe, forks, hostname, identify, kill_on_parent_death, process_state, send_signal, signal_group,
     CloseInChild, ProcessIdentity, ProcessState,
 };
 

@@ -63,6 +63,14 @@ pub fn current_pid() -> u32 {
     imp_pid::current_pid()
 }
 
+/// How many times this process has forked (`fork(3)`, or std's `Command` when it forks; a
+/// `posix_spawn` does not count, and its child inherits only what is not close-on-exec), counted
+/// by the same `pthread_atfork` handlers; `None` where they cannot be installed. A descriptor
+/// held across no fork (the count unchanged) is in no other process unless passed on.
+pub fn forks() -> Option<u64> {
+    imp_pid::forks()
+}
+
 /// A descriptor that the child of a `fork` must not keep: it is closed in the child at once (by
 /// the same `pthread_atfork` handler that forgets [`current_pid`]). For files a process keeps
 /// open between uses, such as an idle lock file kept for the next acquisition: a child sharing
@@ -97,7 +105,7 @@ impl Drop for CloseInChild {
 
 #[cfg(unix)]
 mod imp_pid {
-    use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
     use std::sync::Once;
 
     /// 0: not known (never read, or forgotten in a forked child).
@@ -107,6 +115,12 @@ mod imp_pid {
     const SLOTS: usize = 64;
     /// Descriptors to close in a forked child; -1: free slot.
     static CLOSE_IN_CHILD: [AtomicI32; SLOTS] = [const { AtomicI32::new(-1) }; SLOTS];
+    /// Forks of this process, counted in the parent.
+    static FORKS: AtomicU64 = AtomicU64::new(0);
+
+    extern "C" fn in_parent() {
+        FORKS.fetch_add(1, Ordering::SeqCst);
+    }
 
     extern "C" fn in_child() {
         // Async-signal-safe: atomic loads and stores and close(2); no allocation, no lock.
@@ -127,8 +141,9 @@ mod imp_pid {
         REGISTER.call_once(|| {
             // SAFETY: `in_child` is a plain `extern "C"` function that only touches atomics and
             // calls close(2), which is safe in the child of a fork of a multi-threaded process;
-            // the other two handlers are absent. Registration happens once per process (`Once`).
-            let rc = unsafe { nix::libc::pthread_atfork(None, None, Some(in_child)) };
+            // `in_parent` only adds to an atomic; there is no `prepare` handler. Registration
+            // happens once per process (`Once`).
+            let rc = unsafe { nix::libc::pthread_atfork(None, Some(in_parent), Some(in_child)) };
             HANDLER.store(rc == 0, Ordering::SeqCst);
         });
         HANDLER.load(Ordering::SeqCst)
@@ -145,6 +160,10 @@ mod imp_pid {
         if let Some(s) = CLOSE_IN_CHILD.get(slot) {
             s.store(-1, Ordering::SeqCst);
         }
+    }
+
+    pub(super) fn forks() -> Option<u64> {
+        install_handler().then(|| FORKS.load(Ordering::SeqCst))
     }
 
     pub(super) fn current_pid() -> u32 {
@@ -169,6 +188,11 @@ mod imp_pid {
 mod imp_pid {
     pub(super) fn current_pid() -> u32 {
         std::process::id()
+    }
+
+    /// No `fork` here.
+    pub(super) fn forks() -> Option<u64> {
+        Some(0)
     }
 }
 
@@ -661,3 +685,21 @@ pub fn end_on_closed_pipe() {
 /// Windows has no `SIGPIPE`: nothing to do.
 #[cfg(windows)]
 pub fn end_on_closed_pipe() {}
+
+#[cfg(all(test, unix))]
+mod fork_tests {
+    #[test]
+    fn a_fork_is_counted_in_the_parent() {
+        let before = super::forks().expect("fork handlers installed");
+        // SAFETY: the child only calls `_exit`, which is async-signal-safe.
+        match unsafe { nix::unistd::fork() }.expect("fork") {
+            nix::unistd::ForkResult::Child => unsafe { nix::libc::_exit(0) },
+            nix::unistd::ForkResult::Parent { child } => {
+                nix::sys::wait::waitpid(child, None).expect("wait for the child");
+            }
+        }
+        let after = super::forks().unwrap();
+        // Other tests of this process may fork meanwhile: at least ours was counted.
+        assert!(after > before, "fork not counted: {before} -> {after}");
+    }
+}

@@ -284,6 +284,11 @@ enum Inner {
         /// attached it to `Granted`): its remote timeout. The lock then holds while this copy
         /// is healthy, even if the daemon dies.
         session: Option<Duration>,
+        /// `file` was given out for another process to inherit ([`Lease::inherit_file`]).
+        handed_out: std::sync::atomic::AtomicBool,
+        /// This process's forks when the lease was granted ([`buildlock_sys::forks`]): one more
+        /// by the release, and a child may hold a copy of `file`.
+        forks: Option<u64>,
     },
     Direct(buildlock_disk::Guard),
     Remote(buildlock_remote::Lease),
@@ -606,7 +611,8 @@ fn acquire_daemon(
             // A lease still waiting stops waiting; one granted meanwhile is released. A late
             // grant's descriptor is closed with `replies`.
             drop(replies);
-            let _ = mux.send(&Request::Release { lease, answer: false });
+            // A grant's descriptor may still be in flight: no promise about copies.
+            let _ = mux.send(&Request::Release { lease, answer: false, copies_closed: false });
             let e = buildlock_disk::Error::Cancelled { name: target.name.clone(), path: target.path.clone() };
             return Err(e.into());
         }
@@ -645,7 +651,20 @@ fn acquire_daemon(
                 let (bound, runtime_dir) = (opts.bind_pid, opts.runtime_dir());
                 drop(replies);
                 let remote = opts.remote.as_ref().map(|s| s.display());
-                let inner = Inner::Daemon { mux, lease, path, file, id, bound, runtime_dir, remote, session };
+                let (handed_out, forks) = (Default::default(), buildlock_sys::forks());
+                let inner = Inner::Daemon {
+                    mux,
+                    lease,
+                    path,
+                    file,
+                    id,
+                    bound,
+                    runtime_dir,
+                    remote,
+                    session,
+                    handed_out,
+                    forks,
+                };
                 return Ok(Lease { target: target.clone(), token, inner: Some(inner), _held: None, history: None });
             }
             Some((Reply::Error(e), _)) => {
@@ -664,17 +683,19 @@ fn acquire_daemon(
 
 /// Asks the daemon to release `lease`; with `confirmed`, waits for its answer (a lease already
 /// released meanwhile, by `ReleasePid` from a keeper's script's `release`, counts as released).
+/// `copies_closed`: no process holds a copy of the grant's descriptor any more (`Release`).
 #[cfg(unix)]
 fn send_release(
     mux: &std::sync::Arc<mux::Mux>,
     lease: buildlock_proto::LeaseRef,
     confirmed: bool,
+    copies_closed: bool,
 ) -> Result<(), Error> {
     if !confirmed {
-        return mux.send(&Request::Release { lease, answer: false });
+        return mux.send(&Request::Release { lease, answer: false, copies_closed });
     }
     let replies = mux.listen(lease);
-    mux.send(&Request::Release { lease, answer: true })?;
+    mux.send(&Request::Release { lease, answer: true, copies_closed })?;
     loop {
         match replies.recv(None)? {
             Some((Reply::Released { .. }, _)) => return Ok(()),
@@ -733,7 +754,11 @@ impl Lease {
         match &self.inner {
             Some(Inner::Remote(r)) => r.socket(),
             #[cfg(unix)]
-            Some(Inner::Daemon { file, remote: Some(_), .. }) => file.as_ref(),
+            Some(Inner::Daemon { file, remote: Some(_), handed_out, .. }) => {
+                // Another process may now hold the session: it is never reused after release.
+                handed_out.store(true, std::sync::atomic::Ordering::Relaxed);
+                file.as_ref()
+            }
             _ => self.os_file(),
         }
     }
@@ -919,16 +944,25 @@ impl Lease {
             }
             Inner::Remote(r) => r.release().map_err(Error::from),
             #[cfg(unix)]
-            Inner::Daemon { mux, lease, path, remote: Some(server), file, session, .. } => {
+            Inner::Daemon {
+                mux, lease, path, remote: Some(server), file, session, bound, handed_out, forks, ..
+            } => {
                 forked_check(&mux)?;
                 let socket = file.as_ref().zip(session);
                 let lost = remote_lost(&mux, lease, socket);
-                let released = send_release(&mux, lease, confirmed && lost.is_none());
-                mux.forget(lease);
-                // Our copy of the session closes; through a live daemon the lock is unlocked
-                // on the server for every copy (`Release`).
                 let copy = socket.is_some();
+                // No other process can hold a copy of the session's socket: the daemon may keep
+                // the session for our next remote lease.
+                let alone = lost.is_none()
+                    && bound.is_none()
+                    && !handed_out.into_inner()
+                    && forks.is_some()
+                    && forks == buildlock_sys::forks();
+                // Our copy of the session closes first (the daemon's holds the lock); through a
+                // live daemon the lock is then unlocked on the server for every copy.
                 drop(file);
+                let released = send_release(&mux, lease, confirmed && lost.is_none(), alone);
+                mux.forget(lease);
                 if let Some(why) = lost {
                     return Err(Error::Remote(buildlock_remote::Error::Lost { lock: path, server, why }));
                 }
@@ -960,7 +994,7 @@ impl Lease {
                 // Close our copy first, never unlocking it: the daemon's copy shares the lock
                 // until the daemon has removed our metadata.
                 drop(file);
-                let released = send_release(&mux, lease, confirmed);
+                let released = send_release(&mux, lease, confirmed, false);
                 match released {
                     Err(Error::Daemon { code, message }) => {
                         tracing::warn!("buildlockd did not release lock {path}: {message} ({code})")

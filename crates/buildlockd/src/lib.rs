@@ -19,6 +19,8 @@
 //!   runtime, released when its client and bound process are gone, and `LeaseLost` sent the
 //!   moment the session is lost; `--max-hold` stops the bound group as for local leases. Not in
 //!   the local queue.
+//! - `pool`: idle server sessions, unlocked, kept for the next remote lease on the same server
+//!   when no other process can hold a copy of their socket.
 //! - `server`: the accept loop, connection admission (limits), timers (deadlines, idle exit) and
 //!   shutdown.
 //! - [`main`]: the `buildlockd` command: runtime directory checks, the single-instance lock,
@@ -52,6 +54,8 @@ use std::time::Duration;
 mod conn;
 #[cfg(unix)]
 mod journal;
+#[cfg(unix)]
+mod pool;
 #[cfg(unix)]
 mod remote;
 #[cfg(unix)]

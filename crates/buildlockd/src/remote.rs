@@ -99,14 +99,24 @@ struct RemoteLease {
     /// The client process (`run`), which stops its command when told of a loss. Its connection
     /// may outlive it (`run`'s command inherits a copy), so whether it lives is asked of it.
     client: buildlock_sys::ProcessIdentity,
-    /// Fired (`Release`) to end the lock on the server at once, for every copy of the session;
-    /// dropped (its holders are gone) to close only the daemon's copy of the session, never
-    /// telling the server: a process that still holds a copy of the socket (handed over with
-    /// `Granted`) keeps the lock, which the server frees when the last copy closes.
-    stop: oneshot::Sender<()>,
+    /// Fired (`Release`) to end the lock on the server at once, for every copy of the session,
+    /// with whether the session may then be kept for another lease (`crate::pool`); dropped
+    /// (its holders are gone) to close only the daemon's copy of the session, never telling the
+    /// server: a process that still holds a copy of the socket (handed over with `Granted`)
+    /// keeps the lock, which the server frees when the last copy closes.
+    stop: oneshot::Sender<Stop>,
     /// The process whose group the kernel kills if the session fails or the server ends it,
     /// once nobody else is left to stop it (`run` gone): see [`drive`].
     guard: tokio::sync::watch::Sender<Option<u32>>,
+}
+
+/// How a remote lease was released (`Release`).
+struct Stop {
+    /// No other process can hold a copy of the session's socket: it may be kept for another
+    /// lease (`crate::pool`).
+    reuse: bool,
+    /// Where to say `Released` once the server has unlocked (the client waits for it).
+    answer: Option<Tx>,
 }
 
 /// A remote lease's `--max-hold`.
@@ -316,13 +326,27 @@ impl Daemon {
         tokio::spawn(drive(self.clone(), (owner, id), url, remote_timeout, req, stop, guard));
     }
 
-    /// `Release` of a remote lease; `false` if `id` is not one.
-    pub(crate) fn release_remote(self: &Arc<Self>, owner: OwnerId, id: LeaseRef) -> bool {
+    /// `Release` of a remote lease; `false` if `id` is not one. With `copies_closed` (the
+    /// client closed its copy of the session's socket and passed none on), a lease never bound
+    /// to another process leaves its session, unlocked, for the next lease (`crate::pool`).
+    pub(crate) fn release_remote(
+        self: &Arc<Self>,
+        owner: OwnerId,
+        id: LeaseRef,
+        answer: bool,
+        copies_closed: bool,
+    ) -> bool {
         let mut st = self.state();
         let Some(l) = st.remote.leases.remove(&(owner, id)) else { return false };
-        l.send(Reply::Released { lease: id, path: l.name.clone() });
-        // Unlocked on the server at once, whoever else holds a copy of the session.
-        let _ = l.stop.send(());
+        // Unlocked on the server at once, whoever else holds a copy of the session; `Released`
+        // once it is, so that a client that waits for it finds the lock free on the server.
+        let stop = Stop { reuse: copies_closed && l.bind_pid.is_none(), answer: answer.then(|| l.tx.clone()) };
+        if let Err(stop) = l.stop.send(stop) {
+            // Its task has ended already (the session was lost): nothing is held.
+            if let Some(tx) = stop.answer {
+                let _ = tx.send(Outgoing { reply: Reply::Released { lease: id, path: l.name.clone() }, fd: None });
+            }
+        }
         st.note_activity();
         true
     }
@@ -542,7 +566,24 @@ async fn drive(
     url: String,
     remote_timeout: Duration,
     req: buildlock_remote::Request,
-    mut stop: oneshot::Receiver<()>,
+    mut stop: oneshot::Receiver<Stop>,
+    guard: tokio::sync::watch::Receiver<Option<u32>>,
+) {
+    let name = req.name.clone();
+    run_lease(daemon, key, url, remote_timeout, req, &mut stop, guard).await;
+    // A `Release` not looked at (the lease failed or was lost meanwhile) is answered here; one
+    // from now on by `release_remote` itself.
+    stop.close();
+    released(stop.try_recv().ok(), key.1, &name);
+}
+
+async fn run_lease(
+    daemon: Arc<Daemon>,
+    key: Key,
+    url: String,
+    remote_timeout: Duration,
+    req: buildlock_remote::Request,
+    stop: &mut oneshot::Receiver<Stop>,
     mut guard: tokio::sync::watch::Receiver<Option<u32>>,
 ) {
     let fail = |e: buildlock_remote::Error| {
@@ -560,47 +601,78 @@ async fn drive(
         }
         st.note_activity();
     };
-    // Parsing the URL may read ~/.pgpass: not on the runtime's thread.
-    let parsed = tokio::task::spawn_blocking(move || {
-        buildlock_remote::from_url(&url).and_then(|s| s.with_remote_timeout(remote_timeout))
-    })
-    .await;
-    let server = match parsed {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return fail(e),
-        Err(e) => return fail(buildlock_remote::Error::Settings(format!("cannot read the backend URL: {e}"))),
+    let pool_key: crate::pool::Key = (url.clone(), remote_timeout);
+    // A session kept from an earlier lease on this server, if one is idle: no connection, no
+    // authentication, no parsing of the URL.
+    let pooled = daemon.pool.take(&pool_key);
+    let server = match &pooled {
+        Some((engine, _)) => engine.clone(),
+        // Parsing the URL may read ~/.pgpass: not on the runtime's thread.
+        None => {
+            let parsed = tokio::task::spawn_blocking(move || {
+                buildlock_remote::from_url(&url).and_then(|s| s.with_remote_timeout(remote_timeout))
+            })
+            .await;
+            match parsed {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return fail(e),
+                Err(e) => return fail(buildlock_remote::Error::Settings(format!("cannot read the backend URL: {e}"))),
+            }
+        }
     };
     if let Some(l) = daemon.state().remote.leases.get_mut(&key) {
         l.server = server.display();
     }
-    let mut session = tokio::select! {
-        _ = &mut stop => return,
-        r = server.connect() => match r {
-            Ok(s) => s,
-            Err(e) => return fail(e),
-        },
-    };
     let mut told = false;
-    let acquired = {
-        let mut on_wait = |h: &buildlock_remote::Holder| {
-            let mut st = daemon.state();
-            let Some(l) = st.remote.leases.get_mut(&key) else { return };
-            if !told {
-                told = true;
-                let holder = server_holder(h);
-                l.send(Reply::Waiting { lease: key.1, path: l.name.clone(), position: 1, holder: Some(holder) });
-            }
-            l.phase = Phase::Waiting { holder: Some(h.clone()) };
+    let mut on_wait = |h: &buildlock_remote::Holder| {
+        let mut st = daemon.state();
+        let Some(l) = st.remote.leases.get_mut(&key) else { return };
+        if !told {
+            told = true;
+            let holder = server_holder(h);
+            l.send(Reply::Waiting { lease: key.1, path: l.name.clone(), position: 1, holder: Some(holder) });
+        }
+        l.phase = Phase::Waiting { holder: Some(h.clone()) };
+    };
+    // The kept session first; should its first request fail for any other reason than a busy
+    // lock (the server restarted or the network failed while it was idle, unnoticed), a new one.
+    let mut pooled = pooled.map(|(_, s)| s);
+    let (mut session, acquired) = loop {
+        let (mut session, from_pool) = match pooled.take() {
+            Some(s) => (s, true),
+            None => tokio::select! {
+                r = &mut *stop => return released(r.ok(), key.1, &req.name),
+                r = server.connect() => match r {
+                    Ok(s) => (s, false),
+                    Err(e) => return fail(e),
+                },
+            },
         };
-        tokio::select! {
-            _ = &mut stop => None,
+        let acquired = tokio::select! {
+            r = &mut *stop => {
+                released(r.ok(), key.1, &req.name);
+                None
+            }
             r = session.acquire(&req, &mut on_wait) => Some(r),
+        };
+        match acquired {
+            Some(Err(e)) if from_pool && !matches!(e, buildlock_remote::Error::Busy { .. }) => {
+                tracing::debug!("a kept session of {} failed ({e}); taking a new one", server.display());
+                session.abort();
+            }
+            acquired => break (session, acquired),
         }
     };
     let token = match acquired {
         // Its client gave up (released, or died) while it waited: the session ends now, and
         // the server drops it from its queue.
         None => return session.abort(),
+        // A busy lock: nothing was taken, nor any copy of the socket handed out, so the session
+        // is kept for the next lease.
+        Some(Err(e @ buildlock_remote::Error::Busy { .. })) if session.reusable() => {
+            daemon.pool.put(pool_key, server, session);
+            return fail(e);
+        }
         Some(Err(e)) => {
             session.abort();
             return fail(e);
@@ -646,7 +718,10 @@ async fn drive(
     let mut guard_open = true;
     let ended = loop {
         tokio::select! {
-            r = &mut stop => break if r.is_ok() { Ended::Released } else { Ended::HoldersGone },
+            r = &mut *stop => break match r {
+                Ok(s) => Ended::Released(s),
+                Err(_) => Ended::HoldersGone,
+            },
             _ = until(overdue) => overdue = daemon.stop_overdue_remote(key),
             _ = closed.changed() => {
                 break Ended::Lost(closed.borrow().clone().unwrap_or_else(|| "the connection ended".into()));
@@ -676,7 +751,7 @@ async fn drive(
             }
         }
     };
-    if matches!(ended, Ended::Released) && guarded.is_some() {
+    if matches!(ended, Ended::Released(_)) && guarded.is_some() {
         set_guard(&*session, &req.name, None);
     }
     match ended {
@@ -691,13 +766,20 @@ async fn drive(
             let _ = tokio::time::timeout(every, gone.wait_for(|_| false)).await;
             drop(session);
         }
-        Ended::Released => {
+        Ended::Released(Stop { reuse, answer }) => {
             // Released: on the server at once, for every copy, bounded in time.
             if let Ok(Err(e)) = tokio::time::timeout(every, session.release()).await {
                 tracing::warn!("{e}");
             }
-            // Bounded by the engine (a second), then aborted.
-            session.close().await;
+            // Unlocked on the server (or the session is ending, which unlocks it).
+            released(Some(Stop { reuse, answer }), key.1, &req.name);
+            if reuse && session.reusable() {
+                // Unlocked, and no copy of its socket left elsewhere: kept for the next lease.
+                daemon.pool.put(pool_key, server, session);
+            } else {
+                // Ended for every copy (the server is told), bounded by the engine (a second).
+                session.close().await;
+            }
         }
         Ended::Lost(why) => {
             // The server has freed the lock (or will, the connection being gone).
@@ -706,6 +788,13 @@ async fn drive(
                 daemon.remote_lost(key, &why);
             }
         }
+    }
+}
+
+/// Says `Released` for lease `id` if its `Release` asked for an answer.
+fn released(stop: Option<Stop>, id: LeaseRef, name: &str) {
+    if let Some(tx) = stop.and_then(|s| s.answer) {
+        let _ = tx.send(Outgoing { reply: Reply::Released { lease: id, path: name.to_owned() }, fd: None });
     }
 }
 
@@ -729,7 +818,7 @@ fn set_guard(session: &dyn buildlock_remote::EngineSession, name: &str, on: Opti
 /// How a held lease's session ended.
 enum Ended {
     /// Its client released it (`Release`).
-    Released,
+    Released(Stop),
     /// Its holders are gone (connection closed, bound process exited), or it was forgotten.
     HoldersGone,
     /// The session was lost (the server or the network ended it).

@@ -25,6 +25,8 @@ pub struct Daemon {
     /// Itself, for the state guard, which carries out the grants decided under the lock once
     /// it is released (`state::StateGuard`).
     pub(crate) me: std::sync::Weak<Daemon>,
+    /// Idle server sessions of remote leases, kept for the next lease on the same server.
+    pub(crate) pool: Arc<crate::pool::Pool>,
     stopping: AtomicBool,
     stop: Notify,
 }
@@ -41,6 +43,7 @@ impl Daemon {
             started: SystemTime::now(),
             state: Mutex::new(state),
             timer: Notify::new(),
+            pool: Default::default(),
             stopping: AtomicBool::new(false),
             stop: Notify::new(),
         })

@@ -380,8 +380,9 @@ impl Daemon {
         match req {
             Request::Acquire(a) if a.remote.is_some() => self.acquire_remote(owner, a),
             Request::Acquire(a) => self.acquire(owner, a),
-            Request::Release { lease, .. } if self.release_remote(owner, lease) => {}
-            Request::Release { lease, answer } => self.release(owner, lease, answer),
+            Request::Release { lease, answer, copies_closed }
+                if self.release_remote(owner, lease, answer, copies_closed) => {}
+            Request::Release { lease, answer, .. } => self.release(owner, lease, answer),
             Request::ReleasePid { path, pid } => self.release_pid(owner, &path, pid),
             Request::Bind { lease, pid } if self.bind_remote(owner, lease, pid) => {}
             Request::Bind { lease, pid } => self.bind(owner, lease, pid),

@@ -73,8 +73,8 @@ pub fn sample_requests() -> Vec<Request> {
             operation: String::new(),
             ..acquire
         }),
-        Request::Release { lease: 1, answer: true },
-        Request::Release { lease: u64::MAX, answer: false },
+        Request::Release { lease: 1, answer: true, copies_closed: false },
+        Request::Release { lease: u64::MAX, answer: false, copies_closed: true },
         Request::ReleasePid { path: "/tmp/a.lock".into(), pid: u32::MAX },
         Request::Status { path: Some("/tmp/a.lock".into()) },
         Request::Status { path: None },
