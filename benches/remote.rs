@@ -7,9 +7,13 @@
 //! - `acquire+release`: one exclusive lock nobody else wants, over TCP on loopback
 //!   (`127.0.0.1`, `sslmode=disable`) for every row, so like is compared with like: the bare
 //!   client (`tokio-postgres` on one open connection: `pg_advisory_lock` + `pg_advisory_unlock`,
-//!   two round trips), the bare client opening a connection for each lock (what a session per
+//!   each statement prepared and run, so four round trips), the same with the two statements
+//!   prepared once (two round trips: the floor), the bare client opening a connection for each lock (what a session per
 //!   lease costs at least), and buildlock's library talking to the server itself (`Connect::Direct`)
-//!   and through a private daemon (`Connect::DaemonOnly`).
+//!   and through a private daemon (`Connect::DaemonOnly`). Both keep a released session for the
+//!   next lease on the server, so after a few warm-up leases every row reuses an open
+//!   connection, as the bare loop does; the bare client's connect-per-lock row shows what a
+//!   session per lease would cost.
 //! - `kill-to-grant across hosts` (root only: two network namespaces, `tests/support/netns.rs`):
 //!   a `run` on host a holds, a `run` on host b waits, each through its host's own daemon
 //!   (`--remote-timeout 8`). *Killed*: every process of host a is SIGKILLed (its kernel closes
@@ -84,6 +88,22 @@ fn acquire_release(n: usize) {
         })
     };
     report("bare tokio-postgres: pg_advisory_lock + unlock (one connection)", time_each(n, || lock_unlock(&client)));
+    // The same with both statements prepared once: one round trip each, the floor.
+    let (lock, unlock) = rt.block_on(async {
+        (
+            client.prepare("SELECT pg_advisory_lock(1, 2)").await.unwrap(),
+            client.prepare("SELECT pg_advisory_unlock(1, 2)").await.unwrap(),
+        )
+    });
+    report(
+        "bare tokio-postgres, statements prepared once: lock + unlock",
+        time_each(n, || {
+            rt.block_on(async {
+                client.execute(&lock, &[]).await.unwrap();
+                client.execute(&unlock, &[]).await.unwrap();
+            })
+        }),
+    );
     report(
         "bare tokio-postgres: connect + lock + unlock + close",
         time_each(n / 4, || {
@@ -110,9 +130,8 @@ fn acquire_release(n: usize) {
             operation: "bench".into(),
             ..Options::default()
         };
-        let samples = time_each(n / 4, || {
-            buildlock::acquire(&target, &opts, &mut |_| {}).unwrap().release().unwrap();
-        });
+        // `time_each`'s warm-up opens the sessions that the timed leases reuse.
+        let samples = time_each(n, || buildlock::acquire(&target, &opts, &mut |_| {}).unwrap().release().unwrap());
         report(label, samples);
     }
     let _ = buildlock::ask_daemon(Some(&runtime), &buildlock_proto::Request::Shutdown);

@@ -456,14 +456,34 @@ fn holding_backend(pg: &PgServer) -> String {
     pg.psql("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = 1114401585")
 }
 
+/// Runs `worker` (a test of this binary) in a process of its own, and checks it passed. The
+/// tests of kept sessions count this process's forks, which other tests running in parallel
+/// threads would add to.
+fn in_own_process(worker: &str) {
+    let out = crate::util::output_bounded(Env::new().worker(worker), worker);
+    assert!(out.status.success(), "{worker} failed:\n{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains("kept sessions: checked") || out.stdout.contains("kept sessions: no server"),
+        "{worker} checked nothing:\n{}\n{}",
+        out.stdout,
+        out.stderr
+    );
+}
+
 /// The daemon keeps a released lease's session, unlocked, for the next lease on the server,
 /// only when no other process can hold a copy of its socket: the library closed its copy and
 /// passed none on. Handed out (`inherit_file`), or bound to `run`'s command, it is ended.
 /// Through all of it the lock is free the moment a release is confirmed, and never held twice.
 #[test]
 fn remote_through_the_daemon_a_session_is_kept_for_the_next_lease_only_when_no_copy_can_be_left() {
+    in_own_process("remote::kept_sessions_through_the_daemon_worker");
+}
+
+#[test]
+#[ignore = "run by remote_through_the_daemon_a_session_is_kept_... in a process of its own"]
+fn kept_sessions_through_the_daemon_worker() {
     use buildlock::{Connect, LockTarget, Options};
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgServer::start() else { return println!("kept sessions: no server") };
     let env = Env::daemon();
     env.run(&["daemon", "start"]).assert_code(0);
     let direct = Env::new();
@@ -530,4 +550,85 @@ fn remote_through_the_daemon_a_session_is_kept_for_the_next_lease_only_when_no_c
     // A release is not waited for, so the next lease may come before its session is back:
     // a few more may be opened, never more than the daemon keeps per server (8).
     assert!(sessions(&pg) <= 8, "{} sessions kept", sessions(&pg));
+    println!("kept sessions: checked");
+}
+
+/// Without a daemon the library keeps a released lease's session, unlocked, for this process's
+/// next lease on the server, only while no other process can hold a copy of its socket: never
+/// handed out (`socket()`, for a command to inherit), and no fork since it was opened. Through
+/// all of it the lock is free the moment `release` returns, and never held twice.
+#[test]
+fn remote_direct_a_session_is_kept_for_the_next_lease_of_the_process_only_when_no_copy_can_be_left() {
+    in_own_process("remote::kept_sessions_direct_worker");
+}
+
+#[test]
+#[ignore = "run by remote_direct_a_session_is_kept_... in a process of its own"]
+fn kept_sessions_direct_worker() {
+    let Some(pg) = PgServer::start() else { return println!("kept sessions: no server") };
+    let env = Env::new();
+    let engine = buildlock_remote::from_url(&pg.url()).unwrap();
+    let req = buildlock_remote::Request::new(
+        "kept-direct",
+        buildlock_remote::Mode::Exclusive,
+        buildlock_remote::Wait::Forever,
+        "test",
+    );
+    let take = || buildlock_remote::acquire(&*engine, &req, &mut |_, _| {}).unwrap();
+
+    let a = take();
+    let first = holding_backend(&pg);
+    a.release().unwrap();
+    remote(&env, &pg, &["run", "-n", "kept-direct", "--", "true"]).assert_code(0);
+    assert_eq!(sessions(&pg), 1, "the released session is kept open");
+    let b = take();
+    assert_eq!(holding_backend(&pg), first, "the next lease reuses the kept session");
+    // Handed out for a command to inherit: ended at release, never reused.
+    assert!(b.socket().is_some());
+    b.release().unwrap();
+    let c = take();
+    let third = holding_backend(&pg);
+    assert_ne!(third, first, "a session handed out was reused");
+    c.release().unwrap();
+    // A fork while it is kept: the child holds a copy of its socket, so it is never used again.
+    // SAFETY: the child only calls `_exit`, which is async-signal-safe.
+    match unsafe { nix::unistd::fork() }.unwrap() {
+        nix::unistd::ForkResult::Child => unsafe { nix::libc::_exit(0) },
+        nix::unistd::ForkResult::Parent { child } => drop(nix::sys::wait::waitpid(child, None).unwrap()),
+    }
+    let d = take();
+    let fourth = holding_backend(&pg);
+    assert_ne!(fourth, third, "a session kept across a fork was reused");
+    // A fork while it is held: not kept at its release either.
+    match unsafe { nix::unistd::fork() }.unwrap() {
+        nix::unistd::ForkResult::Child => unsafe { nix::libc::_exit(0) },
+        nix::unistd::ForkResult::Parent { child } => drop(nix::sys::wait::waitpid(child, None).unwrap()),
+    }
+    d.release().unwrap();
+    let e = take();
+    assert_ne!(holding_backend(&pg), fourth, "a session held across a fork was reused");
+    e.release().unwrap();
+
+    // Two threads contending through kept sessions: never both inside, tokens always growing.
+    let inside = std::sync::atomic::AtomicBool::new(false);
+    let last = std::sync::Mutex::new(0u64);
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                for _ in 0..50 {
+                    let lease = take();
+                    assert!(!inside.swap(true, std::sync::atomic::Ordering::SeqCst), "two holders at once");
+                    let mut l = last.lock().unwrap();
+                    assert!(lease.token() > *l, "token {} after {}", lease.token(), *l);
+                    *l = lease.token();
+                    drop(l);
+                    inside.store(false, std::sync::atomic::Ordering::SeqCst);
+                    lease.release().unwrap();
+                }
+            });
+        }
+    });
+    // At most one kept session per contender (the library keeps up to 4 per server).
+    assert!(sessions(&pg) <= 2, "{} sessions kept", sessions(&pg));
+    println!("kept sessions: checked");
 }

@@ -18,7 +18,8 @@
 //!   The daemon can hold sessions on its own runtime.
 //! - [`acquire`] and [`Lease`] are the blocking facade for the library and the CLI: the session
 //!   lives on a thread of its own that checks in with the server and records a loss at once
-//!   ([`Lease::check`]).
+//!   ([`Lease::check`]). A released session is kept, unlocked, for the process's next lease on
+//!   the same server while no other process can hold a copy of its socket (`blocking.rs`).
 //!
 //! Names map to keys exactly: the table `buildlock_locks` gives each name an id, and the lock
 //! is `pg_advisory_lock(NAMESPACE, id)` (the two-int4 form, [`NAMESPACE`] as the first key so
