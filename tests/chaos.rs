@@ -364,8 +364,8 @@ fn chaos_worker() {
                         }
                     }
                 };
-                // Across hosts, every acquire opens a server session: longer sections, or the
-                // killer hardly ever finds a holder inside.
+                // Across hosts, an acquire costs round trips to the server (and a new session
+                // when none is kept): longer sections, or the killer seldom finds a holder inside.
                 w.section(lock, shared, if w.backend.is_some() { 30_000 } else { 3000 });
                 if let Some(Err(e)) = lease.map(|l| l.release()) {
                     w.error(&format!("release: {e}"));
