@@ -735,7 +735,7 @@ fn run_chaos(s: &Scenario) -> Report {
                     _ => rng.below(pool.len() as u64) as usize,
                 }
             } else {
-                // Across hosts, every acquire opens a server session and holders are few: a
+                // Across hosts, acquires cost round trips to the server and holders are few: a
                 // holder a quarter of the times there is one, anyone one time in twelve.
                 match rng.below(12) {
                     0..=2 if holder.is_some() => holder.unwrap_or_default(),

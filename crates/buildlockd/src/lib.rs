@@ -15,8 +15,8 @@
 //! - `outside`: waiting for a process outside the daemon to let go of a lock file: one thread
 //!   blocked in the kernel per lock file, shared by every lease waiting for it.
 //! - `remote`: remote leases (locks on a PostgreSQL server, `buildlock-remote`, seen only through
-//!   its `Engine`/`EngineSession` traits): one server session per lease on the daemon's
-//!   runtime, released when its client and bound process are gone, and `LeaseLost` sent the
+//!   its `Engine`/`EngineSession` traits): one server session per lease at a time on the
+//!   daemon's runtime, released when its client and bound process are gone, and `LeaseLost` sent the
 //!   moment the session is lost; `--max-hold` stops the bound group as for local leases. Not in
 //!   the local queue.
 //! - `pool`: idle server sessions, unlocked, kept for the next remote lease on the same server

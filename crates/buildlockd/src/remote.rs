@@ -3,14 +3,17 @@
 //! An `Acquire` with `remote` set is not put in the local queue (nor in its wait-for graph:
 //! deadlock detection is for local locks only). The daemon knows the server only through
 //! `buildlock_remote::Engine` (chosen by the URL's scheme, `buildlock_remote::from_url`) and
-//! opens one `Box<dyn EngineSession>` per lease on its own runtime, in a task of its own
-//! (`drive`): it connects within the connect timeout, waits in the server's lock queue (its
+//! holds one `Box<dyn EngineSession>` per lease on its own runtime, in a task of its own
+//! (`drive`): it takes a session kept from an earlier lease on the same server (`crate::pool`)
+//! or connects within the connect timeout, waits in the server's lock queue (its
 //! order is the server's), answers `Granted` with the token and a copy of the session's socket
 //! (as a local lease's lock file is attached), then checks in every quarter of the remote
 //! timeout. The client and the command `run` starts hold that copy, so the session (and lock)
 //! outlives this daemon while they live, as a local lease's OS lock does.
 //!
-//! - `Release` unlocks on the server and closes the session at once, for every copy.
+//! - `Release` unlocks on the server and closes the session at once, for every copy, or keeps
+//!   it, unlocked, for the next lease when no other process can hold a copy (`crate::pool`);
+//!   `Released` (if asked for) once the server has unlocked.
 //! - When its connection has closed *and* its bound process (`Bind`, `run`'s command), if any,
 //!   has exited (the rule of local leases), the lease ends here, but only the daemon's copy of
 //!   the session closes (aborted: no word to the server); the server frees the lock when the
