@@ -327,15 +327,12 @@ impl Context {
     /// The backend URL lock `name` lives on: `--backend`, else the config file's first match;
     /// `None` for the lock directory.
     fn backend_url(&self, name: &str) -> Option<&str> {
-        let url = self.backend.as_deref().filter(|b| !b.is_empty()).or_else(|| self.config.backend_for(name))?;
-        (url != "local").then_some(url)
+        self.config.backend_url(name, self.backend.as_deref())
     }
 
     /// The server settings for lock `name`, if it is remote.
     fn remote_for(&self, name: &str) -> Result<Option<std::sync::Arc<dyn buildlock_remote::Engine>>, String> {
-        let Some(url) = self.backend_url(name) else { return Ok(None) };
-        let settings = buildlock_remote::from_url(url).map_err(|e| e.to_string())?;
-        settings.with_remote_timeout(self.remote_timeout).map(Some).map_err(|e| e.to_string())
+        self.config.remote_for(name, self.backend.as_deref(), self.remote_timeout).map_err(|e| e.to_string())
     }
 }
 

@@ -45,7 +45,11 @@ class Lock:
         lock_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
         soft: bool = False,
         stale_after: Optional[float] = None,
-    ) -> None: ...
+        backend: Optional[str] = None,
+        remote_timeout: Optional[float] = None,
+    ) -> None:
+        """`backend`: a `postgres://` URL (the lock, by name, lives on that server) or "local";
+        default `$BUILDLOCK_BACKEND`, else the config file's first matching `[[locks]]` entry."""
     def acquire(
         self, blocking: bool = True, timeout: Optional[float] = None, _cancel: Optional[threading.Event] = None
     ) -> bool:
@@ -64,6 +68,9 @@ class Lock:
     def via_daemon(self) -> Optional[bool]: ...
     @property
     def path(self) -> str: ...
+    @property
+    def backend(self) -> Optional[str]:
+        """The server the lock lives on (`postgres://host:port/db`, never a password), or None."""
     def __enter__(self) -> "Lock": ...
     def __exit__(
         self,
@@ -78,8 +85,12 @@ def status(
     mode: Literal["auto", "daemon", "direct"] = "auto",
     soft: bool = False,
     stale_after: Optional[float] = None,
+    backend: Optional[str] = None,
 ) -> List[LockStatus]:
-    """Every lock in the lock directory, or the one named (a list of one)."""
+    """Every lock in the lock directory and on the servers remote locks live on (`backend`,
+    `$BUILDLOCK_BACKEND`, the config file's `[[locks]]` entries), or the one named (a list of
+    one). A remote lock's `kind` is "remote" and its `path` reads `NAME on postgres://host:port/db`;
+    its holder and waiters come from the server, on any host."""
 
 def break_lock(
     name_or_path: str,

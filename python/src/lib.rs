@@ -284,7 +284,7 @@ fn secs(py: Python<'_>, what: &str, v: Option<f64>) -> PyResult<Option<Duration>
 impl Lock {
     #[new]
     #[pyo3(signature = (name_or_path, shared=false, timeout=None, operation=String::new(), mode="auto",
-                        lock_dir=None, soft=false, stale_after=None))]
+                        lock_dir=None, soft=false, stale_after=None, backend=None, remote_timeout=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -296,6 +296,8 @@ impl Lock {
         lock_dir: Option<PathBuf>,
         soft: bool,
         stale_after: Option<f64>,
+        backend: Option<String>,
+        remote_timeout: Option<f64>,
     ) -> PyResult<Self> {
         let connect = match mode {
             "auto" => Connect::from_env(false),
@@ -328,8 +330,25 @@ impl Lock {
         // A bad name is an error now, not at the first acquire; the lock directory
         // (`$BUILDLOCK_DIR`, ...) is read once, here.
         let target = builder.target().map_err(|e| to_py(py, &e))?;
-        let spec =
-            Spec { name, target, opts: builder.settings().clone(), shared, timeout: secs(py, "timeout", timeout)? };
+        let mut opts = builder.settings().clone();
+        // The server the lock lives on, as for the command line: `backend` (a URL, or "local"),
+        // else `$BUILDLOCK_BACKEND`, else the config file's first matching `[[locks]]` entry.
+        let remote_timeout =
+            secs(py, "remote_timeout", remote_timeout)?.unwrap_or(buildlock_remote::DEFAULT_REMOTE_TIMEOUT);
+        let backend = backend.or_else(|| std::env::var("BUILDLOCK_BACKEND").ok());
+        opts.remote = py
+            .detach(|| {
+                let config = buildlock::config::Config::load().map_err(|e| e.to_string())?;
+                config.remote_for(&target.name, backend.as_deref(), remote_timeout).map_err(|e| e.to_string())
+            })
+            .map_err(|e| raise(py, "Error", e))?;
+        if opts.remote.is_some() && soft {
+            return Err(PyValueError::new_err(format!(
+                "lock {name} lives on a server (backend): soft locks are files in the lock directory; drop soft=True, \
+                 or pass backend=\"local\""
+            )));
+        }
+        let spec = Spec { name, target, opts, shared, timeout: secs(py, "timeout", timeout)? };
         Ok(Lock {
             spec,
             state: Mutex::new(State {
@@ -487,6 +506,13 @@ impl Lock {
         self.state().lease.as_ref().map(Lease::via_daemon)
     }
 
+    /// The server the lock lives on (`postgres://host:port/db`, never a password), or None for
+    /// the lock directory.
+    #[getter]
+    fn backend(&self) -> Option<String> {
+        self.spec.opts.remote.as_ref().map(|e| e.display())
+    }
+
     #[getter]
     fn path(&self) -> String {
         self.lease_path().display().to_string()
@@ -544,9 +570,10 @@ fn resolve(py: Python<'_>, arg: &str, lock_dir: Option<PathBuf>) -> PyResult<Loc
     LockTarget::resolve(arg, &dir).map_err(|e| to_py(py, &e.into()))
 }
 
-/// Every lock in the lock directory (or the one named), as dicts; see `__init__.pyi`.
+/// Every lock in the lock directory (or the one named), and on the servers remote locks live on,
+/// as dicts; see `__init__.pyi`.
 #[pyfunction]
-#[pyo3(signature = (name_or_path=None, lock_dir=None, mode="auto", soft=false, stale_after=None))]
+#[pyo3(signature = (name_or_path=None, lock_dir=None, mode="auto", soft=false, stale_after=None, backend=None))]
 fn status<'py>(
     py: Python<'py>,
     name_or_path: Option<&str>,
@@ -554,17 +581,57 @@ fn status<'py>(
     mode: &str,
     soft: bool,
     stale_after: Option<f64>,
+    backend: Option<String>,
 ) -> PyResult<Bound<'py, PyList>> {
     let opts = disk_opts(py, soft, stale_after)?;
-    let targets = match name_or_path {
-        Some(t) => vec![resolve(py, t, lock_dir)?],
+    let out = PyList::empty(py);
+    // Remote locks: the named lock's server, or every server `backend`, `$BUILDLOCK_BACKEND` and
+    // the config file name, as for the command line's `status`.
+    let backend = backend.or_else(|| std::env::var("BUILDLOCK_BACKEND").ok());
+    let config = py.detach(buildlock::config::Config::load).map_err(|e| raise(py, "Error", e.to_string()))?;
+    let engine = |url: &str| {
+        buildlock_remote::from_url(url)
+            .and_then(|e| e.with_remote_timeout(buildlock_remote::DEFAULT_REMOTE_TIMEOUT))
+            .map_err(|e| raise(py, "Error", e.to_string()))
+    };
+    let named = match name_or_path {
+        Some(t) => Some(resolve(py, t, lock_dir.clone())?),
+        None => None,
+    };
+    let remote_name = named.as_ref().map(|t| t.name.clone());
+    let servers = match &remote_name {
+        Some(name) => {
+            config.backend_url(name, backend.as_deref()).map(engine).into_iter().collect::<PyResult<Vec<_>>>()?
+        }
+        None => {
+            let mut urls: Vec<&str> =
+                backend.as_deref().filter(|b| !b.is_empty() && *b != "local").into_iter().collect();
+            for u in config.remote_backends() {
+                if !urls.contains(&u) {
+                    urls.push(u);
+                }
+            }
+            urls.into_iter().map(engine).collect::<PyResult<Vec<_>>>()?
+        }
+    };
+    for server in &servers {
+        let entries = py
+            .detach(|| buildlock_remote::status(&**server, remote_name.as_deref()))
+            .map_err(|e| to_py(py, &e.into()))?;
+        remote_status(py, &out, &server.display(), remote_name.as_deref(), &entries)?;
+    }
+    if named.is_some() && !servers.is_empty() {
+        // The named lock lives on a server, not in the lock directory.
+        return Ok(out);
+    }
+    let targets = match named {
+        Some(t) => vec![t],
         None => {
             let dir = buildlock::lock_dir(lock_dir.as_deref()).map_err(|e| to_py(py, &e.into()))?;
             py.detach(|| buildlock_disk::list(&dir)).map_err(|e| to_py(py, &e.into()))?
         }
     };
     let ask_daemon = mode != "direct" && Connect::from_env(false) != Connect::Direct;
-    let out = PyList::empty(py);
     for t in &targets {
         let (s, daemon) = py.detach(|| {
             let s = buildlock_disk::status(t, &opts);
@@ -614,6 +681,61 @@ fn status<'py>(
         out.append(d)?;
     }
     Ok(out)
+}
+
+/// One dict per remote lock of `entries` (server `server`), shaped as the local ones: its first
+/// holder, the sessions waiting for it; `name`, when asked for one lock, even if nobody holds it.
+fn remote_status(
+    py: Python<'_>,
+    out: &Bound<'_, PyList>,
+    server: &str,
+    name: Option<&str>,
+    entries: &[buildlock_remote::LockEntry],
+) -> PyResult<()> {
+    let mut names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+    names.dedup();
+    if let Some(n) = name.filter(|_| names.is_empty()) {
+        names.push(n);
+    }
+    for n in names {
+        let of_lock = || entries.iter().filter(move |e| e.name == n);
+        let holder = of_lock().find(|e| e.granted).map(|e| &e.holder);
+        let d = PyDict::new(py);
+        d.set_item("name", n)?;
+        d.set_item("path", format!("{n} on {server}"))?;
+        d.set_item("state", if of_lock().next().is_some() { "held" } else { "free" })?;
+        d.set_item("kind", "remote")?;
+        d.set_item("detail", format!("on {server}"))?;
+        let holder = match holder {
+            Some(h) => {
+                let hd = PyDict::new(py);
+                hd.set_item("pid", h.pid)?;
+                hd.set_item("command", &h.command)?;
+                hd.set_item("host", &h.host)?;
+                hd.set_item("since", &h.since)?;
+                hd.set_item("operation", &h.operation)?;
+                hd.set_item("mode", if h.mode == buildlock_remote::Mode::Shared { "shared" } else { "exclusive" })?;
+                hd.set_item("token", h.token)?;
+                hd.set_item("description", h.describe())?;
+                Some(hd)
+            }
+            None => None,
+        };
+        d.set_item("holder", holder)?;
+        let waiters = PyList::empty(py);
+        for w in of_lock().filter(|e| !e.granted).map(|e| &e.holder) {
+            let wd = PyDict::new(py);
+            wd.set_item("pid", w.pid)?;
+            wd.set_item("mode", if w.mode == buildlock_remote::Mode::Shared { "shared" } else { "exclusive" })?;
+            wd.set_item("waited", w.held_secs)?;
+            wd.set_item("operation", &w.operation)?;
+            wd.set_item("host", &w.host)?;
+            waiters.append(wd)?;
+        }
+        d.set_item("waiters", waiters)?;
+        out.append(d)?;
+    }
+    Ok(())
 }
 
 /// What the daemon knows of `target`, if one runs (never starts one).

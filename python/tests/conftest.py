@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -149,3 +150,82 @@ def env(tmp_path, monkeypatch):
 @pytest.fixture(params=["direct", "daemon"])
 def mode(request):
     return request.param
+
+
+class PgServer:
+    """A real PostgreSQL server of one test's own (as `tests/support/pg_server.rs` starts them):
+    `initdb` into a temporary directory, `pg_ctl start` on a private socket directory and a free
+    loopback port, password (SCRAM) logins over TCP, stopped at the end. As root (CI) the server
+    runs as the `postgres` system user, since initdb refuses root."""
+
+    USER = "buildlock"
+    PASSWORD = "s3cret"
+
+    def __init__(self):
+        versions = sorted(
+            (int(p.name), p / "bin")
+            for p in Path("/usr/lib/postgresql").glob("*")
+            if p.name.isdigit() and (p / "bin" / "initdb").exists()
+        )
+        if not versions:
+            pytest.skip("no PostgreSQL server binaries under /usr/lib/postgresql/*/bin (.ci/run installs them)")
+        self.bin = versions[-1][1]
+        # Under /tmp itself, which the `postgres` user can reach (pytest's own directories are
+        # private to this user).
+        self.dir = Path(tempfile.mkdtemp(prefix="pg"))
+        (self.dir / "sock").mkdir()
+        (self.dir / "pwfile").write_text(self.PASSWORD + "\n")
+        # For scripts/sweep_test_leftovers.sh, should this process be killed before the end.
+        (self.dir / "owner").write_text(f"{os.getpid()}\n")
+        self.as_postgres = os.geteuid() == 0
+        if self.as_postgres:
+            subprocess.run(["chown", "-R", "postgres:postgres", str(self.dir)], check=True)
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self._run(
+            "initdb", "-D", str(self.dir / "data"), "-U", self.USER, "--auth-local=trust",
+            "--auth-host=scram-sha-256", "--no-sync", "-E", "UTF8", f"--pwfile={self.dir / 'pwfile'}",
+        )
+        with open(self.dir / "data" / "postgresql.conf", "a") as conf:
+            conf.write(
+                f"listen_addresses = '127.0.0.1'\nport = {self.port}\n"
+                f"unix_socket_directories = '{self.dir / 'sock'}'\nfsync = off\nmax_connections = 40\n"
+            )
+        self.pg_ctl("start")
+
+    def _run(self, tool, *args):
+        cmd = [str(self.bin / tool), *args]
+        if self.as_postgres:
+            cmd = ["setpriv", "--reuid", "postgres", "--regid", "postgres", "--init-groups", "--", *cmd]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD)
+        assert out.returncode == 0, f"{tool} failed: {out.stdout}{out.stderr}"
+        return out.stdout
+
+    def pg_ctl(self, action):
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w", "-t", "60", "-m",
+                  "fast", action)
+
+    @property
+    def url(self):
+        return f"postgres://{self.USER}:{self.PASSWORD}@127.0.0.1:{self.port}/postgres?sslmode=disable"
+
+    def psql(self, sql):
+        return self._run("psql", "-h", str(self.dir / "sock"), "-p", str(self.port), "-U", self.USER, "-d",
+                         "postgres", "-At", "-c", sql).strip()
+
+    def stop(self):
+        try:
+            self._run("pg_ctl", "-D", str(self.dir / "data"), "-w", "-m", "immediate", "stop")
+        except AssertionError:
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def pg():
+    server = PgServer()
+    yield server
+    server.stop()

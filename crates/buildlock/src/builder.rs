@@ -249,7 +249,12 @@ impl fmt::Display for WaitInfo {
 impl Error {
     /// The wait ran out (as opposed to a busy lock with [`Lock::no_wait`]).
     pub fn is_timeout(&self) -> bool {
-        matches!(self, Error::Busy { timed_out: true, .. } | Error::Disk(buildlock_disk::Error::Timeout { .. }))
+        matches!(
+            self,
+            Error::Busy { timed_out: true, .. }
+                | Error::Disk(buildlock_disk::Error::Timeout { .. })
+                | Error::Remote(buildlock_remote::Error::Busy { timed_out: true, .. })
+        )
     }
 
     /// The wait was ended through [`Lock::cancel_with`] (or [`crate::Options::cancel`]).
@@ -259,13 +264,39 @@ impl Error {
 
     /// The lock was lost while held: another holder may have run at the same time.
     pub fn is_lost(&self) -> bool {
-        matches!(self, Error::Lost { .. } | Error::Disk(buildlock_disk::Error::Lost { .. }))
+        matches!(
+            self,
+            Error::Lost { .. }
+                | Error::Disk(buildlock_disk::Error::Lost { .. })
+                | Error::Remote(buildlock_remote::Error::Lost { .. })
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_remote_lock_lost_or_timed_out_is_classified_as_a_local_one() {
+        let (lock, server) = ("deploy".to_owned(), "postgres://db/locks".to_owned());
+        let lost = Error::Remote(buildlock_remote::Error::Lost {
+            lock: lock.clone(),
+            server: server.clone(),
+            why: "cut".into(),
+        });
+        assert!(lost.is_lost() && !lost.is_timeout() && !lost.is_conflict());
+        let busy = |timed_out| {
+            Error::Remote(buildlock_remote::Error::Busy {
+                lock: lock.clone(),
+                server: server.clone(),
+                holder: None,
+                timed_out,
+            })
+        };
+        assert!(busy(true).is_timeout() && busy(true).is_conflict() && !busy(true).is_lost());
+        assert!(!busy(false).is_timeout() && busy(false).is_conflict());
+    }
 
     #[test]
     fn named_lock_is_in_the_lock_dir_and_path_is_used_as_given() {

@@ -129,6 +129,27 @@ impl Config {
         self.locks.iter().filter(|r| r.backend.is_some()).find(|r| r.matcher.is_match(name))?.backend.as_deref()
     }
 
+    /// The backend URL lock `name` lives on: `backend` if given (`--backend`,
+    /// `BUILDLOCK_BACKEND`, a library caller's setting), else this config's first matching
+    /// entry; `None` for the lock directory (also when it says `local`).
+    pub fn backend_url<'a>(&'a self, name: &str, backend: Option<&'a str>) -> Option<&'a str> {
+        let url = backend.filter(|b| !b.is_empty()).or_else(|| self.backend_for(name))?;
+        (url != "local").then_some(url)
+    }
+
+    /// The server lock `name` lives on ([`Config::backend_url`]), with remote timeout
+    /// `remote_timeout`; `None` for the lock directory. An error names a bad URL or timeout.
+    /// Parsing the URL may read `~/.pgpass`.
+    pub fn remote_for(
+        &self,
+        name: &str,
+        backend: Option<&str>,
+        remote_timeout: Duration,
+    ) -> Result<Option<std::sync::Arc<dyn buildlock_remote::Engine>>, buildlock_remote::Error> {
+        let Some(url) = self.backend_url(name, backend) else { return Ok(None) };
+        buildlock_remote::from_url(url)?.with_remote_timeout(remote_timeout).map(Some)
+    }
+
     /// The `max_hold` for lock `name`, from the first matching entry that sets one.
     pub fn max_hold_for(&self, name: &str) -> Option<Duration> {
         self.locks.iter().filter(|r| r.max_hold.is_some()).find(|r| r.matcher.is_match(name))?.max_hold
