@@ -335,13 +335,9 @@ impl Lock {
         // else `$BUILDLOCK_BACKEND`, else the config file's first matching `[[locks]]` entry.
         let remote_timeout =
             secs(py, "remote_timeout", remote_timeout)?.unwrap_or(buildlock_remote::DEFAULT_REMOTE_TIMEOUT);
-        let backend = backend.or_else(|| std::env::var("BUILDLOCK_BACKEND").ok());
         opts.remote = py
-            .detach(|| {
-                let config = buildlock::config::Config::load().map_err(|e| e.to_string())?;
-                config.remote_for(&target.name, backend.as_deref(), remote_timeout).map_err(|e| e.to_string())
-            })
-            .map_err(|e| raise(py, "Error", e))?;
+            .detach(|| buildlock::config::remote_for(&target.name, backend.as_deref(), remote_timeout))
+            .map_err(|e| to_py(py, &e))?;
         if opts.remote.is_some() && soft {
             return Err(PyValueError::new_err(format!(
                 "lock {name} lives on a server (backend): soft locks are files in the lock directory; drop soft=True, \

@@ -638,3 +638,50 @@ fn kept_sessions_direct_worker() {
     take().release().unwrap();
     println!("kept sessions: checked");
 }
+
+/// The library's `Lock` builder decides where a lock lives as the command line does: an explicit
+/// `.backend(URL)`, else `$BUILDLOCK_BACKEND`, else the config file's first matching entry. A
+/// build tool and the command line naming the same lock must agree, or they would not exclude
+/// each other. Run in a process of its own, with the config file in its environment.
+#[test]
+fn remote_the_library_builder_routes_locks_as_the_command_line_does() {
+    let Some(pg) = PgServer::start() else { return };
+    let env = Env::new();
+    let config = env.path("config.toml");
+    std::fs::write(&config, format!("[[locks]]\nmatch = \"deploy-*\"\nbackend = \"{}\"\n", pg.url())).unwrap();
+    let mut worker = env.worker("remote::builder_routing_worker");
+    worker.env("BUILDLOCK_CONFIG", &config).env("BUILDLOCK_TEST_PG_URL", pg.url());
+    let mut worker = Proc::spawn(worker);
+    // Held through the builder, routed by the config file: the command line (told the server
+    // explicitly) finds it busy, and a name the config does not route stays local.
+    worker.expect_line("held deploy-1");
+    remote(&env, &pg, &["run", "-n", "deploy-1", "--", "true"]).assert_code(1).assert_stderr_has("busy: lock deploy-1");
+    env.run(&["run", "-n", "build", "--", "true"]).assert_code(1).assert_stderr_has("is held by pid");
+    remote(&env, &pg, &["run", "-n", "build", "--", "true"]).assert_code(0);
+    worker.send("go");
+    worker.expect_line("released");
+    remote(&env, &pg, &["run", "-n", "deploy-1", "--", "true"]).assert_code(0);
+    assert!(worker.wait().success(), "{}", worker.stderr());
+}
+
+#[test]
+#[ignore = "run by remote_the_library_builder_routes_locks_as_the_command_line_does"]
+fn builder_routing_worker() {
+    // Past the harness's "test ... " prefix.
+    println!();
+    let url = std::env::var("BUILDLOCK_TEST_PG_URL").expect("started by its test");
+    let server = buildlock_remote::from_url(&url).unwrap().display();
+    let routed = buildlock::Lock::named("deploy-1").connect(buildlock::Connect::Direct).acquire().unwrap();
+    assert_eq!(routed.remote_server(), Some(server.as_str()));
+    let local = buildlock::Lock::named("build").connect(buildlock::Connect::Direct).acquire().unwrap();
+    assert_eq!(local.remote_server(), None);
+    // An explicit backend wins over the config file.
+    let pinned = buildlock::Lock::named("deploy-2").backend("local").connect(buildlock::Connect::Direct).acquire();
+    assert_eq!(pinned.unwrap().remote_server(), None);
+    println!("held deploy-1");
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+    routed.release().unwrap();
+    local.release().unwrap();
+    println!("released");
+}

@@ -27,6 +27,11 @@ pub struct Lock<'a> {
     lock_dir: Option<PathBuf>,
     opts: Options,
     on_wait: Option<OnWait<'a>>,
+    /// [`Lock::backend`] and [`Lock::remote_timeout`], until the first acquire resolves them
+    /// into `opts.remote`.
+    backend: Option<String>,
+    remote_timeout: Option<Duration>,
+    resolved: bool,
 }
 
 /// What [`Lock::on_wait`] was given.
@@ -61,6 +66,9 @@ impl<'a> Lock<'a> {
             lock_dir: None,
             opts: Options { connect: Connect::from_env(false), ..Options::default() },
             on_wait: None,
+            backend: None,
+            remote_timeout: None,
+            resolved: false,
         }
     }
 
@@ -188,6 +196,22 @@ impl<'a> Lock<'a> {
         self
     }
 
+    /// Where the lock lives: a `postgres://` URL puts it, by its name, on that server, shared by
+    /// every host that names it; `"local"` keeps it in the lock directory. Without this call,
+    /// `$BUILDLOCK_BACKEND`, then the config file's first matching `[[locks]]` entry decide, as
+    /// for the command line ([`crate::config::remote_for`]), at the first acquire.
+    pub fn backend(mut self, url_or_local: impl Into<String>) -> Self {
+        self.backend = Some(url_or_local.into());
+        self
+    }
+
+    /// How long a dead or cut-off host may keep a remote lock (`--remote-timeout`)
+    /// [default: [`buildlock_remote::DEFAULT_REMOTE_TIMEOUT`]].
+    pub fn remote_timeout(mut self, d: Duration) -> Self {
+        self.remote_timeout = Some(d);
+        self
+    }
+
     /// All the settings at once, for callers that have them in an [`Options`] (the CLI).
     pub fn options(mut self, opts: Options) -> Self {
         self.opts = opts;
@@ -232,6 +256,20 @@ impl<'a> Lock<'a> {
     /// [`Error::is_conflict`] is true and whose message names the holder.
     pub fn acquire(&mut self) -> Result<Lease, Error> {
         let target = self.target()?;
+        if !self.resolved && self.opts.remote.is_none() {
+            let remote_timeout = self.remote_timeout.unwrap_or(buildlock_remote::DEFAULT_REMOTE_TIMEOUT);
+            let remote = crate::config::remote_for(&target.name, self.backend.as_deref(), remote_timeout)?;
+            if remote.is_some() && self.opts.backend == Backend::Soft {
+                return Err(buildlock_remote::Error::Settings(format!(
+                    "lock {} lives on a server (its backend): soft locks are files in the lock directory; drop \
+                     .soft(), or keep it local with .backend(\"local\")",
+                    target.name
+                ))
+                .into());
+            }
+            self.opts.remote = remote;
+        }
+        self.resolved = true;
         match &mut self.on_wait {
             Some(f) => crate::acquire(&target, &self.opts, &mut **f),
             None => crate::acquire(&target, &self.opts, &mut |_| {}),
@@ -276,6 +314,21 @@ impl Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_backend_is_resolved_before_anything_is_taken_and_soft_locks_stay_local() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = |name: &str| Lock::named(name).lock_dir(dir.path()).connect(Connect::Direct);
+        // "local" keeps it in the lock directory, whatever the environment says.
+        let lease = lock("kept-local").backend("local").acquire().unwrap();
+        assert_eq!(lease.remote_server(), None);
+        drop(lease);
+        // Errors come from the settings alone: no server is reached (port 1 would refuse).
+        let e = lock("soft").soft().backend("postgres://127.0.0.1:1/locks").acquire().unwrap_err().to_string();
+        assert!(e.contains("soft locks are files in the lock directory"), "{e}");
+        let e = lock("ftp").backend("ftp://files.internal/locks").acquire().unwrap_err().to_string();
+        assert!(e.contains("no engine for scheme ftp://"), "{e}");
+    }
 
     #[test]
     fn a_remote_lock_lost_or_timed_out_is_classified_as_a_local_one() {

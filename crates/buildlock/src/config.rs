@@ -167,6 +167,27 @@ impl Config {
     }
 }
 
+/// The server lock `name` lives on, as every buildlock tool decides it: `backend` if given (a
+/// URL, or `local`), else `$BUILDLOCK_BACKEND`, else the config file's first matching entry
+/// ([`Config::load`]); `None` for the lock directory. Two tools that name a lock must agree on
+/// where it lives, or they do not exclude each other: the command line, the library's
+/// [`crate::Lock`] builder and the Python package all come here. Reads the config file and may
+/// read `~/.pgpass`.
+pub fn remote_for(
+    name: &str,
+    backend: Option<&str>,
+    remote_timeout: Duration,
+) -> Result<Option<std::sync::Arc<dyn buildlock_remote::Engine>>, crate::Error> {
+    let env = std::env::var("BUILDLOCK_BACKEND").ok();
+    let backend = backend.or(env.as_deref()).filter(|b| !b.is_empty());
+    // A backend given (or in the environment) decides alone: the config file is not read.
+    let config = match backend {
+        Some(_) => Config::default(),
+        None => Config::load()?,
+    };
+    Ok(config.remote_for(name, backend, remote_timeout)?)
+}
+
 /// Seconds (`90`, `2.5`) or a span (`90s`, `30m`, `1h30m`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if let Ok(secs) = s.trim().parse::<f64>() {

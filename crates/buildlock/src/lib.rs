@@ -233,6 +233,9 @@ pub enum Error {
     /// daemon), or says that this thread holds the lock itself (directly).
     #[error("{0}")]
     Deadlock(String),
+    /// The config file cannot be used (it routes locks to their backends).
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
 }
 
 impl Error {
