@@ -470,6 +470,29 @@ fn in_own_process(worker: &str) {
     );
 }
 
+/// Two threads taking a lock 50 times each with `take`: never both inside, and every lease's
+/// `token` larger than the one before; `release` lets each go.
+fn two_contenders<L>(take: &(impl Fn() -> L + Sync), token: impl Fn(&L) -> u64 + Sync, release: impl Fn(L) + Sync) {
+    let inside = std::sync::atomic::AtomicBool::new(false);
+    let last = std::sync::Mutex::new(0u64);
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                for _ in 0..50 {
+                    let lease = take();
+                    assert!(!inside.swap(true, std::sync::atomic::Ordering::SeqCst), "two holders at once");
+                    let mut l = last.lock().unwrap();
+                    assert!(token(&lease) > *l, "token {} after {}", token(&lease), *l);
+                    *l = token(&lease);
+                    drop(l);
+                    inside.store(false, std::sync::atomic::Ordering::SeqCst);
+                    release(lease);
+                }
+            });
+        }
+    });
+}
+
 /// The daemon keeps a released lease's session, unlocked, for the next lease on the server,
 /// only when no other process can hold a copy of its socket: the library closed its copy and
 /// passed none on. Handed out (`inherit_file`), or bound to `run`'s command, it is ended.
@@ -529,24 +552,7 @@ fn kept_sessions_through_the_daemon_worker() {
     held.release_confirmed().unwrap();
 
     // Two threads contending through kept sessions: never both inside, tokens always growing.
-    let inside = std::sync::atomic::AtomicBool::new(false);
-    let last = std::sync::Mutex::new(0u64);
-    std::thread::scope(|s| {
-        for _ in 0..2 {
-            s.spawn(|| {
-                for _ in 0..50 {
-                    let lease = take();
-                    assert!(!inside.swap(true, std::sync::atomic::Ordering::SeqCst), "two holders at once");
-                    let mut l = last.lock().unwrap();
-                    assert!(lease.token() > *l, "token {} after {}", lease.token(), *l);
-                    *l = lease.token();
-                    drop(l);
-                    inside.store(false, std::sync::atomic::Ordering::SeqCst);
-                    lease.release().unwrap();
-                }
-            });
-        }
-    });
+    two_contenders(&take, |l| l.token(), |l| l.release().unwrap());
     // A release is not waited for, so the next lease may come before its session is back:
     // a few more may be opened, never more than the daemon keeps per server (8).
     assert!(sessions(&pg) <= 8, "{} sessions kept", sessions(&pg));
@@ -613,24 +619,7 @@ fn kept_sessions_direct_worker() {
     e.release().unwrap();
 
     // Two threads contending through kept sessions: never both inside, tokens always growing.
-    let inside = std::sync::atomic::AtomicBool::new(false);
-    let last = std::sync::Mutex::new(0u64);
-    std::thread::scope(|s| {
-        for _ in 0..2 {
-            s.spawn(|| {
-                for _ in 0..50 {
-                    let lease = take();
-                    assert!(!inside.swap(true, std::sync::atomic::Ordering::SeqCst), "two holders at once");
-                    let mut l = last.lock().unwrap();
-                    assert!(lease.token() > *l, "token {} after {}", lease.token(), *l);
-                    *l = lease.token();
-                    drop(l);
-                    inside.store(false, std::sync::atomic::Ordering::SeqCst);
-                    lease.release().unwrap();
-                }
-            });
-        }
-    });
+    two_contenders(&take, |l| l.token(), |l| l.release().unwrap());
     // At most one kept session per contender (the library keeps up to 4 per server).
     assert!(sessions(&pg) <= 2, "{} sessions kept", sessions(&pg));
     // The server restarted while sessions were kept: the next lease gets a new one, no error.

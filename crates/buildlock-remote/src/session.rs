@@ -53,15 +53,18 @@ LEFT JOIN pg_stat_activity a ON a.pid = k.pid
 WHERE k.locktype = 'advisory' AND k.classid = ($1::int4)::oid AND k.objsubid = 2
   AND k.database = (SELECT oid FROM pg_database WHERE datname = current_database())";
 
-/// Takes lock `$2` (by name) if it is free, in one round trip: the try, the fencing token
-/// (advanced while the lock is held: the `UPDATE` joins the try's result) and this session's
-/// row (holding, or waiting when the try failed). No row when the name has no id yet.
-/// `$1` the namespace; `$3`..`$7` mode, host, pid, command, operation.
-const TRY_EXCLUSIVE: &str = "
+/// The statement that takes lock `$2` (by name) if it is free, in one round trip, with `$try`
+/// the try function and `$fence` the fencing token's CTE (`f`, one row when taken): the try,
+/// the token (read or advanced only while the lock is held: `f` joins the try's result `k`) and
+/// this session's row (holding, or waiting when the try failed). No row when the name has no id
+/// yet. `$1` the namespace; `$3`..`$7` mode, host, pid, command, operation.
+macro_rules! try_lock {
+    ($try:literal, $fence:literal) => {
+        concat!(
+            "
 WITH k AS MATERIALIZED (
-    SELECT id, pg_try_advisory_lock($1::int4, id) AS got FROM buildlock_locks WHERE name = $2::text
-), f AS (
-    UPDATE buildlock_locks l SET fence = l.fence + 1 FROM k WHERE l.id = k.id AND k.got RETURNING l.fence
+    SELECT id, ", $try, "($1::int4, id) AS got FROM buildlock_locks WHERE name = $2::text
+), f AS MATERIALIZED (", $fence, "
 ), h AS (
     INSERT INTO buildlock_holders (backend_pid, lock_id, state, mode, host, pid, command, operation, token)
     SELECT pg_backend_pid(), k.id, CASE WHEN k.got THEN 'holding' ELSE 'waiting' END, $3::text, $4::text, $5::int8,
@@ -71,26 +74,24 @@ WITH k AS MATERIALIZED (
         pid = EXCLUDED.pid, command = EXCLUDED.command, operation = EXCLUDED.operation, since = now(),
         token = EXCLUDED.token
 )
-SELECT k.id, k.got, (SELECT fence FROM f) FROM k";
+SELECT k.id, k.got, (SELECT fence FROM f) FROM k"
+        )
+    };
+}
 
-/// [`TRY_EXCLUSIVE`] for a shared lock: the token is the current fence, read with a row lock
-/// (`FOR SHARE`), which reads the latest committed value even if an exclusive holder advanced
-/// it after this statement's snapshot was taken.
-const TRY_SHARED: &str = "
-WITH k AS MATERIALIZED (
-    SELECT id, pg_try_advisory_lock_shared($1::int4, id) AS got FROM buildlock_locks WHERE name = $2::text
-), f AS MATERIALIZED (
-    SELECT l.fence FROM buildlock_locks l JOIN k ON l.id = k.id WHERE k.got FOR SHARE OF l
-), h AS (
-    INSERT INTO buildlock_holders (backend_pid, lock_id, state, mode, host, pid, command, operation, token)
-    SELECT pg_backend_pid(), k.id, CASE WHEN k.got THEN 'holding' ELSE 'waiting' END, $3::text, $4::text, $5::int8,
-           $6::text, $7::text, (SELECT fence FROM f)
-    FROM k
-    ON CONFLICT (backend_pid, lock_id) DO UPDATE SET state = EXCLUDED.state, mode = EXCLUDED.mode, host = EXCLUDED.host,
-        pid = EXCLUDED.pid, command = EXCLUDED.command, operation = EXCLUDED.operation, since = now(),
-        token = EXCLUDED.token
-)
-SELECT k.id, k.got, (SELECT fence FROM f) FROM k";
+/// An exclusive lock: the token advanced (`UPDATE ... RETURNING`).
+const TRY_EXCLUSIVE: &str = try_lock!(
+    "pg_try_advisory_lock",
+    "UPDATE buildlock_locks l SET fence = l.fence + 1 FROM k WHERE l.id = k.id AND k.got RETURNING l.fence"
+);
+
+/// A shared lock: the token is the current fence, read with a row lock (`FOR SHARE`), which reads
+/// the latest committed value even if an exclusive holder advanced it after this statement's
+/// snapshot was taken.
+const TRY_SHARED: &str = try_lock!(
+    "pg_try_advisory_lock_shared",
+    "SELECT l.fence FROM buildlock_locks l JOIN k ON l.id = k.id WHERE k.got FOR SHARE OF l"
+);
 
 /// Once a wait has taken lock `$1` (by id): the token and this session's row, in one round trip.
 const TAKEN_EXCLUSIVE: &str = "
