@@ -41,10 +41,13 @@ fn start_daemon(env: &Env) -> u32 {
 #[test]
 fn run_goes_through_an_autostarted_daemon_that_hands_over_the_descriptor() {
     let env = Env::daemon();
-    let script = "ls -l /proc/$PPID/fd | grep -c 'x.lock$'";
+    // `run` (the parent of CMD) holds its own copy of the locked descriptor. It also made one
+    // for CMD to inherit, which it closes once CMD has started: CMD may look before that, so it
+    // looks again until `run` holds one (10 s at most; 0 or a copy left open fails).
+    let script = "for i in $(seq 1000); do n=$(ls -l /proc/$PPID/fd | grep -c 'x.lock$'); \
+                  [ \"$n\" = 1 ] && break; sleep 0.01; done; echo $n";
     let out = env.run(&["run", "x", "--", "sh", "-c", script]);
     out.assert_code(0);
-    // `run` (the parent of CMD) holds its own copy of the locked descriptor.
     assert_eq!(out.stdout.trim(), "1", "{}", out.stderr);
     let pid = env.daemon_pid().expect("a daemon was started");
     let st = env.run(&["daemon", "status", "--json"]);
