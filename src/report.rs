@@ -204,20 +204,14 @@ pub(crate) fn break_lock(cx: &Context, target: &str, force: bool) -> ExitCode {
 /// server, or, with no `--backend`, the servers of the config file before the local locks.
 /// `None` when the local locks are to be listed (too).
 fn remote_status(cx: &Context, target: Option<&str>) -> Option<ExitCode> {
-    let (urls, name, only_remote): (Vec<&str>, Option<String>, bool) = match target {
-        Some(t) => {
-            let name = match cx.target(t) {
-                Ok(t) => t.name,
-                Err(e) => return Some(fail(&e)),
-            };
-            let url = cx.backend_url(&name)?;
-            (vec![url], Some(name), true)
-        }
-        None => match cx.backend.as_deref().filter(|b| !b.is_empty() && *b != "local") {
-            Some(url) => (vec![url], None, true),
-            None => (cx.config.remote_backends(), None, false),
-        },
+    let name = match target.map(|t| cx.target(t)).transpose() {
+        Ok(t) => t.map(|t| t.name),
+        Err(e) => return Some(fail(&e)),
     };
+    let (urls, only_remote) = cx.config.status_servers(name.as_deref(), cx.backend.as_deref());
+    if name.is_some() && urls.is_empty() {
+        return None;
+    }
     let mut failed = false;
     for url in urls {
         let settings = match buildlock_remote::from_url(url).and_then(|s| s.with_remote_timeout(cx.remote_timeout)) {

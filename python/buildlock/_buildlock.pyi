@@ -87,10 +87,11 @@ def status(
     stale_after: Optional[float] = None,
     backend: Optional[str] = None,
 ) -> List[LockStatus]:
-    """Every lock in the lock directory and on the servers remote locks live on (`backend`,
-    `$BUILDLOCK_BACKEND`, the config file's `[[locks]]` entries), or the one named (a list of
-    one). A remote lock's `kind` is "remote" and its `path` reads `NAME on postgres://host:port/db`;
-    its holder and waiters come from the server, on any host."""
+    """Every lock, or the one named (a list of one), as the command line's `status` lists them:
+    with `backend` (else `$BUILDLOCK_BACKEND`), the locks on that server; else those on the
+    servers the config file's `[[locks]]` entries name, then the lock directory's. A remote
+    lock's `kind` is "remote" and its `path` reads `NAME on postgres://host:port/db`; its holder
+    and waiters come from the server, on any host."""
 
 def break_lock(
     name_or_path: str,

@@ -581,8 +581,8 @@ fn status<'py>(
 ) -> PyResult<Bound<'py, PyList>> {
     let opts = disk_opts(py, soft, stale_after)?;
     let out = PyList::empty(py);
-    // Remote locks: the named lock's server, or every server `backend`, `$BUILDLOCK_BACKEND` and
-    // the config file name, as for the command line's `status`.
+    // Remote locks where the command line's `status` looks for them
+    // (`buildlock::config::Config::status_servers`), `$BUILDLOCK_BACKEND` standing for `--backend`.
     let backend = backend.or_else(|| std::env::var("BUILDLOCK_BACKEND").ok());
     let config = py.detach(buildlock::config::Config::load).map_err(|e| raise(py, "Error", e.to_string()))?;
     let engine = |url: &str| {
@@ -595,29 +595,16 @@ fn status<'py>(
         None => None,
     };
     let remote_name = named.as_ref().map(|t| t.name.clone());
-    let servers = match &remote_name {
-        Some(name) => {
-            config.backend_url(name, backend.as_deref()).map(engine).into_iter().collect::<PyResult<Vec<_>>>()?
-        }
-        None => {
-            let mut urls: Vec<&str> =
-                backend.as_deref().filter(|b| !b.is_empty() && *b != "local").into_iter().collect();
-            for u in config.remote_backends() {
-                if !urls.contains(&u) {
-                    urls.push(u);
-                }
-            }
-            urls.into_iter().map(engine).collect::<PyResult<Vec<_>>>()?
-        }
-    };
-    for server in &servers {
+    let (urls, only_remote) = config.status_servers(remote_name.as_deref(), backend.as_deref());
+    for url in urls {
+        let server = engine(url)?;
         let entries = py
-            .detach(|| buildlock_remote::status(&**server, remote_name.as_deref()))
+            .detach(|| buildlock_remote::status(&*server, remote_name.as_deref()))
             .map_err(|e| to_py(py, &e.into()))?;
         remote_status(py, &out, &server.display(), remote_name.as_deref(), &entries)?;
     }
-    if named.is_some() && !servers.is_empty() {
-        // The named lock lives on a server, not in the lock directory.
+    if only_remote {
+        // The named lock lives on a server (or `backend` names the one server to list).
         return Ok(out);
     }
     let targets = match named {

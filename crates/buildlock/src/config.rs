@@ -165,6 +165,23 @@ impl Config {
         }
         out
     }
+
+    /// Where `status` looks for remote locks, and whether only there: lock `name`'s server
+    /// alone if it is remote (else none, and the lock directory); with no name, `backend`'s
+    /// server alone (`--backend`), else every server this config names, before the lock
+    /// directory's locks. The command line and the Python package list the same.
+    pub fn status_servers<'a>(&'a self, name: Option<&str>, backend: Option<&'a str>) -> (Vec<&'a str>, bool) {
+        match name {
+            Some(name) => match self.backend_url(name, backend) {
+                Some(url) => (vec![url], true),
+                None => (Vec::new(), false),
+            },
+            None => match backend.filter(|b| !b.is_empty() && *b != "local") {
+                Some(url) => (vec![url], true),
+                None => (self.remote_backends(), false),
+            },
+        }
+    }
 }
 
 /// The server lock `name` lives on, as every buildlock tool decides it: `backend` if given (a
