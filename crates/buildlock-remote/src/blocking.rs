@@ -194,7 +194,7 @@ async fn serve(engine: Arc<dyn Engine>, key: String, first: Job) {
     loop {
         let (reuse, tell) = lease(&*engine, &mut *session, job).await;
         told = tell;
-        let alone = reuse == Some(true) && forks.is_some() && forks == buildlock_sys::forks() && session.reusable();
+        let alone = reuse && forks.is_some() && forks == buildlock_sys::forks() && session.reusable();
         if !alone {
             break;
         }
@@ -257,9 +257,9 @@ impl Told {
 }
 
 /// One lease on `session`: takes the lock for `job`, holds it until released, and says whether
-/// the session may be kept (the release asked for it, and it went well; `None`: it must end),
-/// with the release's outcome to tell.
-async fn lease(engine: &dyn Engine, session: &mut dyn EngineSession, job: Job) -> (Option<bool>, Option<Told>) {
+/// the session may be kept (the lock was busy, or the release asked for it and went well), with
+/// the release's outcome to tell.
+async fn lease(engine: &dyn Engine, session: &mut dyn EngineSession, job: Job) -> (bool, Option<Told>) {
     let Job { req, events } = job;
     // The engine's future is `Send`, `events` is too: holders go to the asking thread.
     let waiting = events.clone();
@@ -270,7 +270,7 @@ async fn lease(engine: &dyn Engine, session: &mut dyn EngineSession, job: Job) -
             let busy = matches!(e, Error::Busy { .. });
             let _ = events.send(Event::Failed(e));
             // A busy lock: nothing was taken, nor handed out: the session may be kept.
-            return (busy.then_some(true), None);
+            return (busy, None);
         }
     };
     let socket = match session.socket().map(File::try_clone).transpose() {
@@ -279,7 +279,7 @@ async fn lease(engine: &dyn Engine, session: &mut dyn EngineSession, job: Job) -
             let _ = session.release().await;
             let why = format!("cannot duplicate the server connection's socket: {e}");
             let _ = events.send(Event::Failed(Error::Settings(why)));
-            return (None, None);
+            return (false, None);
         }
     };
     let lost = Arc::new(Mutex::new(None));
@@ -289,7 +289,7 @@ async fn lease(engine: &dyn Engine, session: &mut dyn EngineSession, job: Job) -
     if events.send(Event::Granted(granted)).is_err() {
         // The asking thread is gone (it panicked): nothing holds the lease.
         let _ = session.release().await;
-        return (None, None);
+        return (false, None);
     }
     let (result, reuse) = keep(session, &req.name, engine.heartbeat(), stopped, &lost).await;
     (reuse, Some(Told(released_tx, result)))
@@ -304,7 +304,7 @@ async fn keep(
     every: Duration,
     mut stop: oneshot::Receiver<bool>,
     lost: &Mutex<Option<String>>,
-) -> (Result<(), Error>, Option<bool>) {
+) -> (Result<(), Error>, bool) {
     let mut closed = session.closed();
     let record = |why: String| {
         tracing::debug!("remote lock {name} lost: {why}");
@@ -318,7 +318,7 @@ async fn keep(
                 record(why);
                 // Wait for the release (which reports the loss) without checking in again.
                 let _ = (&mut stop).await;
-                return (Ok(()), None);
+                return (Ok(()), false);
             }
             _ = tokio::time::sleep(every) => {
                 let why = match tokio::time::timeout(every, session.heartbeat()).await {
@@ -331,13 +331,13 @@ async fn keep(
                 };
                 record(why);
                 let _ = (&mut stop).await;
-                return (Ok(()), None);
+                return (Ok(()), false);
             }
         }
     };
     let released = session.release().await;
-    let ok = released.is_ok();
-    (released, Some(reuse && ok))
+    let keep = reuse && released.is_ok();
+    (released, keep)
 }
 
 impl Lease {

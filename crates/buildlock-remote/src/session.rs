@@ -195,17 +195,7 @@ impl Session {
                 "reading the schema version and removing the rows of sessions that are gone",
             )
             .await?;
-        match rows.first().and_then(|v| v.parse::<i32>().ok()) {
-            Some(v) => s.check_version(v)?,
-            None => {
-                return Err(Error::Server {
-                    server: settings.server(),
-                    why: "table buildlock_schema holds no version: was it emptied by hand? Drop the buildlock_* \
-                          tables to have them made again (only while no buildlock lock is held)"
-                        .into(),
-                })
-            }
-        }
+        s.check_version(&rows)?;
         Ok(s)
     }
 
@@ -252,10 +242,9 @@ impl Session {
             .collect())
     }
 
+    /// Creates the schema, which [`Session::connect`] found missing (under an advisory lock: a
+    /// session creating it at the same time makes it once), and checks its version.
     async fn ensure_schema(&self) -> Result<(), Error> {
-        if let Some(v) = self.schema_version().await? {
-            return self.check_version(v);
-        }
         self.client
             .execute("SELECT pg_advisory_lock($1, $2)", &[&NAMESPACE, &SCHEMA_KEY])
             .await
@@ -264,24 +253,21 @@ impl Session {
         let unlocked = self.client.execute("SELECT pg_advisory_unlock($1, $2)", &[&NAMESPACE, &SCHEMA_KEY]).await;
         created?;
         unlocked.map_err(|e| Error::from_query(&self.settings, "creating the schema", e))?;
-        match self.schema_version().await? {
-            Some(v) => self.check_version(v),
-            None => Err(Error::Server { server: self.settings.server(), why: "the schema was not created".into() }),
-        }
+        let rows = self.simple("SELECT max(version) FROM buildlock_schema", "reading the schema version").await?;
+        self.check_version(&rows)
     }
 
-    async fn schema_version(&self) -> Result<Option<i32>, Error> {
-        let q = |e| Error::from_query(&self.settings, "reading the schema version", e);
-        let exists: bool =
-            self.client.query_one("SELECT to_regclass('buildlock_schema') IS NOT NULL", &[]).await.map_err(q)?.get(0);
-        if !exists {
-            return Ok(None);
-        }
-        let q = |e| Error::from_query(&self.settings, "reading the schema version", e);
-        Ok(self.client.query_one("SELECT max(version) FROM buildlock_schema", &[]).await.map_err(q)?.get(0))
-    }
-
-    fn check_version(&self, v: i32) -> Result<(), Error> {
+    /// Checks the schema version the server returned (`SELECT max(version)`, as text): this
+    /// code reads versions up to its own.
+    fn check_version(&self, rows: &[String]) -> Result<(), Error> {
+        let Some(v) = rows.first().and_then(|v| v.parse::<i32>().ok()) else {
+            return Err(Error::Server {
+                server: self.settings.server(),
+                why: "table buildlock_schema holds no version: was it emptied by hand? Drop the buildlock_* tables \
+                      to have them made again (only while no buildlock lock is held)"
+                    .into(),
+            });
+        };
         if v > SCHEMA_VERSION {
             return Err(Error::Server {
                 server: self.settings.server(),
@@ -295,20 +281,14 @@ impl Session {
         Ok(())
     }
 
-    /// The lock's id: its row in `buildlock_locks`, created on first use (exact names, no
-    /// hashing).
-    pub async fn lock_id(&self, name: &str) -> Result<i32, Error> {
-        let doing = "finding the lock's id";
+    /// Gives lock `name` its row in `buildlock_locks`, and so its id, on first use (exact
+    /// names, no hashing); nothing if it has one.
+    async fn add_name(&self, name: &str) -> Result<(), Error> {
         self.client
             .execute("INSERT INTO buildlock_locks (name) VALUES ($1) ON CONFLICT (name) DO NOTHING", &[&name])
             .await
-            .map_err(|e| Error::from_query(&self.settings, doing, e))?;
-        let row = self
-            .client
-            .query_one("SELECT id FROM buildlock_locks WHERE name = $1", &[&name])
-            .await
-            .map_err(|e| Error::from_query(&self.settings, doing, e))?;
-        Ok(row.get(0))
+            .map(drop)
+            .map_err(|e| Error::from_query(&self.settings, "giving the lock its id", e))
     }
 
     /// A statement prepared on this connection (once per session).
@@ -347,7 +327,7 @@ impl Session {
                 Some(r) => break (r.get::<_, i32>(0), r.get::<_, bool>(1), r.get::<_, Option<i64>>(2)),
                 // A name used for the first time: its id is made, then the try is made again.
                 None if !created => {
-                    self.lock_id(&req.name).await?;
+                    self.add_name(&req.name).await?;
                     created = true;
                 }
                 None => {
