@@ -8,6 +8,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -178,10 +179,16 @@ class PgServer:
         # For scripts/sweep_test_leftovers.sh, should this process be killed before the end.
         (self.dir / "owner").write_text(f"{os.getpid()}\n")
         self.as_postgres = os.geteuid() == 0
+        try:
+            self._start()
+        except BaseException:
+            # A start that failed half way leaves nothing behind either.
+            self.stop()
+            raise
+
+    def _start(self):
         if self.as_postgres:
             subprocess.run(["chown", "-R", "postgres:postgres", str(self.dir)], check=True)
-        import socket
-
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -217,10 +224,11 @@ class PgServer:
                          "postgres", "-At", "-c", sql).strip()
 
     def stop(self):
-        try:
-            self._run("pg_ctl", "-D", str(self.dir / "data"), "-w", "-m", "immediate", "stop")
-        except AssertionError:
-            pass
+        if (self.dir / "data" / "postmaster.pid").exists():
+            try:
+                self._run("pg_ctl", "-D", str(self.dir / "data"), "-w", "-m", "immediate", "stop")
+            except AssertionError:
+                pass
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
