@@ -226,7 +226,7 @@ pub(crate) fn hand_over_metadata(
     }
     let handed = meta.handed_over(buildlock_sys::identify(to), command, via);
     // Replaces ours unconditionally, as before: we hold the lock and wrote what is there. An
-    // exclusive holder's is exchanged with the new one, and kept as the spare.
+    // exclusive holder's is replaced by its kept hand-over file, rewritten.
     let written = if meta.mode == Some(buildlock_sys::LockMode::Exclusive) && stamp.is_some() {
         meta::replace_exclusive(&target.meta_path, &handed).map(Some)
     } else {

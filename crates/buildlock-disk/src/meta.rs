@@ -391,9 +391,9 @@ pub fn install(
 }
 
 /// The file an exclusive holder's metadata is kept in between holders (`X.lock.pid.spare`):
-/// renamed to `X.lock.pid` by the next exclusive holder, which rewrites it first, and back at
-/// release, so that no file is created or deleted per acquisition. Only touched while holding
-/// the lock exclusively; never read.
+/// the next exclusive holder rewrites it and links it to `X.lock.pid` (a second name for the
+/// same file); the release removes that name, so no file is created or deleted per acquisition.
+/// Only touched while holding the lock exclusively; never read.
 pub fn spare_path(path: &Path) -> std::path::PathBuf {
     let mut p = path.as_os_str().to_owned();
     p.push(".spare");
@@ -401,7 +401,8 @@ pub fn spare_path(path: &Path) -> std::path::PathBuf {
 }
 
 /// [`install`] for an exclusive holder: the spare file ([`spare_path`]) is rewritten and
-/// renamed into place when there is one (of ours, regular), else a new file is.
+/// linked into place when there is one (of ours, regular, with no other name), else a new file
+/// is renamed into place.
 pub fn install_exclusive(
     path: &Path,
     meta: &Metadata,
@@ -411,8 +412,9 @@ pub fn install_exclusive(
 }
 
 /// The second file kept beside an exclusive holder's metadata (`X.lock.pid.next`): a hand-over
-/// ([`replace_exclusive`]) writes the new metadata into it and exchanges it with `X.lock.pid`,
-/// which leaves the old metadata there. Never read.
+/// ([`replace_exclusive`]) writes the new metadata into it and renames it over `X.lock.pid`
+/// (the old metadata file keeps its other name, the spare); the release renames it back. Never
+/// read.
 pub fn next_path(path: &Path) -> std::path::PathBuf {
     let mut p = path.as_os_str().to_owned();
     p.push(".next");
@@ -421,13 +423,14 @@ pub fn next_path(path: &Path) -> std::path::PathBuf {
 
 /// Replaces an exclusive holder's own metadata at `path` with `meta`, atomically, through the
 /// kept file [`next_path`] (no flush, no file created or freed once it exists:
-/// `buildlock_sys::fs::replace_file_keeping`). The spare stays free for the release to take.
+/// `buildlock_sys::fs::replace_file_keeping`).
 pub fn replace_exclusive(path: &Path, meta: &Metadata) -> io::Result<buildlock_sys::fs::FileStamp> {
     buildlock_sys::fs::replace_file_keeping(path, meta.to_json().as_bytes(), &next_path(path))
 }
 
 /// Removes the metadata at `path` if it is the very file whose `stamp` [`install`] returned
-/// (an exclusive holder's goes back to the spare file); if the file there is another one,
+/// (an exclusive holder's loses the name it shares with the spare, or goes back to the spare or
+/// the hand-over's kept file when it has no other name); if the file there is another one,
 /// only if it names the acquisition `id` ([`remove_if_ours`]).
 pub fn remove_if_ours_stamped(
     path: &Path,
@@ -437,7 +440,7 @@ pub fn remove_if_ours_stamped(
 ) -> io::Result<bool> {
     if let Some(stamp) = stamp {
         let gone = if exclusive {
-            buildlock_sys::fs::retire_if_stamp(path, stamp, &spare_path(path))?
+            buildlock_sys::fs::retire_if_stamp(path, stamp, &[&spare_path(path), &next_path(path)])?
         } else {
             buildlock_sys::fs::remove_if_stamp(path, stamp)?
         };

@@ -985,6 +985,51 @@ mod tests {
         assert_eq!(crate::meta::read(&target.meta_path).valid().map(|m| m.pid), Some(u32::MAX - 1));
     }
 
+    /// An exclusive holder's metadata is its spare file under a second name: linked at the
+    /// acquisition, the name removed at the release, no file made or freed. A holder that died
+    /// holding leaves the two names on one file: the next holder never writes into that file
+    /// (readers of the old metadata would see it change), it replaces it as any leftover.
+    #[test]
+    fn exclusive_metadata_is_the_spare_linked_and_a_dead_holders_linked_file_is_never_written_through() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let target = LockTarget::resolve("l", dir.path()).unwrap();
+        let spare = crate::meta::spare_path(&target.meta_path);
+        let stat = |p: &std::path::Path| std::fs::symlink_metadata(p).map(|m| (m.ino(), m.nlink()));
+        take(&target).release().unwrap();
+        let (kept, links) = stat(&spare).expect("a spare after the first release");
+        assert_eq!(links, 1);
+        for _ in 0..3 {
+            let guard = take(&target);
+            assert_eq!(stat(&target.meta_path).unwrap(), (kept, 2), "the metadata is not the spare linked");
+            assert_eq!(stat(&spare).unwrap(), (kept, 2));
+            assert_eq!(crate::meta::read(&target.meta_path).valid().map(|m| m.pid), Some(std::process::id()));
+            guard.release().unwrap();
+            assert!(!target.meta_path.exists(), "metadata left behind after release");
+            assert_eq!(stat(&spare).unwrap(), (kept, 1), "the spare was not kept as it was");
+        }
+        // Died holding: its metadata is the spare under both names.
+        let mut dead = Metadata::for_current_process(LockMode::Exclusive, "os", "dead", None);
+        dead.pid = u32::MAX - 1;
+        let dead_text = dead.to_json();
+        std::fs::write(&spare, &dead_text).unwrap();
+        std::fs::hard_link(&spare, &target.meta_path).unwrap();
+        let opened_by_a_reader = std::fs::File::open(&target.meta_path).unwrap();
+        let guard = take(&target);
+        assert_eq!(crate::meta::read(&target.meta_path).valid().map(|m| m.pid), Some(std::process::id()));
+        let mut seen = String::new();
+        std::io::Read::read_to_string(&mut &opened_by_a_reader, &mut seen).unwrap();
+        assert_eq!(seen, dead_text, "the dead holder's file was written through");
+        assert_eq!(stat(&spare).unwrap(), (kept, 1), "the dead holder's file is not the spare alone");
+        guard.release().unwrap();
+        assert!(!target.meta_path.exists());
+        // Back to linking the spare.
+        let guard = take(&target);
+        assert_eq!(stat(&target.meta_path).unwrap(), (kept, 2));
+        guard.release().unwrap();
+        assert_eq!(stat(&spare).unwrap(), (kept, 1));
+    }
+
     /// The files of a hand-over (`run` naming its command) and of the release that follows:
     /// after the first time, none is created or deleted, the metadata always names the holder,
     /// and a link planted at the kept file's name is never written through.

@@ -141,7 +141,7 @@ fn install_new(
     let tmp = temp_path(path);
     let result = (|| {
         let stamp = write_new(&tmp, bytes)?;
-        if move_into_place(&tmp, path, spare, may_replace)? {
+        if move_into_place(&tmp, path, spare, Move::Rename, may_replace)? {
             Ok(Some(stamp))
         } else {
             let _ = std::fs::remove_file(&tmp);
@@ -156,10 +156,15 @@ fn install_new(
 
 /// [`install_file`], reusing the file at `spare` instead of creating one when it is there (a
 /// regular file of ours with a single link): `bytes`, padded with spaces to the spare's size
-/// (for JSON, trailing white space is nothing), are written into it in place, then it is renamed
-/// to `path` as a new file would be. Nobody reads `spare`; the caller serialises its users
-/// (an exclusive lock). Creating and deleting a file on every use is what this saves: on ext4
-/// without a journal, each new inode costs a search past every one freed in the last 30 s.
+/// (for JSON, trailing white space is nothing), are written into it in place, then it is given
+/// the name `path` as well (a hard link, which like `RENAME_NOREPLACE` fails if anything is
+/// there), so that [`retire_if_stamp`] need only remove that name. Where the file system has no
+/// hard links it is renamed to `path` as a new file would be. Nobody reads `spare`; the caller
+/// serialises its users (an exclusive lock).
+///
+/// What this saves: creating and deleting a file on every use (on ext4 without a journal, each
+/// new inode costs a search past every one freed in the last 30 s), and half of the directory
+/// updates of a rename there and back (a link and an unlink cost about what one rename does).
 ///
 /// The stamp returned has no modification time (reading it would cost a call): the file is
 /// known by (device, inode) and size.
@@ -172,9 +177,9 @@ pub fn install_file_reusing(
     match rewrite_kept(spare, bytes) {
         None => install_new(path, Some(spare), bytes, may_replace),
         Some(stamp) => {
-            // Written whole before it is moved into place, or not moved at all.
+            // Written whole before it is linked into place, or not linked at all.
             let stamp = stamp?;
-            Ok(move_into_place(spare, path, Some(spare), may_replace)?.then_some(stamp))
+            Ok(move_into_place(spare, path, Some(spare), Move::Link, may_replace)?.then_some(stamp))
         }
     }
 }
@@ -211,9 +216,18 @@ fn write_new(tmp: &Path, bytes: &[u8]) -> io::Result<FileStamp> {
     Ok(FileStamp::of(&f.metadata()?))
 }
 
-/// Renames `from` to `path` without replacing anything; if something is at `path` (or the
-/// file system cannot say without replacing it), only if `may_replace` says so, replacing it
-/// atomically. `Ok(false)`: left where it was.
+/// How [`move_into_place`] puts a file at its path when nothing is there.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Move {
+    /// Renamed: the old name goes.
+    Rename,
+    /// Linked: the old name stays (falling back to a rename where there are no hard links).
+    Link,
+}
+
+/// Moves (renames, or with [`Move::Link`] links) `from` to `path` without replacing anything;
+/// if something is at `path` (or the file system cannot say without replacing it), only if
+/// `may_replace` says so, replacing it atomically. `Ok(false)`: left where it was.
 ///
 /// A regular file at `path` (a holder's left over by its death) is replaced by exchanging the
 /// two (`renameat2(RENAME_EXCHANGE)`), not by a rename over it: that would make ext4 write the
@@ -224,9 +238,17 @@ fn move_into_place(
     from: &Path,
     path: &Path,
     spare: Option<&Path>,
+    how: Move,
     may_replace: &mut dyn FnMut() -> bool,
 ) -> io::Result<bool> {
-    match imp::rename_noreplace(from, path) {
+    let moved = match how {
+        Move::Link => match imp::link_noreplace(from, path) {
+            Ok(false) => imp::rename_noreplace(from, path),
+            other => other,
+        },
+        Move::Rename => imp::rename_noreplace(from, path),
+    };
+    match moved {
         Ok(true) => return Ok(true),
         Ok(false) => {}
         Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
@@ -252,23 +274,24 @@ fn move_into_place(
 }
 
 /// Replaces the file at `path` (which must exist: the caller's own) with one holding `bytes`,
-/// atomically, by exchanging the two (`renameat2(RENAME_EXCHANGE)`). The new content goes into
-/// the file kept at `next` when there is one (a regular file of ours with a single link, as
-/// [`install_file_reusing`] checks its spare), written in place and padded with spaces, else
-/// into a new file; after the exchange the old file is what `next` names, kept for the next
-/// replacement. So a holder that hands its lock over (`run` naming its command) creates and
-/// frees no file: on ext4 without a journal each new inode costs a search past every one freed
-/// in the last 30 s. Nobody reads `next`; the caller serialises its users (an exclusive lock).
-/// Replacing by a plain rename over an existing file would make ext4 write the new file out at
-/// once and free the old one (its "replace by rename" safety net): a millisecond. Falls back to
-/// that where the exchange is not supported.
+/// atomically. The new content goes into the file kept at `next` when there is one (a regular
+/// file of ours with a single link, as [`install_file_reusing`] checks its spare), written in
+/// place and padded with spaces, and that file is renamed over `path`; [`retire_if_stamp`] puts
+/// it back at `next` at the release. The file it replaces is normally still the spare as well
+/// (installed by a link), so nothing is freed. So a holder that hands its lock over (`run`
+/// naming its command) creates and frees no file: on ext4 without a journal each new inode
+/// costs a search past every one freed in the last 30 s. Nobody reads `next`; the caller
+/// serialises its users (an exclusive lock). (ext4 writes a file renamed over another out at
+/// once if it has blocks not yet allocated, its "replace by rename" safety net; a file
+/// rewritten in place has none after its first write-back.)
+///
+/// Without a kept file, the new content goes into a new file, exchanged with the old one
+/// (`renameat2(RENAME_EXCHANGE)`: the new file's blocks are not allocated yet), and the old one
+/// is kept at `next` unless something is there.
 pub fn replace_file_keeping(path: &Path, bytes: &[u8], next: &Path) -> io::Result<FileStamp> {
     if let Some(stamp) = rewrite_kept(next, bytes) {
         let stamp = stamp?;
-        // After the exchange, `next` names the old file, kept for the next time.
-        if !imp::rename_exchange(next, path)? {
-            std::fs::rename(next, path)?;
-        }
+        std::fs::rename(next, path)?;
         return Ok(stamp);
     }
     let tmp = temp_path(path);
@@ -291,19 +314,24 @@ pub fn replace_file_keeping(path: &Path, bytes: &[u8], next: &Path) -> io::Resul
 }
 
 /// Removes the file at `path` if it is still the one `stamp` describes, as [`remove_if_stamp`]
-/// does, but by renaming it to `spare` (for [`install_file_reusing`] to use next) when nothing is
-/// there; else it is unlinked.
-pub fn retire_if_stamp(path: &Path, stamp: &FileStamp, spare: &Path) -> io::Result<bool> {
-    match path_stamp(path) {
-        Ok(now) if stamp.matches(&now) => match imp::rename_noreplace(path, spare) {
-            Ok(true) => Ok(true),
-            Ok(false) | Err(_) => match std::fs::remove_file(path) {
-                Ok(()) => Ok(true),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-                Err(e) => Err(e),
-            },
-        },
-        Ok(_) => Ok(false),
+/// does. A file with another name as well (the spare it was linked from by
+/// [`install_file_reusing`]) just loses this one. A file with no other name is renamed to the
+/// first of `keep` where nothing is (for [`install_file_reusing`] or [`replace_file_keeping`]
+/// to use next), else unlinked.
+pub fn retire_if_stamp(path: &Path, stamp: &FileStamp, keep: &[&Path]) -> io::Result<bool> {
+    let now = match std::fs::symlink_metadata(path) {
+        Ok(now) => now,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if !stamp.matches(&FileStamp::of(&now)) {
+        return Ok(false);
+    }
+    if imp::links(&now) == 1 && keep.iter().any(|k| matches!(imp::rename_noreplace(path, k), Ok(true))) {
+        return Ok(true);
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e),
     }
@@ -463,6 +491,20 @@ mod imp {
         Ok(false)
     }
 
+    /// Gives the file at `from` (not following a symbolic link there) the name `to` as well.
+    /// `Ok(true)`: linked; `Err(AlreadyExists)`: something is at `to`; `Ok(false)`: this file
+    /// system (or its owner's rules, `fs.protected_hardlinks`) allows no such link here.
+    pub(super) fn link_noreplace(from: &Path, to: &Path) -> io::Result<bool> {
+        use nix::errno::Errno;
+        use nix::fcntl::{AtFlags, AT_FDCWD};
+        match nix::unistd::linkat(AT_FDCWD, from, AT_FDCWD, to, AtFlags::empty()) {
+            Ok(()) => Ok(true),
+            Err(Errno::EEXIST) => Err(io::ErrorKind::AlreadyExists.into()),
+            Err(Errno::EPERM | Errno::EOPNOTSUPP | Errno::ENOSYS | Errno::EMLINK | Errno::EXDEV) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// `Ok(true)`: the two names now name each other's file; `Ok(false)`: not supported here
     /// (or `b` is gone), nothing changed.
     #[cfg(target_os = "linux")]
@@ -541,6 +583,11 @@ mod imp {
     }
 
     pub(super) fn rename_exchange(_a: &Path, _b: &Path) -> io::Result<bool> {
+        Ok(false)
+    }
+
+    pub(super) fn link_noreplace(_from: &Path, _to: &Path) -> io::Result<bool> {
+        // Renamed there and back instead, as before hard links were used on Unix.
         Ok(false)
     }
 
