@@ -10,7 +10,10 @@
 //! The file is JSON (`pid`, `start_time`, `command`, `operation`, `at`, `reason`), created by
 //! rename and read without following links or blocking, like every file beside a lock.
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use serde_json::{json, Value};
@@ -109,9 +112,20 @@ pub fn remove(target: &LockTarget) {
     }
 }
 
-/// For a new holder of `target`: warns of a lost lease whose script may still run, once per
-/// acquisition; a record whose script has ended has been seen enough and is removed.
+/// For a new holder of `target`: warns of a lost lease whose script may still run; a record
+/// whose script has ended has been seen enough and is removed.
+///
+/// A process looks for the record at most once a second per lock ([`CHECK_EVERY`]): a build
+/// tool that takes one lock thousands of times a second is warned once a second, and its
+/// acquisitions in between cost no look-up of a file that is almost never there.
 pub fn warn_new_holder(target: &LockTarget) {
+    if due(&target.path) {
+        warn_and_tidy(target);
+    }
+}
+
+/// [`warn_new_holder`], each time.
+fn warn_and_tidy(target: &LockTarget) {
     let Some(lost) = read(target) else { return };
     tracing::warn!(
         "lock {} ({}): {lost}; it may have been used by two processes at once",
@@ -120,6 +134,39 @@ pub fn warn_new_holder(target: &LockTarget) {
     );
     if !lost.owner_alive() {
         remove(target);
+    }
+}
+
+/// How often one process looks for a lock's record ([`warn_new_holder`]).
+pub const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Whether this process should look for `lock`'s record now (not in the last [`CHECK_EVERY`]);
+/// if so, the look is counted as done.
+fn due(lock: &Path) -> bool {
+    /// Past this many locks, those not looked at within [`CHECK_EVERY`] are forgotten (all of
+    /// them if that is not enough).
+    const REMEMBERED: usize = 256;
+    static LAST: Mutex<Option<HashMap<PathBuf, Instant>>> = Mutex::new(None);
+    let now = Instant::now();
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    let last = last.get_or_insert_with(HashMap::new);
+    match last.get_mut(lock) {
+        Some(at) if now.duration_since(*at) < CHECK_EVERY => false,
+        Some(at) => {
+            *at = now;
+            true
+        }
+        None => {
+            if last.len() >= REMEMBERED {
+                last.retain(|_, at| now.duration_since(*at) < CHECK_EVERY);
+                if last.len() >= REMEMBERED {
+                    // All looked at within the second: forgetting them costs a look each.
+                    last.clear();
+                }
+            }
+            last.insert(lock.to_path_buf(), now);
+            true
+        }
     }
 }
 
@@ -186,11 +233,29 @@ mod tests {
         let t = LockTarget::resolve("x", dir.path()).unwrap();
         let me = buildlock_sys::current_process();
         record(&t, &lost_by(me.pid, me.start_time)).unwrap();
-        warn_new_holder(&t);
+        warn_and_tidy(&t);
         assert_eq!(read(&t).map(|l| l.pid), Some(me.pid), "the script still runs: the record stays");
         let (pid, start) = a_dead_process();
         record(&t, &lost_by(pid, start)).unwrap();
-        warn_new_holder(&t);
+        warn_and_tidy(&t);
         assert!(!lost_path(&t).exists(), "the script has ended: the record goes");
+    }
+
+    #[test]
+    fn a_process_looks_for_a_locks_record_once_a_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.lock"), dir.path().join("b.lock"));
+        assert!(due(&a));
+        assert!(!due(&a), "looked again at once");
+        assert!(due(&b), "another lock is looked at on its own schedule");
+        let at = Instant::now();
+        while at.elapsed() < CHECK_EVERY {
+            std::thread::sleep(CHECK_EVERY / 10);
+        }
+        assert!(due(&a), "not looked at again after a second");
+        // Many locks: each is looked at the first time (the table forgets, never wrongly skips).
+        for i in 0..1000 {
+            assert!(due(&dir.path().join(format!("{i}.lock"))));
+        }
     }
 }
