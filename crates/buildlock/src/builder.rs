@@ -154,7 +154,8 @@ impl<'a> Lock<'a> {
     }
 
     /// Called about once a second while waiting; [`WaitInfo`]'s `Display` says who holds the
-    /// lock and for how long we have waited.
+    /// lock and for how long we have waited. Without it, a direct wait for the lock blocks in the
+    /// calling thread ([`crate::Options::wait_here`]), which hands a freed lock over sooner.
     pub fn on_wait(mut self, f: impl FnMut(&WaitInfo) + Send + 'a) -> Self {
         self.on_wait = Some(Box::new(f));
         self
@@ -272,7 +273,14 @@ impl<'a> Lock<'a> {
         self.resolved = true;
         match &mut self.on_wait {
             Some(f) => crate::acquire(&target, &self.opts, &mut **f),
-            None => crate::acquire(&target, &self.opts, &mut |_| {}),
+            None => {
+                // Nobody to report to: a direct wait blocks in this thread, and the freed lock
+                // wakes it, not a reporting thread of the library's that would then wake it.
+                let set = std::mem::replace(&mut self.opts.wait_here, true);
+                let lease = crate::acquire(&target, &self.opts, &mut |_| {});
+                self.opts.wait_here = set;
+                lease
+            }
         }
     }
 }
@@ -328,6 +336,48 @@ mod tests {
         assert!(e.contains("soft locks are files in the lock directory"), "{e}");
         let e = lock("ftp").backend("ftp://files.internal/locks").acquire().unwrap_err().to_string();
         assert!(e.contains("no engine for scheme ftp://"), "{e}");
+    }
+
+    /// Without `on_wait`, a direct wait blocks in the caller's thread (the freed lock wakes it);
+    /// with one, a waiting thread of the library's blocks and reports.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_direct_wait_blocks_in_the_callers_thread_unless_reports_are_asked_for() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let lock = |dir: &Path| Lock::named("waited").lock_dir(dir).connect(Connect::Direct);
+        let waiting_threads = || {
+            std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|comm| comm.trim() == "buildlock-wait")
+                .count()
+        };
+        for reports in [false, true] {
+            let held = lock(dir.path()).acquire().unwrap();
+            let ino = std::fs::metadata(dir.path().join("waited.lock")).unwrap().ino();
+            let blocked = || {
+                std::fs::read_to_string("/proc/locks")
+                    .unwrap()
+                    .lines()
+                    .any(|l| l.contains("->") && l.contains(&format!(":{ino} ")))
+            };
+            let at = dir.path().to_owned();
+            let waiter = std::thread::spawn(move || {
+                let mut waiter = lock(&at);
+                if reports {
+                    waiter = waiter.on_wait(|_| {});
+                }
+                waiter.acquire().map(|l| l.token())
+            });
+            while !blocked() {
+                std::thread::yield_now();
+            }
+            assert_eq!(waiting_threads(), usize::from(reports), "reports asked for: {reports}");
+            let token = held.token();
+            drop(held);
+            assert!(waiter.join().unwrap().unwrap() > token);
+        }
     }
 
     #[test]
