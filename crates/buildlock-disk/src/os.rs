@@ -56,7 +56,8 @@ pub(crate) fn acquire(
 ) -> Result<Outcome, Error> {
     let (file, fence) = match try_idle(target, opts) {
         Some(Reused::Locked(file, fence)) => (file, fence),
-        Some(Reused::Busy) => (wait_after_busy(target, opts, wait, on_wait)?, None),
+        // The fence file kept with the idle lock file serves the grant, if still fresh then.
+        Some(Reused::Busy(fence)) => (wait_after_busy(target, opts, wait, on_wait)?, fence.filter(FenceFile::is_fresh)),
         None => match try_lock(target, opts)? {
             Attempt::Locked(file) => (file, None),
             Attempt::Unsupported(e) => return Ok(Outcome::Unsupported(e)),
@@ -89,8 +90,9 @@ fn wait_after_busy(
 
 enum Reused {
     Locked(Locked, Option<FenceFile>),
-    /// Held by somebody else (the idle file is back in the cache).
-    Busy,
+    /// Held by somebody else: the idle lock file is back in the cache, its fence file (if any)
+    /// is for the wait's grant, which then opens none.
+    Busy(Option<FenceFile>),
 }
 
 /// One non-blocking attempt on the lock file this process kept open from its last acquisition
@@ -105,13 +107,13 @@ fn try_idle(target: &LockTarget, opts: &LockOptions) -> Option<Reused> {
             Checked::Ok(_) | Checked::Replaced => None,
             Checked::SoftHolder => {
                 drop(locked);
-                Some(Reused::Busy)
+                Some(Reused::Busy(fence))
             }
         },
         // Busy: is that the lock at the path, or an old file somebody else still keeps open?
         Ok(false) if buildlock_sys::path_id(&target.path).is_ok_and(|now| now == locked.id) => {
-            idle::put(&target.path, locked, fence);
-            Some(Reused::Busy)
+            idle::put(&target.path, locked, None);
+            Some(Reused::Busy(fence))
         }
         Ok(false) | Err(_) => None,
     }
