@@ -335,10 +335,12 @@ fn wall_us() -> f64 {
 /// The waiter side of `handoff`, a child process: on "go", says "waiting", blocks in
 /// `acquire`, says "granted <wall µs>"; on "release", releases and says "released".
 fn handoff_waiter(args: &[String]) {
-    let [mode, locks, name, rt] = args else { panic!("--handoff-waiter MODE LOCKS NAME RT") };
+    let [mode, locks, name, rt, how] = args else { panic!("--handoff-waiter MODE LOCKS NAME RT builder|on_wait") };
     let connect = if mode == "direct" { Connect::Direct } else { Connect::DaemonOnly };
     let opts = Options { connect, runtime_dir: Some(PathBuf::from(rt)), ..Options::default() };
     let target = LockTarget::resolve(name, Path::new(locks)).unwrap();
+    // The documented way: the builder, with no wait reports asked for.
+    let mut lock = buildlock::Lock::path(&target.path).options(opts.clone());
     let mut out = std::io::stdout().lock();
     let mut lease = None;
     for line in std::io::stdin().lock().lines() {
@@ -346,7 +348,10 @@ fn handoff_waiter(args: &[String]) {
             "go" => {
                 writeln!(out, "waiting").unwrap();
                 out.flush().unwrap();
-                let l = acquire(&target, &opts, &mut |_| {}).unwrap();
+                let l = match how.as_str() {
+                    "builder" => lock.acquire().unwrap(),
+                    _ => acquire(&target, &opts, &mut |_| {}).unwrap(),
+                };
                 let t = wall_us();
                 writeln!(out, "granted {t:.1}").unwrap();
                 out.flush().unwrap();
@@ -382,13 +387,23 @@ impl Peer {
     }
 }
 
+/// `handoff`, with the waiter taking the lock through the builder without `on_wait` (the
+/// documented way: in direct mode it blocks in its own thread) and, as `on_wait`, through
+/// `acquire` with a wait-report callback (a waiting thread of the library's reports, then hands
+/// the lock over: one more wake-up).
 fn handoff(ctx: &Ctx, mode: Mode) {
-    progress("handoff (release -> next waiter's grant)", mode);
-    let name = format!("handoff-{}", mode.arg());
+    for how in ["builder", "on_wait"] {
+        handoff_with(ctx, mode, how);
+    }
+}
+
+fn handoff_with(ctx: &Ctx, mode: Mode, how: &str) {
+    progress(&format!("handoff (release -> next waiter's grant), waiter: {how}"), mode);
+    let name = format!("handoff-{}-{how}", mode.arg());
     let target = ctx.target(&name);
     let opts = ctx.options(mode);
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--handoff-waiter", mode.arg(), ctx.locks.to_str().unwrap(), &name, ctx.rt.to_str().unwrap()])
+        .args(["--handoff-waiter", mode.arg(), ctx.locks.to_str().unwrap(), &name, ctx.rt.to_str().unwrap(), how])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -419,13 +434,17 @@ fn handoff(ctx: &Ctx, mode: Mode) {
     }
     drop(peer.stdin);
     peer.child.wait().unwrap();
+    let (imp, what) = match how {
+        "builder" => (mode.name().to_owned(), "waiter: Lock builder without on_wait"),
+        _ => (format!("{}, waiter with on_wait", mode.name()), "waiter: acquire() with an on_wait callback"),
+    };
     emit(
         "handoff",
-        mode.name(),
+        &imp,
         &mut samples,
         json!({
             "violations": early,
-            "what": "holder thread here releases, waiter is another process; SystemTime on both sides",
+            "what": format!("holder thread here releases, waiter is another process ({what}); SystemTime on both sides"),
         }),
     );
 }
