@@ -231,13 +231,23 @@ pub enum Setting {
 }
 
 impl Setting {
-    /// `BUILDLOCK_HISTORY=0` (or `off`, `false`): off; any other non-empty value: that file;
-    /// unset: `history.sqlite3` in the user's data directory (`~/.local/share/buildlock` on
-    /// Linux). Off when there is no home directory to put it in.
+    /// `BUILDLOCK_HISTORY=0` (or `off`, `false`, `no`): off; unset, empty, `1`, `on`, `true` or
+    /// `yes`: `history.sqlite3` in the user's data directory (`~/.local/share/buildlock` on
+    /// Linux), off when there is no home directory to put it in; any other value: that file.
     pub fn from_env() -> Setting {
-        match std::env::var_os("BUILDLOCK_HISTORY") {
-            Some(v) if v == "0" || v == "off" || v == "false" => Setting::Off,
-            Some(v) if !v.is_empty() => Setting::At(PathBuf::from(v)),
+        Setting::parse(std::env::var_os("BUILDLOCK_HISTORY"))
+    }
+
+    /// [`Setting::from_env`] for the value `v` of `BUILDLOCK_HISTORY`.
+    pub fn parse(v: Option<std::ffi::OsString>) -> Setting {
+        let word = v.as_ref().and_then(|v| v.to_str()).map(str::to_ascii_lowercase);
+        match (v, word.as_deref()) {
+            (_, Some("0" | "off" | "false" | "no")) => Setting::Off,
+            // A switch, not a file name: "1" would otherwise make a database named 1 wherever
+            // each process happens to run.
+            (Some(v), word) if !v.is_empty() && !matches!(word, Some("1" | "on" | "true" | "yes")) => {
+                Setting::At(PathBuf::from(v))
+            }
             _ => match directories::ProjectDirs::from("", "", "buildlock") {
                 Some(d) => Setting::At(d.data_dir().join("history.sqlite3")),
                 None => Setting::Off,

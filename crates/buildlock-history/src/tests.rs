@@ -362,3 +362,16 @@ fn spooled_rows_are_imported_once() {
     assert_eq!(kinds, vec![Kind::Granted, Kind::Released, Kind::Busy]);
     assert_eq!(s.events(None, 0).unwrap()[0], granted(1, 5));
 }
+
+#[test]
+fn the_setting_is_a_switch_or_a_file() {
+    let parse = |v: Option<&str>| Setting::parse(v.map(std::ffi::OsString::from));
+    let default = parse(None);
+    for off in ["0", "off", "OFF", "false", "no"] {
+        assert_eq!(parse(Some(off)), Setting::Off, "{off}");
+    }
+    for on in ["", "1", "on", "True", "yes"] {
+        assert_eq!(parse(Some(on)), default, "{on:?} is a switch, not a file name");
+    }
+    assert_eq!(parse(Some("/var/tmp/h.sqlite3")), Setting::At(PathBuf::from("/var/tmp/h.sqlite3")));
+}
