@@ -424,6 +424,102 @@ pub fn disarm_kill_switch(sock: BorrowedFd<'_>) -> io::Result<()> {
     }
 }
 
+/// The process that [`keep_guard_after_death`] started. [`GuardKeeper::dismiss`] ends it,
+/// leaving the socket as it is; dropping this without dismissing it is what this process's
+/// death does: the keeper arms the guard, then exits.
+#[derive(Debug)]
+pub struct GuardKeeper {
+    /// The write end of the keeper's pipe: a byte says "go", its end without one says that this
+    /// process died (or gave the guard up to the keeper).
+    word: OwnedFd,
+}
+
+impl GuardKeeper {
+    /// Ends the keeper without it touching the socket (the lease it guarded has ended). If it
+    /// is gone already, there is nothing to tell.
+    pub fn dismiss(self) {
+        let _ = nix::unistd::write(&self.word, b"x");
+    }
+}
+
+/// Keeps the kernel's guard on socket `sock` ([`arm_kill_switch`], which the caller has armed)
+/// armed after this process dies, however it dies: a process of its own waits on a pipe from
+/// this one and, when the pipe ends without a word (this process is gone), sets `O_ASYNC` on
+/// the socket again, in case this process had disarmed it to talk on it
+/// ([`disarm_kill_switch`]: an answer would fire it), then exits. The guard's target and signal
+/// stay as [`arm_kill_switch`] set them (disarming clears `O_ASYNC` alone), so the keeper names
+/// no process itself. [`GuardKeeper::dismiss`] ends the keeper, which then does nothing;
+/// dropping it undismissed hands the guard over as a death would.
+///
+/// The keeper is forked twice (so it is nobody's child here, and is never left a zombie) and
+/// after the fork makes system calls only (no allocation, no lock: the other threads of this
+/// process are gone in it). It holds a copy of `sock` and of its pipe, and closes every other
+/// descriptor it inherited, so it keeps nothing else of this process's open (locks, sockets,
+/// other keepers' pipes). While it waits, its copy of `sock` is one more: the caller drops the
+/// keeper before it relies on its own copy being the last.
+///
+/// Linux only (as [`arm_kill_switch`]): `Ok(None)` elsewhere.
+pub fn keep_guard_after_death(sock: BorrowedFd<'_>) -> io::Result<Option<GuardKeeper>> {
+    #[cfg(target_os = "linux")]
+    {
+        use nix::libc;
+        let (wait_end, word) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let (sock_fd, wait_fd) = (sock.as_raw_fd(), wait_end.as_raw_fd());
+        let (low, high) = (sock_fd.min(wait_fd), sock_fd.max(wait_fd));
+        // Computed here: only system calls run after the fork.
+        let open_max = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(1024, |(soft, _)| soft.min(1 << 20) as libc::c_int);
+        // SAFETY: between the fork and `_exit` the children make only async-signal-safe system
+        // calls (fork, close_range/close, read, fcntl, _exit) on descriptors they inherited;
+        // they allocate nothing and take no lock, so the threads missing in them matter not.
+        match unsafe { nix::unistd::fork() }? {
+            nix::unistd::ForkResult::Parent { child } => {
+                drop(wait_end);
+                // The first child only forks the keeper and exits at once.
+                nix::sys::wait::waitpid(child, None)?;
+                Ok(Some(GuardKeeper { word }))
+            }
+            nix::unistd::ForkResult::Child => unsafe {
+                if libc::fork() != 0 {
+                    libc::_exit(0);
+                }
+                let close = |from: libc::c_int, to: libc::c_int| {
+                    if from <= to
+                        && libc::syscall(libc::SYS_close_range, from as libc::c_uint, to as libc::c_uint, 0) != 0
+                    {
+                        for fd in from..=to.min(open_max) {
+                            libc::close(fd);
+                        }
+                    }
+                };
+                close(3, low - 1);
+                close(low + 1, high - 1);
+                close(high + 1, libc::c_int::MAX);
+                let mut byte = 0u8;
+                loop {
+                    match libc::read(wait_fd, (&raw mut byte).cast(), 1) {
+                        0 => break,
+                        1 => libc::_exit(0),
+                        _ if *libc::__errno_location() == libc::EINTR => {}
+                        _ => libc::_exit(1),
+                    }
+                }
+                // The process that armed the guard is gone: armed again, whatever it was doing.
+                let flags = libc::fcntl(sock_fd, libc::F_GETFL);
+                if flags >= 0 {
+                    libc::fcntl(sock_fd, libc::F_SETFL, flags | libc::O_ASYNC);
+                }
+                libc::_exit(0)
+            },
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = sock;
+        Ok(None)
+    }
+}
+
 /// Sets or clears `O_ASYNC` (signal-driven I/O) on `sock`'s open file description.
 #[cfg(target_os = "linux")]
 fn set_async(sock: BorrowedFd<'_>, on: bool) -> io::Result<()> {
@@ -611,6 +707,34 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::os::unix::net::UnixStream;
+
+    /// A process that kept a guard and died, disarmed: its keeper arms the guard again.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_kept_guard_is_armed_again_when_the_process_that_kept_it_dies() {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let (sock, _peer) = UnixStream::pair().unwrap();
+        let armed = || OFlag::from_bits_retain(fcntl(&sock, FcntlArg::F_GETFL).unwrap()).contains(OFlag::O_ASYNC);
+        assert!(!armed());
+        // SAFETY: the child makes system calls only (the keeper's fork, pipe, waitpid) and exits.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                let keeper = keep_guard_after_death(sock.as_fd());
+                // Dies holding it, as a killed daemon does: no word to the keeper.
+                std::mem::forget(keeper);
+                unsafe { nix::libc::_exit(0) };
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                nix::sys::wait::waitpid(child, None).unwrap();
+            }
+        }
+        // The keeper, on its own, sets O_ASYNC on the socket they share.
+        let start = std::time::Instant::now();
+        while !armed() {
+            assert!(start.elapsed() < std::time::Duration::from_secs(60), "the keeper never armed the guard");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
 
     /// A loopback TCP connection (our end, the peer's) and a `sleep` leading its own group.
     #[cfg(target_os = "linux")]
