@@ -718,6 +718,9 @@ async fn run_lease(
     // (`buildlock_sys::ipc::arm_kill_switch`). Disarmed while this task talks on the session
     // (an answer would fire it), and at release. Only this task touches it: no race.
     let mut guarded: Option<u32> = None;
+    // While the guard is armed: a process that arms it again if this daemon dies, disarmed or
+    // not (a daemon killed during a check-in left the command unguarded).
+    let mut keeper: Option<buildlock_sys::ipc::GuardKeeper> = None;
     let mut guard_open = true;
     let ended = loop {
         tokio::select! {
@@ -735,12 +738,14 @@ async fn run_lease(
                 guarded = *guard.borrow_and_update();
                 if let Some(pid) = guarded {
                     set_guard(&*session, &req.name, Some(pid));
+                    keeper = keep_guard(&*session, &req.name);
                     tracing::debug!("remote lock {}: the kernel guards pid {pid}'s group on the session", req.name);
                 }
             }
             _ = tokio::time::sleep(every), if !suspect => {
                 if guarded.is_some() {
                     set_guard(&*session, &req.name, None);
+                    die_in_check_in_for_tests();
                 }
                 let answered = tokio::time::timeout(every, session.heartbeat()).await;
                 // Armed again even on a failed check-in: the command is being stopped anyway.
@@ -754,6 +759,12 @@ async fn run_lease(
             }
         }
     };
+    // The lease has ended: the keeper goes, and its copy of the session's socket with it,
+    // before ours can be the last. (Were this task dropped instead, with the daemon shutting
+    // down, the keeper would arm the guard: the command is then as alone as after a kill.)
+    if let Some(keeper) = keeper {
+        keeper.dismiss();
+    }
     if matches!(ended, Ended::Released(_)) && guarded.is_some() {
         set_guard(&*session, &req.name, None);
     }
@@ -816,6 +827,37 @@ fn set_guard(session: &dyn buildlock_remote::EngineSession, name: &str, on: Opti
     }
     #[cfg(not(unix))]
     let _ = (session, name, on);
+}
+
+/// Starts the process that arms the kernel's guard on `session`'s socket again if this daemon
+/// dies (`buildlock_sys::ipc::keep_guard_after_death`); `None` where there is none.
+fn keep_guard(session: &dyn buildlock_remote::EngineSession, name: &str) -> Option<buildlock_sys::ipc::GuardKeeper> {
+    #[cfg(unix)]
+    if let Some(sock) = session.socket() {
+        use std::os::fd::AsFd;
+        return match buildlock_sys::ipc::keep_guard_after_death(sock.as_fd()) {
+            Ok(keeper) => keeper,
+            Err(e) => {
+                tracing::warn!(
+                    "remote lock {name}: cannot start the process that keeps the kernel's guard armed if this daemon \
+                     dies: {e}; the guard holds while the daemon lives"
+                );
+                None
+            }
+        };
+    }
+    let _ = (session, name);
+    None
+}
+
+/// Test builds only: `BUILDLOCK_TEST_DIE_IN_CHECK_IN` kills the daemon (SIGKILL) right after it
+/// disarmed the kernel's guard of a command for a check-in, the window in which a daemon
+/// killed once left the command unguarded.
+fn die_in_check_in_for_tests() {
+    #[cfg(all(debug_assertions, unix))]
+    if std::env::var_os("BUILDLOCK_TEST_DIE_IN_CHECK_IN").is_some() {
+        let _ = buildlock_sys::send_signal(std::process::id(), crate::state::nix_sig::KILL);
+    }
 }
 
 /// How a held lease's session ended.
