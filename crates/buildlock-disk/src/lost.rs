@@ -148,7 +148,13 @@ fn due(lock: &Path) -> bool {
     const REMEMBERED: usize = 256;
     static LAST: Mutex<Option<HashMap<PathBuf, Instant>>> = Mutex::new(None);
     let now = Instant::now();
-    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    // Never waits: busy (another thread here, or one that held it when this process was forked
+    // and is not in it) means look now.
+    let mut last = match LAST.try_lock() {
+        Ok(last) => last,
+        Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => return true,
+    };
     let last = last.get_or_insert_with(HashMap::new);
     match last.get_mut(lock) {
         Some(at) if now.duration_since(*at) < CHECK_EVERY => false,

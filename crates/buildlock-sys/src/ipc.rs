@@ -475,8 +475,10 @@ pub fn keep_guard_after_death(sock: BorrowedFd<'_>) -> io::Result<Option<GuardKe
         match unsafe { nix::unistd::fork() }? {
             nix::unistd::ForkResult::Parent { child } => {
                 drop(wait_end);
-                // The first child only forks the keeper and exits at once.
-                nix::sys::wait::waitpid(child, None)?;
+                // The first child only forks the keeper and exits at once. Reaped here; if it
+                // cannot be (SIGCHLD ignored: reaped already), the keeper stands all the same,
+                // and must not be told, by the pipe's end, that this process died.
+                while let Err(nix::errno::Errno::EINTR) = nix::sys::wait::waitpid(child, None) {}
                 Ok(Some(GuardKeeper { word }))
             }
             nix::unistd::ForkResult::Child => unsafe {
