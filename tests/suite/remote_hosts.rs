@@ -283,7 +283,8 @@ fn remote_a_late_check_in_does_not_free_the_lock_before_the_command_is_stopped()
     let Some(pg) = PgServer::start() else { return };
     // Ignores SIGTERM: `run` needs its SIGKILL, a stop grace later, so a lock freed at the loss
     // would be granted while the command still runs, every time.
-    let (_holder_env, mut holder, cmd) = hold_through_a_daemon(&pg, "late", "trap '' TERM; echo $$; exec sleep 1000");
+    let (_holder_env, mut holder, cmd) =
+        hold_through_a_daemon(&pg, "late", "trap '' TERM; echo $$; exec sleep 1000", &[]);
     let (_waiter_env, mut waiter) = queue_behind(&pg, "late", cmd);
     let backend = holders_server_process(&pg);
     // The server process stops answering; the daemon's check-in times out and it closes the
@@ -305,19 +306,9 @@ fn remote_a_late_check_in_does_not_free_the_lock_before_the_command_is_stopped()
 #[test]
 fn remote_a_killed_runs_command_is_stopped_by_the_daemon_when_the_lock_is_lost() {
     let Some(pg) = PgServer::start() else { return };
-    let (holder_env, mut holder, cmd) = hold_through_a_daemon(&pg, "orphan", "echo $$; exec sleep 1000");
+    let (holder_env, mut holder, cmd) = hold_through_a_daemon(&pg, "orphan", "echo $$; exec sleep 1000", &[]);
     // The lease is bound to the command before `run` dies: the daemon names it as the holder.
-    let rt = holder_env.runtime();
-    let named = || {
-        let ask = buildlock_proto::Request::Status { path: Some("orphan".into()) };
-        match buildlock::ask_daemon(Some(&rt), &ask) {
-            Ok(buildlock_proto::Reply::Status { locks }) => {
-                locks.iter().any(|l| l.holders.iter().any(|h| h.pid == Some(cmd)))
-            }
-            _ => false,
-        }
-    };
-    wait_until(named);
+    wait_until(|| daemon_names_holder(&holder_env, "orphan", cmd));
     holder.kill9();
     holder.wait();
     let (_waiter_env, mut waiter) = queue_behind(&pg, "orphan", cmd);
@@ -343,31 +334,11 @@ fn remote_a_daemon_killed_during_a_check_in_leaves_the_orphaned_command_guarded(
         return;
     }
     let Some(pg) = PgServer::start() else { return };
-    let env = Env::daemon();
-    let mut c = env.cli();
-    c.env("BUILDLOCK_TEST_DIE_IN_CHECK_IN", "1");
-    c.args([
-        "--backend",
-        &pg.url(),
-        "--remote-timeout",
-        "8",
-        "run",
-        "orphan",
-        "--",
-        "sh",
-        "-c",
-        "echo $$; exec sleep 1000",
-    ]);
-    let mut holder = Proc::spawn(c);
-    let cmd: u32 = holder.next_line().unwrap().parse().unwrap();
+    let (env, mut holder, cmd) =
+        hold_through_a_daemon(&pg, "orphan", "echo $$; exec sleep 1000", &[("BUILDLOCK_TEST_DIE_IN_CHECK_IN", "1")]);
     let daemon = env.daemon_pid().expect("the daemon started by run");
     // The lease is bound to the command before `run` dies: the daemon names it as the holder.
-    let rt = env.runtime();
-    wait_until(|| {
-        let ask = buildlock_proto::Request::Status { path: Some("orphan".into()) };
-        matches!(buildlock::ask_daemon(Some(&rt), &ask), Ok(buildlock_proto::Reply::Status { locks })
-            if locks.iter().any(|l| l.holders.iter().any(|h| h.pid == Some(cmd))))
-    });
+    wait_until(|| daemon_names_holder(&env, "orphan", cmd));
     assert!(!guard_armed(cmd), "the guard is armed while run watches");
     holder.kill9();
     holder.wait();
@@ -380,16 +351,26 @@ fn remote_a_daemon_killed_during_a_check_in_leaves_the_orphaned_command_guarded(
     wait_dead(cmd);
 }
 
-/// A `run` of lock `name` through a daemon of its own (`--remote-timeout 8`), its command
-/// `script` printing its pid first: `(its environment, run, the command's pid)`.
-fn hold_through_a_daemon(pg: &PgServer, name: &str, script: &str) -> (Env, Proc, u32) {
+/// A `run` of lock `name` through a daemon of its own (`--remote-timeout 8`, the daemon started
+/// by it with `vars` set too), its command `script` printing its pid first: `(its environment,
+/// run, the command's pid)`.
+fn hold_through_a_daemon(pg: &PgServer, name: &str, script: &str, vars: &[(&str, &str)]) -> (Env, Proc, u32) {
     let env = Env::daemon();
     let url = pg.url();
     let mut c = env.cli();
+    c.envs(vars.iter().copied());
     c.args(["--backend", &url, "--remote-timeout", "8", "run", name, "--", "sh", "-c", script]);
     let mut holder = Proc::spawn(c);
     let cmd: u32 = holder.next_line().unwrap().parse().unwrap();
     (env, holder, cmd)
+}
+
+/// Whether the daemon of `env` names process `pid` as the holder of lock `name` (the lease is
+/// bound to it).
+fn daemon_names_holder(env: &Env, name: &str, pid: u32) -> bool {
+    let ask = buildlock_proto::Request::Status { path: Some(name.into()) };
+    matches!(buildlock::ask_daemon(Some(&env.runtime()), &ask), Ok(buildlock_proto::Reply::Status { locks })
+        if locks.iter().any(|l| l.holders.iter().any(|h| h.pid == Some(pid))))
 }
 
 /// A `run` of lock `name` from another host (no daemon), queued on the server; granted, its
