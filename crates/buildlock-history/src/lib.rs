@@ -233,7 +233,9 @@ pub enum Setting {
 impl Setting {
     /// `BUILDLOCK_HISTORY=0` (or `off`, `false`, `no`): off; unset, empty, `1`, `on`, `true` or
     /// `yes`: `history.sqlite3` in the user's data directory (`~/.local/share/buildlock` on
-    /// Linux), off when there is no home directory to put it in; any other value: that file.
+    /// Linux), off when there is no home directory to put it in; any other value: that file, a
+    /// relative path taken in the user's data directory, not in each process's working
+    /// directory (the processes of one build, and the daemon, run in different ones).
     pub fn from_env() -> Setting {
         Setting::parse(std::env::var_os("BUILDLOCK_HISTORY"))
     }
@@ -241,15 +243,20 @@ impl Setting {
     /// [`Setting::from_env`] for the value `v` of `BUILDLOCK_HISTORY`.
     pub fn parse(v: Option<std::ffi::OsString>) -> Setting {
         let word = v.as_ref().and_then(|v| v.to_str()).map(str::to_ascii_lowercase);
+        let data_dir = || directories::ProjectDirs::from("", "", "buildlock").map(|d| d.data_dir().to_path_buf());
         match (v, word.as_deref()) {
             (_, Some("0" | "off" | "false" | "no")) => Setting::Off,
             // A switch, not a file name: "1" would otherwise make a database named 1 wherever
             // each process happens to run.
             (Some(v), word) if !v.is_empty() && !matches!(word, Some("1" | "on" | "true" | "yes")) => {
-                Setting::At(PathBuf::from(v))
+                let path = PathBuf::from(v);
+                match data_dir() {
+                    Some(dir) if path.is_relative() => Setting::At(dir.join(path)),
+                    _ => Setting::At(path),
+                }
             }
-            _ => match directories::ProjectDirs::from("", "", "buildlock") {
-                Some(d) => Setting::At(d.data_dir().join("history.sqlite3")),
+            _ => match data_dir() {
+                Some(dir) => Setting::At(dir.join("history.sqlite3")),
                 None => Setting::Off,
             },
         }

@@ -374,4 +374,10 @@ fn the_setting_is_a_switch_or_a_file() {
         assert_eq!(parse(Some(on)), default, "{on:?} is a switch, not a file name");
     }
     assert_eq!(parse(Some("/var/tmp/h.sqlite3")), Setting::At(PathBuf::from("/var/tmp/h.sqlite3")));
+    // A relative path names one file for every process, whatever its working directory: the
+    // default file's directory, not the current one.
+    let Setting::At(default_file) = default else { panic!("this test needs a home directory") };
+    let dir = default_file.parent().unwrap();
+    assert_eq!(parse(Some("ci.sqlite3")), Setting::At(dir.join("ci.sqlite3")));
+    assert_eq!(parse(Some("sub/ci.sqlite3")), Setting::At(dir.join("sub/ci.sqlite3")));
 }
