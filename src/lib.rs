@@ -139,20 +139,6 @@ enum Command {
         fd: i32,
         target: String,
     },
-    /// (internal) without a daemon, arms the kernel's guard for `run`'s command should `run`
-    /// die holding a remote lock; started by `run`
-    #[command(name = "__guard", hide = true)]
-    Guard {
-        /// The command's process (leading its group)
-        #[arg(long)]
-        pid: u32,
-        /// The inherited descriptor of the server session's socket
-        #[arg(long)]
-        fd: i32,
-        /// `TCP_USER_TIMEOUT` to set on the socket when arming, in milliseconds
-        #[arg(long)]
-        user_timeout_ms: u64,
-    },
     /// Show who holds TARGET, or every lock in the lock directory
     Status {
         /// A lock name (in the lock directory) or a path to a .lock file
@@ -382,8 +368,6 @@ where
         #[cfg(unix)]
         Command::KeepShadow { pid, fd, target } => keep::shadow(&cx, pid, fd, &target),
         #[cfg(unix)]
-        Command::Guard { pid, fd, user_timeout_ms } => run::guard(pid, fd, user_timeout_ms),
-        #[cfg(unix)]
         Command::Release { pid, target } => keep::release(&cx, pid, &target),
         #[cfg(unix)]
         Command::Daemon { action } => daemon::daemon(&cx, action),
@@ -391,7 +375,6 @@ where
         Command::Acquire(_)
         | Command::Keep(_)
         | Command::KeepShadow { .. }
-        | Command::Guard { .. }
         | Command::Release { .. }
         | Command::Daemon { .. } => fail(&"this command needs the daemon, which is not available on this platform yet"),
         Command::Status { target } => report::status(&cx, target.as_deref()),

@@ -158,11 +158,11 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
     wait_after_spawn_in_tests();
     forward.set_child(child.id(), group);
     // A remote lock held without a daemon: should this process be killed, CMD keeps the session
-    // (its inherited socket) with nobody to watch it, so a guard process arms the kernel's guard
-    // for CMD if this one dies without saying it is done (`__guard`).
+    // (its inherited socket) with nobody to watch it, so a keeper process arms the kernel's guard
+    // for CMD if this one dies before dismissing it.
     #[cfg(unix)]
     let guard = match (&opts.remote, lost_grace, lease.via_daemon()) {
-        (Some(server), Some(_), false) => start_guard(&lease, child.id(), server.remote_timeout()),
+        (Some(server), Some(_), false) => keep_guard(&lease, child.id(), server.remote_timeout()),
         _ => None,
     };
     stall_before_binding_in_tests();
@@ -174,9 +174,9 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
     let (status, stopped) = wait_for(&mut child, &lease, max_hold.as_ref(), lost_grace, &target.name);
     forward.set_child_exited();
     #[cfg(unix)]
-    if let Some(mut guard) = guard {
+    if let Some(guard) = guard {
         // CMD is gone (and its group, if it was stopped): nothing for the guard to arm.
-        let _ = std::io::Write::write_all(&mut guard, GUARD_DONE);
+        guard.dismiss();
     }
     let code = match status {
         Ok(_) if stopped == Some(Stopped::MaxHold) => EXIT_MAX_HOLD,
@@ -308,67 +308,27 @@ fn wait_for(
     }
 }
 
-/// What `run` tells its guard when CMD has exited.
+/// Aims the kernel's guard on the session socket of `lease` (a remote lease held without a
+/// daemon) at CMD `pid`'s group while CMD surely runs, and starts the keeper that arms it should
+/// this process die before dismissing it, with the socket's `TCP_USER_TIMEOUT` at the unwatched
+/// bound (nobody sends on it any more: only keepalives left unanswered can fail it). `None`
+/// (said in the log) where it cannot: then a killed `run` leaves CMD unwatched.
 #[cfg(unix)]
-const GUARD_DONE: &[u8] = b"done\n";
-
-/// Starts the guard (`__guard`) for CMD `pid` holding `lease`, a remote lease held without a
-/// daemon, in a session of its own: it holds a copy of the server session's socket and reads
-/// this process's pipe. `None` (said in the log) where it cannot be started: then a killed
-/// `run` leaves CMD unwatched, as before.
-#[cfg(unix)]
-fn start_guard(lease: &buildlock::Lease, pid: u32, remote_timeout: Duration) -> Option<std::io::PipeWriter> {
-    use std::os::fd::AsRawFd;
+fn keep_guard(lease: &buildlock::Lease, pid: u32, remote_timeout: Duration) -> Option<buildlock_sys::ipc::GuardKeeper> {
+    use std::os::fd::AsFd;
     let sock = lease.inherit_file()?;
-    let started = (|| {
-        let mut cmd = crate::self_command()?;
-        let (rd, wr) = std::io::pipe()?;
-        let ut = buildlock_remote::Bounds { remote_timeout }.unwatched_user_timeout();
-        let ut = u64::try_from(ut.as_millis()).unwrap_or(u64::MAX);
-        cmd.args(["__guard", "--pid", &pid.to_string(), "--fd", &sock.as_raw_fd().to_string()])
-            .args(["--user-timeout-ms", &ut.to_string()]);
-        cmd.stdin(rd).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
-        if !buildlock_sys::pass_to_child(&mut cmd, sock) {
-            return Err(std::io::Error::other("cannot pass it the session's socket"));
-        }
-        buildlock_sys::ipc::detach(&mut cmd);
-        cmd.spawn()?;
-        Ok(wr)
-    })();
-    match started {
-        Ok(wr) => Some(wr),
-        Err(e) => {
-            tracing::warn!("cannot start the guard of the command (pid {pid}): {e}; if this process is killed, nothing watches the remote lock for it");
-            None
-        }
-    }
-}
-
-/// The guard (`__guard`): when `run` dies without writing [`GUARD_DONE`] on our stdin (its
-/// end of the pipe closes), arms the kernel's guard on the inherited socket `fd` for process
-/// `pid`'s group (`buildlock_sys::ipc::arm_kill_switch`), with the socket's `TCP_USER_TIMEOUT`
-/// at `user_timeout_ms` (nobody sends on it any more: only keepalives can fail it), and exits.
-#[cfg(unix)]
-pub(crate) fn guard(pid: u32, fd: i32, user_timeout_ms: u64) -> ExitCode {
-    use std::io::Read;
-    use std::os::fd::{AsFd, FromRawFd};
-    // SAFETY: `run` passed us this descriptor (`pass_to_child`) and named it in `--fd`; nothing
-    // else in this process owns it.
-    let sock = unsafe { std::fs::File::from_raw_fd(fd) };
-    let mut said = Vec::new();
-    let _ = std::io::stdin().lock().read_to_end(&mut said);
-    if said.windows(GUARD_DONE.len()).any(|w| w == GUARD_DONE) {
-        return ExitCode::SUCCESS;
-    }
-    let armed =
-        buildlock_sys::ipc::arm_kill_switch_unwatched(sock.as_fd(), pid, Duration::from_millis(user_timeout_ms));
-    match armed {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("cannot arm the kernel's guard for pid {pid}: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let user_timeout = buildlock_remote::Bounds { remote_timeout }.unwatched_user_timeout();
+    let kept = buildlock_sys::ipc::aim_kill_switch(sock.as_fd(), pid).and_then(|aimed| match aimed {
+        true => buildlock_sys::ipc::keep_guard_after_death(sock.as_fd(), Some(user_timeout)),
+        false => Ok(None),
+    });
+    kept.unwrap_or_else(|e| {
+        tracing::warn!(
+            "cannot start the keeper of the kernel's guard for the command (pid {pid}): {e}; if this process is \
+             killed, nothing watches the remote lock for it"
+        );
+        None
+    })
 }
 
 /// Whether the daemon closed its end of connection `conn`.

@@ -348,6 +348,20 @@ pub fn last_heard(sock: BorrowedFd<'_>) -> Option<std::time::Duration> {
 /// gone with the last one. It names the group by its kernel identity, not its number: a group
 /// that has ended is never confused with a later one that has its number.
 pub fn arm_kill_switch(sock: BorrowedFd<'_>, pid: u32) -> io::Result<bool> {
+    if !aim_kill_switch(sock, pid)? {
+        return Ok(false);
+    }
+    #[cfg(target_os = "linux")]
+    set_async(sock, true)?;
+    Ok(true)
+}
+
+/// Names the target of [`arm_kill_switch`] on `sock` (process `pid`'s group, or `pid` alone if
+/// it leads none, by the kernel's identity: see there) and its signal, SIGKILL, without arming
+/// it: nothing is sent until `O_ASYNC` is set too (by [`arm_kill_switch`], or by the keeper of
+/// [`keep_guard_after_death`]). Aimed while `pid` surely runs, the switch can never hit another
+/// group that later has its number. Linux only: `Ok(false)` elsewhere.
+pub fn aim_kill_switch(sock: BorrowedFd<'_>, pid: u32) -> io::Result<bool> {
     #[cfg(all(target_os = "linux", not(any(target_arch = "mips", target_arch = "mips64", target_arch = "sparc64"))))]
     {
         use nix::libc;
@@ -374,7 +388,6 @@ pub fn arm_kill_switch(sock: BorrowedFd<'_>, pid: u32) -> io::Result<bool> {
         if !set {
             return Err(io::Error::last_os_error());
         }
-        set_async(sock, true)?;
         Ok(true)
     }
     #[cfg(not(all(
@@ -442,24 +455,31 @@ impl GuardKeeper {
     }
 }
 
-/// Keeps the kernel's guard on socket `sock` ([`arm_kill_switch`], which the caller has armed)
-/// armed after this process dies, however it dies: a process of its own waits on a pipe from
-/// this one and, when the pipe ends without a word (this process is gone), sets `O_ASYNC` on
-/// the socket again, in case this process had disarmed it to talk on it
-/// ([`disarm_kill_switch`]: an answer would fire it), then exits. The guard's target and signal
-/// stay as [`arm_kill_switch`] set them (disarming clears `O_ASYNC` alone), so the keeper names
-/// no process itself. [`GuardKeeper::dismiss`] ends the keeper, which then does nothing;
+/// Keeps the kernel's guard on socket `sock` armed after this process dies, however it dies: a
+/// process of its own waits on a pipe from this one and, when the pipe ends without a word (this
+/// process is gone), arms the switch ([`arm_kill_switch`]), then exits. Its target and signal are
+/// the caller's to set first: armed already ([`arm_kill_switch`]; the keeper arms it again in
+/// case this process had disarmed it to talk on the socket, [`disarm_kill_switch`], since an
+/// answer would fire it), or only aimed ([`aim_kill_switch`]) while this process watches the
+/// lock itself. Either way the keeper sets `O_ASYNC` alone and names no process: it cannot hit
+/// one that has a dead group's number. With `user_timeout`, it first sets the socket's
+/// `TCP_USER_TIMEOUT` to it (nobody sends on the socket any more, so only keepalives left
+/// unanswered fail it). [`GuardKeeper::dismiss`] ends the keeper, which then does nothing;
 /// dropping it undismissed hands the guard over as a death would.
 ///
-/// The keeper is forked twice (so it is nobody's child here, and is never left a zombie) and
-/// after the fork makes system calls only (no allocation, no lock: the other threads of this
-/// process are gone in it). It holds a copy of `sock` and of its pipe, and closes every other
-/// descriptor it inherited, so it keeps nothing else of this process's open (locks, sockets,
-/// other keepers' pipes). While it waits, its copy of `sock` is one more: the caller drops the
-/// keeper before it relies on its own copy being the last.
+/// The keeper is forked twice (so it is nobody's child here, and is never left a zombie), leaves
+/// this process's session (a signal to its terminal's group, or the terminal's hang-up, is not
+/// for it) and after the fork makes system calls only (no allocation, no lock: the other threads
+/// of this process are gone in it). It holds a copy of `sock` and of its pipe, and closes every
+/// other descriptor it inherited, so it keeps nothing else of this process's open (locks,
+/// sockets, other keepers' pipes). While it waits, its copy of `sock` is one more: the caller
+/// dismisses the keeper before it relies on its own copy being the last.
 ///
 /// Linux only (as [`arm_kill_switch`]): `Ok(None)` elsewhere.
-pub fn keep_guard_after_death(sock: BorrowedFd<'_>) -> io::Result<Option<GuardKeeper>> {
+pub fn keep_guard_after_death(
+    sock: BorrowedFd<'_>,
+    user_timeout: Option<std::time::Duration>,
+) -> io::Result<Option<GuardKeeper>> {
     #[cfg(target_os = "linux")]
     {
         use nix::libc;
@@ -469,9 +489,12 @@ pub fn keep_guard_after_death(sock: BorrowedFd<'_>) -> io::Result<Option<GuardKe
         // Computed here: only system calls run after the fork.
         let open_max = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
             .map_or(1024, |(soft, _)| soft.min(1 << 20) as libc::c_int);
+        let user_timeout_ms: Option<libc::c_uint> =
+            user_timeout.map(|t| libc::c_uint::try_from(t.as_millis()).unwrap_or(libc::c_uint::MAX));
         // SAFETY: between the fork and `_exit` the children make only async-signal-safe system
-        // calls (fork, close_range/close, read, fcntl, _exit) on descriptors they inherited;
-        // they allocate nothing and take no lock, so the threads missing in them matter not.
+        // calls (fork, setsid, close_range/close, read, setsockopt, fcntl, _exit) on descriptors
+        // they inherited; they allocate nothing and take no lock, so the threads missing in them
+        // matter not.
         match unsafe { nix::unistd::fork() }? {
             nix::unistd::ForkResult::Parent { child } => {
                 drop(wait_end);
@@ -485,6 +508,7 @@ pub fn keep_guard_after_death(sock: BorrowedFd<'_>) -> io::Result<Option<GuardKe
                 if libc::fork() != 0 {
                     libc::_exit(0);
                 }
+                libc::setsid();
                 let close = |from: libc::c_int, to: libc::c_int| {
                     if from <= to
                         && libc::syscall(libc::SYS_close_range, from as libc::c_uint, to as libc::c_uint, 0) != 0
@@ -506,7 +530,16 @@ pub fn keep_guard_after_death(sock: BorrowedFd<'_>) -> io::Result<Option<GuardKe
                         _ => libc::_exit(1),
                     }
                 }
-                // The process that armed the guard is gone: armed again, whatever it was doing.
+                // The process that kept the guard is gone: armed, whatever it was doing.
+                if let Some(ms) = user_timeout_ms {
+                    libc::setsockopt(
+                        sock_fd,
+                        libc::IPPROTO_TCP,
+                        libc::TCP_USER_TIMEOUT,
+                        (&raw const ms).cast(),
+                        std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+                    );
+                }
                 let flags = libc::fcntl(sock_fd, libc::F_GETFL);
                 if flags >= 0 {
                     libc::fcntl(sock_fd, libc::F_SETFL, flags | libc::O_ASYNC);
@@ -517,7 +550,7 @@ pub fn keep_guard_after_death(sock: BorrowedFd<'_>) -> io::Result<Option<GuardKe
     }
     #[cfg(not(target_os = "linux"))]
     {
-        let _ = sock;
+        let _ = (sock, user_timeout);
         Ok(None)
     }
 }
@@ -721,7 +754,7 @@ mod tests {
         // SAFETY: the child makes system calls only (the keeper's fork, pipe, waitpid) and exits.
         match unsafe { nix::unistd::fork() }.unwrap() {
             nix::unistd::ForkResult::Child => {
-                let keeper = keep_guard_after_death(sock.as_fd());
+                let keeper = keep_guard_after_death(sock.as_fd(), None);
                 // Dies holding it, as a killed daemon does: no word to the keeper.
                 std::mem::forget(keeper);
                 unsafe { nix::libc::_exit(0) };
@@ -735,6 +768,81 @@ mod tests {
         while !armed() {
             assert!(start.elapsed() < std::time::Duration::from_secs(60), "the keeper never armed the guard");
             std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// A guard only aimed (as `run` leaves it while it watches the lock itself), kept by a
+    /// process that then dies: its keeper arms it, with the `TCP_USER_TIMEOUT` asked for, and the
+    /// switch kills the group when the peer speaks. A dismissed keeper leaves the socket alone.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn an_aimed_guard_is_armed_with_its_user_timeout_when_the_process_that_kept_it_dies() {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        use std::os::unix::process::ExitStatusExt;
+        let timeout = std::time::Duration::from_millis(6_789);
+        for dismissed in [true, false] {
+            let (ours, mut peer, mut child) = connection_and_group();
+            let armed = || OFlag::from_bits_retain(fcntl(&ours, FcntlArg::F_GETFL).unwrap()).contains(OFlag::O_ASYNC);
+            let user_timeout =
+                || nix::sys::socket::getsockopt(&ours, nix::sys::socket::sockopt::TcpUserTimeout).unwrap();
+            assert!(aim_kill_switch(ours.as_fd(), child.id()).unwrap());
+            assert!(!armed(), "aiming alone arms nothing");
+            // SAFETY: the child makes system calls only (the keeper's fork, pipe, waitpid, write)
+            // and exits.
+            match unsafe { nix::unistd::fork() }.unwrap() {
+                nix::unistd::ForkResult::Child => {
+                    let keeper = keep_guard_after_death(ours.as_fd(), Some(timeout));
+                    match (dismissed, keeper) {
+                        (true, Ok(Some(k))) => k.dismiss(),
+                        // Dies holding it, as a killed `run` does: no word to the keeper.
+                        (false, Ok(Some(k))) => std::mem::forget(k),
+                        _ => unsafe { nix::libc::_exit(2) },
+                    }
+                    unsafe { nix::libc::_exit(0) };
+                }
+                nix::unistd::ForkResult::Parent { child } => {
+                    let status = nix::sys::wait::waitpid(child, None).unwrap();
+                    assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 0), "no keeper started");
+                }
+            }
+            if dismissed {
+                // The keeper ends on the word, its copy of the socket with it: once no other
+                // process holds the socket, nothing was armed or changed, and data arriving kills
+                // nobody.
+                let inode = format!("socket:[{}]", nix::sys::stat::fstat(&ours).unwrap().st_ino);
+                let held_elsewhere = || {
+                    std::fs::read_dir("/proc").unwrap().flatten().any(|p| {
+                        p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()).is_some_and(|pid| {
+                            pid != std::process::id()
+                                && std::fs::read_dir(p.path().join("fd")).is_ok_and(|fds| {
+                                    fds.flatten().any(|fd| {
+                                        std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == inode.as_str())
+                                    })
+                                })
+                        })
+                    })
+                };
+                let start = std::time::Instant::now();
+                while held_elsewhere() {
+                    assert!(start.elapsed() < std::time::Duration::from_secs(60), "the dismissed keeper stayed");
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                peer.write_all(b"x").unwrap();
+                let mut byte = [0u8; 1];
+                assert_eq!(std::io::Read::read(&mut &ours, &mut byte).unwrap(), 1);
+                assert!(!armed() && user_timeout() == 0, "a dismissed keeper touched the socket");
+                child.kill().unwrap();
+                assert_eq!(child.wait().unwrap().signal(), Some(nix::libc::SIGKILL));
+                continue;
+            }
+            let start = std::time::Instant::now();
+            while !armed() {
+                assert!(start.elapsed() < std::time::Duration::from_secs(60), "the keeper never armed the guard");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            assert_eq!(user_timeout(), 6_789);
+            peer.write_all(b"x").unwrap();
+            assert_eq!(child.wait().unwrap().signal(), Some(nix::libc::SIGKILL), "the armed switch did not fire");
         }
     }
 

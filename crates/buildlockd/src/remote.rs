@@ -835,7 +835,7 @@ fn keep_guard(session: &dyn buildlock_remote::EngineSession, name: &str) -> Opti
     #[cfg(unix)]
     if let Some(sock) = session.socket() {
         use std::os::fd::AsFd;
-        return match buildlock_sys::ipc::keep_guard_after_death(sock.as_fd()) {
+        return match buildlock_sys::ipc::keep_guard_after_death(sock.as_fd(), None) {
             Ok(keeper) => keeper,
             Err(e) => {
                 tracing::warn!(
