@@ -167,11 +167,38 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
     };
     stall_before_binding_in_tests();
     // CMD holds the lock now (its inherited descriptor; through the daemon, the binding too):
-    // the metadata names it, so that nobody takes a killed `run` for a dead holder.
-    if let Err(e) = lease.bind_pid(child.id()) {
+    // the metadata names it, so that nobody takes a killed `run` for a dead holder. A remote
+    // lock that CMD must not outlive is guarded by the kernel from now on, too (through the
+    // daemon: `bind_pid_stopping_on_loss`).
+    let bound = match lost_grace {
+        Some(_) => lease.bind_pid_stopping_on_loss(child.id()),
+        None => lease.bind_pid(child.id()),
+    };
+    if let Err(e) = bound {
         tracing::warn!("cannot name the command's process as the lock's holder: {e}");
     }
-    let (status, stopped) = wait_for(&mut child, &lease, max_hold.as_ref(), lost_grace, &target.name);
+    let (status, mut stopped) = wait_for(&mut child, &lease, max_hold.as_ref(), lost_grace, &target.name);
+    // Killed by the kernel's guard: the server ended the session (the lock was free for others
+    // from that moment), before this process had seen the loss. The guard fires on the server's
+    // last words; its close follows them at once (a SIGKILL from elsewhere costs that wait).
+    // The loss itself is said once, below: as the daemon saw it, else as the socket shows it.
+    let mut guard_loss = None;
+    // `wait_for` said it already, as it stopped the command.
+    let loss_said = stopped == Some(Stopped::Lost);
+    if let (None, Some(_), Ok(s)) = (stopped, lost_grace, &status) {
+        if cfg!(target_os = "linux") && killed_by_sigkill(s) && lease.via_daemon() {
+            guard_loss = lease.session_ended(Duration::from_secs(1));
+            if guard_loss.is_some() {
+                say!(
+                    "buildlock-client: the command (pid {}) was killed (SIGKILL, by the kernel's guard on the lock's \
+                     server session) the moment it lost lock {} (exit {EXIT_LOST})",
+                    child.id(),
+                    target.name
+                );
+                stopped = Some(Stopped::Lost);
+            }
+        }
+    }
     forward.set_child_exited();
     #[cfg(unix)]
     if let Some(guard) = guard {
@@ -188,11 +215,33 @@ pub(crate) fn run(cx: &Context, args: RunArgs) -> ExitCode {
         }
     };
     match lease.release_confirmed() {
-        Ok(()) => ExitCode::from(code),
+        Ok(()) => {
+            if let Some(e) = guard_loss {
+                say!("buildlock-client: error: {e}");
+            }
+            ExitCode::from(code)
+        }
         Err(e) => {
-            say!("buildlock-client: error: {e}");
+            let said_again = loss_said && matches!(e, buildlock::Error::Remote(buildlock_remote::Error::Lost { .. }));
+            if !said_again {
+                say!("buildlock-client: error: {e}");
+            }
             ExitCode::from(if code == 0 { 1 } else { code })
         }
+    }
+}
+
+/// Whether `status` is that of a process killed by SIGKILL.
+fn killed_by_sigkill(status: &ExitStatus) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        status.signal() == Some(SIGKILL)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = status;
+        false
     }
 }
 

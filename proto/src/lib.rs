@@ -101,7 +101,10 @@ pub const MAGIC: [u8; 4] = *b"BLCK";
 /// Version 5 lets a client say it closed every copy of a grant's descriptor
 /// (`Release.copies_closed`), so the daemon may keep a remote lease's server session for the
 /// next lease.
-pub const PROTOCOL_VERSION: u16 = 5;
+///
+/// Version 6 lets a client binding a lease say it stops that process on a loss
+/// (`Bind.stop_on_loss`): the daemon then guards a remote lease's command from the binding on.
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// The largest payload a frame may carry, in bytes. Every message buildlock sends is far smaller
 /// (a status of a few hundred locks fits); the limit exists so a broken or hostile peer cannot

@@ -137,6 +137,11 @@ pub enum Request {
         lease: LeaseRef,
         /// The process to bind to (e.g. the command `run` started).
         pid: u32,
+        /// (Version 6) The client stops `pid` when the lease is lost (`run --on-lost=stop`):
+        /// for a remote lease, the daemon arms the kernel's guard on the server session for
+        /// `pid`'s group at once, not only once the client is gone, so that no two watchers
+        /// killed together leave it unguarded. Ignored for local leases.
+        stop_on_loss: bool,
     },
 }
 

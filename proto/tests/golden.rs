@@ -15,20 +15,20 @@ use buildlock_proto::{
 use common::{from_hex, reply_variant, request_variant, to_hex, REPLY_VARIANTS, REQUEST_VARIANTS};
 
 /// The protocol version the fixture was generated for.
-const FIXTURE_PROTOCOL_VERSION: u16 = 5;
+const FIXTURE_PROTOCOL_VERSION: u16 = 6;
 
 /// (name, whole frame as hex: 4-byte little-endian length, then the postcard payload).
 const FIXTURE: &[(&str, &str)] = &[
-    ("Hello", "0d000000424c434b0505302e312e30d209"),
-    ("Welcome", "0d000000424c434b0505302e312e306300"),
-    ("Welcome(refused)", "10000000424c434b0505302e312e306301026e6f"),
+    ("Hello", "0d000000424c434b0605302e312e30d209"),
+    ("Welcome", "0d000000424c434b0605302e312e306300"),
+    ("Welcome(refused)", "10000000424c434b0605302e312e306301026e6f"),
     ("Request::Acquire", "200000000003072f6c2e6c6f636b0001e807026f7003636d640107e12101e0d403000000"),
     ("Request::Release", "0400000001030101"),
     ("Request::ReleasePid", "0c00000002072f6c2e6c6f636b808004"),
     ("Request::Status", "020000000300"),
     ("Request::DaemonStatus", "0100000004"),
     ("Request::Shutdown", "0100000005"),
-    ("Request::Bind", "0400000006039221"),
+    ("Request::Bind", "050000000603922101"),
     ("Reply::Granted", "120000000003072f6c2e6c6f636b0501018110828008"),
     ("Reply::Waiting", "290000000103072f6c2e6c6f636b020101922101046d616b650101680101010301026f7001ac02000164018827"),
     ("Reply::Released", "0a0000000203072f6c2e6c6f636b"),
@@ -114,7 +114,7 @@ fn messages() -> Vec<(String, Msg)> {
         Request::Status { path: None },
         Request::DaemonStatus,
         Request::Shutdown,
-        Request::Bind { lease: 3, pid: 4242 },
+        Request::Bind { lease: 3, pid: 4242, stop_on_loss: true },
     ];
     let replies = vec![
         Reply::Granted {

@@ -41,6 +41,12 @@ const VARIANTS: &[(u16, &str, u8)] = &[
     (5, "ErrorCode", 15),
     (5, "Mode", 2),
     (5, "WaitFor", 3),
+    // 6: `Bind.stop_on_loss` (field added).
+    (6, "Request", 7),
+    (6, "Reply", 9),
+    (6, "ErrorCode", 15),
+    (6, "Mode", 2),
+    (6, "WaitFor", 3),
 ];
 
 /// Whether a payload starting with variant index `i` (and padded with zeros for its content)
@@ -92,5 +98,5 @@ fn the_first_unknown_variant_is_refused_not_misread() {
     assert!(decode::<Request>(&[7]).is_err());
     assert!(decode::<Reply>(&[9]).is_err());
     // And the last known ones decode.
-    assert!(matches!(decode::<Request>(&[6, 1, 1]), Ok(Request::Bind { .. })));
+    assert!(matches!(decode::<Request>(&[6, 1, 1, 0]), Ok(Request::Bind { .. })));
 }

@@ -60,13 +60,21 @@ fn gone_check(cmd: u32, ok_word: &str, then: &str) -> String {
 /// queues for it behind, with a CMD that checks `a`'s is gone and prints its own token:
 /// `(holder, a's CMD pid, a's token, waiter)`.
 fn hold_and_queue(pg: &PgServer, a: &Host, b: &Host, name: &str) -> (Proc, u32, u64, Proc) {
-    hold_and_queue_with(pg, a, b, name, &[])
+    hold_and_queue_with(pg, a, b, name, &[], &[])
 }
 
-/// [`hold_and_queue`], with `holder_args` (such as `--no-daemon`) before host `a`'s `run`.
-fn hold_and_queue_with(pg: &PgServer, a: &Host, b: &Host, name: &str, holder_args: &[&str]) -> (Proc, u32, u64, Proc) {
+/// [`hold_and_queue`], with `holder_args` (such as `--no-daemon`) before host `a`'s `run`, and
+/// `run_args` (such as `--on-lost warn`) after it.
+fn hold_and_queue_with(
+    pg: &PgServer,
+    a: &Host,
+    b: &Host,
+    name: &str,
+    holder_args: &[&str],
+    run_args: &[&str],
+) -> (Proc, u32, u64, Proc) {
     let script = "echo $$; echo $BUILDLOCK_TOKEN; exec sleep 1000";
-    let mut holder = a.spawn(&[holder_args, &["run", name, "--", "sh", "-c", script]].concat());
+    let mut holder = a.spawn(&[holder_args, &["run"], run_args, &[name, "--", "sh", "-c", script]].concat());
     let cmd: u32 = holder.next_line().unwrap().parse().unwrap();
     let first = token(&mut holder);
     let waiter = b.spawn(&["run", name, "--", "sh", "-c", &gone_check(cmd, "", "echo $BUILDLOCK_TOKEN")]);
@@ -184,38 +192,66 @@ fn guard_armed(pid: u32) -> bool {
 /// Found by the chaos run across hosts: host a's `run` and daemon both killed, then its link
 /// cut. Nobody was left on host a to stop its command, which kept the server session through
 /// the socket it inherited; the server freed the lock `T` after the cut, and host b was granted
-/// it while that command ran on. Now whichever of the two dies last has armed the kernel's guard
-/// on the session (the daemon when `run` goes, `run` when the daemon goes), and the kernel kills
-/// the command when the session fails, before the server gives up on it.
+/// it while that command ran on. Then whichever of the two died last armed the kernel's guard
+/// on the session; two killed together (`pkill -9` of both) left it unarmed. Now `run`
+/// (`--on-lost=stop`, the default) asks the daemon, as it binds its command, to arm it at once:
+/// it is armed before either dies, stays armed however they die (in either order, or together),
+/// and the kernel kills the command when the session fails, before the server gives up on it.
 #[test]
 fn remote_hosts_a_cut_off_host_whose_run_and_daemon_were_killed_has_its_command_killed_in_time() {
     let Some((pg, [a, b])) = two_hosts() else { return };
-    for daemon_first in [false, true] {
-        let name = if daemon_first { "both-daemon-first" } else { "both-run-first" };
-        let (mut holder, cmd, first, waiter) = hold_and_queue(&pg, &a, &b, name);
+    for order in ["daemon-first", "run-first", "together"] {
+        let name = format!("both-{order}");
+        let (mut holder, cmd, first, waiter) = hold_and_queue(&pg, &a, &b, &name);
         let daemon = a.env.daemon_pid().expect("host a's daemon serves the lock");
-        let kill = |pid: u32| {
-            signal(pid as i32, nix::sys::signal::Signal::SIGKILL);
-            wait_dead(pid);
-        };
-        assert!(!guard_armed(cmd), "armed while run and the daemon both watch");
-        if daemon_first {
-            kill(daemon);
-            // `run` sees the daemon's connection hang up and arms the guard.
-            wait_until(|| guard_armed(cmd));
-            holder.kill9();
-            holder.wait();
-        } else {
-            holder.kill9();
-            holder.wait();
-            // The daemon sees `run`'s connection close and arms the guard.
-            wait_until(|| guard_armed(cmd));
-            kill(daemon);
+        // Armed from the binding, while `run` and the daemon both live.
+        wait_until(|| guard_armed(cmd));
+        let sigkill = |pid: u32| signal(pid as i32, nix::sys::signal::Signal::SIGKILL);
+        match order {
+            "daemon-first" => {
+                sigkill(daemon);
+                wait_dead(daemon);
+                holder.kill9();
+                holder.wait();
+            }
+            "run-first" => {
+                holder.kill9();
+                holder.wait();
+                sigkill(daemon);
+                wait_dead(daemon);
+            }
+            _ => {
+                // Neither lives to see the other go.
+                sigkill(daemon);
+                holder.kill9();
+                holder.wait();
+                wait_dead(daemon);
+            }
         }
+        assert!(guard_armed(cmd), "{order}: the guard was left disarmed");
         cut_off_and_see_the_command_killed_in_time(&pg, &a, cmd, first, waiter);
         // Host a starts afresh: its next `run` starts a daemon on demand.
         a.net.reconnect();
     }
+}
+
+/// `run --on-lost=warn` lets its command run on after a loss: the kernel's guard is not armed
+/// while `run` lives (nobody stops the command for it), only once `run` is gone, by the daemon,
+/// then the command's last watcher.
+#[test]
+fn remote_hosts_on_lost_warn_arms_the_guard_only_once_run_is_gone() {
+    let Some((pg, [a, b])) = two_hosts() else { return };
+    let (mut holder, cmd, _first, mut waiter) = hold_and_queue_with(&pg, &a, &b, "warn", &[], &["--on-lost", "warn"]);
+    // Bound (the daemon names the command as the holder) and not armed.
+    let label = format!("held by pid {cmd} ");
+    wait_until(|| a.env.run(&["daemon", "status"]).stdout.contains(&label));
+    assert!(!guard_armed(cmd), "armed while a `run --on-lost=warn` watches");
+    holder.kill9();
+    holder.wait();
+    wait_until(|| guard_armed(cmd));
+    signal(cmd as i32, nix::sys::signal::Signal::SIGKILL);
+    wait_dead(cmd);
+    assert!(waiter.wait().success(), "{}", waiter.stderr());
 }
 
 /// Without a daemon (`--no-daemon`), host a's `run` killed while its command holds, then its
@@ -224,7 +260,7 @@ fn remote_hosts_a_cut_off_host_whose_run_and_daemon_were_killed_has_its_command_
 #[test]
 fn remote_hosts_without_a_daemon_a_killed_runs_command_is_killed_in_time_when_its_host_is_cut_off() {
     let Some((pg, [a, b])) = two_hosts() else { return };
-    let (mut holder, cmd, first, waiter) = hold_and_queue_with(&pg, &a, &b, "nodaemon", &["--no-daemon"]);
+    let (mut holder, cmd, first, waiter) = hold_and_queue_with(&pg, &a, &b, "nodaemon", &["--no-daemon"], &[]);
     assert!(!guard_armed(cmd), "armed while run watches");
     holder.kill9();
     holder.wait();
@@ -284,7 +320,7 @@ fn remote_a_late_check_in_does_not_free_the_lock_before_the_command_is_stopped()
     // Ignores SIGTERM: `run` needs its SIGKILL, a stop grace later, so a lock freed at the loss
     // would be granted while the command still runs, every time.
     let (_holder_env, mut holder, cmd) =
-        hold_through_a_daemon(&pg, "late", "trap '' TERM; echo $$; exec sleep 1000", &[]);
+        hold_through_a_daemon(&pg, "late", &[], "trap '' TERM; echo $$; exec sleep 1000", &[]);
     let (_waiter_env, mut waiter) = queue_behind(&pg, "late", cmd);
     let backend = holders_server_process(&pg);
     // The server process stops answering; the daemon's check-in times out and it closes the
@@ -306,7 +342,7 @@ fn remote_a_late_check_in_does_not_free_the_lock_before_the_command_is_stopped()
 #[test]
 fn remote_a_killed_runs_command_is_stopped_by_the_daemon_when_the_lock_is_lost() {
     let Some(pg) = PgServer::start() else { return };
-    let (holder_env, mut holder, cmd) = hold_through_a_daemon(&pg, "orphan", "echo $$; exec sleep 1000", &[]);
+    let (holder_env, mut holder, cmd) = hold_through_a_daemon(&pg, "orphan", &[], "echo $$; exec sleep 1000", &[]);
     // The lease is bound to the command before `run` dies: the daemon names it as the holder.
     wait_until(|| daemon_names_holder(&holder_env, "orphan", cmd));
     holder.kill9();
@@ -321,8 +357,9 @@ fn remote_a_killed_runs_command_is_stopped_by_the_daemon_when_the_lock_is_lost()
     assert_eq!(waiter.wait().code(), Some(0), "{}", waiter.stderr());
 }
 
-/// `run` killed while its command holds a remote lock through the daemon (which then arms the
-/// kernel's guard on the session for the command), then the daemon killed during a check-in,
+/// `run --on-lost=warn` (which leaves the guard to the daemon) killed while its command holds a
+/// remote lock through the daemon (which then arms the kernel's guard on the session for the
+/// command), then the daemon killed during a check-in,
 /// for which it had disarmed the guard (an answer would fire it): the guard is armed again
 /// without it (`buildlock_sys::ipc::keep_guard_after_death`), so the command is killed the
 /// moment the session ends. It used to stay unguarded: a host cut off then kept running it
@@ -334,8 +371,9 @@ fn remote_a_daemon_killed_during_a_check_in_leaves_the_orphaned_command_guarded(
         return;
     }
     let Some(pg) = PgServer::start() else { return };
+    let vars = [("BUILDLOCK_TEST_DIE_IN_CHECK_IN", "1")];
     let (env, mut holder, cmd) =
-        hold_through_a_daemon(&pg, "orphan", "echo $$; exec sleep 1000", &[("BUILDLOCK_TEST_DIE_IN_CHECK_IN", "1")]);
+        hold_through_a_daemon(&pg, "orphan", &["--on-lost", "warn"], "echo $$; exec sleep 1000", &vars);
     let daemon = env.daemon_pid().expect("the daemon started by run");
     // The lease is bound to the command before `run` dies: the daemon names it as the holder.
     wait_until(|| daemon_names_holder(&env, "orphan", cmd));
@@ -351,15 +389,22 @@ fn remote_a_daemon_killed_during_a_check_in_leaves_the_orphaned_command_guarded(
     wait_dead(cmd);
 }
 
-/// A `run` of lock `name` through a daemon of its own (`--remote-timeout 8`, the daemon started
-/// by it with `vars` set too), its command `script` printing its pid first: `(its environment,
-/// run, the command's pid)`.
-fn hold_through_a_daemon(pg: &PgServer, name: &str, script: &str, vars: &[(&str, &str)]) -> (Env, Proc, u32) {
+/// A `run` (with `run_args`) of lock `name` through a daemon of its own (`--remote-timeout 8`,
+/// the daemon started by it with `vars` set too), its command `script` printing its pid first:
+/// `(its environment, run, the command's pid)`.
+fn hold_through_a_daemon(
+    pg: &PgServer,
+    name: &str,
+    run_args: &[&str],
+    script: &str,
+    vars: &[(&str, &str)],
+) -> (Env, Proc, u32) {
     let env = Env::daemon();
     let url = pg.url();
     let mut c = env.cli();
     c.envs(vars.iter().copied());
-    c.args(["--backend", &url, "--remote-timeout", "8", "run", name, "--", "sh", "-c", script]);
+    c.args(["--backend", &url, "--remote-timeout", "8", "run"]).args(run_args);
+    c.args([name, "--", "sh", "-c", script]);
     let mut holder = Proc::spawn(c);
     let cmd: u32 = holder.next_line().unwrap().parse().unwrap();
     (env, holder, cmd)

@@ -177,6 +177,12 @@ impl Bounds {
         self.remote_timeout / 4
     }
 
+    /// The socket's `TCP_USER_TIMEOUT` (and the idle time before keepalive probes) while a
+    /// holder checks in on the session: `T/4`, at least a second.
+    pub fn user_timeout(&self) -> Duration {
+        (self.remote_timeout / 4).max(Duration::from_secs(1))
+    }
+
     /// The socket's `TCP_USER_TIMEOUT` once nobody checks in on a session any more (its daemon
     /// and its `run` gone, or going) and the kernel's guard is armed: only keepalives can fail
     /// it then, about `3T/4` after the server was last heard from, when `run` itself would have

@@ -113,7 +113,7 @@ async fn tcp_connect(host: &str, port: u16, remote_timeout: Duration) -> std::io
         match tokio::net::TcpStream::connect(addr).await {
             Ok(stream) => {
                 let sock = socket2::SockRef::from(&stream);
-                let quarter = (remote_timeout / 4).max(Duration::from_secs(1));
+                let quarter = crate::Bounds { remote_timeout }.user_timeout();
                 let ka = socket2::TcpKeepalive::new()
                     .with_time(quarter)
                     .with_interval((remote_timeout / 16).max(Duration::from_secs(1)));

@@ -266,28 +266,34 @@ pub fn peer_closed(sock: BorrowedFd<'_>) -> bool {
 /// `TCP_USER_TIMEOUT` unanswered: the network is cut). Looked at without waiting and without
 /// consuming anything queued (data the server sent to another copy's reader is left alone).
 pub fn connection_ended(sock: BorrowedFd<'_>) -> Option<String> {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    ended_after(sock, Some(std::time::Duration::ZERO))
+}
+
+/// [`connection_ended`], waiting up to `timeout` for the connection to end (the peer's close
+/// or reset, or the kernel giving up on it), without consuming anything queued.
+pub fn wait_connection_ended(sock: BorrowedFd<'_>, timeout: std::time::Duration) -> Option<String> {
+    ended_after(sock, Some(timeout))
+}
+
+fn ended_after(sock: BorrowedFd<'_>, timeout: Option<std::time::Duration>) -> Option<String> {
+    use nix::libc;
     #[cfg(any(target_os = "linux", target_os = "android"))]
-    let events = PollFlags::from_bits_retain(nix::libc::POLLRDHUP);
+    let events = libc::POLLRDHUP;
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    let events = PollFlags::empty();
-    let mut pfd = [PollFd::new(sock, events)];
-    let revents = loop {
-        match poll(&mut pfd, PollTimeout::ZERO) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Some(format!("its socket cannot be polled: {e}")),
-            Ok(_) => break pfd[0].revents().unwrap_or(PollFlags::empty()),
-        }
+    let events = 0;
+    let revents = match poll_raw(&[(sock, events)], timeout) {
+        Ok(r) => r[0],
+        Err(e) => return Some(format!("its socket cannot be polled: {e}")),
     };
-    if revents.is_empty() {
+    if revents == 0 {
         return None;
     }
     // The error that ended it, if any (ETIMEDOUT: keepalives or `TCP_USER_TIMEOUT`).
-    let pending = match revents.intersects(PollFlags::POLLERR | PollFlags::POLLHUP) {
+    let pending = match revents & (libc::POLLERR | libc::POLLHUP) != 0 {
         true => nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::SocketError).unwrap_or(0),
         false => 0,
     };
-    if pending != 0 || revents.contains(PollFlags::POLLERR) {
+    if pending != 0 || revents & libc::POLLERR != 0 {
         let e = io::Error::from_raw_os_error(pending);
         return Some(match nix::errno::Errno::from_raw(pending) {
             nix::errno::Errno::ETIMEDOUT => {
@@ -298,9 +304,9 @@ pub fn connection_ended(sock: BorrowedFd<'_>) -> Option<String> {
         });
     }
     #[cfg(any(target_os = "linux", target_os = "android"))]
-    let closed = revents.intersects(PollFlags::POLLHUP | PollFlags::from_bits_retain(nix::libc::POLLRDHUP));
+    let closed = revents & (libc::POLLHUP | libc::POLLRDHUP) != 0;
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    let closed = revents.contains(PollFlags::POLLHUP) || peer_closed(sock);
+    let closed = revents & libc::POLLHUP != 0 || peer_closed(sock);
     closed.then(|| "the server closed the connection (it was restarted, or ended the session)".into())
 }
 
@@ -569,9 +575,8 @@ fn set_async(sock: BorrowedFd<'_>, on: bool) -> io::Result<()> {
 
 /// Waits until one of `fds` is readable (or `timeout` passes: `Ok(None)`); returns its index.
 pub fn wait_readable(fds: &[BorrowedFd<'_>], timeout: Option<std::time::Duration>) -> io::Result<Option<usize>> {
-    use nix::poll::{PollFd, PollFlags};
-    let mut pfds: Vec<PollFd> = fds.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)).collect();
-    poll_first(&mut pfds, timeout)
+    let fds: Vec<_> = fds.iter().map(|fd| (*fd, nix::libc::POLLIN)).collect();
+    poll_first(&fds, timeout)
 }
 
 /// Waits until `fd` is readable (`Ok(Some(0))`), or the peer of socket `hangup` has closed it
@@ -582,28 +587,44 @@ pub fn wait_readable_or_hangup(
     hangup: BorrowedFd<'_>,
     timeout: Option<std::time::Duration>,
 ) -> io::Result<Option<usize>> {
-    use nix::poll::{PollFd, PollFlags};
     #[cfg(any(target_os = "linux", target_os = "android"))]
-    let hung = PollFlags::from_bits_retain(nix::libc::POLLRDHUP);
+    let hung = nix::libc::POLLRDHUP;
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    let hung = PollFlags::empty();
-    poll_first(&mut [PollFd::new(fd, PollFlags::POLLIN), PollFd::new(hangup, hung)], timeout)
+    let hung = 0;
+    poll_first(&[(fd, nix::libc::POLLIN), (hangup, hung)], timeout)
 }
 
-/// Polls `pfds` (retrying on EINTR) until one has an event or `timeout` passes (`Ok(None)`);
-/// returns the index of the first with one.
-fn poll_first(pfds: &mut [nix::poll::PollFd<'_>], timeout: Option<std::time::Duration>) -> io::Result<Option<usize>> {
-    use nix::poll::{poll, PollTimeout};
-    let timeout = match timeout {
-        None => PollTimeout::NONE,
-        Some(t) => PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
-    };
+/// Polls `fds` (each with the events wanted) until one has an event or `timeout` passes
+/// (`Ok(None)`); returns the index of the first with one.
+fn poll_first(
+    fds: &[(BorrowedFd<'_>, nix::libc::c_short)],
+    timeout: Option<std::time::Duration>,
+) -> io::Result<Option<usize>> {
+    Ok(poll_raw(fds, timeout)?.iter().position(|&r| r != 0))
+}
+
+/// Polls `fds` (each with the events wanted; retrying on EINTR) until one has an event or
+/// `timeout` passes, and returns the events each has, as the kernel's bits. Not through nix's
+/// `PollFd`: its `PollFlags` has no `POLLRDHUP`, and it reads back any events that carry it as
+/// none at all (a peer's close seen as nothing).
+fn poll_raw(
+    fds: &[(BorrowedFd<'_>, nix::libc::c_short)],
+    timeout: Option<std::time::Duration>,
+) -> io::Result<Vec<nix::libc::c_short>> {
+    use nix::libc;
+    let mut pfds: Vec<libc::pollfd> =
+        fds.iter().map(|(fd, events)| libc::pollfd { fd: fd.as_raw_fd(), events: *events, revents: 0 }).collect();
+    let ms = timeout.map_or(-1, |t| libc::c_int::try_from(t.as_millis()).unwrap_or(libc::c_int::MAX));
     loop {
-        match poll(pfds, timeout) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
-            Ok(0) => return Ok(None),
-            Ok(_) => return Ok(pfds.iter().position(|p| p.revents().is_some_and(|r| !r.is_empty()))),
+        // SAFETY: `pfds` is a valid array of `pfds.len()` entries for the call; its descriptors
+        // are borrowed for it.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+        if n >= 0 {
+            return Ok(pfds.iter().map(|p| p.revents).collect());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }
@@ -890,6 +911,30 @@ mod tests {
         assert!(!pending("SigPnd:") && !pending("ShdPnd:"), "a disarmed switch fired: {status}");
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    /// A peer's close that leaves our side open (a FIN: only `POLLRDHUP`, no `POLLHUP`) is a
+    /// connection ended, seen at once and while waiting; nix's `PollFd` read it back as no
+    /// event at all.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_half_closed_connection_is_seen_as_ended_and_as_a_hang_up() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut peer, _) = listener.accept().unwrap();
+        let (r, _w) = std::io::pipe().unwrap();
+        assert_eq!(connection_ended(ours.as_fd()), None);
+        assert_eq!(wait_readable_or_hangup(r.as_fd(), ours.as_fd(), Some(std::time::Duration::ZERO)).unwrap(), None);
+        // Last words, then the close: what a server ending a session sends.
+        peer.write_all(b"bye").unwrap();
+        peer.shutdown(std::net::Shutdown::Write).unwrap();
+        let why = wait_connection_ended(ours.as_fd(), std::time::Duration::from_secs(60));
+        assert!(why.as_deref().is_some_and(|w| w.contains("closed the connection")), "{why:?}");
+        assert!(connection_ended(ours.as_fd()).is_some());
+        assert_eq!(wait_readable_or_hangup(r.as_fd(), ours.as_fd(), None).unwrap(), Some(1));
+        // Nothing queued was consumed by looking.
+        let mut buf = [0u8; 8];
+        assert_eq!(std::io::Read::read(&mut &ours, &mut buf).unwrap(), 3);
     }
 
     #[test]

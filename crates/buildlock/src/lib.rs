@@ -821,11 +821,27 @@ impl Lease {
     /// (at release). The daemon handles a connection's requests in order, so the binding is in
     /// force before anything this process does next, its death included.
     pub fn bind_pid(&mut self, pid: u32) -> Result<(), Error> {
+        self.bind(pid, false)
+    }
+
+    /// [`Lease::bind_pid`] for a caller that stops `pid` when the lease is lost (`run
+    /// --on-lost=stop`). For a remote lease held through the daemon, the daemon then arms the
+    /// kernel's guard for `pid`'s group on the server session at once
+    /// ([`buildlock_sys::ipc::arm_kill_switch`]): should the server end the session, the group
+    /// is killed that moment, and should this process and the daemon be killed together (where
+    /// neither lives to arm it for the other), it stays armed (the socket's `TCP_USER_TIMEOUT`
+    /// is then [`buildlock_remote::Bounds::unwatched_user_timeout`], so that a cut network is
+    /// still met by this process's own stop first, while it lives).
+    pub fn bind_pid_stopping_on_loss(&mut self, pid: u32) -> Result<(), Error> {
+        self.bind(pid, true)
+    }
+
+    fn bind(&mut self, pid: u32, stop_on_loss: bool) -> Result<(), Error> {
         match &mut self.inner {
             #[cfg(unix)]
             Some(Inner::Daemon { mux, lease, bound, .. }) => {
                 forked_check(mux)?;
-                mux.send(&Request::Bind { lease: *lease, pid })?;
+                mux.send(&Request::Bind { lease: *lease, pid, stop_on_loss })?;
                 *bound = Some(pid);
                 Ok(())
             }
@@ -843,7 +859,7 @@ impl Lease {
             Some(Inner::Daemon { mux, lease, bound, .. }) => {
                 forked_check(mux)?;
                 let replies = mux.listen(*lease);
-                mux.send(&Request::Bind { lease: *lease, pid })?;
+                mux.send(&Request::Bind { lease: *lease, pid, stop_on_loss: false })?;
                 *bound = Some(pid);
                 loop {
                     match replies.recv(None)? {
@@ -869,6 +885,25 @@ impl Lease {
             Some(Inner::Daemon { remote: Some(_), .. }) => None,
             Some(Inner::Direct(guard)) => guard.os_file(),
             Some(Inner::Remote(_)) | None => None,
+        }
+    }
+
+    /// For a remote lease held through the daemon: why its server session has ended, if this
+    /// process's copy of the session's socket shows it has within `wait` (the server closed or
+    /// reset it, or the kernel gave up on it), as an [`Error::Remote`] `Lost`; without asking the
+    /// daemon, and without consuming anything queued. `None` for other leases, and while the
+    /// session lives. `run` asks it when its command was killed by SIGKILL, which the kernel's
+    /// guard ([`Lease::bind_pid_stopping_on_loss`]) sends on the first event on the socket: the
+    /// server's last words, its close following at once.
+    pub fn session_ended(&self, wait: std::time::Duration) -> Option<Error> {
+        match &self.inner {
+            #[cfg(unix)]
+            Some(Inner::Daemon { remote: Some(server), path, file: Some(sock), .. }) => {
+                use std::os::fd::AsFd;
+                let why = buildlock_sys::ipc::wait_connection_ended(sock.as_fd(), wait)?;
+                Some(Error::Remote(buildlock_remote::Error::Lost { lock: path.clone(), server: server.clone(), why }))
+            }
+            _ => None,
         }
     }
 

@@ -108,9 +108,21 @@ struct RemoteLease {
     /// server: a process that still holds a copy of the socket (handed over with `Granted`)
     /// keeps the lock, which the server frees when the last copy closes.
     stop: oneshot::Sender<Stop>,
-    /// The process whose group the kernel kills if the session fails or the server ends it,
-    /// once nobody else is left to stop it (`run` gone): see [`drive`].
-    guard: tokio::sync::watch::Sender<Option<u32>>,
+    /// The process whose group the kernel kills if the session fails or the server ends it:
+    /// from the binding on when its client asked (`Bind.stop_on_loss`), else once nobody else is
+    /// left to stop it (`run` gone). See [`drive`].
+    guard: tokio::sync::watch::Sender<Option<Guarding>>,
+}
+
+/// For whom the kernel's guard on a remote lease's session is armed ([`drive`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Guarding {
+    /// The bound process, whose group is killed.
+    pid: u32,
+    /// Its client (`run`) still lives and stops it first on a cut network: the socket's
+    /// `TCP_USER_TIMEOUT` is then `3T/4` (the kernel acts only after `run` would have), else
+    /// `T/4` as for any session this daemon checks in on.
+    watched: bool,
 }
 
 /// How a remote lease was released (`Release`).
@@ -355,8 +367,11 @@ impl Daemon {
     }
 
     /// `Bind` of a remote lease (what `run` does with its command): the lease then lasts until
-    /// that process has exited too. `false` if `id` is not a remote lease.
-    pub(crate) fn bind_remote(self: &Arc<Self>, owner: OwnerId, id: LeaseRef, pid: u32) -> bool {
+    /// that process has exited too. With `stop_on_loss` (`run --on-lost=stop`), the kernel
+    /// guards that process's group from now on ([`drive`]): should `run` and this daemon be
+    /// killed together, neither would live to arm it for the other. `false` if `id` is not a
+    /// remote lease.
+    pub(crate) fn bind_remote(self: &Arc<Self>, owner: OwnerId, id: LeaseRef, pid: u32, stop_on_loss: bool) -> bool {
         let mut st = self.state();
         let Some(l) = st.remote.leases.get_mut(&(owner, id)) else { return false };
         if !matches!(l.phase, Phase::Held { .. }) {
@@ -368,6 +383,9 @@ impl Daemon {
         l.bound = Some(buildlock_sys::identify(pid));
         l.holder_pid = pid;
         l.pid_running = true;
+        if stop_on_loss && l.conn_open {
+            l.guard.send_replace(Some(Guarding { pid, watched: true }));
+        }
         l.send(Reply::Bound { lease: id, path: l.name.clone(), pid });
         drop(st);
         self.watch_remote_pid((owner, id), pid);
@@ -387,7 +405,7 @@ impl Daemon {
             } else {
                 // Held by a command whose `run` is gone: this daemon watches the session for it
                 // now, and should it die too, the kernel does.
-                l.guard.send_replace(l.bind_pid);
+                l.guard.send_replace(l.bind_pid.map(|pid| Guarding { pid, watched: false }));
                 if matches!(l.phase, Phase::Lost) {
                     // Lost while its `run` lived, which is gone now: stop the command here.
                     stop_for_loss(l);
@@ -570,7 +588,7 @@ async fn drive(
     remote_timeout: Duration,
     req: buildlock_remote::Request,
     mut stop: oneshot::Receiver<Stop>,
-    guard: tokio::sync::watch::Receiver<Option<u32>>,
+    guard: tokio::sync::watch::Receiver<Option<Guarding>>,
 ) {
     let name = req.name.clone();
     run_lease(daemon, key, url, remote_timeout, req, &mut stop, guard).await;
@@ -587,7 +605,7 @@ async fn run_lease(
     remote_timeout: Duration,
     req: buildlock_remote::Request,
     stop: &mut oneshot::Receiver<Stop>,
-    mut guard: tokio::sync::watch::Receiver<Option<u32>>,
+    mut guard: tokio::sync::watch::Receiver<Option<Guarding>>,
 ) {
     let fail = |e: buildlock_remote::Error| {
         let e = match e {
@@ -712,15 +730,18 @@ async fn run_lease(
     // may still hold the lock for it; it ends when the holders have let go (`stop`), or when the
     // server or the network ends it (within the remote timeout).
     let mut suspect = false;
-    // The kernel's last guard of a command nobody else is left to stop (`run` gone): armed on
-    // the session's socket for that command's group, it kills the group the moment the session
-    // fails or the server ends it, even with this daemon dead by then
-    // (`buildlock_sys::ipc::arm_kill_switch`). Disarmed while this task talks on the session
-    // (an answer would fire it), and at release. Only this task touches it: no race.
+    // The kernel's guard of a bound command: armed on the session's socket for that command's
+    // group, it kills the group the moment the session fails or the server ends it, even with
+    // this daemon and `run` dead by then (`buildlock_sys::ipc::arm_kill_switch`). Armed from
+    // the binding when `run` asked (it stops its command on a loss), else once `run` is gone
+    // (this daemon is then the command's last watcher). Disarmed while this task talks on the
+    // session (an answer would fire it), and at release. Only this task touches it: no race.
     let mut guarded: Option<u32> = None;
     // While the guard is armed: a process that arms it again if this daemon dies, disarmed or
-    // not (a daemon killed during a check-in left the command unguarded).
+    // not (a daemon killed during a check-in left the command unguarded), with the socket's
+    // `TCP_USER_TIMEOUT` back at `T/4`: with the daemon gone, a living `run` sets its own.
     let mut keeper: Option<buildlock_sys::ipc::GuardKeeper> = None;
+    let bounds = buildlock_remote::Bounds { remote_timeout };
     let mut guard_open = true;
     let ended = loop {
         tokio::select! {
@@ -732,14 +753,23 @@ async fn run_lease(
             _ = closed.changed() => {
                 break Ended::Lost(closed.borrow().clone().unwrap_or_else(|| "the connection ended".into()));
             }
-            changed = guard.changed(), if guard_open && guarded.is_none() => {
+            changed = guard.changed(), if guard_open => {
                 // Closed: the lease is gone from the daemon's table, and `stop` says how.
                 guard_open = changed.is_ok();
-                guarded = *guard.borrow_and_update();
-                if let Some(pid) = guarded {
-                    set_guard(&*session, &req.name, Some(pid));
-                    keeper = keep_guard(&*session, &req.name);
-                    tracing::debug!("remote lock {}: the kernel guards pid {pid}'s group on the session", req.name);
+                let now = *guard.borrow_and_update();
+                if let Some(Guarding { pid, watched }) = now {
+                    let timeout = if watched { bounds.unwatched_user_timeout() } else { bounds.user_timeout() };
+                    set_user_timeout(&*session, &req.name, timeout);
+                    if guarded.is_none() {
+                        set_guard(&*session, &req.name, Some(pid));
+                        keeper = keep_guard(&*session, &req.name, bounds.user_timeout());
+                    }
+                    guarded = Some(pid);
+                    tracing::debug!(
+                        "remote lock {}: the kernel guards pid {pid}'s group on the session ({})",
+                        req.name,
+                        if watched { "its run watches it too" } else { "nobody else watches it" }
+                    );
                 }
             }
             _ = tokio::time::sleep(every), if !suspect => {
@@ -829,13 +859,31 @@ fn set_guard(session: &dyn buildlock_remote::EngineSession, name: &str, on: Opti
     let _ = (session, name, on);
 }
 
-/// Starts the process that arms the kernel's guard on `session`'s socket again if this daemon
-/// dies (`buildlock_sys::ipc::keep_guard_after_death`); `None` where there is none.
-fn keep_guard(session: &dyn buildlock_remote::EngineSession, name: &str) -> Option<buildlock_sys::ipc::GuardKeeper> {
+/// Sets the `TCP_USER_TIMEOUT` of `session`'s socket (see [`Guarding::watched`]).
+fn set_user_timeout(session: &dyn buildlock_remote::EngineSession, name: &str, timeout: Duration) {
     #[cfg(unix)]
     if let Some(sock) = session.socket() {
         use std::os::fd::AsFd;
-        return match buildlock_sys::ipc::keep_guard_after_death(sock.as_fd(), None) {
+        if let Err(e) = buildlock_sys::ipc::set_tcp_user_timeout(sock.as_fd(), timeout) {
+            tracing::debug!("cannot set TCP_USER_TIMEOUT on the session of remote lock {name}: {e}");
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (session, name, timeout);
+}
+
+/// Starts the process that arms the kernel's guard on `session`'s socket again if this daemon
+/// dies, its `TCP_USER_TIMEOUT` then `user_timeout`
+/// (`buildlock_sys::ipc::keep_guard_after_death`); `None` where there is none.
+fn keep_guard(
+    session: &dyn buildlock_remote::EngineSession,
+    name: &str,
+    user_timeout: Duration,
+) -> Option<buildlock_sys::ipc::GuardKeeper> {
+    #[cfg(unix)]
+    if let Some(sock) = session.socket() {
+        use std::os::fd::AsFd;
+        return match buildlock_sys::ipc::keep_guard_after_death(sock.as_fd(), Some(user_timeout)) {
             Ok(keeper) => keeper,
             Err(e) => {
                 tracing::warn!(
@@ -846,7 +894,7 @@ fn keep_guard(session: &dyn buildlock_remote::EngineSession, name: &str) -> Opti
             }
         };
     }
-    let _ = (session, name);
+    let _ = (session, name, user_timeout);
     None
 }
 

@@ -384,8 +384,8 @@ impl Daemon {
                 if self.release_remote(owner, lease, answer, copies_closed) => {}
             Request::Release { lease, answer, .. } => self.release(owner, lease, answer),
             Request::ReleasePid { path, pid } => self.release_pid(owner, &path, pid),
-            Request::Bind { lease, pid } if self.bind_remote(owner, lease, pid) => {}
-            Request::Bind { lease, pid } => self.bind(owner, lease, pid),
+            Request::Bind { lease, pid, stop_on_loss } if self.bind_remote(owner, lease, pid, stop_on_loss) => {}
+            Request::Bind { lease, pid, .. } => self.bind(owner, lease, pid),
             Request::Status { path } => {
                 let reply = self.status(path.as_deref());
                 Self::send(&self.state(), owner, reply, None);

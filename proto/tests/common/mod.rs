@@ -80,7 +80,7 @@ pub fn sample_requests() -> Vec<Request> {
         Request::Status { path: None },
         Request::DaemonStatus,
         Request::Shutdown,
-        Request::Bind { lease: 300, pid: 4242 },
+        Request::Bind { lease: 300, pid: 4242, stop_on_loss: true },
     ]
 }
 
