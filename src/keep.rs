@@ -288,6 +288,8 @@ pub(crate) fn keep(cx: &Context, args: AcquireArgs) -> ExitCode {
     // the daemon confirms before we go on). A daemon that dies between the grant and the
     // binding leaves a lease that cannot be bound: let it go and ask again (the next daemon).
     let mut attempts = 0;
+    // Leases given up before the script was told it held one (their tokens).
+    let mut given_up = Vec::new();
     let lease = loop {
         let mut lease = match buildlock::acquire(&target, &opts, &mut |w| {
             eprintln!(
@@ -305,6 +307,7 @@ pub(crate) fn keep(cx: &Context, args: AcquireArgs) -> ExitCode {
             Err(e @ (buildlock::Error::Protocol(_) | buildlock::Error::DaemonGone(_))) if attempts < 5 => {
                 attempts += 1;
                 tracing::info!("the daemon went away before lock {} was bound to pid {pid} ({e}); again", target.name);
+                given_up.push(lease.token());
                 drop(lease);
             }
             Err(e) => return fail(&format!("cannot bind lock {} to pid {pid}: {e}", target.name)),
@@ -325,6 +328,12 @@ pub(crate) fn keep(cx: &Context, args: AcquireArgs) -> ExitCode {
     // our "ok", finds the shadow in the keeper file and stops it).
     if let Some((_, tell)) = &mut shadow {
         let _ = tell.write_all(SHADOW_HELD);
+    }
+    // A daemon that died after recording a binding it never confirmed leaves that lease in its
+    // journal; the next daemon, finding the lock taken meanwhile, recorded it lost. The script
+    // never held it: the record must not make its `release` report a loss.
+    if buildlock_disk::lost::remove_if_token(&target, pid, &given_up) {
+        tracing::info!("lock {}: cleared the loss recorded for a lease given up before pid {pid} held it", target.name);
     }
     println!("ok token={}", lease.token());
     let _ = std::io::stdout().flush();

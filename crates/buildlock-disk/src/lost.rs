@@ -28,6 +28,10 @@ pub struct LostLease {
     pub start_time: Option<u64>,
     pub command: Option<String>,
     pub operation: String,
+    /// The lost lease's fencing token, when its metadata had one: which of the script's leases
+    /// it was (a keeper that gave a lease up before the script was told it held it knows its
+    /// token, and clears such a record, [`remove_if_token`]).
+    pub token: Option<u64>,
     /// When the loss was found.
     pub at: Timestamp,
     /// What happened, in a sentence.
@@ -42,6 +46,7 @@ impl LostLease {
             start_time: meta.start_time,
             command: meta.command.clone(),
             operation: meta.operation.clone(),
+            token: meta.token,
             at: Timestamp::now(),
             reason,
         }
@@ -82,6 +87,7 @@ pub fn record(target: &LockTarget, lost: &LostLease) -> std::io::Result<()> {
         "start_time": lost.start_time,
         "command": lost.command,
         "operation": lost.operation,
+        "token": lost.token,
         "at": lost.at.to_string(),
         "reason": lost.reason,
     });
@@ -100,6 +106,7 @@ pub fn read(target: &LockTarget) -> Option<LostLease> {
         start_time: v.get("start_time").and_then(Value::as_u64),
         command: v.get("command").and_then(Value::as_str).map(str::to_owned),
         operation: v.get("operation").and_then(Value::as_str).unwrap_or_default().to_owned(),
+        token: v.get("token").and_then(Value::as_u64),
         at: v.get("at").and_then(Value::as_str).and_then(|s| s.parse().ok())?,
         reason: v.get("reason").and_then(Value::as_str).unwrap_or_default().to_owned(),
     })
@@ -109,6 +116,20 @@ pub fn read(target: &LockTarget) -> Option<LostLease> {
 pub fn remove(target: &LockTarget) {
     if read(target).is_some() {
         let _ = std::fs::remove_file(lost_path(target));
+    }
+}
+
+/// Removes the record if it is of a lease of process `pid` whose token is one of `tokens`;
+/// whether it did. For a keeper that gave those leases up before its script was told it held
+/// the lock (their daemon died before confirming the binding): a daemon started later may have
+/// found such a lease in its journal and recorded it lost, though the script never relied on it.
+pub fn remove_if_token(target: &LockTarget, pid: u32, tokens: &[u64]) -> bool {
+    match read(target) {
+        Some(l) if l.pid == pid && l.token.is_some_and(|t| tokens.contains(&t)) => {
+            let _ = std::fs::remove_file(lost_path(target));
+            true
+        }
+        _ => false,
     }
 }
 
@@ -190,11 +211,13 @@ mod tests {
             start_time: Some(7),
             command: Some("sh deploy.sh".into()),
             operation: "deploy".into(),
+            token: Some(99),
             at: Timestamp::now(),
             reason: "its keeper and the daemon both died".into(),
         };
         record(&t, &lost).unwrap();
         assert_eq!(read(&t).unwrap().pid, 4242);
+        assert_eq!(read(&t).unwrap().token, Some(99));
         assert!(read(&t).unwrap().to_string().contains("the lease of pid 4242 (sh deploy.sh), operation 'deploy'"));
         remove(&t);
         assert!(!lost_path(&t).exists());
@@ -209,9 +232,27 @@ mod tests {
             start_time,
             command: None,
             operation: String::new(),
+            token: None,
             at: Timestamp::now(),
             reason: "its keeper and the daemon both died".into(),
         }
+    }
+
+    /// A keeper clears the record of a lease it gave up (its token), never one of another of the
+    /// script's leases, another script's, or one without a token.
+    #[test]
+    fn a_record_is_removed_by_token_only_for_the_leases_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = LockTarget::resolve("x", dir.path()).unwrap();
+        let with = |pid, token| LostLease { token, ..lost_by(pid, None) };
+        for (kept, pid, token) in [(true, 7, Some(5)), (true, 8, Some(4)), (true, 7, None)] {
+            record(&t, &with(pid, token)).unwrap();
+            assert!(!remove_if_token(&t, 7, &[3, 4]));
+            assert_eq!(read(&t).is_some(), kept);
+        }
+        record(&t, &with(7, Some(4))).unwrap();
+        assert!(remove_if_token(&t, 7, &[3, 4]));
+        assert_eq!(read(&t), None);
     }
 
     /// A process that has exited and been reaped; its start time cannot match a later process
