@@ -1029,9 +1029,25 @@ impl Lease {
                     Some(id) => !buildlock_sys::path_id(Path::new(&path)).is_ok_and(|now| now == id),
                     None => false,
                 };
+                // A daemon that is gone journaled the binding, if any: the entry goes before our
+                // copy closes (and frees the lock), so that no daemon started later takes the lock
+                // back for the bound process, or records it lost, once another process has it
+                // (`Daemon::recover` looks for the entry again after trying the lock).
+                let forget_binding = || {
+                    if let Some(pid) = bound {
+                        let entry =
+                            buildlock_proto::transport::journal_entry(&runtime_dir, Path::new(&path), self.token, pid);
+                        let _ = std::fs::remove_file(entry);
+                    }
+                };
+                let gone_already = mux.daemon_gone();
+                if gone_already {
+                    forget_binding();
+                }
                 // Close our copy first, never unlocking it: the daemon's copy shares the lock
                 // until the daemon has removed our metadata.
                 drop(file);
+                stall_after_closing_for_tests();
                 let released = send_release(&mux, lease, confirmed, false);
                 match released {
                     Err(Error::Daemon { code, message }) => {
@@ -1043,14 +1059,8 @@ impl Lease {
                         tracing::debug!("releasing without the daemon: {e}");
                         remove_own_metadata(&self.target, self.token);
                         // And tell the next daemon not to take the lock back for the bound process.
-                        if let Some(pid) = bound {
-                            let entry = buildlock_proto::transport::journal_entry(
-                                &runtime_dir,
-                                Path::new(&path),
-                                self.token,
-                                pid,
-                            );
-                            let _ = std::fs::remove_file(entry);
+                        if !gone_already {
+                            forget_binding();
                         }
                     }
                     Ok(()) => {}
@@ -1062,6 +1072,21 @@ impl Lease {
                     });
                 }
                 Ok(())
+            }
+        }
+    }
+}
+
+/// Test builds only: with `BUILDLOCK_TEST_STALL_AFTER_CLOSING=DIR`, a lease released through
+/// a daemon that is gone, once its copy of the descriptor is closed, creates `DIR/closed` and
+/// waits for `DIR/go` (the window in which a daemon started by another process recovers its
+/// journal).
+fn stall_after_closing_for_tests() {
+    #[cfg(debug_assertions)]
+    if let Some(dir) = std::env::var_os("BUILDLOCK_TEST_STALL_AFTER_CLOSING").map(PathBuf::from) {
+        if std::fs::create_dir(dir.join("closed")).is_ok() {
+            while !dir.join("go").exists() {
+                std::thread::sleep(std::time::Duration::from_millis(5));
             }
         }
     }

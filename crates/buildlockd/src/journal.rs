@@ -66,6 +66,12 @@ impl Journal {
         }
     }
 
+    /// Whether the entry `key` is still there (a client that gives its lease up without the
+    /// daemon removes it).
+    pub(crate) fn has(&self, key: &str) -> bool {
+        self.file(key).exists()
+    }
+
     pub(crate) fn forget(&self, key: &str) {
         match std::fs::remove_file(self.file(key)) {
             Ok(()) => {}

@@ -1003,6 +1003,7 @@ impl Daemon {
         }
         self.journal_lease(l);
         self.watch_pid(lease, pid);
+        die_after_journaling_a_bind_for_tests();
         Self::send(&st, owner, Reply::Bound { lease: id, path, pid }, None);
     }
 
@@ -1050,7 +1051,18 @@ impl Daemon {
             }
         };
         let both_died = "its client and the daemon both died while it was held";
-        match buildlock_disk::try_lock_for(&target, mode, meta.clone()) {
+        let tried = buildlock_disk::try_lock_for(&target, mode, meta.clone());
+        // Its client, alive, gave the lease up meanwhile: it removes the entry before its copy
+        // of the descriptor closes, so an entry gone now was never lost (nothing to take back).
+        if !self.journal.has(&key) {
+            tracing::info!(
+                "the lease on {} bound to pid {} was given up by its client",
+                target.path.display(),
+                meta.pid
+            );
+            return;
+        }
+        match tried {
             Ok(Some(hold)) => {
                 if meta.token.is_some_and(|t| last_token > t) {
                     lost(format!(
@@ -1352,6 +1364,22 @@ fn validate_path(path: &str) -> Result<LockTarget, String> {
         return Err(format!("lock path {path:?} is not absolute; clients send absolute paths"));
     }
     LockTarget::resolve(path, Path::new("/")).map_err(|e| e.to_string())
+}
+
+/// Test builds only: with `BUILDLOCK_TEST_DIE_AFTER_JOURNALING_A_BIND=DIR`, the first daemon to
+/// journal a binding (no `DIR/journaled` yet) creates `DIR/journaled`, waits for `DIR/go`, and
+/// dies (SIGKILL) before confirming it: the window in which its client gives the lease up while
+/// the journal keeps it.
+fn die_after_journaling_a_bind_for_tests() {
+    #[cfg(all(debug_assertions, unix))]
+    if let Some(dir) = std::env::var_os("BUILDLOCK_TEST_DIE_AFTER_JOURNALING_A_BIND").map(PathBuf::from) {
+        if std::fs::create_dir(dir.join("journaled")).is_ok() {
+            while !dir.join("go").exists() {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            let _ = buildlock_sys::send_signal(std::process::id(), nix_sig::KILL);
+        }
+    }
 }
 
 /// The descriptor to hand the client (Linux): the daemon's own, shared until it is sent, with
