@@ -179,6 +179,10 @@ fn a_lease_given_up_before_its_binding_was_confirmed_is_not_reported_lost_to_its
     }
     let env = Env::daemon();
     let (die, stall) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // What lets each paused process go on (`buildlock_sys::pause_once_for_tests`).
+    for dir in [&die, &stall] {
+        nix::unistd::mkfifo(&dir.path().join("go"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    }
     let script = Proc::spawn({
         let mut c = std::process::Command::new("sleep");
         c.arg("1000");
@@ -199,13 +203,13 @@ fn a_lease_given_up_before_its_binding_was_confirmed_is_not_reported_lost_to_its
         locks.lines().any(|l| l.contains("->") && l.contains(&format!(":{ino} ")))
     };
     wait_until(blocked);
-    std::fs::create_dir(die.path().join("go")).unwrap();
+    std::fs::write(die.path().join("go"), "go").unwrap();
     // The keeper gives its lease up (its copy closed) and the waiting process takes the lock;
     // then a daemon starts, for another client, and recovers the journal before the keeper goes on.
     wait_until(|| stall.path().join("closed").exists());
     other.expect_line("got");
     env.run(&["daemon", "start"]).assert_code(0);
-    std::fs::create_dir(stall.path().join("go")).unwrap();
+    std::fs::write(stall.path().join("go"), "go").unwrap();
     other.send_line();
     assert!(other.wait().success(), "{}", other.stderr());
     assert!(acquire.wait().success(), "{}", acquire.stderr());

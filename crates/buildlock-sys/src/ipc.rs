@@ -495,12 +495,10 @@ pub fn keep_guard_after_death(
         // Computed here: only system calls run after the fork.
         let open_max = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
             .map_or(1024, |(soft, _)| soft.min(1 << 20) as libc::c_int);
-        let user_timeout_ms: Option<libc::c_uint> =
-            user_timeout.map(|t| libc::c_uint::try_from(t.as_millis()).unwrap_or(libc::c_uint::MAX));
         // SAFETY: between the fork and `_exit` the children make only async-signal-safe system
-        // calls (fork, setsid, close_range/close, read, setsockopt, fcntl, _exit) on descriptors
-        // they inherited; they allocate nothing and take no lock, so the threads missing in them
-        // matter not.
+        // calls (fork, setsid, close_range/close, read, setsockopt and fcntl through
+        // `set_tcp_user_timeout` and `set_async`, which allocate nothing, _exit) on descriptors
+        // they inherited; they take no lock, so the threads missing in them matter not.
         match unsafe { nix::unistd::fork() }? {
             nix::unistd::ForkResult::Parent { child } => {
                 drop(wait_end);
@@ -537,19 +535,10 @@ pub fn keep_guard_after_death(
                     }
                 }
                 // The process that kept the guard is gone: armed, whatever it was doing.
-                if let Some(ms) = user_timeout_ms {
-                    libc::setsockopt(
-                        sock_fd,
-                        libc::IPPROTO_TCP,
-                        libc::TCP_USER_TIMEOUT,
-                        (&raw const ms).cast(),
-                        std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
-                    );
+                if let Some(t) = user_timeout {
+                    let _ = set_tcp_user_timeout(sock, t);
                 }
-                let flags = libc::fcntl(sock_fd, libc::F_GETFL);
-                if flags >= 0 {
-                    libc::fcntl(sock_fd, libc::F_SETFL, flags | libc::O_ASYNC);
-                }
+                let _ = set_async(sock, true);
                 libc::_exit(0)
             },
         }
@@ -764,6 +753,16 @@ mod tests {
     use std::io::Write;
     use std::os::unix::net::UnixStream;
 
+    /// Waits until `done`, failing with `what` after a minute.
+    #[track_caller]
+    fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let start = std::time::Instant::now();
+        while !done() {
+            assert!(start.elapsed() < std::time::Duration::from_secs(60), "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     /// A process that kept a guard and died, disarmed: its keeper arms the guard again.
     #[cfg(target_os = "linux")]
     #[test]
@@ -785,11 +784,7 @@ mod tests {
             }
         }
         // The keeper, on its own, sets O_ASYNC on the socket they share.
-        let start = std::time::Instant::now();
-        while !armed() {
-            assert!(start.elapsed() < std::time::Duration::from_secs(60), "the keeper never armed the guard");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        wait_until("the keeper never armed the guard", armed);
     }
 
     /// A guard only aimed (as `run` leaves it while it watches the lock itself), kept by a
@@ -843,11 +838,7 @@ mod tests {
                         })
                     })
                 };
-                let start = std::time::Instant::now();
-                while held_elsewhere() {
-                    assert!(start.elapsed() < std::time::Duration::from_secs(60), "the dismissed keeper stayed");
-                    std::thread::sleep(std::time::Duration::from_millis(5));
-                }
+                wait_until("the dismissed keeper stayed", || !held_elsewhere());
                 peer.write_all(b"x").unwrap();
                 let mut byte = [0u8; 1];
                 assert_eq!(std::io::Read::read(&mut &ours, &mut byte).unwrap(), 1);
@@ -856,11 +847,7 @@ mod tests {
                 assert_eq!(child.wait().unwrap().signal(), Some(nix::libc::SIGKILL));
                 continue;
             }
-            let start = std::time::Instant::now();
-            while !armed() {
-                assert!(start.elapsed() < std::time::Duration::from_secs(60), "the keeper never armed the guard");
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
+            wait_until("the keeper never armed the guard", armed);
             assert_eq!(user_timeout(), 6_789);
             peer.write_all(b"x").unwrap();
             assert_eq!(child.wait().unwrap().signal(), Some(nix::libc::SIGKILL), "the armed switch did not fire");

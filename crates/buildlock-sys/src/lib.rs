@@ -195,6 +195,26 @@ pub fn lock_unsupported(err: &io::Error) -> bool {
     false
 }
 
+/// Test builds only: with `VAR=DIR` set, the first process to get here (the one that creates
+/// `DIR/MARKER`) waits until the test has opened, written and closed the FIFO `DIR/go`; every
+/// later one goes on. Whether this one waited. Holds open the windows that the daemon's and the
+/// library's tests need (a daemon dying between two steps, a client between two others).
+#[doc(hidden)]
+pub fn pause_once_for_tests(var: &str, marker: &str) -> bool {
+    #[cfg(debug_assertions)]
+    if let Some(dir) = std::env::var_os(var).map(std::path::PathBuf::from) {
+        if std::fs::create_dir(dir.join(marker)).is_ok() {
+            // Opening blocks until the test opens the other end; reading ends when it closes it.
+            if let Ok(mut go) = File::open(dir.join("go")) {
+                let _ = io::Read::read_to_end(&mut go, &mut Vec::new());
+            }
+            return true;
+        }
+    }
+    let _ = (var, marker);
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

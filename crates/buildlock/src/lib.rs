@@ -1077,19 +1077,12 @@ impl Lease {
     }
 }
 
-/// Test builds only: with `BUILDLOCK_TEST_STALL_AFTER_CLOSING=DIR`, a lease released through
-/// a daemon that is gone, once its copy of the descriptor is closed, creates `DIR/closed` and
-/// waits for `DIR/go` (the window in which a daemon started by another process recovers its
-/// journal).
+/// Test builds only: with `BUILDLOCK_TEST_STALL_AFTER_CLOSING=DIR`, the first lease released
+/// through a daemon, once its copy of the descriptor is closed, creates `DIR/closed` and waits
+/// for the FIFO `DIR/go` (`buildlock_sys::pause_once_for_tests`): the window in which a daemon
+/// started by another process recovers its journal.
 fn stall_after_closing_for_tests() {
-    #[cfg(debug_assertions)]
-    if let Some(dir) = std::env::var_os("BUILDLOCK_TEST_STALL_AFTER_CLOSING").map(PathBuf::from) {
-        if std::fs::create_dir(dir.join("closed")).is_ok() {
-            while !dir.join("go").exists() {
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-        }
-    }
+    buildlock_sys::pause_once_for_tests("BUILDLOCK_TEST_STALL_AFTER_CLOSING", "closed");
 }
 
 /// Why remote lease `lease` (held through the daemon) is lost, if it is: the daemon said so

@@ -1367,18 +1367,13 @@ fn validate_path(path: &str) -> Result<LockTarget, String> {
 }
 
 /// Test builds only: with `BUILDLOCK_TEST_DIE_AFTER_JOURNALING_A_BIND=DIR`, the first daemon to
-/// journal a binding (no `DIR/journaled` yet) creates `DIR/journaled`, waits for `DIR/go`, and
-/// dies (SIGKILL) before confirming it: the window in which its client gives the lease up while
-/// the journal keeps it.
+/// journal a binding creates `DIR/journaled`, waits for the FIFO `DIR/go`, and dies (SIGKILL)
+/// before confirming it (`buildlock_sys::pause_once_for_tests`): the window in which its client
+/// gives the lease up while the journal keeps it.
 fn die_after_journaling_a_bind_for_tests() {
     #[cfg(all(debug_assertions, unix))]
-    if let Some(dir) = std::env::var_os("BUILDLOCK_TEST_DIE_AFTER_JOURNALING_A_BIND").map(PathBuf::from) {
-        if std::fs::create_dir(dir.join("journaled")).is_ok() {
-            while !dir.join("go").exists() {
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-            let _ = buildlock_sys::send_signal(std::process::id(), nix_sig::KILL);
-        }
+    if buildlock_sys::pause_once_for_tests("BUILDLOCK_TEST_DIE_AFTER_JOURNALING_A_BIND", "journaled") {
+        let _ = buildlock_sys::send_signal(std::process::id(), nix_sig::KILL);
     }
 }
 
