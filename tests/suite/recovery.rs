@@ -179,10 +179,13 @@ fn a_lease_given_up_before_its_binding_was_confirmed_is_not_reported_lost_to_its
     }
     let env = Env::daemon();
     let (die, stall) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    // What lets each paused process go on (`buildlock_sys::pause_once_for_tests`).
-    for dir in [&die, &stall] {
-        nix::unistd::mkfifo(&dir.path().join("go"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    // What lets each paused process go on (`buildlock_sys::pause_once_for_tests`); whatever
+    // happens, none is left waiting when the test ends.
+    let fifos = [die.path().join("go"), stall.path().join("go")];
+    for fifo in &fifos {
+        nix::unistd::mkfifo(fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     }
+    let _release = ReleasePaused(&fifos);
     let script = Proc::spawn({
         let mut c = std::process::Command::new("sleep");
         c.arg("1000");
@@ -190,8 +193,11 @@ fn a_lease_given_up_before_its_binding_was_confirmed_is_not_reported_lost_to_its
     });
     let pid = script.pid().to_string();
     let mut c = env.cli();
+    // A daemon the keeper starts after the test has ended (it failed, and `ReleasePaused` let
+    // the keeper go on) exits soon after it has nothing to serve, not 5 minutes later.
     c.env("BUILDLOCK_TEST_DIE_AFTER_JOURNALING_A_BIND", die.path())
         .env("BUILDLOCK_TEST_STALL_AFTER_CLOSING", stall.path())
+        .env("BUILDLOCKD_IDLE_EXIT", "2")
         .args(["acquire", "--pid", &pid, "x"]);
     let mut acquire = Proc::spawn(c);
     // The daemon has granted the lock and journaled the binding; it dies on "go".
@@ -219,4 +225,18 @@ fn a_lease_given_up_before_its_binding_was_confirmed_is_not_reported_lost_to_its
     let out = env.run(&["release", "--pid", &pid, "x"]);
     out.assert_code(0);
     assert!(!out.stderr.contains("lost"), "{}", out.stderr);
+}
+
+/// Lets a process paused on any of these FIFOs go on when dropped (the test ended, passed or
+/// failed): opened for writing without waiting, which only succeeds with a reader there, then
+/// closed.
+struct ReleasePaused<'a>(&'a [std::path::PathBuf]);
+
+impl Drop for ReleasePaused<'_> {
+    fn drop(&mut self) {
+        use std::os::unix::fs::OpenOptionsExt;
+        for fifo in self.0 {
+            let _ = std::fs::OpenOptions::new().write(true).custom_flags(nix::libc::O_NONBLOCK).open(fifo);
+        }
+    }
 }
